@@ -1,0 +1,209 @@
+"""``ldapsync`` admin commands: init, ldif load/dump (like slapadd/slapcat).
+
+They work while the server runs (they share its database); what they change
+goes through the same schema checks and change hooks as an LDAP write
+(``ldapsync.directory.writes.Write``), one transaction per batch of entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from ldapsync.config import Config, ConfigError, load_config
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.ldif import LDIFError, format_header, format_record, parse_ldif
+
+LOAD_BATCH = 1000
+COMPUTED = {"entryDN", "hasSubordinates", "subschemaSubentry"}
+
+
+class CLIError(Exception):
+    pass
+
+
+def _open_directory(config: Config):  # type: ignore[no-untyped-def]
+    from ldapsync.directory.service import Directory
+    from ldapsync.store.database import Database
+    from ldapsync.tap import _sqlite_dir
+
+    _sqlite_dir(config)
+    db = Database(config.directory.database)
+    return Directory(config, db)
+
+
+def cmd_init(config: Config, args: argparse.Namespace) -> int:
+    d = _open_directory(config)
+    try:
+        lines = d.bootstrap_sync()
+    finally:
+        d.db.stop()
+    for line in lines:
+        print(line)
+    if not lines:
+        print(f"nothing to do: {d.suffix} and {d.admin_dn} exist")
+    print(f"database: {config.directory.database}")
+    print(f"admin DN: {config.admin_dn} (password in {config.admin.password_file})")
+    return 0
+
+
+def _prepare_loaded(d, dn_text: str, raw: list[tuple[str, bytes]], lineno: int):  # type: ignore[no-untyped-def]
+    """Record → (DN, attrs) with slapadd's rules: operational attributes are kept as given."""
+    dn = d.dn(dn_text)
+    grouped: dict[str, list[bytes]] = {}
+    for desc, value in raw:
+        grouped.setdefault(desc, []).append(value)
+    attrs = d.convert_attrs(grouped.items(), for_add=True)
+    for a, v in dn.rdns[0].avas if dn.rdns else ():
+        at = d.attribute(a)
+        vals = attrs.setdefault(at.name, [])
+        if not any(d.schema.normalize(at, x) == d.schema.normalize(at, v) for x in vals):
+            vals.append(v)
+    attrs.pop("memberOf", None)           # recomputed from the groups
+    for name in COMPUTED:
+        attrs.pop(name, None)
+    structural = d.schema.check_entry(attrs)
+    attrs.setdefault("structuralObjectClass", [structural])
+    return dn, attrs
+
+
+def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.directory.writes import Write
+
+    d = _open_directory(config)
+    d.db.create_schema()
+    stream: BinaryIO = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    loaded = skipped = 0
+    started = time.monotonic()
+    batch: list[tuple[int, object, dict[str, list[str]]]] = []
+    progress = sys.stderr.isatty()
+
+    def flush() -> None:
+        nonlocal loaded, skipped
+        if not batch:
+            return
+
+        def run(txn):  # type: ignore[no-untyped-def]
+            n_loaded = n_skipped = 0
+            w = Write(d, txn, config.admin_dn, "load")
+            for lineno, dn, attrs in batch:
+                if w.exists(dn):
+                    if args.skip_existing:
+                        n_skipped += 1
+                        continue
+                    raise LDAPError(ResultCode.entryAlreadyExists, f'line {lineno}: entry "{dn}" already exists (use --skip-existing to skip it)')
+                parent = None
+                if dn.norm != d.suffix.norm:
+                    parent = w.get(dn.parent)
+                    if parent is None:
+                        raise LDAPError(ResultCode.noSuchObject, f'line {lineno}: the parent of "{dn}" does not exist; parents must come before their children')
+                w.create(dn, attrs, parent, preserve=True)  # keeps the timestamps a dump carried
+                n_loaded += 1
+            w.finish()
+            return n_loaded, n_skipped
+
+        n_l, n_s = d.db.run_sync("ldif load", run)
+        loaded += n_l
+        skipped += n_s
+        batch.clear()
+        if progress:
+            rate = loaded / max(time.monotonic() - started, 1e-6)
+            sys.stderr.write(f"\rloaded {loaded} entries ({rate:.0f}/s), skipped {skipped}")
+            sys.stderr.flush()
+
+    try:
+        for rec in parse_ldif(stream):
+            dn, attrs = _prepare_loaded(d, rec.dn, rec.attrs, rec.lineno)
+            pw = attrs.get("userPassword")
+            if pw:
+                attrs["userPassword"] = [v if d.hasher.is_hashed(v) else d.hasher.hash(v.encode("utf-8", "surrogateescape")) for v in pw]
+            batch.append((rec.lineno, dn, attrs))
+            if len(batch) >= LOAD_BATCH:
+                flush()
+        flush()
+    except LDIFError as e:
+        raise CLIError(f"{args.file}: {e} ({loaded} entries loaded before it)") from None
+    except LDAPError as e:
+        raise CLIError(f"{args.file}: {e.message or e.code.name} ({e.code.name}; {loaded} entries loaded before it)") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+        d.db.stop()
+    elapsed = time.monotonic() - started
+    if progress:
+        sys.stderr.write("\n")
+    print(f"loaded {loaded} entries, skipped {skipped} existing, in {elapsed:.1f} s ({loaded / max(elapsed, 1e-6):.0f} entries/s)")
+    return 0
+
+
+def cmd_ldif_dump(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.store import entries as store
+
+    d = _open_directory(config)
+    d.db.create_schema()
+    out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")
+    n = 0
+    try:
+        out.write(format_header())
+        after = ""
+        while True:
+            rows = d.db.run_sync("ldif dump", store.all_entries_txn, after, 1000, write=False)
+            if not rows:
+                break
+            for e in rows:
+                attrs: list[tuple[str, str]] = []
+                ocs = e.attrs.get("objectClass", [])
+                attrs += [("objectClass", v) for v in ocs]
+                for name, values in e.attrs.items():
+                    if name == "objectClass":
+                        continue
+                    attrs += [(name, v) for v in values]
+                out.write(format_record(e.dn, attrs))
+                n += 1
+            after = rows[-1].path
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+        d.db.stop()
+    print(f"dumped {n} entries", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
+    p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="create the database, the base tree and the admin entry").set_defaults(func=cmd_init)
+    ldif = sub.add_parser("ldif", help="bulk load and export (like slapadd/slapcat)")
+    lsub = ldif.add_subparsers(dest="ldif_command", required=True)
+    load = lsub.add_parser("load", help="load entries from an LDIF file ('-' for stdin)")
+    load.add_argument("file")
+    load.add_argument("--skip-existing", action="store_true", help="skip entries that already exist instead of stopping")
+    load.set_defaults(func=cmd_ldif_load)
+    dump = lsub.add_parser("dump", help="write every entry as LDIF (loads back unchanged)")
+    dump.add_argument("-o", "--output", help="file to write (default: stdout)")
+    dump.set_defaults(func=cmd_ldif_dump)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return int(args.func(config, args))
+    except (ConfigError, CLIError) as e:
+        print(f"ldapsync: {e}", file=sys.stderr)
+        return 2
+    except LDAPError as e:
+        print(f"ldapsync: {e.message or e.code.name} ({e.code.name})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Configuration: one frozen dataclass per TOML section, validated at start.
+
+Owns reading ``ldapsync.toml`` (or the embedded defaults when there is none)
+and turning every mistake into a :class:`ConfigError` whose message names the
+key and says what is expected.  Relative paths are resolved against the
+directory the server runs in (like OpenLDAP's slapd.conf paths).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def parse_duration(value: str | int | float, key: str) -> float:
+    """``"60s"``, ``"5m"``, ``"2h"``, ``"3d"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like \"60s\", got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
+    if not m:
+        raise ConfigError(f"{key}: expected a duration like \"60s\", \"5m\" or \"2h\", got {value!r}")
+    n = float(m.group(1))
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    suffix: str = "dc=example,dc=com"
+    database: str = "sqlite:///var/ldapsync.db"
+    nested_groups: bool = False
+    size_limit: int = 500          # entries per search for non-admins (0 = unlimited)
+    time_limit: float = 3600.0     # seconds per search for non-admins
+    indexed: tuple[str, ...] = (
+        "objectClass", "uid", "cn", "sn", "givenName", "displayName", "mail",
+        "member", "memberOf", "uniqueMember", "memberUid", "entryUUID",
+        "ldapsyncDirectory", "o365ObjectId", "uidNumber", "gidNumber", "ou",
+    )
+
+
+@dataclass(frozen=True)
+class LDAPConfig:
+    listen: tuple[str, ...] = ("tcp:10389:interface=127.0.0.1",)
+    starttls_cert: str = ""
+    starttls_key: str = ""
+    allow_anonymous_read: bool = False
+    max_pdu_size: int = 10 * 1024 * 1024
+    idle_timeout: float = 0.0      # 0 = never close idle connections
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    dn: str = ""                   # default: cn=admin,<suffix>
+    password_file: str = "var/admin-password"
+
+
+@dataclass(frozen=True)
+class PasswordsConfig:
+    hash_time_cost: int = 2
+    hash_memory_kib: int = 19456
+    hash_parallelism: int = 1
+
+
+@dataclass(frozen=True)
+class Office365Config:
+    enabled: bool = False
+    tenant: str = ""
+    client_id: str = ""
+    client_secret_file: str = ""
+    certificate_file: str = ""
+    certificate_thumbprint: str = ""
+    certificate_password_file: str = ""
+    auth: str = "application"
+    cloud: str = "global"
+    authority: str = ""
+    graph_url: str = ""
+    ca_bundle: str = ""
+    reconcile_interval: float = 60.0
+    usage_location: str = ""
+    soft_match: bool = True
+    unbind_action: str = "block-and-revoke"
+    disable_threshold: int = 500
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    smtp: str = "tcp:127.0.0.1:25"
+    starttls: bool = False
+    username: str = ""
+    password_file: str = ""
+    from_: str = "ldapsync@example.com"
+    admin_address: str = ""
+
+
+@dataclass(frozen=True)
+class SelfServiceConfig:
+    listen: str = ""
+    public_url: str = "http://127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
+class SecretsConfig:
+    key_file: str = "var/secret.key"
+
+
+@dataclass(frozen=True)
+class Config:
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    ldap: LDAPConfig = field(default_factory=LDAPConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    passwords: PasswordsConfig = field(default_factory=PasswordsConfig)
+    office365: Office365Config = field(default_factory=Office365Config)
+    mail: MailConfig = field(default_factory=MailConfig)
+    selfservice: SelfServiceConfig = field(default_factory=SelfServiceConfig)
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    source: str = "<embedded defaults>"
+
+    @property
+    def admin_dn(self) -> str:
+        return self.admin.dn or f"cn=admin,{self.directory.suffix}"
+
+
+_SECTIONS = {
+    "directory": DirectoryConfig,
+    "ldap": LDAPConfig,
+    "admin": AdminConfig,
+    "passwords": PasswordsConfig,
+    "office365": Office365Config,
+    "mail": MailConfig,
+    "selfservice": SelfServiceConfig,
+    "secrets": SecretsConfig,
+}
+_DURATIONS = {("office365", "reconcile_interval"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
+
+
+def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
+    key = f"[{section}] {name}"
+    if (section, name) in _DURATIONS:
+        return parse_duration(value, key)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative whole number, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build_section(section: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    known = {f.name.rstrip("_"): f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"[{section}]: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        f = known[name]
+        default = f.default if not callable(f.default_factory) else f.default_factory()  # type: ignore[misc]
+        values[f.name] = _coerce(section, name, default, value)
+    return cls(**values)
+
+
+def _validate(cfg: Config) -> None:
+    o = cfg.office365
+    if o.auth not in ("application", "delegated"):
+        raise ConfigError(f'[office365] auth: expected "application" or "delegated", got {o.auth!r}')
+    if o.cloud not in ("global", "usgov", "usgov-dod", "china"):
+        raise ConfigError(f'[office365] cloud: expected global, usgov, usgov-dod or china, got {o.cloud!r}')
+    if o.unbind_action not in ("block-and-revoke", "block"):
+        raise ConfigError(f'[office365] unbind_action: expected "block-and-revoke" or "block", got {o.unbind_action!r}')
+    if o.enabled and (not o.tenant or not o.client_id):
+        raise ConfigError("[office365] enabled = true needs tenant and client_id")
+    db = cfg.directory.database
+    if not (db.startswith("sqlite:") or db.startswith("postgresql")):
+        raise ConfigError(
+            f"[directory] database: expected sqlite:///path or postgresql+psycopg://user@host/db, got {db!r}"
+        )
+    if bool(cfg.ldap.starttls_cert) != bool(cfg.ldap.starttls_key):
+        raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
+    if not cfg.ldap.listen:
+        raise ConfigError("[ldap] listen: at least one listener is needed")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load the config file; ``None`` means $LDAPSYNC_CONFIG, else ./ldapsync.toml, else defaults."""
+    if path is None:
+        env = os.environ.get("LDAPSYNC_CONFIG")
+        if env:
+            path = env
+        elif Path("ldapsync.toml").exists():
+            path = "ldapsync.toml"
+    if path is None:
+        cfg = Config()
+        _validate(cfg)
+        return cfg
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{p}: unknown section(s) {', '.join(unknown)}; known: {', '.join(_SECTIONS)}")
+    sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
+    cfg = Config(**sections, source=str(p))
+    _validate(cfg)
+    return cfg

@@ -1,0 +1,867 @@
+"""The directory: LDAP operations as rules over the store.
+
+Owns schema checks, access control, password hashing and verification, and
+turning each operation into one :class:`~ldapsync.directory.writes.Write`
+(one SQL transaction).  Knows nothing of BER or sockets (that is
+``ldapsync.ldap``) and never talks to Microsoft 365 (propagation hangs on the
+change hooks of the store).
+
+Access rules:
+- the admin DN and members of ``cn=admins,ou=groups,<suffix>`` may do everything;
+- an authenticated user may read the directory (never passwords) and change
+  its own password;
+- anonymous clients may bind and read the root DSE and ``cn=Subschema`` only,
+  unless ``[ldap] allow_anonymous_read``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+import ldapsync
+from ldapsync.config import Config
+from ldapsync.directory.dn import DN, RDN, parse_dn
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.filters import Ext, Filter, FilterCompiler, And, Or, Not
+from ldapsync.directory.passwords import HashParams, PasswordHasher, generate_password
+from ldapsync.directory.schema import AttributeType, Schema
+from ldapsync.directory.writes import GROUP_ATTRS, Staged, Write
+from ldapsync.store import entries as store
+from ldapsync.store.database import Database, StoreError, Txn
+from ldapsync.store.entries import Attrs, ChangeSet, StoredEntry
+
+log = Logger()
+
+SUBSCHEMA_DN = "cn=Subschema"
+HIDDEN_ATTRS = frozenset({"userPassword"})            # never returned to anyone
+ADMIN_ONLY_ATTRS = frozenset({"pwdHistory"})
+COMPUTED_OPERATIONAL = ("entryDN", "hasSubordinates", "subschemaSubentry")
+GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "ldapsynctag"})
+
+SUPPORTED_CONTROLS = (
+    "1.2.840.113556.1.4.319",   # simple paged results
+    "2.16.840.1.113730.3.4.2",  # ManageDsaIT
+)
+SUPPORTED_EXTENSIONS = (
+    "1.3.6.1.4.1.1466.20037",   # StartTLS
+    "1.3.6.1.4.1.4203.1.11.1",  # Password Modify
+    "1.3.6.1.4.1.4203.1.11.3",  # Who am I?
+)
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who is asking: ``dn`` None means anonymous."""
+
+    dn: DN | None = None
+    is_admin: bool = False
+
+    @property
+    def dn_str(self) -> str:
+        return str(self.dn) if self.dn is not None else ""
+
+
+ANONYMOUS = Actor()
+
+
+@dataclass
+class SearchRequest:
+    base: str
+    scope: str                   # base | one | sub | children
+    filter: Filter
+    attributes: Sequence[str] = ()
+    types_only: bool = False
+    size_limit: int = 0
+    time_limit: int = 0
+    page_size: int | None = None
+    page_after: int = 0
+
+
+@dataclass
+class SearchResult:
+    entries: list[tuple[str, list[tuple[str, list[str]]]]] = field(default_factory=list)
+    next_after: int | None = None    # paging: id to continue after; None = done
+    code: ResultCode = ResultCode.success
+    message: str = ""
+
+
+def _b(v: bytes | str) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v
+
+
+class Directory:
+    def __init__(self, config: Config, db: Database, schema: Schema | None = None, *, hash_threads: int = 2) -> None:
+        self.config = config
+        self.db = db
+        self.schema = schema or Schema.load_default()
+        p = config.passwords
+        self.hasher = PasswordHasher(HashParams(time_cost=p.hash_time_cost, memory_cost_kib=p.hash_memory_kib, parallelism=p.hash_parallelism))
+        self.suffix = self.dn(config.directory.suffix)
+        self.admin_dn = self.dn(config.admin_dn)
+        self.admins_group = self.dn(f"cn=admins,ou=groups,{config.directory.suffix}")
+        self.nested_groups = config.directory.nested_groups
+        indexed = {a.lower() for a in config.directory.indexed}
+        for a in config.directory.indexed:
+            at = self.schema.attribute(a)
+            if at is not None:
+                indexed.add(at.name.lower())
+        self.indexed = frozenset(indexed)
+        self.filters = FilterCompiler(self.schema, self.indexed)
+        self._hash_pool = ThreadPool(minthreads=0, maxthreads=hash_threads, name="ldapsync-hash")
+        self._hash_pool_started = False
+        self._index_types = {self.schema.attribute(a).name: self.schema.attribute(a) for a in indexed if self.schema.attribute(a)}  # type: ignore[union-attr]
+
+    def start(self) -> None:
+        if not self._hash_pool_started:
+            self._hash_pool.start()
+            self._hash_pool_started = True
+
+    def stop(self) -> None:
+        if self._hash_pool_started:
+            self._hash_pool.stop()
+            self._hash_pool_started = False
+
+    async def _in_hash_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from twisted.internet import reactor
+
+        self.start()
+        return await threads.deferToThreadPool(reactor, self._hash_pool, fn, *args)
+
+    # -- names ---------------------------------------------------------------
+    def dn(self, text: str) -> DN:
+        return parse_dn(text, self.schema)
+
+    def dn_norm_or_none(self, text: str) -> str | None:
+        try:
+            return parse_dn(text, self.schema).norm
+        except LDAPError:
+            return None
+
+    def ancestors(self, dn: DN) -> list[DN]:
+        out = []
+        cur = dn.parent
+        while cur is not None and not cur.is_root:
+            out.append(cur)
+            cur = cur.parent
+        return out
+
+    def attribute(self, name: str) -> AttributeType:
+        at = self.schema.attribute(name)
+        if at is None:
+            raise LDAPError(ResultCode.undefinedAttributeType, f"{name}: attribute type undefined")
+        return at
+
+    # -- entry helpers ---------------------------------------------------------
+    def index_rows(self, attrs: Attrs) -> set[tuple[str, str]]:
+        rows: set[tuple[str, str]] = set()
+        for name, values in attrs.items():
+            at = self._index_types.get(name)
+            if at is None:
+                continue
+            key = name.lower()
+            for v in values:
+                try:
+                    rows.add((key, self.schema.normalize(at, v)))
+                except LDAPError:
+                    continue
+        return rows
+
+    def is_group(self, attrs: Attrs) -> bool:
+        return any(oc.lower() in GROUP_CLASSES for oc in attrs.get("objectClass", ()))
+
+    def _is_admin_txn(self, txn: Txn, actor: Actor) -> bool:
+        if actor.dn is None:
+            return False
+        if actor.dn.norm == self.admin_dn.norm:
+            return True
+        ids = store.ids_with_value_txn(txn, "memberof", self.admins_group.norm)
+        if not ids:
+            return False
+        e = store.get_entry_txn(txn, actor.dn.norm)
+        return e is not None and e.id in ids
+
+    def _require_admin_txn(self, txn: Txn, actor: Actor, what: str) -> None:
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, f"anonymous clients may not {what}; bind first")
+        if not self._is_admin_txn(txn, actor):
+            raise LDAPError(
+                ResultCode.insufficientAccessRights,
+                f"{actor.dn} may not {what}: only the directory admin and members of {self.admins_group} may",
+            )
+
+    def convert_attrs(self, raw: Iterable[tuple[str, Iterable[bytes | str]]], *, for_add: bool) -> Attrs:
+        """Client attribute list → canonical names, validated values, duplicates refused."""
+        s = self.schema
+        out: Attrs = {}
+        seen_norm: dict[str, set[str]] = {}
+        for desc, values in raw:
+            name = desc.split(";", 1)[0]
+            at = self.attribute(name)
+            vals = [_b(v) for v in values]
+            if for_add and not vals:
+                raise LDAPError(ResultCode.protocolError, f"{at.name}: no values given")
+            lst = out.setdefault(at.name, [])
+            norms = seen_norm.setdefault(at.name, set())
+            for v in vals:
+                s.validate_value(at, v)
+                n = s.normalize(at, v) if at.equality else v
+                if n in norms:
+                    raise LDAPError(ResultCode.attributeOrValueExists if not for_add else ResultCode.constraintViolation,
+                                    f"{at.name}: value #{len(lst)} provided more than once")
+                norms.add(n)
+                lst.append(v)
+        return out
+
+    async def hash_cleartext(self, attrs: Attrs) -> dict[str, str]:
+        """Hash cleartext userPassword values in place; return {hash: cleartext} for hooks."""
+        clear: dict[str, str] = {}
+        vals = attrs.get("userPassword")
+        if not vals:
+            return clear
+        out = []
+        for v in vals:
+            if self.hasher.is_hashed(v):
+                out.append(v)
+            else:
+                h = await self._in_hash_thread(self.hasher.hash, v.encode("utf-8", "surrogateescape"))
+                clear[h] = v
+                out.append(h)
+        attrs["userPassword"] = out
+        return clear
+
+    # -- bootstrap ---------------------------------------------------------------
+    def admin_password(self) -> tuple[str, bool]:
+        """(password, generated?) from [admin] password_file, generating it when absent."""
+        path = Path(self.config.admin.password_file)
+        if path.exists():
+            text = path.read_text(encoding="utf-8")
+            if text.endswith("\n"):
+                text = text[:-1]
+            if text.endswith("\r"):
+                text = text[:-1]
+            if not text:
+                raise LDAPError(ResultCode.other, f"admin password file {path} is empty")
+            return text, False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pw = generate_password(20)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pw + "\n")
+        return pw, True
+
+    def bootstrap_sync(self) -> list[str]:
+        """Create the base tree and admin (idempotent); keep the admin password in step with its file.
+
+        Blocking: used by ``ldapsync init`` and at server start (in a thread).
+        Returns human-readable lines of what was done.
+        """
+        self.db.create_schema()
+        pw, generated = self.admin_password()
+        done: list[str] = []
+        if generated:
+            done.append(f"generated an admin password and wrote it to {self.config.admin.password_file} (mode 0600)")
+        suffix = self.suffix
+        first = suffix.rdns[0]
+        base_entries: list[tuple[DN, Attrs]] = []
+        attr0, val0 = first.avas[0]
+        if attr0.lower() == "dc":
+            base_entries.append((suffix, {"objectClass": ["top", "dcObject", "organization"], "dc": [val0], "o": [val0]}))
+        elif attr0.lower() == "o":
+            base_entries.append((suffix, {"objectClass": ["top", "organization"], "o": [val0]}))
+        elif attr0.lower() == "ou":
+            base_entries.append((suffix, {"objectClass": ["top", "organizationalUnit"], "ou": [val0]}))
+        else:
+            base_entries.append((suffix, {"objectClass": ["top", "extensibleObject"], attr0: [val0]}))
+        for ou in ("people", "groups", "tags", "directories"):
+            base_entries.append((self.dn(f"ou={ou},{suffix}"), {"objectClass": ["top", "organizationalUnit"], "ou": [ou]}))
+
+        def txn_fn(txn: Txn) -> list[str]:
+            out: list[str] = []
+            w = Write(self, txn, str(self.admin_dn), "init")
+            for dn, attrs in base_entries:
+                if w.get(dn) is None:
+                    parent = w.get(dn.parent) if dn.parent is not None and not dn.parent.is_root else None
+                    self.schema.check_entry(attrs)
+                    attrs["structuralObjectClass"] = [self.schema.check_entry(attrs)]
+                    w.create(dn, attrs, parent)
+                    out.append(f"created {dn}")
+            admin = w.get(self.admin_dn)
+            stored = (admin.attrs or {}).get("userPassword", []) if admin else []
+            if admin is None or not any(self.hasher.verify(h, pw.encode()) for h in stored):
+                hashed = self.hasher.hash(pw.encode())
+                if admin is None:
+                    parent = w.get(self.admin_dn.parent) if self.admin_dn.parent is not None else None
+                    rdn_attr, rdn_val = self.admin_dn.rdns[0].avas[0]
+                    attrs = {"objectClass": ["top", "organizationalRole", "simpleSecurityObject"], rdn_attr: [rdn_val],
+                             "description": ["Directory administrator"], "userPassword": [hashed]}
+                    attrs["structuralObjectClass"] = [self.schema.check_entry(attrs)]
+                    w.create(self.admin_dn, attrs, parent)
+                    out.append(f"created {self.admin_dn}")
+                else:
+                    attrs = dict(admin.attrs or {})
+                    attrs["userPassword"] = [hashed]
+                    w.update(admin, attrs)
+                    out.append(f"set the password of {self.admin_dn} from {self.config.admin.password_file}")
+            w.finish()
+            return out
+
+        done += self.db.run_sync("bootstrap", txn_fn)
+        return done
+
+    # -- bind ------------------------------------------------------------------
+    async def bind(self, dn_text: str, password: bytes) -> Actor:
+        if not dn_text:
+            if password:
+                raise LDAPError(ResultCode.unwillingToPerform, "a password was given without a DN")
+            return ANONYMOUS
+        try:
+            dn = self.dn(dn_text)
+        except LDAPError as e:
+            raise LDAPError(ResultCode.invalidDNSyntax, e.message) from None
+        if not password:
+            raise LDAPError(ResultCode.unwillingToPerform, "unauthenticated bind (DN with no password) disallowed")
+
+        def fetch(txn: Txn) -> tuple[list[str], bool] | None:
+            e = store.get_entry_txn(txn, dn.norm)
+            if e is None:
+                return None
+            return list(e.attrs.get("userPassword", [])), self._is_admin_txn(txn, Actor(dn))
+
+        got = await self.db.run_interaction("bind", fetch, write=False)
+        if got is None or not got[0]:
+            # No such entry, or an entry without a usable password (an inactive user).
+            raise LDAPError(ResultCode.invalidCredentials, "")
+        hashes, is_admin = got
+        ok = await self._in_hash_thread(self._verify_any, hashes, password)
+        if not ok:
+            raise LDAPError(ResultCode.invalidCredentials, "")
+        return Actor(dn, is_admin)
+
+    def _verify_any(self, hashes: list[str], password: bytes) -> bool:
+        return any(self.hasher.verify(h, password) for h in hashes)
+
+    # -- search ----------------------------------------------------------------
+    def root_dse(self) -> Attrs:
+        return {
+            "objectClass": ["top", "extensibleObject"],
+            "namingContexts": [str(self.suffix)],
+            "supportedLDAPVersion": ["3"],
+            "supportedControl": list(SUPPORTED_CONTROLS),
+            "supportedExtension": list(SUPPORTED_EXTENSIONS),
+            "supportedFeatures": ["1.3.6.1.4.1.4203.1.5.1", "1.3.6.1.4.1.4203.1.5.2", "1.3.6.1.4.1.4203.1.5.3", "1.3.6.1.1.14"],
+            "supportedSASLMechanisms": [],
+            "vendorName": ["ldapsync"],
+            "vendorVersion": [ldapsync.__version__],
+            "subschemaSubentry": [SUBSCHEMA_DN],
+        }
+
+    def subschema_entry(self) -> Attrs:
+        attrs: Attrs = {"objectClass": ["top", "subentry", "subschema", "extensibleObject"], "cn": ["Subschema"]}
+        attrs.update(self.schema.subschema_values())
+        return attrs
+
+    def _select(self, attrs: Attrs, requested: Sequence[str], actor: Actor, types_only: bool,
+                extra: Callable[[str], list[str] | None]) -> list[tuple[str, list[str]]]:
+        """Project an entry onto the requested attribute list (``*``, ``+``, ``1.1``, names)."""
+        want_user = not requested
+        want_op = False
+        names: list[str] = []
+        for r in requested:
+            if r == "*":
+                want_user = True
+            elif r == "+":
+                want_op = True
+            elif r == "1.1":
+                continue
+            else:
+                at = self.schema.attribute(r.split(";", 1)[0])
+                if at is not None:
+                    names.append(at.name)
+        if requested and all(r == "1.1" for r in requested):
+            return []
+        out: dict[str, list[str]] = {}
+        s = self.schema
+        for name, values in attrs.items():
+            if name in HIDDEN_ATTRS or (name in ADMIN_ONLY_ATTRS and not actor.is_admin):
+                continue
+            at = s.attribute(name)
+            op = at.operational if at is not None else False
+            if (want_op if op else want_user) or name in names:
+                out[name] = values
+        for name in COMPUTED_OPERATIONAL:
+            if want_op or name in names:
+                v = extra(name)
+                if v is not None:
+                    out[name] = v
+        if types_only:
+            return [(n, []) for n in out]
+        return list(out.items())
+
+    async def search(self, actor: Actor, req: SearchRequest, abandoned: Callable[[], bool] = lambda: False) -> SearchResult:
+        base_text = req.base
+        try:
+            base = self.dn(base_text)
+        except LDAPError as e:
+            raise LDAPError(ResultCode.invalidDNSyntax, e.message) from None
+        # Root DSE and subschema are virtual and readable by anyone.
+        if base.is_root and req.scope == "base":
+            return self._virtual(self.root_dse(), "", req, actor)
+        if base.norm == self.dn(SUBSCHEMA_DN).norm and req.scope == "base":
+            return self._virtual(self.subschema_entry(), SUBSCHEMA_DN, req, actor)
+        if actor.dn is None and not self.config.ldap.allow_anonymous_read:
+            raise LDAPError(ResultCode.insufficientAccessRights,
+                            "anonymous clients may read only the root DSE and cn=Subschema; bind first")
+        pred, plan = self.filters.compile(req.filter)
+        uses_dn_attrs = _uses_dn_attributes(req.filter)
+        size_limit = req.size_limit
+        if not actor.is_admin and self.config.directory.size_limit and req.page_size is None:
+            size_limit = min(size_limit or self.config.directory.size_limit, self.config.directory.size_limit)
+        time_limit = req.time_limit
+        if not actor.is_admin and self.config.directory.time_limit:
+            time_limit = min(time_limit or int(self.config.directory.time_limit), int(self.config.directory.time_limit))
+        deadline = time.monotonic() + time_limit if time_limit else None
+        want_children = any(r in ("+", "hasSubordinates") or r.lower() == "hassubordinates" for r in req.attributes)
+        chunk = 200
+        result = SearchResult()
+        page_left = req.page_size if req.page_size else None
+
+        def run(txn: Txn, after: int, limit: int) -> tuple[list[tuple[int, str, Attrs, bool | None]], int | None, bool]:
+            base_entry = None
+            if not base.is_root:
+                base_entry = store.get_entry_txn(txn, base.norm)
+                if base_entry is None:
+                    matched = store.existing_ancestor_txn(txn, [a.norm for a in self.ancestors(base)]) or ""
+                    raise LDAPError(ResultCode.noSuchObject, f'no entry "{base}"', matched_dn=matched)
+            rows = store.search_candidates_txn(txn, scope=req.scope, base=base_entry, plan=plan, after_id=after, limit=limit)
+            last = rows[-1].id if rows else None
+            more = len(rows) == limit
+            matched_rows = []
+            for e in rows:
+                a = e.attrs
+                if uses_dn_attrs:
+                    a = dict(a)
+                    a["\x00dn_avas"] = [f"{n}={v}" for r in self.dn(e.dn).rdns for n, v in r.avas]
+                if pred(a) is True:
+                    matched_rows.append(e)
+            kids = store.children_flags_txn(txn, [e.id for e in matched_rows]) if want_children else set()
+            return [(e.id, e.dn, e.attrs, (e.id in kids) if want_children else None) for e in matched_rows], last, more
+
+        after = req.page_after
+        last_returned = after
+        while True:
+            if abandoned():
+                return result
+            rows, last, more = await self.db.run_interaction("search", run, after, chunk, write=False)
+            for eid, dn, attrs, has_kids in rows:
+                if page_left is not None and page_left <= 0:
+                    result.next_after = last_returned
+                    return result
+                if size_limit and len(result.entries) >= size_limit:
+                    result.code = ResultCode.sizeLimitExceeded
+                    result.message = f"size limit of {size_limit} entries exceeded"
+                    return result
+
+                def extra(name: str, dn: str = dn, has_kids: bool | None = has_kids) -> list[str] | None:
+                    if name == "entryDN":
+                        return [dn]
+                    if name == "subschemaSubentry":
+                        return [SUBSCHEMA_DN]
+                    if name == "hasSubordinates":
+                        return None if has_kids is None else ["TRUE" if has_kids else "FALSE"]
+                    return None
+
+                result.entries.append((dn, self._select(attrs, req.attributes, actor, req.types_only, extra)))
+                last_returned = eid
+                if page_left is not None:
+                    page_left -= 1
+            if deadline is not None and time.monotonic() > deadline:
+                result.code = ResultCode.timeLimitExceeded
+                result.message = f"time limit of {time_limit} s exceeded"
+                return result
+            if not more or last is None:
+                result.next_after = None
+                return result
+            if page_left is not None and page_left <= 0:
+                result.next_after = last_returned
+                return result
+            after = last
+            chunk = min(chunk * 2, 2000)
+
+    def _virtual(self, attrs: Attrs, dn: str, req: SearchRequest, actor: Actor) -> SearchResult:
+        pred, _ = self.filters.compile(req.filter)
+        res = SearchResult()
+        if pred(attrs) is True:
+            # Virtual entries: all their attributes count as operational for '+' except objectClass.
+            requested = list(req.attributes)
+            if not requested or "*" in requested:
+                sel = [(k, v) for k, v in attrs.items() if k == "objectClass" or k == "cn"]
+            else:
+                sel = []
+            names = {r.lower() for r in requested}
+            for k, v in attrs.items():
+                if "+" in names or k.lower() in names:
+                    if all(k != s for s, _ in sel):
+                        sel.append((k, v))
+            if req.types_only:
+                sel = [(k, []) for k, _ in sel]
+            res.entries.append((dn, sel))
+        return res
+
+    # -- compare -----------------------------------------------------------------
+    async def compare(self, actor: Actor, dn_text: str, attr: str, value: bytes) -> bool:
+        dn = self.dn(dn_text)
+        if actor.dn is None and not self.config.ldap.allow_anonymous_read:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not compare; bind first")
+        at = self.attribute(attr)
+        if at.name in HIDDEN_ATTRS and not actor.is_admin:
+            raise LDAPError(ResultCode.insufficientAccessRights, f"{at.name} may not be compared")
+        if at.equality is None:
+            raise LDAPError(ResultCode.inappropriateMatching, f"{at.name} has no equality matching rule")
+
+        def run(txn: Txn) -> StoredEntry:
+            e = store.get_entry_txn(txn, dn.norm)
+            if e is None:
+                matched = store.existing_ancestor_txn(txn, [a.norm for a in self.ancestors(dn)]) or ""
+                raise LDAPError(ResultCode.noSuchObject, f'no entry "{dn}"', matched_dn=matched)
+            return e
+
+        e = await self.db.run_interaction("compare", run, write=False)
+        if at.name == "entryDN":
+            values = [e.dn]
+        else:
+            values = e.attrs.get(at.name)
+        if not values:
+            raise LDAPError(ResultCode.noSuchAttribute, f"{dn} has no {at.name}")
+        if at.name == "userPassword":
+            return bool(await self._in_hash_thread(self._verify_any, values, value))
+        want = self.schema.normalize(at, _b(value))
+        return any(self.schema.normalize(at, v) == want for v in values)
+
+    # -- add -------------------------------------------------------------------
+    async def add(self, actor: Actor, dn_text: str, raw_attrs: Sequence[tuple[str, Sequence[bytes]]]) -> ChangeSet:
+        dn = self.dn(dn_text)
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not add entries; bind first")
+        if dn.is_root:
+            raise LDAPError(ResultCode.entryAlreadyExists, "the root DSE cannot be added")
+        attrs = self.convert_attrs(raw_attrs, for_add=True)
+        for name in list(attrs):
+            at = self.schema.attribute(name)
+            if at is not None and at.no_user_modification:
+                raise LDAPError(ResultCode.constraintViolation, f"{name}: no user modification allowed")
+        # RDN values must be in the entry (added if missing, as OpenLDAP does)
+        for a, v in dn.rdns[0].avas:
+            at = self.attribute(a)
+            vals = attrs.setdefault(at.name, [])
+            if not any(self.schema.normalize(at, x) == self.schema.normalize(at, v) for x in vals):
+                vals.append(v)
+        structural = self.schema.check_entry(attrs)
+        attrs["structuralObjectClass"] = [structural]
+        self._check_not_suffix_sibling(dn)
+        clear = await self.hash_cleartext(attrs)
+
+        def run(txn: Txn) -> ChangeSet:
+            self._require_admin_txn(txn, actor, "add entries")
+            w = Write(self, txn, actor.dn_str, "add", context={"cleartext": {dn.norm: list(clear.values())}} if clear else {})
+            if w.exists(dn):
+                raise LDAPError(ResultCode.entryAlreadyExists, f'entry "{dn}" already exists')
+            parent = None
+            if dn.norm != self.suffix.norm:
+                assert dn.parent is not None
+                parent = w.get(dn.parent)
+                if parent is None:
+                    raise w.no_such_object(dn.parent)
+            self._check_group_members_txn(txn, attrs)
+            w.create(dn, attrs, parent)
+            return w.finish()
+
+        return await self.db.run_interaction("add", run)
+
+    def _check_not_suffix_sibling(self, dn: DN) -> None:
+        if dn.norm != self.suffix.norm and not dn.is_descendant_of(self.suffix):
+            raise LDAPError(ResultCode.noSuchObject, f'"{dn}" is outside the naming context "{self.suffix}"')
+
+    def _check_group_members_txn(self, txn: Txn, attrs: Attrs) -> None:
+        """member values must be valid DNs (their entries may not exist yet, as in OpenLDAP)."""
+        for a in GROUP_ATTRS:
+            for v in attrs.get(a, ()):
+                self.dn(v)
+
+    # -- delete ----------------------------------------------------------------
+    async def delete(self, actor: Actor, dn_text: str) -> ChangeSet:
+        dn = self.dn(dn_text)
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not delete entries; bind first")
+
+        def run(txn: Txn) -> ChangeSet:
+            self._require_admin_txn(txn, actor, "delete entries")
+            w = Write(self, txn, actor.dn_str, "delete")
+            st = w.require(dn)
+            assert st.old is not None
+            if store.has_children_txn(txn, st.old.id):
+                raise LDAPError(ResultCode.notAllowedOnNonLeaf, f'"{dn}" has subordinate entries; delete them first')
+            if dn.norm == self.admin_dn.norm:
+                raise LDAPError(ResultCode.unwillingToPerform, "the directory admin entry cannot be deleted")
+            w.delete(st)
+            return w.finish()
+
+        return await self.db.run_interaction("delete", run)
+
+    # -- modify ------------------------------------------------------------------
+    async def modify(self, actor: Actor, dn_text: str, mods: Sequence[tuple[str, str, Sequence[bytes]]]) -> ChangeSet:
+        """``mods``: (op, attribute description, values) with op in add|delete|replace|increment."""
+        dn = self.dn(dn_text)
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not modify entries; bind first")
+        s = self.schema
+        prepared: list[tuple[str, AttributeType, list[str]]] = []
+        for op, desc, values in mods:
+            at = self.attribute(desc.split(";", 1)[0])
+            vals = [_b(v) for v in values]
+            if at.no_user_modification:
+                raise LDAPError(ResultCode.constraintViolation, f"{at.name}: no user modification allowed")
+            if op != "delete":
+                for v in vals:
+                    s.validate_value(at, v)
+            if op == "increment":
+                if len(vals) != 1:
+                    raise LDAPError(ResultCode.protocolError, f"{at.name}: increment needs exactly one value")
+                if at.syntax != "1.3.6.1.4.1.1466.115.121.1.27":
+                    raise LDAPError(ResultCode.constraintViolation, f"{at.name}: increment needs an Integer attribute")
+            prepared.append((op, at, vals))
+        # Cleartext passwords being set are hashed before the transaction starts.
+        clear: list[str] = []
+        old_passwords: list[str] = []
+        for i, (op, at, vals) in enumerate(prepared):
+            if at.name == "userPassword":
+                if op in ("add", "replace"):
+                    tmp: Attrs = {"userPassword": list(vals)}
+                    got = await self.hash_cleartext(tmp)
+                    clear += list(got.values())
+                    prepared[i] = (op, at, tmp["userPassword"])
+                elif op == "delete":
+                    old_passwords += vals
+        only_password = all(at.name == "userPassword" for _, at, _ in prepared)
+
+        def run(txn: Txn) -> ChangeSet:
+            is_self = actor.dn is not None and actor.dn.norm == dn.norm
+            if not (is_self and only_password):
+                self._require_admin_txn(txn, actor, f'modify "{dn}"')
+            w = Write(self, txn, actor.dn_str, "modify", context={"cleartext": {dn.norm: clear}} if clear else {})
+            st = w.require(dn)
+            attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
+            for op, at, vals in prepared:
+                self._apply_mod(attrs, op, at, vals, dn)
+            if attrs.get("objectClass") != (st.attrs or {}).get("objectClass"):
+                structural = s.check_entry(attrs)
+                if structural.lower() != (st.attrs or {}).get("structuralObjectClass", [structural])[0].lower():
+                    raise LDAPError(ResultCode.objectClassModsProhibited, "the structural object class of an entry cannot be changed")
+            else:
+                s.check_entry(attrs)
+            self._check_group_members_txn(txn, attrs)
+            w.update(st, attrs)
+            return w.finish()
+
+        return await self.db.run_interaction("modify", run)
+
+    def _apply_mod(self, attrs: Attrs, op: str, at: AttributeType, vals: list[str], dn: DN) -> None:
+        s = self.schema
+        name = at.name
+        cur = attrs.get(name, [])
+        norm = (lambda v: s.normalize(at, v)) if at.equality else (lambda v: v)
+        rdn_norms = {s.normalize(self.attribute(a), v) for a, v in dn.rdns[0].avas if self.attribute(a).name == name}
+        if op == "add":
+            if not vals:
+                raise LDAPError(ResultCode.protocolError, f"{name}: add needs at least one value")
+            have = {norm(v) for v in cur}
+            for v in vals:
+                n = norm(v)
+                if n in have:
+                    raise LDAPError(ResultCode.attributeOrValueExists, f"{name}: value #{vals.index(v)} already exists")
+                have.add(n)
+            attrs[name] = cur + vals
+        elif op == "delete":
+            if name not in attrs:
+                raise LDAPError(ResultCode.noSuchAttribute, f"{name}: no such attribute")
+            if not vals:
+                if rdn_norms:
+                    raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot delete the naming attribute of the entry")
+                del attrs[name]
+                return
+            keep = list(cur)
+            for v in vals:
+                n = norm(v)
+                if name == "userPassword":
+                    idx = next((i for i, h in enumerate(keep) if self.hasher.verify(h, v.encode("utf-8", "surrogateescape")) or h == v), None)
+                else:
+                    idx = next((i for i, h in enumerate(keep) if norm(h) == n), None)
+                if idx is None:
+                    raise LDAPError(ResultCode.noSuchAttribute, f"{name}: no such value")
+                if norm(keep[idx]) in rdn_norms:
+                    raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot delete the naming value of the entry")
+                keep.pop(idx)
+            if keep:
+                attrs[name] = keep
+            else:
+                del attrs[name]
+        elif op == "replace":
+            have = set()
+            for v in vals:
+                n = norm(v)
+                if n in have:
+                    raise LDAPError(ResultCode.attributeOrValueExists, f"{name}: value provided more than once")
+                have.add(n)
+            if rdn_norms and not rdn_norms <= have:
+                raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot remove the naming value of the entry")
+            if vals:
+                attrs[name] = list(vals)
+            else:
+                attrs.pop(name, None)
+        elif op == "increment":
+            if name not in attrs:
+                raise LDAPError(ResultCode.noSuchAttribute, f"{name}: no such attribute to increment")
+            try:
+                attrs[name] = [str(int(v) + int(vals[0])) for v in cur]
+            except ValueError:
+                raise LDAPError(ResultCode.constraintViolation, f"{name}: value is not an integer") from None
+            if rdn_norms:
+                raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot change the naming value of the entry")
+        else:
+            raise LDAPError(ResultCode.protocolError, f"unknown modify operation {op}")
+
+    # -- modify DN -----------------------------------------------------------------
+    async def modify_dn(self, actor: Actor, dn_text: str, new_rdn_text: str, delete_old: bool, new_superior: str | None) -> ChangeSet:
+        dn = self.dn(dn_text)
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not rename entries; bind first")
+        new_rdn_dn = self.dn(new_rdn_text)
+        if len(new_rdn_dn.rdns) != 1:
+            raise LDAPError(ResultCode.invalidDNSyntax, f'new RDN "{new_rdn_text}" must be a single RDN')
+        new_rdn = new_rdn_dn.rdns[0]
+        sup = self.dn(new_superior) if new_superior is not None else dn.parent
+        if dn.norm == self.suffix.norm:
+            raise LDAPError(ResultCode.unwillingToPerform, "the naming context itself cannot be renamed")
+        assert sup is not None
+        new_dn = sup.child(new_rdn)
+        if new_dn.norm == dn.norm and delete_old:
+            pass
+        if new_dn.is_descendant_of(dn):
+            raise LDAPError(ResultCode.unwillingToPerform, "an entry cannot be moved below itself")
+        self._check_not_suffix_sibling(new_dn)
+        s = self.schema
+
+        def run(txn: Txn) -> ChangeSet:
+            self._require_admin_txn(txn, actor, "rename entries")
+            w = Write(self, txn, actor.dn_str, "modrdn")
+            st = w.require(dn)
+            assert st.old is not None
+            if new_dn.norm != dn.norm and w.exists(new_dn):
+                raise LDAPError(ResultCode.entryAlreadyExists, f'entry "{new_dn}" already exists')
+            parent = w.get(sup) if sup.norm != "" and new_dn.norm != self.suffix.norm else None
+            if parent is None and sup.norm != "":
+                raise w.no_such_object(sup)
+            if dn.norm == self.admin_dn.norm:
+                raise LDAPError(ResultCode.unwillingToPerform, "the directory admin entry cannot be renamed")
+            attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
+            new_norms = {(self.attribute(a).name, s.normalize(self.attribute(a), v)) for a, v in new_rdn.avas}
+            if delete_old:
+                for a, v in dn.rdns[0].avas:
+                    at = self.attribute(a)
+                    if (at.name, s.normalize(at, v)) in new_norms:
+                        continue
+                    vals = attrs.get(at.name, [])
+                    vals = [x for x in vals if s.normalize(at, x) != s.normalize(at, v)]
+                    if vals:
+                        attrs[at.name] = vals
+                    else:
+                        attrs.pop(at.name, None)
+            for a, v in new_rdn.avas:
+                at = self.attribute(a)
+                if at.no_user_modification:
+                    raise LDAPError(ResultCode.constraintViolation, f"{at.name} cannot be used in an RDN")
+                s.validate_value(at, v)
+                vals = attrs.setdefault(at.name, [])
+                if not any(s.normalize(at, x) == s.normalize(at, v) for x in vals):
+                    if at.single_value and vals:
+                        raise LDAPError(ResultCode.constraintViolation, f"{at.name}: single-valued attribute already has a value")
+                    vals.append(v)
+            s.check_entry(attrs)
+            has_kids = store.has_children_txn(txn, st.old.id)
+            old_path = st.old.path
+            w.rename(st, new_dn, parent, attrs)
+            if has_kids:
+                depth = len(dn.rdns)
+                for e in store.descendants_txn(txn, old_path):
+                    edn = self.dn(e.dn)
+                    child_dn = edn
+                    rel = edn.rdns[: len(edn.rdns) - depth]
+                    for r in reversed(rel):
+                        pass
+                    child_dn = new_dn
+                    for r in reversed(rel):
+                        child_dn = child_dn.child(r)
+                    cst = w._track(e)
+                    w.rename(cst, child_dn, None, dict(cst.attrs or {}))
+                    cst.parent_id = e.parent_id
+            return w.finish()
+
+        return await self.db.run_interaction("modrdn", run)
+
+    # -- password modify (RFC 3062) -----------------------------------------------------
+    async def password_modify(self, actor: Actor, user: str | None, old: bytes | None, new: bytes | None) -> str | None:
+        """Returns the generated password when none was given."""
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not change passwords; bind first")
+        target = self.dn(user) if user else actor.dn
+        generated = None
+        if new is None or new == b"":
+            generated = generate_password(16)
+            new_pw = generated
+        else:
+            new_pw = _b(new)
+        hashed = await self._in_hash_thread(self.hasher.hash, new_pw.encode("utf-8", "surrogateescape"))
+
+        def run(txn: Txn) -> ChangeSet:
+            is_self = target.norm == actor.dn.norm  # type: ignore[union-attr]
+            admin = self._is_admin_txn(txn, actor)
+            if not is_self and not admin:
+                raise LDAPError(ResultCode.insufficientAccessRights, f"{actor.dn} may change only its own password")
+            w = Write(self, txn, actor.dn_str, "passwd", context={"cleartext": {target.norm: [new_pw]}})
+            st = w.require(target)
+            attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
+            stored = attrs.get("userPassword", [])
+            if old is not None and old != b"":
+                if not any(self.hasher.verify(h, old) for h in stored):
+                    raise LDAPError(ResultCode.invalidCredentials, "the old password is not correct")
+            attrs["userPassword"] = [hashed]
+            s = self.schema
+            try:
+                s.check_entry(attrs)
+            except LDAPError as e:
+                raise LDAPError(ResultCode.objectClassViolation, f"{target} cannot hold a password: {e.message}") from None
+            w.update(st, attrs)
+            return w.finish()
+
+        await self.db.run_interaction("passwd", run)
+        return generated
+
+
+def _uses_dn_attributes(f: Filter) -> bool:
+    if isinstance(f, Ext):
+        return f.dn_attributes
+    if isinstance(f, (And, Or)):
+        return any(_uses_dn_attributes(x) for x in f.items)
+    if isinstance(f, Not):
+        return _uses_dn_attributes(f.item)
+    return False

@@ -1,0 +1,372 @@
+"""The single place where a write is computed and stored.
+
+Every write — LDAP add/modify/delete/modDN, Password Modify, ``ldif load``,
+the CLI — runs inside one transaction as a :class:`Write`:
+
+1. the operation stages its primary changes (``create``, ``update``,
+   ``delete``, ``rename``) on entries it loaded through the Write;
+2. :meth:`Write.finish` flushes them, then derives what follows from them, in
+   order: group ``member`` values follow a renamed or deleted entry (refint),
+   and ``memberOf`` on members follows every group change (the memberOf
+   overlay, nested when configured);
+3. the combined :class:`~ldapsync.store.entries.ChangeSet` goes to the change
+   hooks (e.g. the Microsoft 365 outbox) in the same transaction.
+
+Nothing here talks to the network; all of it runs on a database thread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from ldapsync.directory.dn import DN, parse_dn
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+from ldapsync.store.entries import Attrs, ChangeSet, EntryChange, StoredEntry
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+GROUP_ATTRS = ("member", "uniqueMember")
+
+
+def now_generalized() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d%H%M%SZ")
+
+
+@dataclass
+class Staged:
+    """An entry as this write will leave it."""
+
+    old: StoredEntry | None
+    dn: DN
+    attrs: Attrs | None                 # None: deleted
+    parent_id: int | None
+    kind: str = "modify"                # add | modify | delete | rename
+    touched: bool = False
+
+    @property
+    def entry_id(self) -> int | None:
+        return self.old.id if self.old else None
+
+
+@dataclass
+class Write:
+    directory: "Directory"
+    txn: Txn
+    actor_dn: str
+    operation: str
+    context: dict[str, object] = field(default_factory=dict)
+    _staged: dict[str, Staged] = field(default_factory=dict)     # by current dn_norm
+    _order: list[Staged] = field(default_factory=list)
+    _all: dict[int, EntryChange] = field(default_factory=dict)    # merged changes by entry id
+    _all_order: list[int] = field(default_factory=list)
+    _deleted: list[EntryChange] = field(default_factory=list)
+    _pending_moves: list[tuple[str, str, str]] = field(default_factory=list)   # (old_norm, new_norm, new_dn)
+    _group_changes: list[tuple[Staged, set[str], set[str]]] = field(default_factory=list)
+    now: str = field(default_factory=now_generalized)
+
+    # -- loading -----------------------------------------------------------
+    def get(self, dn: DN) -> Staged | None:
+        st = self._staged.get(dn.norm)
+        if st is not None:
+            return st if st.attrs is not None else None
+        e = store.get_entry_txn(self.txn, dn.norm, for_update=True)
+        if e is None:
+            return None
+        return self._track(e)
+
+    def _track(self, e: StoredEntry) -> Staged:
+        st = self._staged.get(e.dn_norm)
+        if st is None:
+            st = Staged(old=e, dn=self.directory.dn(e.dn), attrs={k: list(v) for k, v in e.attrs.items()}, parent_id=e.parent_id)
+            self._staged[e.dn_norm] = st
+            self._order.append(st)
+        return st
+
+    def require(self, dn: DN) -> Staged:
+        st = self.get(dn)
+        if st is None:
+            raise self.no_such_object(dn)
+        return st
+
+    def no_such_object(self, dn: DN) -> LDAPError:
+        anc = [p.norm for p in self.directory.ancestors(dn)]
+        matched = store.existing_ancestor_txn(self.txn, anc) or ""
+        return LDAPError(ResultCode.noSuchObject, f'no entry "{dn}"', matched_dn=matched)
+
+    def exists(self, dn: DN) -> bool:
+        st = self._staged.get(dn.norm)
+        if st is not None:
+            return st.attrs is not None
+        return store.get_entry_txn(self.txn, dn.norm) is not None
+
+    # -- staging -------------------------------------------------------------
+    def create(self, dn: DN, attrs: Attrs, parent: Staged | None, *, preserve: bool = False) -> Staged:
+        """Stage a new entry; ``preserve`` keeps operational values it already has (``ldif load``)."""
+        attrs.setdefault("entryUUID", [str(uuid.uuid4())])
+        put = attrs.setdefault if preserve else attrs.__setitem__
+        put("createTimestamp", [self.now])
+        put("modifyTimestamp", [self.now])
+        put("creatorsName", [self.actor_dn])
+        put("modifiersName", [self.actor_dn])
+        st = Staged(old=None, dn=dn, attrs=attrs, parent_id=parent.entry_id if parent else None, kind="add", touched=True)
+        self._staged[dn.norm] = st
+        self._order.append(st)
+        return st
+
+    def update(self, st: Staged, attrs: Attrs, *, stamp: bool = True) -> None:
+        if stamp:
+            attrs["modifyTimestamp"] = [self.now]
+            attrs["modifiersName"] = [self.actor_dn]
+        st.attrs = attrs
+        st.touched = True
+
+    def delete(self, st: Staged) -> None:
+        st.attrs = None
+        st.kind = "delete"
+        st.touched = True
+
+    def rename(self, st: Staged, new_dn: DN, new_parent: Staged | None, attrs: Attrs) -> None:
+        assert st.old is not None
+        old_norm = st.dn.norm
+        del self._staged[old_norm]
+        st.dn = new_dn
+        st.parent_id = new_parent.entry_id if new_parent else None
+        st.kind = "rename"
+        self._staged[new_dn.norm] = st
+        self.update(st, attrs)
+        self._pending_moves.append((old_norm, new_dn.norm, str(new_dn)))
+
+    # -- finishing -------------------------------------------------------------
+    def _flush(self) -> None:
+        d = self.directory
+        changes: list[EntryChange] = []
+        for st in self._order:
+            if not st.touched:
+                continue
+            st.touched = False
+            old_attrs = st.old.attrs if st.old else None
+            prev = self._all.get(st.entry_id) if st.entry_id is not None else None
+            if st.attrs is None:
+                assert st.old is not None
+                ch = EntryChange("delete", st.old.dn, st.old.dn_norm, st.old.path, st.old.parent_id, None,
+                                 old=(prev.old if prev else old_attrs), entry_id=st.old.id)
+                changes.append(ch)
+                self._deleted.append(ch)
+                self._all.pop(st.old.id, None)
+                continue
+            new_index = d.index_rows(st.attrs)
+            old_index = d.index_rows(old_attrs) if old_attrs is not None else set()
+            kind = st.kind
+            ch = EntryChange(
+                kind, str(st.dn), st.dn.norm, st.dn.path_key, st.parent_id, st.attrs,
+                old=old_attrs, entry_id=st.entry_id,
+                old_dn=st.old.dn if st.old else None, old_dn_norm=st.old.dn_norm if st.old else None,
+                index_add=new_index - old_index, index_del=old_index - new_index,
+            )
+            # group bookkeeping for memberOf
+            if d.is_group(st.attrs) or (old_attrs is not None and d.is_group(old_attrs)):
+                self._group_changes.append((st, self._members(old_attrs) if old_attrs else set(), self._members(st.attrs)))
+            changes.append(ch)
+        store.write_changes_txn(self.txn, changes)
+        for ch in changes:
+            if ch.kind == "delete":
+                continue
+            assert ch.entry_id is not None
+            # Refresh the baseline so a later flush diffs against what is stored now.
+            st = self._staged[ch.dn_norm]
+            stored = StoredEntry(ch.entry_id, ch.dn, ch.dn_norm, ch.path, ch.parent_id, {k: list(v) for k, v in (ch.new or {}).items()})
+            first = self._all.get(ch.entry_id)
+            if first is None:
+                self._all[ch.entry_id] = ch
+                self._all_order.append(ch.entry_id)
+            else:
+                first.new = ch.new
+                first.dn, first.dn_norm, first.path, first.parent_id = ch.dn, ch.dn_norm, ch.path, ch.parent_id
+                if first.kind == "modify" and ch.kind == "rename":
+                    first.kind = "rename"
+            st.old = stored
+            if st.kind == "add":
+                st.kind = "modify"
+
+    def _members(self, attrs: Attrs | None) -> set[str]:
+        if not attrs:
+            return set()
+        out: set[str] = set()
+        for a in GROUP_ATTRS:
+            for v in attrs.get(a, ()):
+                n = self.directory.dn_norm_or_none(v)
+                if n is not None:
+                    out.add(n)
+        return out
+
+    def finish(self) -> ChangeSet:
+        d = self.directory
+        # Entries added now that existing groups already list get their memberOf.
+        added = [st for st in self._order if st.kind == "add" and st.attrs is not None]
+        self._flush()
+        # refint: member values follow renamed and deleted entries (and renamed subtrees).
+        self._refint()
+        self._flush()
+        self._member_of([st.dn.norm for st in added])
+        self._flush()
+        cs = ChangeSet(self.operation, self.actor_dn, context=dict(self.context))
+        cs.changes = list(self._deleted) + [self._all[i] for i in self._all_order if i in self._all]
+        store.run_hooks_txn(self.txn, cs)
+        return cs
+
+    def _refint(self) -> None:
+        moves: dict[str, str | None] = {}
+        for old_norm, new_norm, new_dn in self._pending_moves:
+            moves[old_norm] = new_dn
+        for ch in self._deleted:
+            moves[ch.dn_norm] = None
+        self._pending_moves.clear()
+        if not moves:
+            return
+        d = self.directory
+        for old_norm, new_dn in moves.items():
+            for attr in GROUP_ATTRS:
+                for e in store.entries_with_value_txn(self.txn, attr.lower(), old_norm, for_update=True):
+                    st = self._staged.get(e.dn_norm) or self._track(e)
+                    if st.attrs is None:
+                        continue
+                    vals = st.attrs.get(attr, [])
+                    new_vals: list[str] = []
+                    for v in vals:
+                        if d.dn_norm_or_none(v) == old_norm:
+                            if new_dn is not None:
+                                new_vals.append(new_dn)
+                        else:
+                            new_vals.append(v)
+                    if new_vals != vals:
+                        attrs = dict(st.attrs)
+                        if new_vals:
+                            attrs[attr] = new_vals
+                        else:
+                            attrs.pop(attr, None)
+                        self.update(st, attrs)
+
+    def _member_of(self, added_norms: list[str]) -> None:
+        d = self.directory
+        changes = self._group_changes
+        self._group_changes = []
+        # (member norm) → groups removed (norms), groups added (display DNs)
+        removed: dict[str, set[str]] = {}
+        addto: dict[str, dict[str, str]] = {}
+        affected: set[str] = set()
+        for st, old_members, new_members in changes:
+            old_group_norm = st.old.dn_norm if st.old else None  # after flush: current
+            cur_norm = st.dn.norm
+            deleted = st.attrs is None
+            # Was the group itself renamed in this write?  _all holds the first old DN.
+            first = self._all.get(st.entry_id) if st.entry_id is not None else None
+            prev_norm = (first.old_dn_norm if first and first.old_dn_norm else old_group_norm) or cur_norm
+            gone = old_members if deleted else (old_members - new_members) | (old_members if prev_norm != cur_norm else set())
+            came = set() if deleted else new_members
+            for m in gone:
+                removed.setdefault(m, set()).add(prev_norm)
+                affected.add(m)
+            for m in came:
+                addto.setdefault(m, {})[cur_norm] = str(st.dn)
+                affected.add(m)
+        for ch in self._deleted:
+            if d.is_group(ch.old or {}):
+                for m in self._members(ch.old):
+                    removed.setdefault(m, set()).add(ch.dn_norm)
+                    affected.add(m)
+        affected.update(added_norms)
+        if not affected:
+            return
+        if d.nested_groups:
+            self._recompute_nested(affected)
+            return
+        for norm in affected:
+            st = self._staged.get(norm)
+            if st is None:
+                e = store.get_entry_txn(self.txn, norm, for_update=True)
+                if e is None:
+                    continue
+                st = self._track(e)
+            if st.attrs is None:
+                continue
+            current = st.attrs.get("memberOf", [])
+            drop = removed.get(norm, set())
+            keep = [v for v in current if d.dn_norm_or_none(v) not in drop]
+            have = {d.dn_norm_or_none(v) for v in keep}
+            add = addto.get(norm, {})
+            if norm in added_norms:
+                for attr in GROUP_ATTRS:
+                    for g in store.entries_with_value_txn(self.txn, attr.lower(), norm):
+                        add.setdefault(g.dn_norm, g.dn)
+            for gnorm, gdn in add.items():
+                if gnorm not in have:
+                    keep.append(gdn)
+                    have.add(gnorm)
+            if keep != current:
+                attrs = dict(st.attrs)
+                if keep:
+                    attrs["memberOf"] = keep
+                else:
+                    attrs.pop("memberOf", None)
+                self.update(st, attrs)
+
+    def _groups_of(self, norm: str) -> list[StoredEntry]:
+        out: dict[str, StoredEntry] = {}
+        for attr in GROUP_ATTRS:
+            for g in store.entries_with_value_txn(self.txn, attr.lower(), norm):
+                out[g.dn_norm] = g
+        return list(out.values())
+
+    def _recompute_nested(self, affected: set[str]) -> None:
+        d = self.directory
+        # Members of affected groups are affected too (downwards closure).
+        todo = list(affected)
+        seen = set(affected)
+        while todo:
+            n = todo.pop()
+            e = store.get_entry_txn(self.txn, n)
+            if e is not None and d.is_group(e.attrs):
+                for m in self._members(e.attrs):
+                    if m not in seen:
+                        seen.add(m)
+                        todo.append(m)
+        for norm in seen:
+            e = store.get_entry_txn(self.txn, norm, for_update=True)
+            if e is None:
+                continue
+            # Upward closure: every group reachable through member links.
+            groups: dict[str, str] = {}
+            frontier = [norm]
+            visited = {norm}
+            while frontier:
+                cur = frontier.pop()
+                for g in self._groups_of(cur):
+                    if g.dn_norm not in groups:
+                        groups[g.dn_norm] = g.dn
+                    if g.dn_norm not in visited:
+                        visited.add(g.dn_norm)
+                        frontier.append(g.dn_norm)
+            groups.pop(norm, None)
+            st = self._staged.get(norm) or self._track(e)
+            if st.attrs is None:
+                continue
+            current = st.attrs.get("memberOf", [])
+            if {d.dn_norm_or_none(v) for v in current} != set(groups):
+                attrs = dict(st.attrs)
+                if groups:
+                    attrs["memberOf"] = sorted(groups.values(), key=str.lower)
+                else:
+                    attrs.pop("memberOf", None)
+                self.update(st, attrs)
+
+
+def iter_values(attrs: Attrs, names: Iterable[str]) -> Iterable[str]:
+    for n in names:
+        yield from attrs.get(n, ())

@@ -1,0 +1,313 @@
+"""The LDAP protocol edge: bytes in, directory calls, result codes out.
+
+One :class:`LDAPConnection` per client.  It frames PDUs (refusing any over
+``[ldap] max_pdu_size``), decodes them (``ldapsync.ldap.ber``), checks
+controls, calls the directory and encodes the answer.  It holds no rules of
+its own: access control, schema and storage live in ``ldapsync.directory``.
+
+A malformed PDU, a PDU over the size limit or a garbage stream ends that one
+connection with a Notice of Disconnection (RFC 4511 §4.4.1) and one log line;
+nobody else notices.  No Python traceback ever reaches a client: unexpected
+errors become ``other`` with a short message and are logged here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import ITLSTransport
+from twisted.logger import Logger
+
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
+from ldapsync.ldap import ber
+from ldapsync.ldap.ber import BERError, enc_message, enc_result, enc_str, tlv
+from ldapsync.store.database import StoreError
+
+log = Logger()
+
+OID_PAGED = "1.2.840.113556.1.4.319"
+OID_MANAGE_DSA_IT = "2.16.840.1.113730.3.4.2"
+OID_STARTTLS = "1.3.6.1.4.1.1466.20037"
+OID_PASSWD = "1.3.6.1.4.1.4203.1.11.1"
+OID_WHOAMI = "1.3.6.1.4.1.4203.1.11.3"
+OID_NOTICE_OF_DISCONNECTION = "1.3.6.1.4.1.1466.20036"
+KNOWN_CONTROLS = {OID_PAGED, OID_MANAGE_DSA_IT}
+SCOPES = {0: "base", 1: "one", 2: "sub", 3: "children"}
+
+RESPONSE_TAG = {
+    ber.BindRequest: ber.BIND_RESPONSE,
+    ber.SearchRequest: ber.SEARCH_DONE,
+    ber.ModifyRequest: ber.MODIFY_RESPONSE,
+    ber.AddRequest: ber.ADD_RESPONSE,
+    ber.DelRequest: ber.DEL_RESPONSE,
+    ber.ModifyDNRequest: ber.MODDN_RESPONSE,
+    ber.CompareRequest: ber.COMPARE_RESPONSE,
+    ber.ExtendedRequest: ber.EXTENDED_RESPONSE,
+}
+
+
+@dataclass
+class _Op:
+    msgid: int
+    abandoned: bool = False
+
+
+class LDAPConnection(protocol.Protocol):
+    def __init__(self, factory: "LDAPServerFactory") -> None:
+        self.factory = factory
+        self.directory = factory.directory
+        self.buffer = bytearray()
+        self.actor: Actor = ANONYMOUS
+        self.ops: dict[int, _Op] = {}
+        self.tls = factory.is_tls_listener
+        self.closing = False
+
+    # -- framing -----------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        self.factory.connections -= 1
+        self.closing = True
+        for op in self.ops.values():
+            op.abandoned = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.buffer += data
+        max_size = self.factory.max_pdu_size
+        while self.buffer and not self.closing:
+            try:
+                n = ber.pdu_length(self.buffer, max_size)
+                if n is None:
+                    return
+                if len(self.buffer) < n:
+                    return
+                pdu = bytes(self.buffer[:n])
+                del self.buffer[:n]
+                msg = ber.decode_message(pdu)
+            except BERError as e:
+                self._disconnect(ResultCode.protocolError, f"malformed request: {e}")
+                return
+            self._dispatch(msg)
+
+    def _peer(self) -> str:
+        try:
+            p = self.transport.getPeer()
+            return f"{p.host}:{p.port}"
+        except Exception:
+            return "?"
+
+    def _disconnect(self, code: ResultCode, message: str) -> None:
+        log.warn("closing LDAP connection from {peer}: {reason}", peer=self._peer(), reason=message)
+        self.closing = True
+        notice = enc_message(0, tlv(ber.EXTENDED_RESPONSE, ber.enc_int(int(code), 0x0A) + enc_str("") + enc_str(message) + enc_str(OID_NOTICE_OF_DISCONNECTION, 0x8A)))
+        try:
+            self.transport.write(notice)
+        finally:
+            self.buffer.clear()
+            self.transport.loseConnection()
+
+    def send(self, data: bytes) -> None:
+        if not self.closing:
+            self.transport.write(data)
+
+    # -- dispatch ------------------------------------------------------------------
+    def _dispatch(self, msg: ber.Message) -> None:
+        req = msg.op
+        if isinstance(req, ber.UnbindRequest):
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        if isinstance(req, ber.AbandonRequest):
+            op = self.ops.get(req.msgid)
+            if op is not None:
+                op.abandoned = True
+            return  # RFC 4511 §4.11: no response, ever
+        if isinstance(req, ber.UnknownRequest) or msg.msgid == 0:
+            self._disconnect(ResultCode.protocolError, f"unknown or unsolicited operation (tag 0x{getattr(req, 'tag', 0):02x})")
+            return
+        tag = RESPONSE_TAG[type(req)]
+        for c in msg.controls:
+            if c.critical and c.oid not in KNOWN_CONTROLS:
+                self._result(msg.msgid, tag, ResultCode.unavailableCriticalExtension,
+                             message=f"critical control {c.oid} is not supported")
+                return
+        handler: Callable[[ber.Message, _Op], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
+        op = _Op(msg.msgid)
+        self.ops[msg.msgid] = op
+        d = defer.ensureDeferred(handler(msg, op))
+        d.addErrback(self._failed, msg, tag, op)
+        d.addBoth(self._done, msg.msgid)
+
+    def _done(self, _: Any, msgid: int) -> None:
+        self.ops.pop(msgid, None)
+
+    def _failed(self, failure: Any, msg: ber.Message, tag: int, op: _Op) -> None:
+        if op.abandoned or self.closing:
+            return
+        err = failure.value
+        if isinstance(err, LDAPError):
+            self._result(msg.msgid, tag, err.code, err.matched_dn, err.message)
+        elif isinstance(err, StoreError):
+            log.error("LDAP {op} failed: {error}", op=type(msg.op).__name__, error=str(err))
+            self._result(msg.msgid, tag, ResultCode.unavailable, message="the directory database is not available; try again")
+        else:
+            log.failure("LDAP {op} failed", failure, op=type(msg.op).__name__)
+            self._result(msg.msgid, tag, ResultCode.other, message="internal server error; see the server log")
+
+    def _result(self, msgid: int, tag: int, code: int, matched: str = "", message: str = "", extra: bytes = b"",
+                controls: list[tuple[str, bool, bytes | None]] | None = None) -> None:
+        if self.closing:
+            return
+        self.send(enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls))
+
+    # -- operations ----------------------------------------------------------------
+    async def handle_BindRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.BindRequest = msg.op
+        if req.version != 3:
+            raise LDAPError(ResultCode.protocolError, f"LDAP version {req.version} is not supported; use version 3")
+        if req.password is None:
+            raise LDAPError(ResultCode.authMethodNotSupported, f"SASL mechanism {req.sasl_mechanism} is not supported; use a simple bind")
+        self.actor = ANONYMOUS  # a failed bind leaves the connection anonymous
+        actor = await self.directory.bind(req.dn, req.password)
+        self.actor = actor
+        self._result(msg.msgid, ber.BIND_RESPONSE, ResultCode.success)
+
+    async def handle_SearchRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.SearchRequest = msg.op
+        scope = SCOPES.get(req.scope)
+        if scope is None:
+            raise LDAPError(ResultCode.protocolError, f"unknown search scope {req.scope}")
+        if req.size_limit < 0 or req.time_limit < 0:
+            raise LDAPError(ResultCode.protocolError, "size and time limits must not be negative")
+        page_size = None
+        page_after = 0
+        paged_critical = False
+        for c in msg.controls:
+            if c.oid == OID_PAGED:
+                paged_critical = c.critical
+                try:
+                    parts = ber.decode_sequence_values(c.value or b"")
+                    if len(parts) != 2 or parts[0][0] != 0x02 or parts[1][0] != 0x04:
+                        raise BERError("bad paged results control")
+                    page_size = ber.decode_int(parts[0][1])
+                    cookie = parts[1][1]
+                except BERError:
+                    raise LDAPError(ResultCode.protocolError, "paged results control value is malformed") from None
+                if cookie:
+                    if not cookie.isdigit():
+                        raise LDAPError(ResultCode.unwillingToPerform, "paged results cookie is invalid")
+                    page_after = int(cookie)
+                if page_size == 0:
+                    # RFC 2696: size 0 abandons the paged search.
+                    self._result(msg.msgid, ber.SEARCH_DONE, ResultCode.success,
+                                 controls=[(OID_PAGED, False, _paged_value(0, b""))])
+                    return
+                if page_size < 0:
+                    raise LDAPError(ResultCode.protocolError, "page size must not be negative")
+        del paged_critical
+        sreq = SearchRequest(
+            base=req.base, scope=scope, filter=req.filter, attributes=req.attributes,
+            types_only=req.types_only, size_limit=req.size_limit, time_limit=req.time_limit,
+            page_size=page_size, page_after=page_after,
+        )
+        result = await self.directory.search(self.actor, sreq, lambda: op.abandoned or self.closing)
+        if op.abandoned or self.closing:
+            return
+        out = [enc_message(msg.msgid, ber.enc_search_entry(dn, attrs)) for dn, attrs in result.entries]
+        controls = None
+        if page_size is not None:
+            cookie = str(result.next_after).encode() if result.next_after is not None else b""
+            controls = [(OID_PAGED, False, _paged_value(0, cookie))]
+        out.append(enc_message(msg.msgid, enc_result(ber.SEARCH_DONE, int(result.code), "", result.message), controls))
+        self.send(b"".join(out))
+
+    async def handle_AddRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.AddRequest = msg.op
+        await self.directory.add(self.actor, req.dn, req.attributes)
+        self._result(msg.msgid, ber.ADD_RESPONSE, ResultCode.success)
+
+    async def handle_DelRequest(self, msg: ber.Message, op: _Op) -> None:
+        await self.directory.delete(self.actor, msg.op.dn)
+        self._result(msg.msgid, ber.DEL_RESPONSE, ResultCode.success)
+
+    async def handle_ModifyRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.ModifyRequest = msg.op
+        await self.directory.modify(self.actor, req.dn, req.changes)
+        self._result(msg.msgid, ber.MODIFY_RESPONSE, ResultCode.success)
+
+    async def handle_ModifyDNRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.ModifyDNRequest = msg.op
+        await self.directory.modify_dn(self.actor, req.dn, req.new_rdn, req.delete_old, req.new_superior)
+        self._result(msg.msgid, ber.MODDN_RESPONSE, ResultCode.success)
+
+    async def handle_CompareRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.CompareRequest = msg.op
+        same = await self.directory.compare(self.actor, req.dn, req.attr, req.value)
+        self._result(msg.msgid, ber.COMPARE_RESPONSE, ResultCode.compareTrue if same else ResultCode.compareFalse)
+
+    async def handle_ExtendedRequest(self, msg: ber.Message, op: _Op) -> None:
+        req: ber.ExtendedRequest = msg.op
+        if req.name == OID_WHOAMI:
+            authz = f"dn:{self.actor.dn}" if self.actor.dn is not None else ""
+            self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=enc_str(authz, 0x8B))
+            return
+        if req.name == OID_PASSWD:
+            user = old = new = None
+            if req.value:
+                try:
+                    for t, v in ber.decode_sequence_values(req.value):
+                        if t == 0x80:
+                            user = v.decode("utf-8")
+                        elif t == 0x81:
+                            old = v
+                        elif t == 0x82:
+                            new = v
+                        else:
+                            raise BERError("unknown element")
+                except (BERError, UnicodeDecodeError):
+                    raise LDAPError(ResultCode.protocolError, "password modify request value is malformed") from None
+            generated = await self.directory.password_modify(self.actor, user, old, new)
+            extra = b""
+            if generated is not None:
+                extra = enc_str(tlv(0x30, enc_str(generated, 0x80)), 0x8B)
+            self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=extra)
+            return
+        if req.name == OID_STARTTLS:
+            ctx = self.factory.starttls_context
+            if ctx is None:
+                raise LDAPError(ResultCode.unavailable, "StartTLS is not configured on this server ([ldap] starttls_cert/starttls_key)")
+            if self.tls:
+                raise LDAPError(ResultCode.operationsError, "TLS is already active on this connection")
+            if len(self.ops) > 1:
+                raise LDAPError(ResultCode.operationsError, "StartTLS needs all other operations to be finished")
+            if not ITLSTransport.providedBy(self.transport):
+                raise LDAPError(ResultCode.unavailable, "this transport cannot start TLS")
+            self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=enc_str(OID_STARTTLS, 0x8A))
+            self.transport.startTLS(ctx)
+            self.tls = True
+            return
+        raise LDAPError(ResultCode.protocolError, f"unsupported extended operation {req.name}")
+
+
+def _paged_value(size: int, cookie: bytes) -> bytes:
+    return tlv(0x30, ber.enc_int(size) + enc_str(cookie))
+
+
+class LDAPServerFactory(protocol.ServerFactory):
+    def __init__(self, directory: Directory, *, max_pdu_size: int = 10 * 1024 * 1024,
+                 starttls_context: Any = None, is_tls_listener: bool = False) -> None:
+        self.directory = directory
+        self.max_pdu_size = max_pdu_size
+        self.starttls_context = starttls_context
+        self.is_tls_listener = is_tls_listener
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> LDAPConnection:
+        return LDAPConnection(self)

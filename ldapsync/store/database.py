@@ -1,0 +1,186 @@
+"""The database: engine, thread pools and ``run_interaction``.
+
+Owns the SQLAlchemy engine and the threads SQL runs on.  Every piece of SQL in
+ldapsync runs inside :meth:`Database.run_interaction` (or its blocking twin
+:meth:`Database.run_sync` for the CLI), on a thread pool, never on the reactor
+thread.  One call is one transaction; functions it runs end in ``_txn`` and
+take the connection first.  Callbacks registered with ``txn.call_after`` run
+on the reactor thread only once the transaction has committed.
+
+SQLite runs in WAL mode with one writer thread (SQLite allows one writer
+anyway) and ``BEGIN IMMEDIATE`` so a write waits for the lock at its start
+instead of failing half-way; PostgreSQL gets a pool of writer threads and
+retries serialization failures and deadlocks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from ldapsync.store.tables import metadata
+
+T = TypeVar("T")
+log = Logger()
+
+
+class StoreError(Exception):
+    """The database could not do what was asked (unreachable, locked too long...)."""
+
+
+@dataclass
+class Txn:
+    """A connection inside one transaction plus its after-commit callbacks."""
+
+    conn: Connection
+    is_postgres: bool
+    _after: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
+
+    def call_after(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the reactor thread after COMMIT (never on rollback)."""
+        self._after.append((fn, args))
+
+    def execute(self, stmt: Any, params: Any = None) -> Any:
+        return self.conn.execute(stmt, params) if params is not None else self.conn.execute(stmt)
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA cache_size=-65536")
+        cur.execute("PRAGMA temp_store=MEMORY")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("ldapsync_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=False)
+        _sqlite_setup(engine)
+        return engine
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://"):]
+    return sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _retryable(exc: BaseException, is_postgres: bool) -> bool:
+    if isinstance(exc, OperationalError) and not is_postgres:
+        return "locked" in str(exc) or "busy" in str(exc)
+    if isinstance(exc, DBAPIError) and is_postgres:
+        code = getattr(getattr(exc, "orig", None), "sqlstate", None)
+        return code in ("40001", "40P01")
+    return False
+
+
+class Database:
+    """The engine plus a read pool and a write pool; see the module docstring."""
+
+    def __init__(self, url: str, *, readers: int = 4, writers: int | None = None) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        if writers is None:
+            writers = 1 if self.is_sqlite else 4
+        self._read_pool = ThreadPool(minthreads=1, maxthreads=readers, name="ldapsync-sql-read")
+        self._write_pool = ThreadPool(minthreads=1, maxthreads=writers, name="ldapsync-sql-write")
+        self._started = False
+        self._local = threading.local()
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        if not self._started:
+            self._read_pool.start()
+            self._write_pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._read_pool.stop()
+            self._write_pool.stop()
+            self._started = False
+        self.engine.dispose()
+
+    def create_schema(self) -> None:
+        """Bring the database schema to the newest version (Alembic)."""
+        from ldapsync.store.migrate import upgrade
+
+        upgrade(self.engine)
+
+    # -- running transactions -------------------------------------------------
+    def run_sync(self, desc: str, fn: Callable[..., T], *args: Any, write: bool = True, **kw: Any) -> T:
+        """Run ``fn(txn, *args)`` in one transaction on the calling thread.
+
+        After-commit callbacks are run right here (used by the CLI, which has
+        no reactor).
+        """
+        result, after = self._run(desc, fn, args, kw, write)
+        for cb, cb_args in after:
+            cb(*cb_args)
+        return result
+
+    def _run(
+        self, desc: str, fn: Callable[..., T], args: tuple[Any, ...], kw: dict[str, Any], write: bool
+    ) -> tuple[T, list[tuple[Callable[..., Any], tuple[Any, ...]]]]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.engine.connect() as conn:
+                    if write:
+                        conn = conn.execution_options(ldapsync_write=True)
+                    elif self.is_postgres:
+                        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                    with conn.begin():
+                        txn = Txn(conn, self.is_postgres)
+                        result = fn(txn, *args, **kw)
+                    return result, txn._after
+            except (OperationalError, DBAPIError) as e:
+                if attempt < 5 and _retryable(e, self.is_postgres):
+                    log.info("retrying {desc} after {error}", desc=desc, error=type(e.orig).__name__ if hasattr(e, "orig") else e)
+                    time.sleep(0.01 * 2**attempt)
+                    continue
+                raise StoreError(f"database error during {desc}: {type(getattr(e, 'orig', e)).__name__}: {getattr(e, 'orig', e)}") from e
+
+    async def run_interaction(self, desc: str, fn: Callable[..., T], *args: Any, write: bool = True, **kw: Any) -> T:
+        """Run ``fn(txn, *args)`` in one transaction on a pool thread; await the result.
+
+        ``txn.call_after`` callbacks fire on the reactor thread after COMMIT,
+        before this returns.
+        """
+        from twisted.internet import reactor
+
+        pool = self._write_pool if write else self._read_pool
+        result, after = await threads.deferToThreadPool(reactor, pool, self._run, desc, fn, args, kw, write)
+        for cb, cb_args in after:
+            try:
+                cb(*cb_args)
+            except Exception:
+                log.failure("after-commit callback of {desc} failed", desc=desc)
+        return result
+
+    def metadata(self) -> sa.MetaData:
+        return metadata

@@ -1,0 +1,56 @@
+"""Table definitions (SQLAlchemy Core).  Migrations in ``migrations/`` build these.
+
+- ``entries``: one row per directory entry.  ``attrs`` is the whole entry as
+  JSON (canonical attribute name → list of string values, operational ones
+  included); ``path`` is the entry's normalized DN reversed (see
+  ``ldapsync.directory.dn.DN.path_key``) so that a subtree is one index range;
+  ``parent_id`` makes one-level scope an index lookup.
+- ``entry_index``: (attribute, normalized value) → entry, for the attributes
+  configured as indexed.  Values longer than ``INDEX_VALUE_MAX`` are cut; the
+  index only selects candidates and every candidate is checked against the full
+  filter, so a cut value can never produce a wrong answer.
+- ``meta``: small key/value settings (e.g. the schema of the index).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+INDEX_VALUE_MAX = 200
+
+metadata = sa.MetaData()
+
+# Byte-order ("C") collation on PostgreSQL so that range scans on path/value
+# behave exactly like SQLite's BINARY collation.
+CText = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
+
+entries = sa.Table(
+    "entries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("dn", sa.Text, nullable=False),
+    sa.Column("dn_norm", CText, nullable=False),
+    sa.Column("path", CText, nullable=False),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("entries.id"), nullable=True),
+    sa.Column("attrs", sa.Text, nullable=False),
+    sa.Index("ix_entries_dn_norm", "dn_norm", unique=True),
+    sa.Index("ix_entries_path", "path"),
+    sa.Index("ix_entries_parent", "parent_id"),
+)
+
+entry_index = sa.Table(
+    "entry_index",
+    metadata,
+    sa.Column("entry_id", sa.Integer, sa.ForeignKey("entries.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("attr", CText, nullable=False),
+    sa.Column("value", CText, nullable=False),
+    sa.Index("ix_entry_index_attr_value", "attr", "value", "entry_id"),
+    sa.Index("ix_entry_index_entry", "entry_id"),
+)
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)

@@ -1,0 +1,106 @@
+"""twistd entry point: ``twistd -n ldapsync [--config FILE]`` → the service tree.
+
+The tree is a MultiService: the database first, the LDAP listeners after it
+(children stop in reverse order, so listeners close before the database).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import ssl
+from twisted.logger import Logger
+from twisted.python import usage
+
+from ldapsync.config import Config, ConfigError, load_config
+
+log = Logger()
+
+
+class Options(usage.Options):
+    optParameters = [["config", "c", None, "Configuration file (TOML); default $LDAPSYNC_CONFIG, ./ldapsync.toml or embedded defaults"]]
+
+
+class DirectoryService(service.Service):
+    """Owns the database and the directory; bootstraps the tree at start."""
+
+    def __init__(self, config: Config) -> None:
+        from ldapsync.directory.service import Directory
+        from ldapsync.store.database import Database
+
+        self.config = config
+        self.db = Database(config.directory.database)
+        self.directory = Directory(config, self.db)
+
+    def startService(self) -> None:
+        super().startService()
+        self.db.start()
+        self.directory.start()
+        generated_before = not _exists(self.config.admin.password_file)
+        for line in self.directory.bootstrap_sync():
+            log.info("{line}", line=line)
+        if generated_before:
+            log.info("the admin DN is {dn}; its password is in {path}", dn=self.config.admin_dn, path=self.config.admin.password_file)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.directory.stop()
+        self.db.stop()
+
+
+def _exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).exists()
+
+
+def _sqlite_dir(config: Config) -> None:
+    url = config.directory.database
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        from pathlib import Path
+
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    elif url.startswith("sqlite:////"):
+        from pathlib import Path
+
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def starttls_context(config: Config) -> Any:
+    if not config.ldap.starttls_cert:
+        return None
+    with open(config.ldap.starttls_cert, "rb") as f:
+        cert = f.read()
+    with open(config.ldap.starttls_key, "rb") as f:
+        key = f.read()
+    return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
+
+
+def make_service(config: Config) -> service.MultiService:
+    from ldapsync.ldap.server import LDAPServerFactory
+
+    _sqlite_dir(config)
+    top = service.MultiService()
+    dirsvc = DirectoryService(config)
+    dirsvc.setServiceParent(top)
+    ctx = starttls_context(config)
+    for endpoint in config.ldap.listen:
+        factory = LDAPServerFactory(
+            dirsvc.directory,
+            max_pdu_size=config.ldap.max_pdu_size,
+            starttls_context=ctx,
+            is_tls_listener=endpoint.startswith("ssl:"),
+        )
+        strports.service(endpoint, factory).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    try:
+        config = load_config(options["config"])
+        return make_service(config)
+    except (ConfigError, OSError) as e:
+        sys.stderr.write(f"ldapsync: {e}\n")
+        raise SystemExit(2) from None
