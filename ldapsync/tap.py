@@ -34,8 +34,10 @@ class DirectoryService(service.Service):
         self.db = Database(config.directory.database)
         self.directory = Directory(config, self.db)
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # Runs before the listeners bind their ports (they come after us in
+        # the tree), so no client ever sees a half-initialised directory.
+        super().privilegedStartService()
         self.db.start()
         self.directory.start()
         generated_before = not _exists(self.config.admin.password_file)

@@ -110,7 +110,7 @@ def test_dn_valued_and_integer_rdns() -> None:
         with pytest.raises(LDAPError):
             p(bad)
     assert p("member=cn\\=a\\,dc\\=x,dc=x").rdn.avas == (("member", "cn=a,dc=x"),)
-    assert p("member=CN\\=A\\,DC\\=X,dc=x").norm == "member=cn\\=a\\,dc\\=x,dc=x"
+    assert p("member=CN\\=A\\,DC\\=X,dc=x").norm == "member=cn=a\\,dc=x,dc=x"
     assert p("uidNumber=42,dc=x").norm == "uidnumber=42,dc=x"
 
 

@@ -138,13 +138,15 @@ def wait_ready(port: int, proc: subprocess.Popen | None, timeout: float, uid: st
     last = None
     for _ in range(int(timeout / 0.2) + 1):
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} while starting")
+            rc = proc.returncode
+            how = f"signal {signal.Signals(-rc).name}, not sent by the bench" if rc < 0 else f"status {rc}"
+            raise RuntimeError(f"server exited ({how}) while starting; last probe: {last}")
         try:
-            if loadgen.probe(HOST, port, SUFFIX, uid, ADMIN_DN, ADMIN_PASSWORD, timeout=5):
+            last = loadgen.probe(HOST, port, SUFFIX, uid, ADMIN_DN, ADMIN_PASSWORD, timeout=5)
+            if not last:
                 return
-            last = "probe search/bind did not succeed"
-        except OSError as e:
-            last = e
+        except (OSError, RuntimeError) as e:
+            last = f"{type(e).__name__}: {e}"
         if time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -507,7 +509,16 @@ def main(argv=None) -> int:
     if args.server in ("ldapsync", "both"):
         servers.append(Ldapsync(work, args.users, args.db, args.ldapsync_passwords == "cleartext", args.bin_dir))
     slapd_version = Slapd.version(None) if shutil.which("slapd") or os.path.exists(SLAPD) else "not installed"
-    emit(machine_info(slapd_version))
+    info = machine_info(slapd_version)
+    # CPU already busy before we start (other processes on this machine)
+    b0 = loadgen._machine_busy()
+    time.sleep(1.0)
+    b1 = loadgen._machine_busy()
+    bg = round(100.0 * (os.cpu_count() or 1) * (b1[0] - b0[0]) / max(1, b1[1] - b0[1]), 1)
+    info["machine"]["background_cpu_pct"] = bg
+    emit(info)
+    if bg > 10:
+        log(f"WARNING: the machine is already {bg}% busy (100% = one core) before the benchmark; figures will be low")
 
     results: dict = {}
     failed = False

@@ -279,17 +279,19 @@ def admin_bind(sock: socket.socket, spec: WorkerSpec, msgid: int = 1) -> int:
     return rc
 
 
-def probe(host: str, port: int, suffix: str, uid: str, admin_dn: str, admin_password: str, timeout: float = 5.0) -> bool:
-    """One admin bind + one search for uid; True when both succeed with 1 entry."""
+def probe(host: str, port: int, suffix: str, uid: str, admin_dn: str, admin_password: str, timeout: float = 5.0) -> str:
+    """One admin bind + one search for uid; "" when both succeed with 1 entry,
+    else what went wrong."""
     with socket.create_connection((host, port), timeout=timeout) as s:
         got = _blocking_roundtrip(s, frame(1, bind_op(admin_dn, admin_password)), timeout)
         if got[-1] != (T_BIND_RESP, 0):
-            return False
+            return "admin bind: tag 0x%02x resultCode %s" % got[-1]
         got = _blocking_roundtrip(s, frame(2, search_op(suffix, uid)), timeout)
         entries = sum(1 for t, _ in got if t == T_ENTRY)
-        ok = got[-1] == (T_DONE, 0) and entries == 1
         s.sendall(frame(3, UNBIND))
-        return ok
+        if got[-1] != (T_DONE, 0) or entries != 1:
+            return "search (uid=%s): tag 0x%02x resultCode %s, %d entries" % (uid, got[-1][0], got[-1][1], entries)
+        return ""
 
 
 def _worker(spec: WorkerSpec, ready_q, go_event, start_val, result_q):

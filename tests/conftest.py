@@ -1,0 +1,254 @@
+"""Shared fixtures: a really listening ldapsync server (twistd subprocess) on SQLite or PostgreSQL.
+
+PostgreSQL comes from ``LDAPSYNC_TEST_PG_URL`` (an admin URL; each server gets a
+fresh database).  ``tests/setup-and-run.sh`` sets it; a run without it fails
+the PostgreSQL tests loudly rather than skipping them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+from helpers import ADMIN_DN, SUFFIX
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} not listening after {timeout}s:\n{log.read_text() if log else ''}")
+
+
+def make_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1/localhost: (ca.pem, cert.pem, key.pem)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ldapsync test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_p, cert_p, key_p = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca_p.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_p.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return ca_p, cert_p, key_p
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+def pg_admin_url() -> str:
+    url = os.environ.get("LDAPSYNC_TEST_PG_URL")
+    if not url:
+        pytest.fail("LDAPSYNC_TEST_PG_URL is not set: run the tests with tests/setup-and-run.sh, which starts PostgreSQL")
+    return url
+
+
+def create_pg_database() -> tuple[str, str]:
+    """A fresh database: (sqlalchemy url, name)."""
+    import sqlalchemy as sa
+
+    admin = pg_admin_url()
+    name = "ldapsync_t_" + uuid.uuid4().hex[:12]
+    eng = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    eng.dispose()
+    return admin.rsplit("/", 1)[0] + "/" + name, name
+
+
+def drop_pg_database(name: str) -> None:
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(pg_admin_url(), isolation_level="AUTOCOMMIT")
+    with eng.connect() as c:
+        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    eng.dispose()
+
+
+@dataclass
+class Server:
+    workdir: Path
+    backend: str
+    db_url: str
+    port: int
+    ldaps_port: int
+    ca: Path
+    config_path: Path
+    admin_password: str = ""
+    proc: subprocess.Popen | None = None
+    extra_config: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.ldaps_port}"
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "server.log"
+
+    def client_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"LDAPTLS_CACERT": str(self.ca), "LDAPTLS_REQCERT": "demand", "LDAPCONF": "/dev/null", "LDAPRC": "/dev/null"})
+        return env
+
+    def run(self, tool: str, *args: str, input: str | None = None, bind: str | None = ADMIN_DN,
+            password: str | None = None, url: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        """Run an ldap-utils tool against this server (as admin unless told otherwise)."""
+        cmd = [tool, "-x", "-H", url or self.url]
+        if bind is not None:
+            cmd += ["-D", bind, "-w", password if password is not None else self.admin_password]
+        cmd += list(args)
+        p = subprocess.run(cmd, input=input, capture_output=True, text=True, env=self.client_env(), timeout=60)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd[:3])} ... failed ({p.returncode}): {p.stdout}\n{p.stderr}")
+        return p
+
+    def cli(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "ldapsync"), "--config", str(self.config_path), *args],
+                              input=input, capture_output=True, cwd=self.workdir, timeout=600)
+
+    def write_config(self) -> None:
+        self.config_path.write_text(
+            f"""
+[directory]
+suffix = "{SUFFIX}"
+database = "{self.db_url}"
+[ldap]
+listen = ["tcp:{self.port}:interface=127.0.0.1", "ssl:{self.ldaps_port}:interface=127.0.0.1:privateKey={self.workdir / 'tls' / 'key.pem'}:certKey={self.workdir / 'tls' / 'cert.pem'}"]
+starttls_cert = "{self.workdir / 'tls' / 'cert.pem'}"
+starttls_key = "{self.workdir / 'tls' / 'key.pem'}"
+[admin]
+password_file = "{self.workdir / 'admin-password'}"
+[passwords]
+hash_time_cost = 1
+hash_memory_kib = 8192
+{self.extra_config}
+"""
+        )
+
+    def start(self) -> None:
+        self.write_config()
+        self.proc = subprocess.Popen(
+            [str(BIN / "twistd"), "-n", "--pidfile=", "ldapsync", "--config", str(self.config_path)],
+            cwd=self.workdir, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+        )
+        wait_port(self.port, self.proc, log=self.log)
+        wait_port(self.ldaps_port, self.proc, log=self.log)
+        self.admin_password = (self.workdir / "admin-password").read_text().rstrip("\n")
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _make_server(tmp: Path, backend: str, tls_files: tuple[Path, Path, Path], extra_config: str = "") -> tuple[Server, str | None]:
+    (tmp / "tls").mkdir(parents=True, exist_ok=True)
+    for p in tls_files:
+        shutil.copy(p, tmp / "tls" / p.name)
+    pg_name = None
+    if backend == "sqlite":
+        db_url = f"sqlite:///{tmp / 'ldapsync.db'}"
+    else:
+        db_url, pg_name = create_pg_database()
+    srv = Server(tmp, backend, db_url, free_port(), free_port(), tmp / "tls" / "ca.pem", tmp / "ldapsync.toml", extra_config=extra_config)
+    return srv, pg_name
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path, Path]) -> Iterator[Server]:
+    """A running server shared by a test module, once per database backend."""
+    srv, pg_name = _make_server(tmp_path_factory.mktemp(f"srv-{request.param}"), request.param, tls_files,
+                                getattr(request.module, "SERVER_CONFIG", ""))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        if pg_name:
+            drop_pg_database(pg_name)
+
+
+@pytest.fixture
+def make_server(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path, Path]) -> Iterator:
+    """Factory for a private server (backend, extra TOML) stopped at test end."""
+    made: list[tuple[Server, str | None]] = []
+
+    def make(backend: str = "sqlite", extra_config: str = "", start: bool = True) -> Server:
+        srv, pg = _make_server(tmp_path_factory.mktemp(f"priv-{backend}"), backend, tls_files, extra_config)
+        made.append((srv, pg))
+        if start:
+            srv.start()
+        else:
+            srv.write_config()
+        return srv
+
+    yield make
+    for srv, pg in made:
+        srv.stop()
+        if pg:
+            drop_pg_database(pg)
+
+
