@@ -63,7 +63,8 @@ def _prepare_loaded(d, dn_text: str, raw: list[tuple[str, bytes]], lineno: int):
         vals = attrs.setdefault(at.name, [])
         if not any(d.schema.normalize(at, x) == d.schema.normalize(at, v) for x in vals):
             vals.append(v)
-    attrs.pop("memberOf", None)           # recomputed from the groups
+    # Like slapadd, operational values in the file are kept as given; memberOf
+    # is completed from the groups loaded (a dump therefore loads back unchanged).
     for name in COMPUTED:
         attrs.pop(name, None)
     structural = d.schema.check_entry(attrs)

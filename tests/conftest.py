@@ -113,6 +113,22 @@ def drop_pg_database(name: str) -> None:
     eng.dispose()
 
 
+def split_ldap_table(extra: str) -> tuple[str, str]:
+    """(keys of an ``[ldap]`` table in ``extra``, the rest): the generated config already has
+    an ``[ldap]`` table and TOML forbids a second one, so its keys are merged into it."""
+    ldap_lines: list[str] = []
+    rest: list[str] = []
+    cur = rest
+    for line in extra.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            cur = ldap_lines if stripped == "[ldap]" else rest
+            if cur is ldap_lines:
+                continue
+        cur.append(line)
+    return "\n".join(ldap_lines), "\n".join(rest)
+
+
 @dataclass
 class Server:
     workdir: Path
@@ -161,6 +177,7 @@ class Server:
                               input=input, capture_output=True, cwd=self.workdir, timeout=600)
 
     def write_config(self) -> None:
+        ldap_keys, extra = split_ldap_table(self.extra_config)
         self.config_path.write_text(
             f"""
 [directory]
@@ -170,12 +187,13 @@ database = "{self.db_url}"
 listen = ["tcp:{self.port}:interface=127.0.0.1", "ssl:{self.ldaps_port}:interface=127.0.0.1:privateKey={self.workdir / 'tls' / 'key.pem'}:certKey={self.workdir / 'tls' / 'cert.pem'}"]
 starttls_cert = "{self.workdir / 'tls' / 'cert.pem'}"
 starttls_key = "{self.workdir / 'tls' / 'key.pem'}"
+{ldap_keys}
 [admin]
 password_file = "{self.workdir / 'admin-password'}"
 [passwords]
 hash_time_cost = 1
 hash_memory_kib = 8192
-{self.extra_config}
+{extra}
 """
         )
 

@@ -215,13 +215,32 @@ class Directory:
             norms = seen_norm.setdefault(at.name, set())
             for v in vals:
                 s.validate_value(at, v)
+                self._check_object_class_value(at, v, len(lst))
                 n = s.normalize(at, v) if at.equality else v
                 if n in norms:
-                    raise LDAPError(ResultCode.attributeOrValueExists if not for_add else ResultCode.constraintViolation,
+                    raise LDAPError(ResultCode.attributeOrValueExists,
                                     f"{at.name}: value #{len(lst)} provided more than once")
                 norms.add(n)
                 lst.append(v)
         return out
+
+    def _check_object_class_value(self, at: AttributeType, value: str, index: int) -> None:
+        """Like slapd: an objectClass value naming no known class is invalidAttributeSyntax."""
+        if at.name == "objectClass" and self.schema.object_class(value) is None:
+            raise LDAPError(ResultCode.invalidAttributeSyntax,
+                            f"objectClass: value #{index} invalid per syntax (unknown objectClass '{value.strip()}')")
+
+    def _structural_class(self, oc_values: Sequence[str]) -> str | None:
+        """The one structural class these objectClass values name, else None."""
+        classes = [self.schema.object_class(v) for v in oc_values]
+        if not classes or any(c is None for c in classes):
+            return None
+        names: set[str] = set()
+        for c in classes:
+            names |= c.ancestry
+        structural = [c for c in (self.schema.object_class(n) for n in names) if c is not None and c.kind == "STRUCTURAL"]
+        leaves = [c for c in structural if not any(o is not c and c.name in o.ancestry for o in structural)]
+        return leaves[0].name if len(leaves) == 1 else None
 
     async def hash_cleartext(self, attrs: Attrs) -> dict[str, str]:
         """Hash cleartext userPassword values in place; return {hash: cleartext} for hooks."""
@@ -341,11 +360,11 @@ class Directory:
         got = await self.db.run_interaction("bind", fetch, write=False)
         if got is None or not got[0]:
             # No such entry, or an entry without a usable password (an inactive user).
-            raise LDAPError(ResultCode.invalidCredentials, "")
+            raise LDAPError(ResultCode.invalidCredentials, "invalid credentials")
         hashes, is_admin = got
         ok = await self._in_hash_thread(self._verify_any, hashes, password)
         if not ok:
-            raise LDAPError(ResultCode.invalidCredentials, "")
+            raise LDAPError(ResultCode.invalidCredentials, "invalid credentials")
         return Actor(dn, is_admin)
 
     def _verify_any(self, hashes: list[str], password: bytes) -> bool:
@@ -528,6 +547,8 @@ class Directory:
             raise LDAPError(ResultCode.insufficientAccessRights, f"{at.name} may not be compared")
         if at.equality is None:
             raise LDAPError(ResultCode.inappropriateMatching, f"{at.name} has no equality matching rule")
+        if at.name != "userPassword":
+            self.schema.validate_value(at, _b(value))
 
         def run(txn: Txn) -> StoredEntry:
             e = store.get_entry_txn(txn, dn.norm)
@@ -632,8 +653,9 @@ class Directory:
             if at.no_user_modification:
                 raise LDAPError(ResultCode.constraintViolation, f"{at.name}: no user modification allowed")
             if op != "delete":
-                for v in vals:
+                for i, v in enumerate(vals):
                     s.validate_value(at, v)
+                    self._check_object_class_value(at, v, i)
             if op == "increment":
                 if len(vals) != 1:
                     raise LDAPError(ResultCode.protocolError, f"{at.name}: increment needs exactly one value")
@@ -664,6 +686,11 @@ class Directory:
             for op, at, vals in prepared:
                 self._apply_mod(attrs, op, at, vals, dn)
             if attrs.get("objectClass") != (st.attrs or {}).get("objectClass"):
+                old_sc = (st.attrs or {}).get("structuralObjectClass")
+                new_sc = self._structural_class(attrs.get("objectClass", []))
+                if old_sc and new_sc and new_sc.lower() != old_sc[0].lower():
+                    raise LDAPError(ResultCode.objectClassModsProhibited,
+                                    f"structural object class modification from '{old_sc[0]}' to '{new_sc}' not allowed")
                 structural = s.check_entry(attrs)
                 if structural.lower() != (st.attrs or {}).get("structuralObjectClass", [structural])[0].lower():
                     raise LDAPError(ResultCode.objectClassModsProhibited, "the structural object class of an entry cannot be changed")
@@ -696,7 +723,7 @@ class Directory:
                 raise LDAPError(ResultCode.noSuchAttribute, f"{name}: no such attribute")
             if not vals:
                 if rdn_norms:
-                    raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot delete the naming attribute of the entry")
+                    raise LDAPError(ResultCode.namingViolation, f"{name}: cannot delete the naming attribute of the entry")
                 del attrs[name]
                 return
             keep = list(cur)
@@ -709,7 +736,7 @@ class Directory:
                 if idx is None:
                     raise LDAPError(ResultCode.noSuchAttribute, f"{name}: no such value")
                 if norm(keep[idx]) in rdn_norms:
-                    raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot delete the naming value of the entry")
+                    raise LDAPError(ResultCode.namingViolation, f"{name}: cannot delete the naming value of the entry")
                 keep.pop(idx)
             if keep:
                 attrs[name] = keep
@@ -723,7 +750,7 @@ class Directory:
                     raise LDAPError(ResultCode.attributeOrValueExists, f"{name}: value provided more than once")
                 have.add(n)
             if rdn_norms and not rdn_norms <= have:
-                raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot remove the naming value of the entry")
+                raise LDAPError(ResultCode.namingViolation, f"{name}: cannot remove the naming value of the entry")
             if vals:
                 attrs[name] = list(vals)
             else:
@@ -736,7 +763,7 @@ class Directory:
             except ValueError:
                 raise LDAPError(ResultCode.constraintViolation, f"{name}: value is not an integer") from None
             if rdn_norms:
-                raise LDAPError(ResultCode.notAllowedOnRDN, f"{name}: cannot change the naming value of the entry")
+                raise LDAPError(ResultCode.namingViolation, f"{name}: cannot change the naming value of the entry")
         else:
             raise LDAPError(ResultCode.protocolError, f"unknown modify operation {op}")
 

@@ -315,7 +315,7 @@ class Write:
                     attrs["memberOf"] = keep
                 else:
                     attrs.pop("memberOf", None)
-                self.update(st, attrs)
+                self.update(st, attrs, stamp=False)  # operational upkeep, like the memberOf overlay
 
     def _groups_of(self, norm: str) -> list[StoredEntry]:
         out: dict[str, StoredEntry] = {}
@@ -364,7 +364,7 @@ class Write:
                     attrs["memberOf"] = sorted(groups.values(), key=str.lower)
                 else:
                     attrs.pop("memberOf", None)
-                self.update(st, attrs)
+                self.update(st, attrs, stamp=False)
 
 
 def iter_values(attrs: Attrs, names: Iterable[str]) -> Iterable[str]:

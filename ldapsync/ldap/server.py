@@ -202,7 +202,7 @@ class LDAPConnection(protocol.Protocol):
                     raise LDAPError(ResultCode.protocolError, "paged results control value is malformed") from None
                 if cookie:
                     if not cookie.isdigit():
-                        raise LDAPError(ResultCode.unwillingToPerform, "paged results cookie is invalid")
+                        raise LDAPError(ResultCode.protocolError, "paged results cookie is invalid")
                     page_after = int(cookie)
                 if page_size == 0:
                     # RFC 2696: size 0 abandons the paged search.

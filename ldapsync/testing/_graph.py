@@ -12,7 +12,7 @@ import json
 import re
 import secrets
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ._http import GraphError, Req, Resp, parse_json_body
@@ -170,6 +170,7 @@ def handle_graph(t: FakeTenant, req: Req, rel: str, token: TokenInfo) -> Resp:
     ]
     path_matched = False
     for method, pattern, handler in routes:
+        match: dict[str, str] | None
         if isinstance(pattern, str):
             match = {} if rel == pattern else None
         else:
@@ -259,12 +260,12 @@ def _matching_users(t: FakeTenant, req: Req) -> list[str]:
     order = req.query.get("$orderby")
     if order:
         field, _, direction = order.strip().partition(" ")
-        prop = _CANON.get(field.lower())
-        if prop not in {"displayName", "userPrincipalName"}:
+        sort_by = _CANON.get(field.lower())
+        if sort_by not in {"displayName", "userPrincipalName"}:
             raise GraphError(400, "Request_UnsupportedQuery", "Unsupported Query.")
         if text:
             _needs_eventual(req)
-        ids.sort(key=lambda i: (t.users[i].get(prop) or "").lower(),
+        ids.sort(key=lambda i: (t.users[i].get(sort_by or "") or "").lower(),
                  reverse=direction.strip().lower() == "desc")
     return ids
 
@@ -378,6 +379,7 @@ class _FilterParser:
 
     def literal(self) -> Any:
         kind, value = self.peek() or (None, None)
+        value = cast(Any, value)
         self.i += 1
         if kind == "str":
             return value
@@ -718,9 +720,10 @@ def batch(t: FakeTenant, req: Req, run_item: Callable[[Req], Resp]) -> Resp:
     if len(items) > BATCH_LIMIT:
         raise GraphError(400, "BadRequest",
                          f"Number of batch request steps exceeds the maximum of {BATCH_LIMIT}.")
-    ids = [str(item.get("id")) if isinstance(item, dict) else None for item in items]
-    if None in ids or any(isinstance(item, dict) and "id" not in item for item in items):
+    raw_ids = [str(item.get("id")) if isinstance(item, dict) else None for item in items]
+    if None in raw_ids or any(isinstance(item, dict) and "id" not in item for item in items):
         raise GraphError(400, "BadRequest", "Batch request step is missing the required 'id'.")
+    ids = [str(i) for i in raw_ids]
     if len(set(ids)) != len(ids):
         raise GraphError(400, "BadRequest", "Batch request contains duplicate Ids.")
     for item in items:
@@ -730,7 +733,7 @@ def batch(t: FakeTenant, req: Req, run_item: Callable[[Req], Resp]) -> Resp:
                              "relative url.")
     statuses: dict[str, int] = {}
     responses = []
-    for item, item_id in zip(items, ids):
+    for item, item_id in zip(items, ids, strict=True):
         headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
         item_req = Req(method=item["method"].upper(), path="", headers=headers, in_batch=req.request_id)
         depends = item.get("dependsOn") or []

@@ -13,7 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
+JSON_TYPE = ("application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;"
+             "charset=utf-8")
 REDACTED = "***REDACTED***"
 _SECRET_JSON_KEYS = {"password", "newpassword", "currentpassword"}
 _SECRET_FORM_KEYS = {"client_secret", "client_assertion", "refresh_token", "device_code", "password",

@@ -22,7 +22,7 @@ import secrets
 import string
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl
 
 import jwt
@@ -245,7 +245,7 @@ def _verify_assertion(t: FakeTenant, app: App, assertion: str, now: float) -> No
                          "Client assertion failed signature validation: the certificate has expired.")
     try:
         claims = jwt.decode(
-            assertion, cred.certificate.public_key(), algorithms=["RS256", "PS256"],
+            assertion, cast(Any, cred.certificate.public_key()), algorithms=["RS256", "PS256"],
             audience=t.token_endpoint_audiences(), issuer=app.client_id,
             options={"require": ["exp", "aud", "iss", "sub"]}, leeway=300)
     except jwt.InvalidSignatureError:

@@ -36,8 +36,8 @@ class AdminClient:
         self._session.headers["X-Fake-Admin-Token"] = admin_token
         self._timeout = timeout
 
-    def call(self, method: str, **kwargs: Any) -> Any:
-        resp = self._session.post(self._url + method, json=kwargs, timeout=self._timeout)
+    def call(self, _name: str, /, **kwargs: Any) -> Any:
+        resp = self._session.post(self._url + _name, json=kwargs, timeout=self._timeout)
         body = resp.json()
         if resp.status_code != 200:
             raise AdminError(body.get("error", resp.text))

@@ -90,3 +90,14 @@ class GraphCaller:
         headers_out = {k.decode().lower(): v[-1].decode()
                        for k, v in resp.headers.getAllRawHeaders()}
         return GraphResult(resp.code, headers_out, body)
+
+
+def new_user_body(upn: str = "new.user@contoso.com", password: str = "Passw0rd!1",
+                  **extra: Any) -> dict[str, Any]:
+    """A valid ``POST /users`` body (override or add properties with keywords)."""
+    body: dict[str, Any] = {
+        "accountEnabled": True, "displayName": "New User", "mailNickname": upn.split("@")[0],
+        "userPrincipalName": upn,
+        "passwordProfile": {"password": password, "forceChangePasswordNextSignIn": False}}
+    body.update(extra)
+    return body

@@ -73,6 +73,16 @@ ADMIN_API = {
 }
 
 
+_SIGNING_KEYS: list[rsa.RSAPrivateKey] = []
+
+
+def _signing_key() -> rsa.RSAPrivateKey:
+    """The token-signing key, made once per process (RSA generation is slow)."""
+    if not _SIGNING_KEYS:
+        _SIGNING_KEYS.append(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return _SIGNING_KEYS[0]
+
+
 def _iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -137,7 +147,7 @@ class FakeTenant:
         self.access_tokens: dict[str, TokenInfo] = {}
         self.refresh_tokens: dict[str, RefreshInfo] = {}
         self.device_codes: dict[str, DeviceCode] = {}
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        key = _signing_key()
         self.signing_key_pem = key.private_bytes(serialization.Encoding.PEM,
                                                  serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption())
@@ -160,7 +170,7 @@ class FakeTenant:
         self._fault_ids = 0
         self._outage_until: float | None = None
         self._outage_mode = "503"
-        self.throttling = {"enabled": True, "writes": 3000, "window": 150.0,
+        self.throttling: dict[str, Any] = {"enabled": True, "writes": 3000, "window": 150.0,
                            "resource_units": None, "ru_window": 10.0}
         self._writes: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._units: dict[str, collections.deque[tuple[float, int]]] = collections.defaultdict(
@@ -282,7 +292,7 @@ class FakeTenant:
         if roles:
             self.user_roles[user["id"]] = set(roles)
         self.created_at[user["id"]] = 0.0          # seeded users are fully replicated
-        return self.get_user(user["id"])
+        return self.get_user(user["id"])  # type: ignore[return-value]
 
     def find_user_id(self, key: str) -> str | None:
         if key in self.users:
@@ -972,7 +982,7 @@ ldapsync.toml:
   graph_url = "{info['graph_url']}"
   ca_bundle = "{info['ca_file']}"
 """, flush=True)
-    reactor.run()
+    reactor.run()  # type: ignore[attr-defined,misc]
 
 
 if __name__ == "__main__":

@@ -175,4 +175,5 @@ def treq_client(ca_file: str | Path, reactor=None, persistent: bool = True):
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     pool = HTTPConnectionPool(reactor, persistent=persistent)
-    return HTTPClient(Agent(reactor, contextFactory=client_tls_policy(ca_file), pool=pool))
+    agent = Agent(reactor, contextFactory=client_tls_policy(ca_file), pool=pool)
+    return HTTPClient(agent)  # type: ignore[arg-type]

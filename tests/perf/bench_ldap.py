@@ -258,7 +258,8 @@ access to * by users read by * none
         if self.proc:
             stop_pid(self.proc, "slapd")
 
-    def version(self) -> str:
+    @staticmethod
+    def version() -> str:
         try:
             out = subprocess.run([SLAPD, "-VV"], capture_output=True, text=True, timeout=10)
             m = re.search(r"slapd ([\w.+~-]+)", out.stdout + out.stderr)
@@ -508,7 +509,7 @@ def main(argv=None) -> int:
         servers.append(Slapd(work, args.users))
     if args.server in ("ldapsync", "both"):
         servers.append(Ldapsync(work, args.users, args.db, args.ldapsync_passwords == "cleartext", args.bin_dir))
-    slapd_version = Slapd.version(None) if shutil.which("slapd") or os.path.exists(SLAPD) else "not installed"
+    slapd_version = Slapd.version() if shutil.which("slapd") or os.path.exists(SLAPD) else "not installed"
     info = machine_info(slapd_version)
     # CPU already busy before we start (other processes on this machine)
     b0 = loadgen._machine_busy()

@@ -10,10 +10,3 @@ def graph(fake_tenant, fake_app, graph_http):  # noqa: F811
     """An async Graph caller holding an app token with the default permissions."""
     return GraphCaller(graph_http, fake_tenant, fake_tenant.app_token(fake_app["client_id"]))
 
-
-def new_user(upn="new.user@contoso.com", password="Passw0rd!1", **extra):
-    body = {"accountEnabled": True, "displayName": "New User", "mailNickname": upn.split("@")[0],
-            "userPrincipalName": upn, "passwordProfile": {"password": password,
-                                                          "forceChangePasswordNextSignIn": False}}
-    body.update(extra)
-    return body
