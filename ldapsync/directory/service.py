@@ -118,6 +118,7 @@ class Directory:
                 indexed.add(at.name.lower())
         self.indexed = frozenset(indexed)
         self.filters = FilterCompiler(self.schema, self.indexed)
+        self._operational: dict[str, bool] = {}
         self._hash_pool = ThreadPool(minthreads=0, maxthreads=hash_threads, name="ldapsync-hash")
         self._hash_pool_started = False
         self._index_types = {self.schema.attribute(a).name: self.schema.attribute(a) for a in indexed if self.schema.attribute(a)}  # type: ignore[union-attr]
@@ -410,12 +411,14 @@ class Directory:
         if requested and all(r == "1.1" for r in requested):
             return []
         out: dict[str, list[str]] = {}
-        s = self.schema
+        operational = self._operational
         for name, values in attrs.items():
             if name in HIDDEN_ATTRS or (name in ADMIN_ONLY_ATTRS and not actor.is_admin):
                 continue
-            at = s.attribute(name)
-            op = at.operational if at is not None else False
+            op = operational.get(name)
+            if op is None:
+                at = self.schema.attribute(name)
+                op = operational[name] = at.operational if at is not None else False
             if (want_op if op else want_user) or name in names:
                 out[name] = values
         for name in COMPUTED_OPERATIONAL:
@@ -456,13 +459,11 @@ class Directory:
         page_left = req.page_size if req.page_size else None
 
         def run(txn: Txn, after: int, limit: int) -> tuple[list[tuple[int, str, Attrs, bool | None]], int | None, bool]:
-            base_entry = None
-            if not base.is_root:
-                base_entry = store.get_entry_txn(txn, base.norm)
-                if base_entry is None:
-                    matched = store.existing_ancestor_txn(txn, [a.norm for a in self.ancestors(base)]) or ""
-                    raise LDAPError(ResultCode.noSuchObject, f'no entry "{base}"', matched_dn=matched)
-            rows = store.search_candidates_txn(txn, scope=req.scope, base=base_entry, plan=plan, after_id=after, limit=limit)
+            rows = store.search_candidates_txn(txn, scope=req.scope, base_norm=base.norm, base_path=base.path_key,
+                                               plan=plan, after_id=after, limit=limit)
+            if not rows and after == req.page_after and not base.is_root and not store.entry_exists_txn(txn, base.norm):
+                matched = store.existing_ancestor_txn(txn, [a.norm for a in self.ancestors(base)]) or ""
+                raise LDAPError(ResultCode.noSuchObject, f'no entry "{base}"', matched_dn=matched)
             last = rows[-1].id if rows else None
             more = len(rows) == limit
             matched_rows = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from twisted.python.threadpool import ThreadPool
 from ldapsync.store.tables import metadata
 
 T = TypeVar("T")
+_PG_SQL: dict[str, str] = {}
 log = Logger()
 
 
@@ -46,6 +47,37 @@ class Txn:
     conn: Connection
     is_postgres: bool
     _after: list[tuple[Callable[..., Any], tuple[Any, ...]]] = field(default_factory=list)
+    _raw: Any = None
+
+    # Hot paths use plain DBAPI cursors on the transaction's connection: building
+    # SQLAlchemy expressions per request cost more than the queries themselves.
+    # SQL is written with "?" placeholders and converted for psycopg.
+    def cursor(self) -> Any:
+        if self._raw is None:
+            self._raw = self.conn.connection.dbapi_connection
+        return self._raw.cursor()
+
+    def sql(self, text: str) -> str:
+        if not self.is_postgres:
+            return text
+        got = _PG_SQL.get(text)
+        if got is None:
+            got = _PG_SQL[text] = text.replace("%", "%%").replace("?", "%s")
+        return got
+
+    def rows(self, text: str, params: Sequence[Any] = ()) -> list[Any]:
+        cur = self.cursor()
+        cur.execute(self.sql(text), params)
+        return cur.fetchall()
+
+    def run(self, text: str, params: Sequence[Any] = ()) -> Any:
+        cur = self.cursor()
+        cur.execute(self.sql(text), params)
+        return cur
+
+    def run_many(self, text: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self.cursor().executemany(self.sql(text), params)
 
     def call_after(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the reactor thread after COMMIT (never on rollback)."""
@@ -87,12 +119,10 @@ def make_engine(url: str) -> Engine:
 
 
 def _retryable(exc: BaseException, is_postgres: bool) -> bool:
-    if isinstance(exc, OperationalError) and not is_postgres:
-        return "locked" in str(exc) or "busy" in str(exc)
-    if isinstance(exc, DBAPIError) and is_postgres:
-        code = getattr(getattr(exc, "orig", None), "sqlstate", None)
-        return code in ("40001", "40P01")
-    return False
+    orig = getattr(exc, "orig", exc)
+    if is_postgres:
+        return getattr(orig, "sqlstate", None) in ("40001", "40P01")
+    return "locked" in str(orig) or "busy" in str(orig)
 
 
 class Database:
@@ -103,6 +133,7 @@ class Database:
         self.engine = make_engine(url)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
         if writers is None:
             writers = 1 if self.is_sqlite else 4
         self._read_pool = ThreadPool(minthreads=1, maxthreads=readers, name="ldapsync-sql-read")
@@ -158,7 +189,7 @@ class Database:
                         txn = Txn(conn, self.is_postgres)
                         result = fn(txn, *args, **kw)
                     return result, txn._after
-            except (OperationalError, DBAPIError) as e:
+            except (OperationalError, DBAPIError, self._dbapi_error) as e:
                 if attempt < 5 and _retryable(e, self.is_postgres):
                     log.info("retrying {desc} after {error}", desc=desc, error=type(e.orig).__name__ if hasattr(e, "orig") else e)
                     time.sleep(0.01 * 2**attempt)

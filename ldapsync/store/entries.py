@@ -18,10 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
-
 from ldapsync.store.database import Txn
-from ldapsync.store.tables import INDEX_VALUE_MAX, entries, entry_index, meta
+from ldapsync.store.tables import INDEX_VALUE_MAX
 
 Attrs = dict[str, list[str]]
 IndexRow = tuple[str, str]
@@ -87,31 +85,34 @@ def _dumps(attrs: Attrs) -> str:
     return json.dumps(attrs, separators=(",", ":"))
 
 
-_COLS = (entries.c.id, entries.c.dn, entries.c.dn_norm, entries.c.path, entries.c.parent_id, entries.c.attrs)
+_COLS = "id, dn, dn_norm, path, parent_id, attrs"
 
 
 def _row(r: Any) -> StoredEntry:
     return StoredEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]))
 
 
+def _in(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+def _lock(txn: Txn, for_update: bool) -> str:
+    return " FOR UPDATE" if for_update and txn.is_postgres else ""
+
+
 # -- reading ---------------------------------------------------------------
 
 def get_entry_txn(txn: Txn, dn_norm: str, *, for_update: bool = False) -> StoredEntry | None:
-    q = sa.select(*_COLS).where(entries.c.dn_norm == dn_norm)
-    if for_update and txn.is_postgres:
-        q = q.with_for_update()
-    r = txn.conn.execute(q).first()
-    return _row(r) if r else None
+    rows = txn.rows(f"SELECT {_COLS} FROM entries WHERE dn_norm = ?" + _lock(txn, for_update), (dn_norm,))
+    return _row(rows[0]) if rows else None
 
 
 def get_entries_txn(txn: Txn, dn_norms: Iterable[str], *, for_update: bool = False) -> dict[str, StoredEntry]:
     norms = list(set(dn_norms))
     out: dict[str, StoredEntry] = {}
     for i in range(0, len(norms), 500):
-        q = sa.select(*_COLS).where(entries.c.dn_norm.in_(norms[i:i + 500]))
-        if for_update and txn.is_postgres:
-            q = q.with_for_update()
-        for r in txn.conn.execute(q):
+        part = norms[i:i + 500]
+        for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE dn_norm IN {_in(len(part))}" + _lock(txn, for_update), part):
             e = _row(r)
             out[e.dn_norm] = e
     return out
@@ -120,8 +121,8 @@ def get_entries_txn(txn: Txn, dn_norms: Iterable[str], *, for_update: bool = Fal
 def get_entries_by_id_txn(txn: Txn, ids: Sequence[int]) -> list[StoredEntry]:
     out: list[StoredEntry] = []
     for i in range(0, len(ids), 500):
-        q = sa.select(*_COLS).where(entries.c.id.in_(list(ids[i:i + 500])))
-        out.extend(_row(r) for r in txn.conn.execute(q))
+        part = list(ids[i:i + 500])
+        out.extend(_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE id IN {_in(len(part))}", part))
     return out
 
 
@@ -129,52 +130,46 @@ def existing_ancestor_txn(txn: Txn, dn_norms_leaf_first: Sequence[str]) -> str |
     """The first of the given normalized DNs that exists (for matchedDN)."""
     if not dn_norms_leaf_first:
         return None
-    q = sa.select(entries.c.dn_norm, entries.c.dn).where(entries.c.dn_norm.in_(list(dn_norms_leaf_first)))
-    found = {r[0]: r[1] for r in txn.conn.execute(q)}
-    for n in dn_norms_leaf_first:
+    norms = list(dn_norms_leaf_first)
+    found = {r[0]: r[1] for r in txn.rows(f"SELECT dn_norm, dn FROM entries WHERE dn_norm IN {_in(len(norms))}", norms)}
+    for n in norms:
         if n in found:
             return found[n]
     return None
 
 
 def has_children_txn(txn: Txn, entry_id: int) -> bool:
-    q = sa.select(entries.c.id).where(entries.c.parent_id == entry_id).limit(1)
-    return txn.conn.execute(q).first() is not None
+    return bool(txn.rows("SELECT 1 FROM entries WHERE parent_id = ? LIMIT 1", (entry_id,)))
 
 
 def children_flags_txn(txn: Txn, ids: Sequence[int]) -> set[int]:
     """Which of ``ids`` have at least one child."""
     if not ids:
         return set()
-    q = sa.select(entries.c.parent_id).where(entries.c.parent_id.in_(list(ids))).distinct()
-    return {r[0] for r in txn.conn.execute(q)}
+    ids = list(ids)
+    return {r[0] for r in txn.rows(f"SELECT DISTINCT parent_id FROM entries WHERE parent_id IN {_in(len(ids))}", ids)}
 
 
 def ids_with_value_txn(txn: Txn, attr: str, value: str) -> list[int]:
-    q = sa.select(entry_index.c.entry_id).where(
-        entry_index.c.attr == attr, entry_index.c.value == value[:INDEX_VALUE_MAX]
-    )
-    return [r[0] for r in txn.conn.execute(q)]
+    return [r[0] for r in txn.rows("SELECT entry_id FROM entry_index WHERE attr = ? AND value = ?", (attr, value[:INDEX_VALUE_MAX]))]
 
 
 def entries_with_value_txn(txn: Txn, attr: str, value: str, *, for_update: bool = False) -> list[StoredEntry]:
-    sub = sa.select(entry_index.c.entry_id).where(
-        entry_index.c.attr == attr, entry_index.c.value == value[:INDEX_VALUE_MAX]
+    rows = txn.rows(
+        f"SELECT {_COLS} FROM entries WHERE id IN (SELECT entry_id FROM entry_index WHERE attr = ? AND value = ?)"
+        + _lock(txn, for_update),
+        (attr, value[:INDEX_VALUE_MAX]),
     )
-    q = sa.select(*_COLS).where(entries.c.id.in_(sub))
-    if for_update and txn.is_postgres:
-        q = q.with_for_update()
-    return [_row(r) for r in txn.conn.execute(q)]
+    return [_row(r) for r in rows]
 
 
 def descendants_txn(txn: Txn, path: str) -> list[StoredEntry]:
     lo, hi = path_range(path)
-    q = sa.select(*_COLS).where(entries.c.path > lo, entries.c.path < hi).order_by(entries.c.path)
-    return [_row(r) for r in txn.conn.execute(q)]
+    return [_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE path > ? AND path < ? ORDER BY path", (lo, hi))]
 
 
 def count_entries_txn(txn: Txn) -> int:
-    return int(txn.conn.execute(sa.select(sa.func.count()).select_from(entries)).scalar_one())
+    return int(txn.rows("SELECT COUNT(*) FROM entries")[0][0])
 
 
 # -- candidate selection for searches -------------------------------------------
@@ -204,25 +199,28 @@ def _like_escape(s: str) -> str:
     return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def _plan_clause(plan: Plan) -> Any:
+def _plan_sql(plan: Plan, params: list[Any]) -> str:
     kind = plan[0]
-    ix = entry_index.c
+    sub = "id IN (SELECT entry_id FROM entry_index WHERE attr = ?"
     if kind == "eq":
-        return entries.c.id.in_(sa.select(ix.entry_id).where(ix.attr == plan[1], ix.value == plan[2][:INDEX_VALUE_MAX]))
+        params += [plan[1], plan[2][:INDEX_VALUE_MAX]]
+        return sub + " AND value = ?)"
     if kind == "present":
-        return entries.c.id.in_(sa.select(ix.entry_id).where(ix.attr == plan[1]))
+        params.append(plan[1])
+        return sub + ")"
     if kind == "prefix":
         p = plan[2][:INDEX_VALUE_MAX]
-        cond = [ix.attr == plan[1]]
-        if p:
-            cond += [ix.value >= p, ix.value < _upper(p)]
-        return entries.c.id.in_(sa.select(ix.entry_id).where(*cond))
+        if not p:
+            params.append(plan[1])
+            return sub + ")"
+        params += [plan[1], p, _upper(p)]
+        return sub + " AND value >= ? AND value < ?)"
     if kind == "like":
-        return entries.c.id.in_(sa.select(ix.entry_id).where(ix.attr == plan[1], ix.value.like(plan[2], escape="\\")))
-    if kind == "and":
-        return sa.and_(*[_plan_clause(p) for p in plan[1]])
-    if kind == "or":
-        return sa.or_(*[_plan_clause(p) for p in plan[1]])
+        params += [plan[1], plan[2]]
+        return sub + " AND value LIKE ? ESCAPE '\\')"
+    if kind in ("and", "or"):
+        joiner = " AND " if kind == "and" else " OR "
+        return "(" + joiner.join(_plan_sql(p, params) for p in plan[1]) + ")"
     raise ValueError(f"unknown plan node {kind!r}")
 
 
@@ -234,32 +232,45 @@ def search_candidates_txn(
     txn: Txn,
     *,
     scope: str,
-    base: StoredEntry | None,
+    base_norm: str,
+    base_path: str,
     plan: Plan | None,
     after_id: int,
     limit: int,
 ) -> list[StoredEntry]:
-    """Entries in scope that the plan selects, ``id > after_id``, in id order."""
-    cond: list[Any] = [entries.c.id > after_id]
+    """Entries in scope that the plan selects, ``id > after_id``, in id order.
+
+    The scope is a SQL condition on the base's normalized DN or path key, so
+    the base entry itself need not be read first.
+    """
+    params: list[Any] = [after_id]
+    cond = ["id > ?"]
     if scope == "base":
-        assert base is not None
-        cond.append(entries.c.id == base.id)
+        cond.append("dn_norm = ?")
+        params.append(base_norm)
     elif scope == "one":
-        if base is None:
-            cond.append(entries.c.parent_id.is_(None))
+        if not base_norm:
+            cond.append("parent_id IS NULL")
         else:
-            cond.append(entries.c.parent_id == base.id)
+            cond.append("parent_id = (SELECT id FROM entries WHERE dn_norm = ?)")
+            params.append(base_norm)
     elif scope in ("sub", "children"):
-        if base is not None:
-            lo, hi = path_range(base.path)
-            cond.append(entries.c.path > lo if scope == "children" else entries.c.path >= lo)
-            cond.append(entries.c.path < hi)
+        if base_path:
+            lo, hi = path_range(base_path)
+            cond.append("path > ?" if scope == "children" else "path >= ?")
+            cond.append("path < ?")
+            params += [lo, hi]
     else:
         raise ValueError(scope)
     if plan is not None:
-        cond.append(_plan_clause(plan))
-    q = sa.select(*_COLS).where(*cond).order_by(entries.c.id).limit(limit)
-    return [_row(r) for r in txn.conn.execute(q)]
+        cond.append(_plan_sql(plan, params))
+    params.append(limit)
+    rows = txn.rows(f"SELECT {_COLS} FROM entries WHERE " + " AND ".join(cond) + " ORDER BY id LIMIT ?", params)
+    return [_row(r) for r in rows]
+
+
+def entry_exists_txn(txn: Txn, dn_norm: str) -> bool:
+    return bool(txn.rows("SELECT 1 FROM entries WHERE dn_norm = ?", (dn_norm,)))
 
 
 # -- writing ----------------------------------------------------------------
@@ -276,75 +287,55 @@ def run_hooks_txn(txn: Txn, cs: ChangeSet) -> None:
         hook(txn, cs)
 
 
+def _insert_entry(txn: Txn, dn: str, dn_norm: str, path: str, parent_id: int | None, attrs: Attrs) -> int:
+    sql = "INSERT INTO entries (dn, dn_norm, path, parent_id, attrs) VALUES (?, ?, ?, ?, ?)"
+    params = (dn, dn_norm, path, parent_id, _dumps(attrs))
+    if txn.is_postgres:
+        return int(txn.run(sql + " RETURNING id", params).fetchone()[0])
+    return int(txn.run(sql, params).lastrowid)
+
+
 def write_changes_txn(txn: Txn, changes: Sequence[EntryChange]) -> None:
     """Store entries and index rows; deletes first (children before parents), then the rest in order."""
-    conn = txn.conn
     for ch in changes:
         if ch.kind == "delete":
-            conn.execute(entry_index.delete().where(entry_index.c.entry_id == ch.entry_id))
-            conn.execute(entries.delete().where(entries.c.id == ch.entry_id))
+            txn.run("DELETE FROM entry_index WHERE entry_id = ?", (ch.entry_id,))
+            txn.run("DELETE FROM entries WHERE id = ?", (ch.entry_id,))
     for ch in changes:
         if ch.kind == "delete":
             continue
         assert ch.new is not None
         if ch.kind == "add":
-            res = conn.execute(
-                entries.insert().values(
-                    dn=ch.dn, dn_norm=ch.dn_norm, path=ch.path, parent_id=ch.parent_id, attrs=_dumps(ch.new)
-                )
-            )
-            ch.entry_id = int(res.inserted_primary_key[0])
+            ch.entry_id = _insert_entry(txn, ch.dn, ch.dn_norm, ch.path, ch.parent_id, ch.new)
         else:
-            conn.execute(
-                entries.update()
-                .where(entries.c.id == ch.entry_id)
-                .values(dn=ch.dn, dn_norm=ch.dn_norm, path=ch.path, parent_id=ch.parent_id, attrs=_dumps(ch.new))
+            txn.run(
+                "UPDATE entries SET dn = ?, dn_norm = ?, path = ?, parent_id = ?, attrs = ? WHERE id = ?",
+                (ch.dn, ch.dn_norm, ch.path, ch.parent_id, _dumps(ch.new), ch.entry_id),
             )
         if ch.index_del:
-            for attr, value in ch.index_del:
-                conn.execute(
-                    entry_index.delete().where(
-                        entry_index.c.entry_id == ch.entry_id,
-                        entry_index.c.attr == attr,
-                        entry_index.c.value == value[:INDEX_VALUE_MAX],
-                    )
-                )
-        if ch.index_add:
-            conn.execute(
-                entry_index.insert(),
-                [{"entry_id": ch.entry_id, "attr": a, "value": v[:INDEX_VALUE_MAX]} for a, v in ch.index_add],
+            txn.run_many(
+                "DELETE FROM entry_index WHERE entry_id = ? AND attr = ? AND value = ?",
+                [(ch.entry_id, a, v[:INDEX_VALUE_MAX]) for a, v in ch.index_del],
             )
-
-
-def bulk_insert_txn(txn: Txn, rows: list[tuple[str, str, str, int | None, Attrs, set[IndexRow]]]) -> list[int]:
-    """Fast path for ``ldif load``: insert many new entries (parents first)."""
-    ids: list[int] = []
-    index_rows: list[dict[str, Any]] = []
-    for dn, dn_norm, path, parent_id, attrs, index in rows:
-        res = txn.conn.execute(
-            entries.insert().values(dn=dn, dn_norm=dn_norm, path=path, parent_id=parent_id, attrs=_dumps(attrs))
-        )
-        eid = int(res.inserted_primary_key[0])
-        ids.append(eid)
-        index_rows.extend({"entry_id": eid, "attr": a, "value": v[:INDEX_VALUE_MAX]} for a, v in index)
-    if index_rows:
-        txn.conn.execute(entry_index.insert(), index_rows)
-    return ids
+        if ch.index_add:
+            txn.run_many(
+                "INSERT INTO entry_index (entry_id, attr, value) VALUES (?, ?, ?)",
+                [(ch.entry_id, a, v[:INDEX_VALUE_MAX]) for a, v in ch.index_add],
+            )
 
 
 def all_entries_txn(txn: Txn, after_path: str, limit: int) -> list[StoredEntry]:
     """Entries in path order (parents before children), for ``ldif dump``."""
-    q = sa.select(*_COLS).where(entries.c.path > after_path).order_by(entries.c.path).limit(limit)
-    return [_row(r) for r in txn.conn.execute(q)]
+    return [_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE path > ? ORDER BY path LIMIT ?", (after_path, limit))]
 
 
 def get_meta_txn(txn: Txn, key: str) -> str | None:
-    r = txn.conn.execute(sa.select(meta.c.value).where(meta.c.key == key)).first()
-    return r[0] if r else None
+    rows = txn.rows("SELECT value FROM meta WHERE key = ?", (key,))
+    return rows[0][0] if rows else None
 
 
 def set_meta_txn(txn: Txn, key: str, value: str) -> None:
-    if txn.conn.execute(sa.select(meta.c.key).where(meta.c.key == key)).first():
-        txn.conn.execute(meta.update().where(meta.c.key == key).values(value=value))
+    if txn.rows("SELECT 1 FROM meta WHERE key = ?", (key,)):
+        txn.run("UPDATE meta SET value = ? WHERE key = ?", (value, key))
     else:
-        txn.conn.execute(meta.insert().values(key=key, value=value))
+        txn.run("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
