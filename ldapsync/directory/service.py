@@ -378,7 +378,8 @@ class Directory:
             "namingContexts": [str(self.suffix)],
             "supportedLDAPVersion": ["3"],
             "supportedControl": list(SUPPORTED_CONTROLS),
-            "supportedExtension": list(SUPPORTED_EXTENSIONS),
+            "supportedExtension": [x for x in SUPPORTED_EXTENSIONS
+                                   if x != "1.3.6.1.4.1.1466.20037" or self.config.ldap.starttls_cert],
             "supportedFeatures": ["1.3.6.1.4.1.4203.1.5.1", "1.3.6.1.4.1.4203.1.5.2", "1.3.6.1.4.1.4203.1.5.3", "1.3.6.1.1.14"],
             "supportedSASLMechanisms": [],
             "vendorName": ["ldapsync"],
