@@ -296,3 +296,21 @@ homeDirectory: /home/{uid}
     server.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nincrement: uidNumber\nuidNumber: 5\n", check=True)
     assert search(server, dn, "(uidNumber>=1005)", "uidNumber", scope="base")[dn]["uidNumber"] == ["1005"]
     assert search(server, PEOPLE, "(&(uidNumber<=1005)(uidNumber>=1005))", "1.1") == {dn: {}}
+
+
+def test_admins_group_members_are_admins(server):
+    uid = unique("adm")
+    dn = f"uid={uid},{PEOPLE}"
+    server.run("ldapadd", input=user_ldif(uid, password="Admin-Group-1"), check=True)
+    victim = unique()
+    server.run("ldapadd", input=user_ldif(victim), check=True)
+    mod = f"dn: uid={victim},{PEOPLE}\nchangetype: modify\nreplace: sn\nsn: ByDelegate\n"
+    assert server.run("ldapmodify", bind=dn, password="Admin-Group-1", input=mod).returncode == 50
+    p = server.run("ldapsearch", "-LLL", "-b", GROUPS, "(cn=admins)", "1.1")
+    if f"cn=admins,{GROUPS}" in p.stdout:
+        server.run("ldapmodify", input=f"dn: cn=admins,{GROUPS}\nchangetype: modify\nadd: member\nmember: {dn}\n", check=True)
+    else:
+        server.run("ldapadd", input=f"dn: cn=admins,{GROUPS}\nobjectClass: groupOfNames\ncn: admins\nmember: {dn}\n", check=True)
+    assert server.run("ldapmodify", bind=dn, password="Admin-Group-1", input=mod).returncode == 0
+    server.run("ldapmodify", input=f"dn: cn=admins,{GROUPS}\nchangetype: modify\ndelete: member\nmember: {dn}\n-\nadd: member\nmember: {ADMIN_DN}\n", check=True)
+    assert server.run("ldapmodify", bind=dn, password="Admin-Group-1", input=mod).returncode == 50
