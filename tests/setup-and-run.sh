@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine and runs it:
-#   system packages (ldap-utils for the real LDAP clients, PostgreSQL, slapd only for the benchmark),
+#   system packages (ldap-utils for the real LDAP clients, PostgreSQL, OpenLDAP's slapd as the
+#   reference the bad-input table is checked against and the benchmark compares with),
 #   a PostgreSQL server on 127.0.0.1 with a test role, a virtualenv with ldapsync and its test extras,
 #   then pytest.  Extra arguments go to pytest.
 set -euo pipefail
@@ -10,10 +11,13 @@ need_pkgs=()
 command -v ldapsearch >/dev/null 2>&1 || need_pkgs+=(ldap-utils)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql-common)
+[ -x /usr/sbin/slapd ] || need_pkgs+=(slapd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "need root to install: ${need_pkgs[*]}" >&2; exit 1; fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  # Debian starts a system slapd on install; the tests start their own on loopback ports.
+  if [[ " ${need_pkgs[*]} " == *" slapd "* ]]; then service slapd stop >/dev/null 2>&1 || true; fi
 fi
 
 # PostgreSQL: the distribution's cluster, started if needed, with a password role for the tests.

@@ -37,6 +37,7 @@ OID_WHOAMI = "1.3.6.1.4.1.4203.1.11.3"
 OID_NOTICE_OF_DISCONNECTION = "1.3.6.1.4.1.1466.20036"
 KNOWN_CONTROLS = {OID_PAGED, OID_MANAGE_DSA_IT}
 SCOPES = {0: "base", 1: "one", 2: "sub", 3: "children"}
+MAX_INT = 2**31 - 1  # RFC 4511 maxInt: the bound of message ids, size/time limits and page sizes
 
 RESPONSE_TAG = {
     ber.BindRequest: ber.BIND_RESPONSE,
@@ -184,8 +185,8 @@ class LDAPConnection(protocol.Protocol):
         scope = SCOPES.get(req.scope)
         if scope is None:
             raise LDAPError(ResultCode.protocolError, f"unknown search scope {req.scope}")
-        if req.size_limit < 0 or req.time_limit < 0:
-            raise LDAPError(ResultCode.protocolError, "size and time limits must not be negative")
+        if not (0 <= req.size_limit <= MAX_INT and 0 <= req.time_limit <= MAX_INT):
+            raise LDAPError(ResultCode.protocolError, f"size and time limits must be between 0 and {MAX_INT}")
         page_size = None
         page_after = 0
         paged_critical = False
@@ -201,7 +202,7 @@ class LDAPConnection(protocol.Protocol):
                 except BERError:
                     raise LDAPError(ResultCode.protocolError, "paged results control value is malformed") from None
                 if cookie:
-                    if not cookie.isdigit():
+                    if not cookie.isdigit() or len(cookie) > 18:
                         raise LDAPError(ResultCode.protocolError, "paged results cookie is invalid")
                     page_after = int(cookie)
                 if page_size == 0:
@@ -209,8 +210,8 @@ class LDAPConnection(protocol.Protocol):
                     self._result(msg.msgid, ber.SEARCH_DONE, ResultCode.success,
                                  controls=[(OID_PAGED, False, _paged_value(0, b""))])
                     return
-                if page_size < 0:
-                    raise LDAPError(ResultCode.protocolError, "page size must not be negative")
+                if not 0 <= page_size <= MAX_INT:
+                    raise LDAPError(ResultCode.protocolError, f"page size must be between 0 and {MAX_INT}")
         del paged_critical
         sreq = SearchRequest(
             base=req.base, scope=scope, filter=req.filter, attributes=req.attributes,

@@ -188,9 +188,9 @@ def bind_raw(t: Target, version: int, dn: str, auth: bytes) -> dict[str, object]
     return raw_request(t, _tlv(0x60, _int(version) + _str(dn) + auth))
 
 
-def search_raw(t: Target, base: str, scope: int) -> dict[str, object]:
+def search_raw(t: Target, base: str, scope: int, size_limit: int = 0) -> dict[str, object]:
     flt = _str("objectClass", 0x87)
-    body = (_str(base) + _int(scope, 0x0A) + _int(0, 0x0A) + _int(0) + _int(0) + _tlv(0x01, b"\x00") + flt
+    body = (_str(base) + _int(scope, 0x0A) + _int(0, 0x0A) + _int(size_limit) + _int(0) + _tlv(0x01, b"\x00") + flt
             + _tlv(0x30, b""))
     return raw_request(t, _tlv(0x63, body), bind_first=True)
 
@@ -219,13 +219,13 @@ def _search(t: Target, base: str, scope: str = BASE, controls: list | None = Non
     return _res(c)
 
 
-def _paged_bad_cookie(t: Target) -> dict[str, object]:
+def _paged_bad_cookie(t: Target, cookie: bytes = b"not-a-cookie") -> dict[str, object]:
     from ldap3.protocol.controls import build_control
     from ldap3.protocol.rfc2696 import RealSearchControlValue, Size, Cookie
 
     v = RealSearchControlValue()
     v["size"] = Size(2)
-    v["cookie"] = Cookie(b"not-a-cookie")
+    v["cookie"] = Cookie(cookie)
     return _search(t, PEOPLE, "SUBTREE", [build_control("1.2.840.113556.1.4.319", True, v)])
 
 
@@ -333,6 +333,8 @@ CASES: list[tuple[str, Callable[[Target], dict], int, Callable[[Target], str] | 
     ("unknown-critical-control", lambda t: _search(t, t.bob, controls=[("1.3.6.1.4.1.99999.2", True, None)]), 12, None),
     ("invalid-search-scope", lambda t: search_raw(t, t.bob, 7), 2, None),
     ("bad-paged-cookie", _paged_bad_cookie, 2, None),
+    ("bad-paged-cookie-digits", lambda t: _paged_bad_cookie(t, b"9" * 40), 2, None),
+    ("search-size-limit-out-of-range", lambda t: search_raw(t, PEOPLE, 2, size_limit=2**40), 2, None),
 ]
 
 # Where ldapsync deliberately answers differently from slapd (the table holds ldapsync's code):
@@ -402,7 +404,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     if not (os.path.exists(SLAPD) and (SCHEMA_DIR / "nis.schema").exists() and shutil.which("slappasswd")):
-        pytest.skip("OpenLDAP slapd is not installed")
+        pytest.fail("OpenLDAP slapd is not installed: tests/setup-and-run.sh installs it (apt-get install slapd)")
     d = tmp_path_factory.mktemp("slapd")
     (d / "db").mkdir()
     # ldapsync.schema minus its operational attributes (slapd refuses user-defined operational types)
