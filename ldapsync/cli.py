@@ -174,6 +174,151 @@ def cmd_ldif_dump(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_async(fn):  # type: ignore[no-untyped-def]
+    """Run ``await fn(reactor)`` on a reactor of our own and return its result (CLI only)."""
+    from twisted.internet import defer, reactor
+
+    out: dict[str, object] = {}
+
+    def go() -> None:
+        d = defer.ensureDeferred(fn(reactor))
+        d.addCallbacks(lambda r: out.__setitem__("r", r), lambda f: out.__setitem__("f", f))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(go)
+    reactor.run(installSignalHandlers=False)
+    if "f" in out:
+        out["f"].raiseException()  # type: ignore[attr-defined]
+    return out.get("r")
+
+
+def _connector(config: Config, reactor):  # type: ignore[no-untyped-def]
+    from ldapsync.sync.connector import Connector
+
+    if not config.office365.enabled:
+        raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
+    d = _open_directory(config)
+    d.db.create_schema()
+    d.db.start()          # run_interaction needs its thread pools; stopped by run_async's caller
+    reactor.addSystemEventTrigger("after", "shutdown", d.db.stop)
+    mailer = None
+    if config.mail.admin_address:
+        from ldapsync.selfservice.mailer import Mailer
+
+        mailer = Mailer(config.mail, reactor=reactor)
+    return Connector(d, reactor=reactor, mailer=mailer)
+
+
+def _print_check(res) -> int:  # type: ignore[no-untyped-def]
+    print(f"state: {res.state.value}")
+    if res.domains:
+        print(f"verified domains: {', '.join(res.domains)}")
+    if res.expiry:
+        print(f"credential expires: {res.expiry:%Y-%m-%d %H:%M} UTC")
+    if res.error:
+        print(f"problem: {res.error}")
+    return 0 if res.state.value == "active" else 1
+
+
+async def _sign_in(config: Config, reactor, conn) -> int:  # type: ignore[no-untyped-def]
+    from twisted.internet import threads
+
+    from ldapsync.sync.connector import ensure_entries_txn
+
+    await threads.deferToThread(conn.db.run_sync, "connector entries", lambda txn: ensure_entries_txn(conn.d, txn))
+    conn._build()
+    if config.office365.auth == "delegated":
+        print("Sign in as a Microsoft 365 administrator (Global Administrator or Privileged Role Administrator")
+        print("the first time, to consent to the app's permissions):")
+        await conn.provider.authorize(lambda message: print(message, flush=True))
+        print("signed in; the refresh token is stored encrypted in the database")
+    res = await conn.check()
+    if conn.client is not None:
+        await conn.client.close()
+    return _print_check(res)
+
+
+def cmd_o365_authorize(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.sync.connector import is_deactivated
+
+    async def main(reactor):  # type: ignore[no-untyped-def]
+        conn = _connector(config, reactor)
+        if is_deactivated(conn.db):
+            raise CLIError("the connector is deactivated: use `ldapsync o365 reactivate`")
+        return await _sign_in(config, reactor, conn)
+
+    return int(run_async(main))
+
+
+def cmd_o365_reactivate(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.sync.connector import set_deactivated_txn
+
+    async def main(reactor):  # type: ignore[no-untyped-def]
+        conn = _connector(config, reactor)
+        conn.db.run_sync("reactivate", set_deactivated_txn, False)
+        rc = await _sign_in(config, reactor, conn)
+        print("reactivated: no user was unbound and nothing is provisioned again")
+        return rc
+
+    return int(run_async(main))
+
+
+def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.sync.connector import read_status_txn
+
+    if not config.office365.enabled:
+        print("Microsoft 365 connector: not enabled ([office365] enabled = false)")
+        return 0
+    d = _open_directory(config)
+    d.db.create_schema()
+    try:
+        st = d.db.run_sync("status", lambda txn: read_status_txn(d, txn), write=False)
+    finally:
+        d.db.stop()
+    if not st:
+        print("Microsoft 365 connector: enabled, but the server has not started it yet (no connector entry)")
+        return 1
+    labels = {"o365ConnectorState": "state", "o365AuthMode": "sign-in", "o365VerifiedDomain": "verified domains",
+              "o365CredentialExpiry": "credential expires", "o365QueueDepth": "queued changes",
+              "o365LastSuccess": "last success", "o365LastReconcile": "last reconcile", "o365LastError": "last error"}
+    print(f"tenant: {config.office365.tenant}")
+    for k, label in labels.items():
+        if k in st:
+            print(f"{label}: {', '.join(st[k])}")
+    return 0 if st.get("o365ConnectorState") == ["active"] else 1
+
+
+def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.sync.connector import ensure_entries_txn, set_deactivated_txn, unbind_everyone_txn, write_status_txn
+
+    if not config.office365.enabled:
+        raise CLIError("the Microsoft 365 connector is not enabled")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError("deactivate unbinds every user; confirm with --yes")
+        answer = input("Deactivate the Microsoft 365 connector? Sync stops and every user is unbound "
+                       "(Microsoft 365 accounts are left as they are). Type 'yes': ")
+        if answer.strip().lower() != "yes":
+            print("nothing done")
+            return 1
+    d = _open_directory(config)
+    d.db.create_schema()
+
+    def run(txn):  # type: ignore[no-untyped-def]
+        ensure_entries_txn(d, txn)
+        set_deactivated_txn(txn, True)
+        n = unbind_everyone_txn(d, txn)
+        write_status_txn(d, txn, {"o365ConnectorState": ["deactivated"], "o365LastError": None})
+        return n
+
+    try:
+        n = d.db.run_sync("deactivate", run)
+    finally:
+        d.db.stop()
+    print(f"deactivated: {n} binding(s) removed; Microsoft 365 accounts were left untouched")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
@@ -188,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     dump = lsub.add_parser("dump", help="write every entry as LDIF (loads back unchanged)")
     dump.add_argument("-o", "--output", help="file to write (default: stdout)")
     dump.set_defaults(func=cmd_ldif_dump)
+    o365 = sub.add_parser("o365", help="the Microsoft 365 connector")
+    osub = o365.add_subparsers(dest="o365_command", required=True)
+    osub.add_parser("authorize", help="sign in (delegated: device code) or check the app credentials").set_defaults(func=cmd_o365_authorize)
+    osub.add_parser("status", help="show the connector state").set_defaults(func=cmd_o365_status)
+    osub.add_parser("reactivate", help="sign in again / resume after deactivate; unbinds nobody, re-provisions nothing").set_defaults(func=cmd_o365_reactivate)
+    de = osub.add_parser("deactivate", help="stop sync and unbind every user (Microsoft 365 accounts are left untouched)")
+    de.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    de.set_defaults(func=cmd_o365_deactivate)
     return p
 
 

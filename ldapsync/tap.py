@@ -80,6 +80,35 @@ def starttls_context(config: Config) -> Any:
     return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
 
 
+class ConnectorService(service.Service):
+    """The Microsoft 365 connector (only when ``[office365] enabled``); failures never stop LDAP."""
+
+    def __init__(self, config: Config, dirsvc: DirectoryService) -> None:
+        self.config = config
+        self.dirsvc = dirsvc
+        self.connector: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet import defer, reactor
+
+        from ldapsync.sync.connector import Connector
+
+        super().startService()
+        mailer = None
+        if self.config.mail.admin_address:
+            from ldapsync.selfservice.mailer import Mailer
+
+            mailer = Mailer(self.config.mail)
+        self.connector = Connector(self.dirsvc.directory, reactor=reactor, mailer=mailer)
+        d = defer.ensureDeferred(self.connector.start())
+        d.addErrback(lambda f: log.failure("Microsoft 365 connector failed to start", f))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.connector is not None:
+            self.connector.stop()
+
+
 def make_service(config: Config) -> service.MultiService:
     from ldapsync.ldap.server import LDAPServerFactory
 
@@ -96,6 +125,8 @@ def make_service(config: Config) -> service.MultiService:
             is_tls_listener=endpoint.startswith("ssl:"),
         )
         strports.service(endpoint, factory).setServiceParent(top)
+    if config.office365.enabled:
+        ConnectorService(config, dirsvc).setServiceParent(top)
     return top
 
 

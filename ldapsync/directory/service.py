@@ -611,6 +611,19 @@ class Directory:
 
         return await self.db.run_interaction("add", run)
 
+    def _check_system_entry(self, dn: DN, what: str) -> None:
+        """The provisioning tag and the connector entry exist while the connector is enabled."""
+        if not self.config.office365.enabled:
+            return
+        protected = {
+            self.dn(f"cn=Provisioning - Office 365,ou=tags,{self.suffix}").norm: "the Microsoft 365 provisioning tag",
+            self.dn(f"cn=office365,ou=directories,{self.suffix}").norm: "the Microsoft 365 connector entry",
+        }
+        if dn.norm in protected:
+            raise LDAPError(ResultCode.unwillingToPerform,
+                            f"{protected[dn.norm]} cannot be {what} while the connector is enabled "
+                            "([office365] enabled = true); remove its members to unbind users instead")
+
     def _check_not_suffix_sibling(self, dn: DN) -> None:
         if dn.norm != self.suffix.norm and not dn.is_descendant_of(self.suffix):
             raise LDAPError(ResultCode.noSuchObject, f'"{dn}" is outside the naming context "{self.suffix}"')
@@ -636,6 +649,7 @@ class Directory:
                 raise LDAPError(ResultCode.notAllowedOnNonLeaf, f'"{dn}" has subordinate entries; delete them first')
             if dn.norm == self.admin_dn.norm:
                 raise LDAPError(ResultCode.unwillingToPerform, "the directory admin entry cannot be deleted")
+            self._check_system_entry(dn, "deleted")
             w.delete(st)
             return w.finish()
 
@@ -802,6 +816,7 @@ class Directory:
                 raise w.no_such_object(sup)
             if dn.norm == self.admin_dn.norm:
                 raise LDAPError(ResultCode.unwillingToPerform, "the directory admin entry cannot be renamed")
+            self._check_system_entry(dn, "renamed")
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
             new_norms = {(self.attribute(a).name, s.normalize(self.attribute(a), v)) for a, v in new_rdn.avas}
             if delete_old:
