@@ -270,3 +270,68 @@ def make_server(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path,
             drop_pg_database(pg)
 
 
+
+
+@pytest.fixture
+def fake_tenant(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """The fake Microsoft 365 tenant in its own process (HTTPS, real MSAL-compatible)."""
+    from ldapsync.testing.client import FakeTenantProcess
+
+    proc = FakeTenantProcess(tmp_path_factory.mktemp("tenant"), extra_args=["--device-auto-approve"])
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@dataclass
+class SinkProcess:
+    port: int
+    maildir: Path
+    proc: subprocess.Popen
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp:127.0.0.1:{self.port}"
+
+    def messages(self) -> list:
+        from ldapsync.testing.smtp_sink import read_maildir
+
+        return read_maildir(self.maildir)
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self.messages()
+            if len(got) >= count:
+                return got
+            time.sleep(0.2)
+        raise AssertionError(f"expected {count} mail(s) in the SMTP sink, got {len(self.messages())}")
+
+
+@pytest.fixture
+def smtp_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkProcess]:
+    """A real SMTP server on loopback that writes what it receives to a maildir."""
+    d = tmp_path_factory.mktemp("mail")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ldapsync.testing.smtp_sink", "--port", str(port), "--maildir", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+        yield SinkProcess(port, d, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def office365_config(info: dict, **extra: object) -> str:
+    """An [office365] section pointing at a fake tenant's ``info``."""
+    lines = [
+        "[office365]", "enabled = true", 'tenant = "contoso.onmicrosoft.com"',
+        f'client_id = "{info["client_id"]}"', f'client_secret_file = "{info["client_secret_file"]}"',
+        f'authority = "{info["authority"]}"', f'graph_url = "{info["graph_url"]}"', f'ca_bundle = "{info["ca_file"]}"',
+    ]
+    for k, v in extra.items():
+        lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {str(v).lower() if isinstance(v, bool) else v}")
+    return "\n".join(lines) + "\n"
