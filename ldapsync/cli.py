@@ -33,7 +33,13 @@ def _open_directory(config: Config):  # type: ignore[no-untyped-def]
 
     _sqlite_dir(config)
     db = Database(config.directory.database)
-    return Directory(config, db)
+    d = Directory(config, db)
+    if config.office365.enabled:
+        # CLI writes go through the same propagation hook as LDAP writes.
+        from ldapsync.sync.outbox import install_planner
+
+        install_planner(d)
+    return d
 
 
 def cmd_init(config: Config, args: argparse.Namespace) -> int:

@@ -33,6 +33,11 @@ class DirectoryService(service.Service):
         self.config = config
         self.db = Database(config.directory.database)
         self.directory = Directory(config, self.db)
+        self.planner = None
+        if config.office365.enabled:
+            from ldapsync.sync.outbox import install_planner
+
+            self.planner = install_planner(self.directory)
 
     def privilegedStartService(self) -> None:
         # Runs before the listeners bind their ports (they come after us in

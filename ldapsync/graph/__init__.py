@@ -12,6 +12,14 @@ tokens).  Knows no database and no LDAP: ``graph/`` never imports ``store/``,
 """
 
 from ldapsync.graph.errors import (  # noqa: F401
-    AlreadyExists, AuthError, BadRequest, DeltaExpired, Forbidden, GraphError, NotFound, ObjectConflict,
-    Transient, Unauthorized,
+    AlreadyExists,
+    AuthError,
+    BadRequest,
+    DeltaExpired,
+    Forbidden,
+    GraphError,
+    NotFound,
+    ObjectConflict,
+    Transient,
+    Unauthorized,
 )

@@ -44,15 +44,31 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from ldapsync.graph.errors import (
-    RETRYABLE_STATUSES, AuthError, GraphError, NotFound, Transient, error_from_response, redact,
+    RETRYABLE_STATUSES,
+    AuthError,
+    GraphError,
+    NotFound,
+    Transient,
+    error_from_response,
+    redact,
 )
 
 __all__ = [
-    "GraphClient", "RetryPolicy", "PacingPolicy", "WritePacer", "BatchItem", "BatchResult",
-    "DeltaQuery", "GraphResponse", "DEFAULT_USER_SELECT", "DOMAIN_SELECT", "make_agent",
+    "DEFAULT_USER_SELECT",
+    "DOMAIN_SELECT",
+    "BatchItem",
+    "BatchResult",
+    "DeltaQuery",
+    "GraphClient",
+    "GraphResponse",
+    "PacingPolicy",
+    "RetryPolicy",
+    "WritePacer",
+    "make_agent",
 ]
 
 log = Logger()
+_warn = log.warn  # twisted.logger's name (not stdlib logging's .warning)
 
 MAX_BATCH = 20
 WRITE_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
@@ -350,7 +366,7 @@ class GraphClient:
 
     def url(self, path: str, params: Mapping[str, Any] | None = None) -> str:
         """Absolute URL for ``path`` (relative to the version root) with encoded ``params``."""
-        if path.startswith("https://") or path.startswith("http://"):
+        if path.startswith(("https://", "http://")):
             url = path
         else:
             url = self.graph_url + ("" if path.startswith("/") else "/") + path
@@ -401,6 +417,11 @@ class GraphClient:
         b = self.retry.base_delay if base is None else base
         return self._random() * min(self.retry.max_delay, b * (2 ** (attempt - 1)))
 
+    def _not_found_backoff(self, n: int) -> float:
+        """Equal jitter (half fixed, half random): replication lag needs a guaranteed minimum wait."""
+        d = min(self.retry.max_delay, self.retry.not_found_delay * (2 ** (n - 1)))
+        return d / 2 + self._random() * d / 2
+
     async def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             await task.deferLater(self._reactor, seconds)
@@ -432,7 +453,7 @@ class GraphClient:
             raise _TransportError(f"no response within {self._timeout:g}s") from None
         except defer.CancelledError:
             raise
-        except Exception as e:     # connection refused/reset, DNS, TLS, malformed response
+        except Exception as e:  # noqa: BLE001 - connection refused/reset, DNS, TLS, malformed response
             raise _TransportError(redact(_describe_failure(e))) from None
 
     async def request(
@@ -480,7 +501,7 @@ class GraphClient:
             except AuthError as e:
                 if e.transient and attempt < self.retry.max_attempts:
                     delay = self._backoff(attempt)
-                    log.warn("Graph token acquisition failed ({code}); retrying in {delay:.1f}s",
+                    _warn("Graph token acquisition failed ({code}); retrying in {delay:.1f}s",
                              code=e.code, delay=delay)
                     self.stats["retries"] += 1
                     await self._sleep(delay)
@@ -493,11 +514,11 @@ class GraphClient:
                 resp = await self._send_once(method, url, hdrs, body)
             except _TransportError as e:
                 if attempt >= self.retry.max_attempts:
-                    log.warn("Graph {method} {path}: {error} (giving up after {attempt} attempts)",
+                    _warn("Graph {method} {path}: {error} (giving up after {attempt} attempts)",
                              method=method, path=log_path, error=str(e), attempt=attempt)
                     raise Transient("ConnectionError", str(e)) from None
                 delay = self._backoff(attempt)
-                log.warn("Graph {method} {path}: {error}; retry {attempt} in {delay:.1f}s",
+                _warn("Graph {method} {path}: {error}; retry {attempt} in {delay:.1f}s",
                          method=method, path=log_path, error=str(e), attempt=attempt, delay=delay)
                 self.stats["retries"] += 1
                 await self._sleep(delay)
@@ -528,7 +549,7 @@ class GraphClient:
                     delay = retry_after if retry_after is not None else self._backoff(attempt)
                     if status == 429 and retry_after is not None:
                         self.pacer.pause(retry_after)
-                    log.warn("Graph {method} {path} -> {status} request-id {request_id}; "
+                    _warn("Graph {method} {path} -> {status} request-id {request_id}; "
                              "retry {attempt} in {delay:.1f}s",
                              method=method, path=log_path, status=status, request_id=resp.request_id,
                              attempt=attempt, delay=delay)
@@ -538,14 +559,13 @@ class GraphClient:
             if status == 404 and retry_not_found and not_found_tries < self.retry.not_found_retries:
                 not_found_tries += 1
                 attempt -= 1
-                delay = self._backoff(not_found_tries, self.retry.not_found_delay)
-                delay = max(delay, self.retry.not_found_delay / 2)
+                delay = self._not_found_backoff(not_found_tries)
                 log.info("Graph {method} {path} -> 404 right after create; retry in {delay:.1f}s",
                          method=method, path=log_path, delay=delay)
                 await self._sleep(delay)
                 continue
             err = error_from_response(status, resp.body, resp.headers, retry_after=retry_after)
-            log.warn("Graph {method} {path} -> {status} {code} request-id {request_id}",
+            _warn("Graph {method} {path} -> {status} {code} request-id {request_id}",
                      method=method, path=log_path, status=status, code=err.code, request_id=err.request_id)
             raise err
 
@@ -569,12 +589,15 @@ class GraphClient:
                     headers: Mapping[str, str] | None = None) -> AsyncIterator[Any]:
         """Every item of a collection, following ``@odata.nextLink`` to the end."""
         page = await self.get(path, params, headers=headers)
+        current = self.url(path, params)
         while True:
             for item in (page or {}).get("value", ()):
                 yield item
             next_link = (page or {}).get("@odata.nextLink")
             if not next_link:
                 return
+            _check_progress(current, next_link)
+            current = next_link
             page = await self.get(next_link, headers=headers)
 
     def delta(self, select: str | Iterable[str] = DEFAULT_USER_SELECT, delta_link: str | None = None, *,
@@ -671,8 +694,7 @@ class GraphClient:
                     return
                 not_found_tries += 1
                 attempt -= 1
-                delay = max(self._backoff(not_found_tries, self.retry.not_found_delay),
-                            self.retry.not_found_delay / 2)
+                delay = self._not_found_backoff(not_found_tries)
             else:
                 if attempt >= self.retry.max_attempts:
                     return
@@ -682,7 +704,7 @@ class GraphClient:
                 delay = longest if longest is not None else self._backoff(attempt)
                 if throttled and longest is not None:
                     self.pacer.pause(longest)
-            log.warn("Graph $batch: {n} of {total} items to retry in {delay:.1f}s",
+            _warn("Graph $batch: {n} of {total} items to retry in {delay:.1f}s",
                      n=len(again), total=len(todo), delay=delay)
             self.stats["retries"] += 1
             await self._sleep(delay)
@@ -727,6 +749,22 @@ class GraphClient:
     async def list_domains(self) -> list[dict[str, Any]]:
         return [d async for d in self.paged("/domains", {"$select": ",".join(DOMAIN_SELECT)})]
 
+    async def get_organization(self, select: str | Iterable[str] = ("id", "displayName", "verifiedDomains")
+                               ) -> dict[str, Any] | None:
+        orgs = [o async for o in self.paged("/organization", {"$select": _select(select)})]
+        return orgs[0] if orgs else None
+
+    async def get_application(self, app_id: str, select: str | Iterable[str] = (
+            "id", "appId", "displayName", "passwordCredentials", "keyCredentials")) -> dict[str, Any]:
+        """The app registration by client id: its secrets' and certificates' ``endDateTime``
+        (needs Application.Read.All)."""
+        return await self.get(f"/applications(appId='{quote(app_id, safe='')}')", {"$select": _select(select)})
+
+
+def _check_progress(current: str, next_link: str) -> None:
+    if next_link == current:
+        raise GraphError("PagingLoop", "Graph returned the same nextLink again; stopping to avoid a loop")
+
 
 def _is_users_collection(url: str) -> bool:
     return urlsplit(url).path.rstrip("/").lower() in ("/users", "users")
@@ -751,9 +789,12 @@ class DeltaQuery:
             self.pages += 1
             for item in page.get("value", ()):
                 yield item
-            url = page.get("@odata.nextLink")
-            if not url:
+            next_link = page.get("@odata.nextLink")
+            if next_link:
+                _check_progress(url, next_link)
+            else:
                 self.delta_link = page.get("@odata.deltaLink")
+            url = next_link
 
     async def collect(self) -> list[dict[str, Any]]:
         return [item async for item in self]

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from ldapsync.config import Office365Config
 
-__all__ = ["CLOUDS", "CloudEndpoints", "resolve_endpoints", "endpoints_from_config"]
+__all__ = ["CLOUDS", "CloudEndpoints", "endpoints_from_config", "resolve_endpoints"]
 
 #: cloud name → (authority host, Graph host)
 CLOUDS: dict[str, tuple[str, str]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["SecretBox", "DecryptionError", "load_or_create_key", "KEY_SIZE"]
+__all__ = ["KEY_SIZE", "DecryptionError", "SecretBox", "load_or_create_key"]
 
 KEY_SIZE = 32
 _VERSION = b"\x01"

@@ -26,9 +26,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "GraphError", "Transient", "NotFound", "ObjectConflict", "AlreadyExists", "BadRequest",
-    "Unauthorized", "Forbidden", "DeltaExpired", "AuthError", "error_from_response", "redact",
     "RETRYABLE_STATUSES",
+    "AlreadyExists",
+    "AuthError",
+    "BadRequest",
+    "DeltaExpired",
+    "Forbidden",
+    "GraphError",
+    "NotFound",
+    "ObjectConflict",
+    "Transient",
+    "Unauthorized",
+    "error_from_response",
+    "redact",
 ]
 
 #: Statuses the client retries (with backoff, honouring Retry-After).

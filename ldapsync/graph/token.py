@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -46,16 +46,23 @@ from ldapsync.graph.crypto import DecryptionError, SecretBox
 from ldapsync.graph.errors import AuthError, redact
 
 if TYPE_CHECKING:
-    import msal
     import requests
 
     from ldapsync.config import Office365Config
 
 __all__ = [
-    "TokenProvider", "TokenCacheStore", "FileTokenCacheStore", "MemoryTokenCacheStore",
-    "ClientCredential", "load_client_credential", "make_requests_session",
-    "ApplicationTokenProvider", "DelegatedTokenProvider", "DeviceFlow",
-    "token_provider_from_config", "REFRESH_TOKEN_LIFETIME",
+    "REFRESH_TOKEN_LIFETIME",
+    "ApplicationTokenProvider",
+    "ClientCredential",
+    "DelegatedTokenProvider",
+    "DeviceFlow",
+    "FileTokenCacheStore",
+    "MemoryTokenCacheStore",
+    "TokenCacheStore",
+    "TokenProvider",
+    "load_client_credential",
+    "make_requests_session",
+    "token_provider_from_config",
 ]
 
 log = Logger()
@@ -242,7 +249,7 @@ def load_client_credential(
             raise ValueError(
                 f"[office365] certificate_file {certificate_file} holds no certificate; "
                 "add it to the file or set certificate_thumbprint")
-        thumbprint = cert.fingerprint(hashes.SHA1()).hex()  # noqa: S324 - Entra's x5t is SHA-1
+        thumbprint = cert.fingerprint(hashes.SHA1()).hex()
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode("ascii")
@@ -405,13 +412,13 @@ class ApplicationTokenProvider(_ThreadedMSAL):
         self.forget_token()
 
     def _build_app(self) -> Any:
-        import msal
+        import msal  # type: ignore[import-untyped]
 
-        kw: dict[str, Any] = dict(
-            client_credential=self._credential.value,
-            authority=self.endpoints.authority,
-            timeout=self._timeout,
-        )
+        kw: dict[str, Any] = {
+            "client_credential": self._credential.value,
+            "authority": self.endpoints.authority,
+            "timeout": self._timeout,
+        }
         session = make_requests_session(self._ca_bundle)
         if session is not None:
             kw["http_client"] = session
@@ -428,7 +435,7 @@ class ApplicationTokenProvider(_ThreadedMSAL):
             if force:
                 app.remove_tokens_for_client()
             result = app.acquire_token_for_client(scopes=self.endpoints.scopes)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - MSAL/requests raise many types; all become AuthError
             raise _auth_error_from_exception(e) from None
         if not result or "access_token" not in result:
             raise _auth_error_from_result(result, delegated=False)
@@ -487,7 +494,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(reactor=reactor, threadpool=threadpool)
-        import msal
+        import msal  # type: ignore[import-untyped]
 
         self.client_id = client_id
         self.endpoints = endpoints
@@ -512,7 +519,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
         """When the refresh token dies if unused: last redemption + 90 days (``None``: never signed in)."""
         if self._refreshed_at is None:
             return None
-        return datetime.fromtimestamp(self._refreshed_at + self._rt_lifetime, tz=timezone.utc)
+        return datetime.fromtimestamp(self._refreshed_at + self._rt_lifetime, tz=UTC)
 
     credential_expires_at = refresh_token_expires_at
 
@@ -560,10 +567,10 @@ class DelegatedTokenProvider(_ThreadedMSAL):
 
     def _get_app(self) -> Any:
         if self._app is None:
-            import msal
+            import msal  # type: ignore[import-untyped]
 
-            kw: dict[str, Any] = dict(authority=self.endpoints.authority, token_cache=self._cache,
-                                      timeout=self._timeout)
+            kw: dict[str, Any] = {"authority": self.endpoints.authority, "token_cache": self._cache,
+                                  "timeout": self._timeout}
             session = make_requests_session(self._ca_bundle)
             if session is not None:
                 kw["http_client"] = session
@@ -587,7 +594,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
     def _initiate_blocking(self) -> dict[str, Any]:
         try:
             flow = self._get_app().initiate_device_flow(scopes=self.endpoints.scopes)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - MSAL/requests raise many types; all become AuthError
             raise _auth_error_from_exception(e) from None
         if "user_code" not in flow:
             raise _auth_error_from_result(flow, delegated=False)
@@ -596,7 +603,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
     def _complete_blocking(self, flow: dict[str, Any]) -> dict[str, Any]:
         try:
             result = self._get_app().acquire_token_by_device_flow(flow)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - MSAL/requests raise many types; all become AuthError
             raise _auth_error_from_exception(e) from None
         if not result or "access_token" not in result:
             raise _auth_error_from_result(result, delegated=False)
@@ -637,7 +644,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
                 self.endpoints.scopes, account=account, force_refresh=force)
         except AuthError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - MSAL/requests raise many types; all become AuthError
             raise _auth_error_from_exception(e) from None
         if not result or "access_token" not in result:
             err = _auth_error_from_result(result, delegated=True)

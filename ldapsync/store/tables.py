@@ -54,3 +54,25 @@ meta = sa.Table(
     sa.Column("key", sa.String(200), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+# The Microsoft 365 outbox (migration 0002): one row per directory change that
+# matters to Microsoft 365, written in the change's own transaction.  See
+# ldapsync/sync/outbox.py for what the columns mean.
+o365_outbox = sa.Table(
+    "o365_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("entry_uuid", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("operation", sa.String(32), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("secret", sa.Text, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False, server_default="ready"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_until", sa.Float, nullable=True),
+    sa.Index("ix_o365_outbox_user", "entry_uuid", "id"),
+    sa.Index("ix_o365_outbox_due", "state", "next_attempt_at"),
+)

@@ -550,18 +550,15 @@ def _check_values(t: FakeTenant, changes: dict[str, Any], user_id: str | None,
 
 
 def _check_conflicts(t: FakeTenant, upn: str | None, mail: str | None, user_id: str | None) -> None:
-    for other_id, other in t.users.items():
-        if other_id == user_id:
-            continue
-        if upn and other["userPrincipalName"].casefold() == upn.casefold():
-            target = "userPrincipalName"
-        elif upn and any(p.casefold() == f"smtp:{upn}".casefold() for p in other["proxyAddresses"]):
-            target = "proxyAddresses"
-        elif mail and (any(p.casefold() == f"smtp:{mail}".casefold() for p in other["proxyAddresses"])
-                       or (other.get("mail") or "").casefold() == mail.casefold()):
-            target = "proxyAddresses"
-        else:
-            continue
+    def taken(index: dict[str, str], key: str) -> bool:
+        return index.get(key.casefold(), user_id) != user_id
+
+    target = None
+    if upn and taken(t.upn_index, upn):
+        target = "userPrincipalName"
+    elif (upn and taken(t.proxy_index, f"smtp:{upn}")) or (mail and taken(t.proxy_index, f"smtp:{mail}")):
+        target = "proxyAddresses"
+    if target:
         raise GraphError(400, "Request_BadRequest",
                          f"Another object with the same value for property {target} already exists.",
                          [{"code": "ObjectConflict", "target": target}])

@@ -32,6 +32,7 @@ import collections
 import copy
 import json
 import math
+import os
 import re
 import secrets
 import sys
@@ -134,6 +135,8 @@ class FakeTenant:
         # directory
         self.domains: dict[str, dict[str, Any]] = {}
         self.users: dict[str, dict[str, Any]] = {}
+        self.upn_index: dict[str, str] = {}        # casefold UPN → id
+        self.proxy_index: dict[str, str] = {}      # casefold "smtp:addr" → id (mail, proxyAddresses)
         self.passwords: dict[str, str] = {}
         self.force_change: dict[str, bool] = {}
         self.created_at: dict[str, float] = {}
@@ -297,9 +300,20 @@ class FakeTenant:
     def find_user_id(self, key: str) -> str | None:
         if key in self.users:
             return key
-        folded = key.casefold()
-        return next((i for i, u in self.users.items() if u["userPrincipalName"].casefold() == folded),
-                    None)
+        return self.upn_index.get(key.casefold())
+
+    def _index(self, user_id: str, add: bool) -> None:
+        """Keep the UPN and proxy-address (``smtp:addr``, case-folded) indexes in step."""
+        user = self.users[user_id]
+        keys = [(self.upn_index, user["userPrincipalName"])]
+        keys += [(self.proxy_index, p) for p in user["proxyAddresses"]]
+        if user.get("mail"):
+            keys.append((self.proxy_index, f"smtp:{user['mail']}"))
+        for index, key in keys:
+            if add:
+                index.setdefault(key.casefold(), user_id)
+            elif index.get(key.casefold()) == user_id:
+                del index[key.casefold()]
 
     def get_user(self, key: str) -> dict[str, Any] | None:
         """Every stored property of a user (never the password), or None."""
@@ -354,6 +368,7 @@ class FakeTenant:
         if user.get("mail"):
             user["proxyAddresses"] = [f"SMTP:{user['mail']}"]
         self.users[user_id] = user
+        self._index(user_id, add=True)
         self.passwords[user_id] = password
         self.force_change[user_id] = bool((body.get("passwordProfile") or {}).get(
             "forceChangePasswordNextSignIn", body.get("passwordProfile") is not None))
@@ -363,6 +378,7 @@ class FakeTenant:
 
     def update_user(self, user_id: str, changes: dict[str, Any]) -> None:
         user = self.users[user_id]
+        self._index(user_id, add=False)
         for key, value in changes.items():
             if key == "passwordProfile":
                 if value and value.get("password") is not None:
@@ -379,9 +395,11 @@ class FakeTenant:
                 user["mail"] = value
             else:
                 user[key] = copy.deepcopy(value)
+        self._index(user_id, add=True)
         self._bump(user_id)
 
     def remove_user(self, user_id: str) -> None:
+        self._index(user_id, add=False)
         del self.users[user_id]
         self.passwords.pop(user_id, None)
         self.user_seq.pop(user_id, None)
@@ -911,7 +929,8 @@ class _TenantResource(Resource):
         for name, value in resp.json_headers().items():
             request.setHeader(name, value)
         body = resp.encoded()
-        request.setHeader("Content-Length", str(len(body)))
+        if resp.status not in (204, 304):
+            request.setHeader("Content-Length", str(len(body)))
         if body:
             request.write(body)
         request.finish()
@@ -958,7 +977,7 @@ def main(argv: list[str] | None = None) -> None:
     admin_pw_path = secret_file("tenant-admin-password", tenant.password_of(admin_upn) or "")
     info = {**tenant.info(), "client_id": app["client_id"], "client_secret_file": str(secret_path),
             "admin_token_file": str(admin_path), "tenant_admin": admin_upn,
-            "tenant_admin_password_file": str(admin_pw_path), "pid": __import__("os").getpid()}
+            "tenant_admin_password_file": str(admin_pw_path), "pid": os.getpid()}
     (state / "tenant.json").write_text(json.dumps(info, indent=2) + "\n")
     if args.json:
         print(json.dumps(info), flush=True)

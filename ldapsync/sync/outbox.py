@@ -1,0 +1,222 @@
+"""The Microsoft 365 outbox: which directory changes matter, and the rows they leave.
+
+Registered as a store change hook, :class:`OutboxPlanner` runs inside every
+write transaction (``directory/writes.py``), looks at the combined ChangeSet
+and, for each user whose Microsoft 365 state should change, inserts one row
+into ``o365_outbox`` *in that same transaction*.  The worker is woken only
+after COMMIT (``txn.call_after``).  A write that cannot be propagated (a bound
+user's mail on a domain the tenant has not verified) is refused here, which
+rolls the whole LDAP operation back.
+
+::
+
+    LDAP write ──▶ Write.finish() ──▶ OutboxPlanner.hook(txn, changeset)
+                                         │  bound before/after? names, mail, uid, password changed?
+                                         ├─ refuse: constraintViolation (unverified domain, no mail)
+                                         └─ INSERT o365_outbox (payload = DesiredUser, secret = encrypted password)
+                    COMMIT ──▶ call_after(worker.wake)
+
+A row's ``payload`` is the user's complete desired Microsoft 365 state at that
+moment (:class:`DesiredUser` as JSON), so the worker may coalesce a user's rows
+and apply only the newest: the final state always matches the directory.  A
+``secret`` is the cleartext password the client sent, encrypted with the
+``[secrets]`` key (AES-GCM); the worker deletes it once delivered.  The
+directory never keeps recoverable passwords of unbound users: secrets are only
+queued for users bound at that moment.
+
+Columns of ``o365_outbox``: ``entry_uuid`` (the user, stable across renames),
+``operation`` (why: bind, update, password, unbind, delete), ``state``
+(``ready``; ``held`` by the mass-disable guard; ``error`` after a permanent
+Graph error), ``attempts``/``next_attempt_at``/``last_error`` (retry),
+``lease_owner``/``lease_until`` (claims by a worker node).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+from ldapsync.store.entries import Attrs, ChangeSet, EntryChange
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+log = Logger()
+
+DIRECTORY_VALUE = "office365"
+TAG_CN = "Provisioning - Office 365"
+OUTBOX_COLUMNS = "entry_uuid, created_at, operation, payload, secret, state, attempts, next_attempt_at"
+# Attributes whose change matters to Microsoft 365 (besides binding and passwords).
+RELEVANT = ("uid", "mail", "cn", "displayName", "givenName", "sn")
+
+
+@dataclass(frozen=True)
+class DesiredUser:
+    """What Microsoft 365 should hold for one user, as the directory says now."""
+
+    entry_uuid: str
+    dn: str
+    bound: bool                       # False: sign-in blocked (unbound or deleted); never deleted in Graph
+    upn: str | None                   # = mail
+    mail: str | None
+    mail_nickname: str | None         # = uid
+    display_name: str | None          # displayName, else cn
+    given_name: str | None
+    surname: str | None
+    object_id: str | None = None      # o365ObjectId when the entry is linked already
+    deleted: bool = False             # the entry was deleted (unbind with no entry to write status to)
+    has_password: bool = False        # the directory holds a usable password for the user
+    reason: str = ""                  # bind | rebind | update | password | unbind | delete (human-readable)
+    held: bool = False                # written as state=held by the mass-disable guard
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DesiredUser":
+        raw = json.loads(text)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+def first(attrs: Attrs | None, name: str) -> str | None:
+    if not attrs:
+        return None
+    v = attrs.get(name)
+    return v[0] if v else None
+
+
+@dataclass
+class OutboxPlanner:
+    """The change hook: ChangeSet → outbox rows (see the module docstring)."""
+
+    directory: "Directory"
+    box: Any                                   # ldapsync.graph.crypto.SecretBox (encrypts queued passwords)
+    wake: Any = None                           # called after COMMIT when rows were written
+    disable_threshold: int = 500
+    clock: Any = time.time
+    _tag_norm: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        d = self.directory
+        self._tag_norm = d.dn(f"cn={TAG_CN},ou=tags,{d.suffix}").norm
+
+    # -- binding ------------------------------------------------------------------
+    def is_bound(self, attrs: Attrs | None) -> bool:
+        if not attrs:
+            return False
+        if any(v.lower() == DIRECTORY_VALUE for v in attrs.get("ldapsyncDirectory", ())):
+            return True
+        d = self.directory
+        return any(d.dn_norm_or_none(v) == self._tag_norm for v in attrs.get("memberOf", ()))
+
+    def desired(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False) -> DesiredUser:
+        mail = first(attrs, "mail")
+        return DesiredUser(
+            entry_uuid=first(attrs, "entryUUID") or "",
+            dn=dn,
+            bound=bound,
+            upn=mail,
+            mail=mail,
+            mail_nickname=first(attrs, "uid"),
+            display_name=first(attrs, "displayName") or first(attrs, "cn"),
+            given_name=first(attrs, "givenName"),
+            surname=first(attrs, "sn"),
+            object_id=first(attrs, "o365ObjectId"),
+            deleted=deleted,
+            has_password=bool(attrs.get("userPassword")),
+            reason=reason,
+        )
+
+    # -- the hook -------------------------------------------------------------------
+    def hook(self, txn: Txn, cs: ChangeSet) -> None:
+        if cs.operation in ("o365-status", "connector", "connector-status", "init"):
+            return
+        if cs.context.get("leave_microsoft365_untouched"):
+            return
+        cleartext: dict[str, list[str]] = cs.context.get("cleartext", {})  # type: ignore[assignment]
+        rows: list[tuple[DesiredUser, str | None]] = []
+        for ch in cs.changes:
+            row = self._plan(txn, ch, cleartext)
+            if row is not None:
+                rows.append(row)
+        if not rows:
+            return
+        disables = sum(1 for desired, _ in rows if not desired.bound)
+        held = disables > self.disable_threshold and not cs.context.get("exempt_from_guard")
+        now = self.clock()
+        params = []
+        for desired, secret in rows:
+            state = "held" if (held and not desired.bound) else "ready"
+            params.append((desired.entry_uuid, now, desired.reason, desired.to_json(), secret, state, 0, 0.0))
+        txn.run_many(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", params)
+        if held:
+            log.warn("{n} users would be disabled in Microsoft 365 by one {op}: held until an admin runs "
+                     "`ldapsync o365 release`", n=disables, op=cs.operation)
+        if self.wake is not None:
+            txn.call_after(self.wake)
+
+    def _plan(self, txn: Txn, ch: EntryChange, cleartext: dict[str, list[str]]) -> tuple[DesiredUser, str | None] | None:
+        old, new = ch.old, ch.new
+        was = self.is_bound(old)
+        now_bound = self.is_bound(new)
+        if not was and not now_bound:
+            return None
+        if ch.kind == "delete":
+            assert old is not None
+            return self.desired(old, ch.dn, bound=False, reason="delete", deleted=True), None
+        assert new is not None
+        passwords = cleartext.get(ch.dn_norm) or (cleartext.get(ch.old_dn_norm or "") if ch.old_dn_norm else None)
+        if not now_bound:
+            return self.desired(new, ch.dn, bound=False, reason="unbind"), None
+        desired = self.desired(new, ch.dn, bound=True, reason="update")
+        self._check_mail(txn, desired, old if was else None)
+        secret = self.box.encrypt(passwords[-1].encode("utf-8")).hex() if passwords else None
+        if not was:
+            reason = "bind"
+        elif secret is not None:
+            reason = "password"
+        elif any((old or {}).get(a) != new.get(a) for a in RELEVANT) or ch.kind == "rename":
+            reason = "update"
+        else:
+            return None            # e.g. only memberOf of another group or o365* status changed
+        return DesiredUser(**{**asdict(desired), "reason": reason}), secret
+
+    def _check_mail(self, txn: Txn, desired: DesiredUser, old: Attrs | None) -> None:
+        """A bound user needs a mail address on a domain the tenant has verified."""
+        mail = desired.mail
+        if not mail or "@" not in mail:
+            raise LDAPError(ResultCode.constraintViolation,
+                            f'"{desired.dn}" is bound to Microsoft 365 and needs a mail address (it becomes the sign-in name)')
+        if old is not None and first(old, "mail") == mail:
+            return
+        domain = mail.rsplit("@", 1)[1].lower()
+        verified = self.verified_domains(txn)
+        if verified and domain not in verified:
+            raise LDAPError(ResultCode.constraintViolation,
+                            f'mail domain "{domain}" is not a verified domain of the Microsoft 365 tenant '
+                            f'(verified: {", ".join(sorted(verified))}); verify it in the Microsoft 365 admin centre first')
+
+    def verified_domains(self, txn: Txn) -> set[str]:
+        d = self.directory
+        e = store.get_entry_txn(txn, d.dn(f"cn=office365,ou=directories,{d.suffix}").norm)
+        if e is None:
+            return set()
+        return {v.lower() for v in e.attrs.get("o365VerifiedDomain", ())}
+
+
+def install_planner(directory: "Directory", wake: Any = None) -> OutboxPlanner:
+    """Create the planner (with the [secrets] key) and register it as a change hook of this process."""
+    from ldapsync.graph.crypto import SecretBox, load_or_create_key
+
+    cfg = directory.config
+    planner = OutboxPlanner(directory, SecretBox(load_or_create_key(cfg.secrets.key_file)), wake,
+                            disable_threshold=cfg.office365.disable_threshold)
+    store.register_change_hook(planner.hook)
+    return planner
