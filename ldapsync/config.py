@@ -89,6 +89,7 @@ class Office365Config:
     soft_match: bool = True
     unbind_action: str = "block-and-revoke"
     disable_threshold: int = 500
+    client_secret_expires: str = ""   # ISO date of the client secret's end, when Graph may not tell us
 
 
 @dataclass(frozen=True)

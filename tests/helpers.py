@@ -14,7 +14,7 @@ def unique(prefix: str = "u") -> str:
     return f"{prefix}{secrets.token_hex(4)}"
 
 
-def user_ldif(uid: str, *, password: str | None = None, extra: str = "", parent: str = PEOPLE) -> str:
+def user_ldif(uid: str, *, password: str | None = None, extra: str = "", parent: str = PEOPLE, domain: str = "example.com") -> str:
     text = f"""dn: uid={uid},{parent}
 objectClass: inetOrgPerson
 objectClass: ldapsyncUser
@@ -22,7 +22,7 @@ uid: {uid}
 cn: {uid.capitalize()} Test
 sn: Test
 givenName: {uid.capitalize()}
-mail: {uid}@example.com
+mail: {uid}@{domain}
 """
     if password:
         text += f"userPassword: {password}\n"

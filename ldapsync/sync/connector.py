@@ -305,6 +305,12 @@ class Connector:
         expiry = getattr(p, "credential_expires_at", None)
         if expiry is not None:
             return expiry
+        if self.config.office365.client_secret_expires:
+            try:
+                given = datetime.fromisoformat(self.config.office365.client_secret_expires)
+                return given if given.tzinfo else given.replace(tzinfo=timezone.utc)
+            except ValueError:
+                log.warn("[office365] client_secret_expires is not an ISO date; ignoring it")
         # A client secret's end date is only known to Entra: ask for it (needs Application.Read.All; optional).
         try:
             app = await self.client.get(f"/applications(appId='{self.config.office365.client_id}')",

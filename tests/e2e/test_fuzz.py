@@ -358,10 +358,15 @@ def test_slow_partial_pdus_do_not_leak(server, world) -> None:
         s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
         s.sendall(pdu[: 1 + i % (len(pdu) - 1)])
         socks.append(s)
-    for s in socks[:3]:                  # a few trickle byte by byte
-        for b in pdu[s.getsockname()[1] % 5 + 5:][:10]:
-            s.sendall(bytes((b,)))
-            time.sleep(0.01)
+    for s in socks[:3]:                  # a few trickle bytes, byte by byte
+        # The trickled bytes do not continue the PDU, so the server may rightly
+        # close the connection part-way: that is fine, it must only not leak.
+        try:
+            for b in pdu[s.getsockname()[1] % 5 + 5:][:10]:
+                s.sendall(bytes((b,)))
+                time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
     assert world["keeper"].search(SUFFIX, "(objectClass=*)", search_scope=BASE)
     for s in socks:
         s.close()

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from treq.testing import StubTreq
 from twisted.internet import defer, task
 from twisted.web.resource import Resource
-from treq.testing import StubTreq
 
 from ldapsync.graph.client import GraphClient, PacingPolicy, RetryPolicy
 
@@ -56,8 +56,7 @@ class ScriptedGraph(Resource):
     def render(self, request: Any) -> bytes:
         url = urlsplit(request.uri.decode())
         path = url.path
-        if path.startswith("/v1.0"):
-            path = path[len("/v1.0"):]
+        path = path.removeprefix("/v1.0")
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         headers = {k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
         raw = request.content.read()
@@ -88,14 +87,14 @@ class FakeTokens:
 
 
 def make_client(handler: Callable[[Seen], Reply], *, clock: task.Clock | None = None,
-                retry: RetryPolicy = RetryPolicy(), pacing: PacingPolicy = PacingPolicy(enabled=False),
+                retry: RetryPolicy | None = None, pacing: PacingPolicy | None = None,
                 http: Any = None, tokens: Any = None, rand: float = 1.0,
                 timeout: float = 30.0) -> tuple[GraphClient, ScriptedGraph, task.Clock, Any]:
     clock = clock or task.Clock()
     res = ScriptedGraph(clock, handler)
     tokens = tokens or FakeTokens()
-    client = GraphClient(tokens, GRAPH, reactor=clock, http=http or StubTreq(res), retry=retry,
-                         pacing=pacing, random=lambda: rand, timeout=timeout)
+    client = GraphClient(tokens, GRAPH, reactor=clock, http=http or StubTreq(res), retry=retry or RetryPolicy(),
+                         pacing=pacing or PacingPolicy(enabled=False), random=lambda: rand, timeout=timeout)
     return client, res, clock, tokens
 
 

@@ -5,16 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet import defer, error as ierror, task
-from twisted.logger import globalLogPublisher, formatEvent
+from graph._graph_stub import GRAPH, Reply, Seen, drive, graph_error, make_client
 from treq.testing import StubTreq
+from twisted.internet import defer, task
+from twisted.internet import error as ierror
+from twisted.logger import formatEvent, globalLogPublisher
 
 from ldapsync.graph.client import BatchItem, PacingPolicy, RetryPolicy, WritePacer
 from ldapsync.graph.errors import (
-    BadRequest, DeltaExpired, Forbidden, GraphError, NotFound, ObjectConflict, Transient, Unauthorized,
+    BadRequest,
+    DeltaExpired,
+    Forbidden,
+    GraphError,
+    NotFound,
+    ObjectConflict,
+    Transient,
+    Unauthorized,
 )
-
-from _graph_stub import GRAPH, Reply, Seen, drive, graph_error, make_client
 
 
 def ok(body: Any = None, status: int = 200, **headers: str) -> Reply:
@@ -152,7 +159,7 @@ class FlakyHTTP:
 
 def test_connection_errors_are_retried() -> None:
     clock = task.Clock()
-    from _graph_stub import ScriptedGraph
+    from graph._graph_stub import ScriptedGraph
     res = ScriptedGraph(clock, lambda s: ok({"id": 1}))
     flaky = FlakyHTTP(StubTreq(res), 2)
     client, _, clock, _ = make_client(lambda s: ok(), clock=clock, http=flaky)
@@ -162,7 +169,7 @@ def test_connection_errors_are_retried() -> None:
 
 def test_connection_errors_exhausted_become_transient() -> None:
     clock = task.Clock()
-    from _graph_stub import ScriptedGraph
+    from graph._graph_stub import ScriptedGraph
     flaky = FlakyHTTP(StubTreq(ScriptedGraph(clock, lambda s: ok())), 100)
     client, _, clock, _ = make_client(lambda s: ok(), clock=clock, http=flaky, retry=RetryPolicy(max_attempts=3))
     with pytest.raises(Transient) as ei:
@@ -173,7 +180,7 @@ def test_connection_errors_exhausted_become_transient() -> None:
 
 def test_timeouts_cancel_and_retry() -> None:
     clock = task.Clock()
-    from _graph_stub import ScriptedGraph
+    from graph._graph_stub import ScriptedGraph
     res = ScriptedGraph(clock, lambda s: ok({"late": False}))
     flaky = FlakyHTTP(StubTreq(res), 1, hang=True)
     client, _, clock, _ = make_client(lambda s: ok(), clock=clock, http=flaky, timeout=10)
@@ -213,7 +220,7 @@ def test_transient_auth_error_is_retried() -> None:
             if Tokens.calls == 1:
                 raise AuthError("connection_error", "idp down", transient=True)
             return "t"
-    client, g, clock, _ = make_client(lambda s: ok({"a": 1}), tokens=Tokens())
+    client, _g, clock, _ = make_client(lambda s: ok({"a": 1}), tokens=Tokens())
     assert drive(clock, client.get("/x")) == {"a": 1}
 
 
@@ -227,7 +234,8 @@ def test_transient_auth_error_is_retried() -> None:
     (graph_error(400, "Request_BadRequest", "The specified password does not comply"), BadRequest),
     (graph_error(410, "syncStateNotFound"), DeltaExpired),
     (graph_error(400, "Request_BadRequest", details=["syncStateNotFound"]), DeltaExpired),
-    (Reply(418, None), GraphError),
+    (Reply(418, None), BadRequest),
+    (Reply(501, None), GraphError),
 ])
 def test_error_mapping(reply: Reply, exc: type) -> None:
     client, g, clock, _ = make_client(lambda s: reply)
@@ -240,7 +248,8 @@ def test_error_mapping(reply: Reply, exc: type) -> None:
 
 
 def test_error_messages_are_redacted() -> None:
-    from ldapsync.graph.errors import GraphError as GE, redact
+    from ldapsync.graph.errors import GraphError as GE
+    from ldapsync.graph.errors import redact
     e = GE("x", 'bad Bearer eyJabc.def.ghi and "password": "hunter2"')
     assert "eyJ" not in str(e) and "hunter2" not in str(e)
     assert redact("client_secret=abc&x=1") == "client_secret=<redacted>&x=1"
@@ -256,7 +265,7 @@ def test_404_right_after_create_is_retried() -> None:
         if state["gets"] <= 2:
             return graph_error(404, "Request_ResourceNotFound")
         return ok({"id": "new-id"})
-    client, g, clock, _ = make_client(h)
+    client, _g, clock, _ = make_client(h)
     user = drive(clock, client.create_user({"userPrincipalName": "n@contoso.com"}))
     assert user["id"] == "new-id"
     assert drive(clock, client.get_user("new-id")) == {"id": "new-id"}
@@ -314,10 +323,10 @@ def test_next_link_to_another_host_is_refused() -> None:
 
 def test_delta_yields_items_and_returns_delta_link() -> None:
     def h(s: Seen) -> Reply:
-        if "deltatoken" in s.query:
+        if "$deltatoken" in s.query:
             return ok({"value": [{"id": "3", "@removed": {"reason": "deleted"}}],
                        "@odata.deltaLink": f"{GRAPH}/users/delta?$deltatoken=t2"})
-        if "skiptoken" in s.query:
+        if "$skiptoken" in s.query:
             return ok({"value": [{"id": "2"}], "@odata.deltaLink": f"{GRAPH}/users/delta?$deltatoken=t1"})
         return ok({"value": [{"id": "1"}], "@odata.nextLink": f"{GRAPH}/users/delta?$skiptoken=s1"})
     client, g, clock, _ = make_client(h)
@@ -330,8 +339,20 @@ def test_delta_yields_items_and_returns_delta_link() -> None:
     assert q2.delta_link.endswith("t2")
 
 
+def test_a_next_link_loop_is_detected() -> None:
+    client, g, clock, _ = make_client(lambda s: ok({"value": [{"id": 1}], "@odata.nextLink": f"{GRAPH}/users?p=1"}))
+
+    async def run() -> list[Any]:
+        return [u async for u in client.paged("/users", {"$select": "id"})]
+    with pytest.raises(GraphError, match="same nextLink"):
+        drive(clock, run())
+    assert len(g.seen) == 2
+    with pytest.raises(GraphError, match="same nextLink"):
+        drive(clock, client.delta(["id"]).collect())
+
+
 def test_delta_gone_raises_delta_expired() -> None:
-    client, g, clock, _ = make_client(lambda s: graph_error(410, "Gone"))
+    client, _g, clock, _ = make_client(lambda s: graph_error(410, "Gone"))
     with pytest.raises(DeltaExpired):
         drive(clock, client.delta(delta_link=f"{GRAPH}/users/delta?$deltatoken=old").collect())
 
@@ -393,7 +414,7 @@ def test_batch_item_retries_are_bounded() -> None:
 
 
 def test_batch_rejects_duplicate_ids() -> None:
-    client, g, clock, _ = make_client(lambda s: ok())
+    client, _g, clock, _ = make_client(lambda s: ok())
     with pytest.raises(ValueError):
         drive(clock, client.batch([BatchItem("GET", "/a", id="x"), BatchItem("GET", "/b", id="x")]))
 
@@ -471,7 +492,7 @@ def test_client_writes_are_paced_and_reads_not() -> None:
 
 
 def test_client_slows_down_when_graph_reports_high_usage() -> None:
-    client, g, clock, _ = make_client(
+    client, _g, clock, _ = make_client(
         lambda s: Reply(204, None, {"x-ms-throttle-limit-percentage": "1.0"}),
         pacing=PacingPolicy(writes_per_window=3000, window=150, burst=300))
     drive(clock, client.update_user("a", {"displayName": "x"}))

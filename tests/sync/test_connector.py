@@ -47,8 +47,13 @@ def test_application_mode_active_with_domains_and_tag(make_server, fake_tenant):
     assert p.returncode == 53 and "cannot be deleted while the connector is enabled" in p.stderr
     # users can be tagged (an empty tag and a tag with members are both valid)
     uid = unique()
-    srv.run("ldapadd", input=user_ldif(uid), check=True)
+    srv.run("ldapadd", input=user_ldif(uid, domain="contoso.com"), check=True)
     srv.run("ldapmodify", input=f"dn: {TAG}\nchangetype: modify\nadd: member\nmember: uid={uid},{PEOPLE}\n", check=True)
+    # binding a user whose mail is on a domain the tenant has not verified is refused
+    other = unique()
+    srv.run("ldapadd", input=user_ldif(other), check=True)
+    p = srv.run("ldapmodify", input=f"dn: {TAG}\nchangetype: modify\nadd: member\nmember: uid={other},{PEOPLE}\n")
+    assert p.returncode == 19 and 'mail domain "example.com" is not a verified domain' in p.stderr
     # the state attributes are read-only to clients
     p = srv.run("ldapmodify", input=f"dn: {CONNECTOR}\nchangetype: modify\nreplace: o365ConnectorState\no365ConnectorState: active\n")
     assert p.returncode == 19
@@ -101,7 +106,7 @@ def test_delegated_device_code_sign_in_and_deactivate_reactivate(make_server, fa
     assert "o365CredentialExpiry" in st        # 90 days from the sign-in
 
     uid = unique()
-    srv.run("ldapadd", input=user_ldif(uid, extra="ldapsyncDirectory: office365\n"), check=True)
+    srv.run("ldapadd", input=user_ldif(uid, extra="ldapsyncDirectory: office365\n", domain="contoso.com"), check=True)
     srv.run("ldapmodify", input=f"dn: {TAG}\nchangetype: modify\nadd: member\nmember: uid={uid},{PEOPLE}\n", check=True)
     p = srv.cli("o365", "deactivate")               # no TTY, no --yes: refused
     assert p.returncode != 0 and b"--yes" in p.stderr

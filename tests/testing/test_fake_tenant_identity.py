@@ -189,3 +189,22 @@ async def test_identity_fault_and_outage(fake_tenant, fake_app):
     with pytest.raises(msal.exceptions.MsalServiceError):  # discovery fails: no app object at all
         await in_thread(confidential, fake_tenant, fake_app["client_id"], fake_app["secret"])
     fake_tenant.end_outage()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_expire_tokens_msal_cache_must_be_bypassed(fake_tenant, fake_app, graph_http):
+    """MSAL serves its cached app token until 5 min before *its* expiry: after ``expire_tokens`` a
+    client gets 401 with the cached token and needs a cache-bypassing request (claims_challenge)."""
+    app = await in_thread(confidential, fake_tenant, fake_app["client_id"], fake_app["secret"])
+    first = await in_thread(app.acquire_token_for_client, scopes=[fake_tenant.graph_scope])
+    fake_tenant.expire_tokens()
+    cached = await in_thread(app.acquire_token_for_client, scopes=[fake_tenant.graph_scope])
+    assert cached["access_token"] == first["access_token"] and cached["token_source"] == "cache"
+    res = await GraphCaller(graph_http, fake_tenant, cached["access_token"])("GET", "/users")
+    assert res.status == 401
+    challenge = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}' % int(fake_tenant.clock())
+    fresh = await in_thread(app.acquire_token_for_client, scopes=[fake_tenant.graph_scope],
+                            claims_challenge=challenge)
+    assert fresh["token_source"] == "identity_provider"
+    res = await GraphCaller(graph_http, fake_tenant, fresh["access_token"])("GET", "/users")
+    assert res.status == 200
