@@ -325,6 +325,57 @@ def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _outbox_update(config: Config, desc: str, fn) -> int:  # type: ignore[no-untyped-def]
+    if not config.office365.enabled:
+        raise CLIError("the Microsoft 365 connector is not enabled")
+    d = _open_directory(config)
+    d.db.create_schema()
+    try:
+        return int(d.db.run_sync(desc, fn))
+    finally:
+        d.db.stop()
+
+
+def cmd_o365_release(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.store.outbox import release_held_txn
+
+    n = _outbox_update(config, "o365 release", release_held_txn)
+    print(f"released {n} held change(s); the server delivers them now" if n else "no held changes")
+    return 0
+
+
+def cmd_o365_reconcile(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.store.outbox import retry_errors_txn
+
+    if args.retry_errors:
+        n = _outbox_update(config, "o365 retry errors", retry_errors_txn)
+        print(f"{n} change(s) stopped by an error will be tried again" if n else "no changes stopped by an error")
+
+    async def main(reactor):  # type: ignore[no-untyped-def]
+        from ldapsync.sync.outbox import OutboxPlanner
+        from ldapsync.sync.reconciler import Reconciler
+
+        conn = _connector(config, reactor)
+        res = await conn.check()
+        if res.state.value != "active":
+            _print_check(res)
+            raise CLIError("the connector is not active; nothing was compared")
+        planner = OutboxPlanner(conn.d, conn.box, None, disable_threshold=config.office365.disable_threshold)
+        report = await Reconciler(conn.d, planner, conn.client).run_once()
+        await conn.client.close()
+        if report is None:
+            print("another server is reconciling right now; try again in a moment")
+            return 1
+        print(f"compared {report.seen} Microsoft 365 user(s){' (full scan)' if report.full_scan else ''}")
+        for dn in report.drifted:
+            print(f"drift, queued to put the directory's values back: {dn}")
+        for dn in report.deleted:
+            print(f"deleted in Microsoft 365 (not recreated): {dn}")
+        return 0
+
+    return int(run_async(main))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
@@ -347,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     de = osub.add_parser("deactivate", help="stop sync and unbind every user (Microsoft 365 accounts are left untouched)")
     de.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     de.set_defaults(func=cmd_o365_deactivate)
+    osub.add_parser("release", help="deliver the disables held by the mass-disable guard").set_defaults(func=cmd_o365_release)
+    rc = osub.add_parser("reconcile", help="compare Microsoft 365 with the directory and fix drift")
+    rc.add_argument("--retry-errors", action="store_true", help="try again the changes stopped by a Graph error")
+    rc.set_defaults(func=cmd_o365_reconcile)
     return p
 
 

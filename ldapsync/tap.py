@@ -114,6 +114,55 @@ class ConnectorService(service.Service):
             self.connector.stop()
 
 
+class OutboxWorkerService(service.Service):
+    """Drains the Microsoft 365 outbox (``ldapsync/sync/worker.py``); woken by the planner after COMMIT."""
+
+    def __init__(self, dirsvc: DirectoryService, connsvc: ConnectorService) -> None:
+        self.dirsvc = dirsvc
+        self.connsvc = connsvc
+        self.worker: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet import defer, reactor
+
+        from ldapsync.sync.worker import OutboxWorker
+
+        super().startService()
+        self.worker = OutboxWorker(self.dirsvc.directory, self.connsvc.connector, reactor=reactor)
+        if self.dirsvc.planner is not None:
+            self.dirsvc.planner.wake = self.worker.wake
+        d = defer.ensureDeferred(self.worker.start())
+        d.addErrback(lambda f: log.failure("Microsoft 365 outbox worker failed to start", f))
+        # Drift: every reconcile_interval, once the connector is active.
+        from twisted.internet.task import LoopingCall
+
+        self.reconcile_loop = LoopingCall(self._reconcile)
+        self.reconcile_loop.clock = reactor
+        self.reconcile_loop.start(self.dirsvc.config.office365.reconcile_interval, now=False)
+
+    def _reconcile(self) -> Any:
+        from twisted.internet import defer
+
+        from ldapsync.sync.connector import ConnectorState
+        from ldapsync.sync.reconciler import Reconciler
+
+        conn = self.connsvc.connector
+        planner = self.dirsvc.planner
+        if conn is None or conn.client is None or planner is None or conn.state != ConnectorState.active:
+            return None
+        rec = Reconciler(self.dirsvc.directory, planner, conn.client, wake=self.worker.wake if self.worker else None)
+        d = defer.ensureDeferred(rec.run_once())
+        d.addErrback(lambda f: log.failure("reconcile pass failed", f))
+        return d
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if getattr(self, "reconcile_loop", None) is not None and self.reconcile_loop.running:
+            self.reconcile_loop.stop()
+        if self.worker is not None:
+            self.worker.stop()
+
+
 def make_service(config: Config) -> service.MultiService:
     from ldapsync.ldap.server import LDAPServerFactory
 
@@ -131,7 +180,9 @@ def make_service(config: Config) -> service.MultiService:
         )
         strports.service(endpoint, factory).setServiceParent(top)
     if config.office365.enabled:
-        ConnectorService(config, dirsvc).setServiceParent(top)
+        connsvc = ConnectorService(config, dirsvc)
+        connsvc.setServiceParent(top)
+        OutboxWorkerService(dirsvc, connsvc).setServiceParent(top)
     return top
 
 

@@ -119,6 +119,9 @@ class Directory:
         self.indexed = frozenset(indexed)
         self.filters = FilterCompiler(self.schema, self.indexed)
         self._operational: dict[str, bool] = {}
+        # async callables (dn, cleartext password) run after a successful bind of an
+        # entry flagged o365PasswordPending (see ldapsync.sync.outbox)
+        self.bind_hooks: list[Callable[[DN, bytes], Any]] = []
         self._hash_pool = ThreadPool(minthreads=0, maxthreads=hash_threads, name="ldapsync-hash")
         self._hash_pool_started = False
         self._index_types = {self.schema.attribute(a).name: self.schema.attribute(a) for a in indexed if self.schema.attribute(a)}  # type: ignore[union-attr]
@@ -352,20 +355,29 @@ class Directory:
         if not password:
             raise LDAPError(ResultCode.unwillingToPerform, "unauthenticated bind (DN with no password) disallowed")
 
-        def fetch(txn: Txn) -> tuple[list[str], bool] | None:
+        def fetch(txn: Txn) -> tuple[list[str], bool, bool] | None:
             e = store.get_entry_txn(txn, dn.norm)
             if e is None:
                 return None
-            return list(e.attrs.get("userPassword", [])), self._is_admin_txn(txn, Actor(dn))
+            capture = e.attrs.get("o365PasswordPending") == ["TRUE"]
+            return list(e.attrs.get("userPassword", [])), self._is_admin_txn(txn, Actor(dn)), capture
 
         got = await self.db.run_interaction("bind", fetch, write=False)
         if got is None or not got[0]:
             # No such entry, or an entry without a usable password (an inactive user).
             raise LDAPError(ResultCode.invalidCredentials, "invalid credentials")
-        hashes, is_admin = got
+        hashes, is_admin, capture = got
         ok = await self._in_hash_thread(self._verify_any, hashes, password)
         if not ok:
             raise LDAPError(ResultCode.invalidCredentials, "invalid credentials")
+        if capture:
+            # Microsoft 365 still lacks this user's password: hand the cleartext to the
+            # bind hooks (the outbox) now that we have it.  Ordinary binds cost nothing extra.
+            for hook in self.bind_hooks:
+                try:
+                    await hook(dn, password)
+                except Exception:
+                    log.failure("bind hook failed for {dn}", dn=str(dn))
         return Actor(dn, is_admin)
 
     def _verify_any(self, hashes: list[str], password: bytes) -> bool:

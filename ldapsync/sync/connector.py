@@ -338,7 +338,6 @@ class Connector:
             values["o365CredentialExpiry"] = [generalized(expiry)]
         if success:
             values["o365LastSuccess"] = [now_generalized()]
-        values.setdefault("o365QueueDepth", ["0"])
         await self.db.run_interaction("connector status", lambda txn: write_status_txn(self.d, txn, values))
 
     async def _maybe_remind(self, expiry: datetime | None) -> None:

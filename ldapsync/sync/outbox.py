@@ -203,6 +203,31 @@ class OutboxPlanner:
                             f'mail domain "{domain}" is not a verified domain of the Microsoft 365 tenant '
                             f'(verified: {", ".join(sorted(verified))}); verify it in the Microsoft 365 admin centre first')
 
+    async def capture_password(self, dn: Any, password: bytes) -> None:
+        """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
+        secret = self.box.encrypt(password).hex()
+
+        def run(txn: Txn) -> bool:
+            from ldapsync.directory.writes import Write
+
+            w = Write(self.directory, txn, str(dn), "o365-status")
+            st = w.get(dn)
+            if st is None or st.attrs is None or st.attrs.get("o365PasswordPending") != ["TRUE"]:
+                return False
+            attrs = dict(st.attrs)
+            del attrs["o365PasswordPending"]
+            w.update(st, attrs, stamp=False)
+            w.finish()
+            if not self.is_bound(attrs):
+                return False
+            desired = self.desired(attrs, str(dn), bound=True, reason="password")
+            txn.run(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (desired.entry_uuid, self.clock(), "password", desired.to_json(), secret, "ready", 0, 0.0))
+            return True
+
+        if await self.directory.db.run_interaction("capture password", run) and self.wake is not None:
+            self.wake()
+
     def verified_domains(self, txn: Txn) -> set[str]:
         d = self.directory
         e = store.get_entry_txn(txn, d.dn(f"cn=office365,ou=directories,{d.suffix}").norm)
@@ -219,4 +244,5 @@ def install_planner(directory: "Directory", wake: Any = None) -> OutboxPlanner:
     planner = OutboxPlanner(directory, SecretBox(load_or_create_key(cfg.secrets.key_file)), wake,
                             disable_threshold=cfg.office365.disable_threshold)
     store.register_change_hook(planner.hook)
+    directory.bind_hooks.append(planner.capture_password)
     return planner

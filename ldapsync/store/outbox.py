@@ -1,0 +1,193 @@
+"""SQL for the Microsoft 365 outbox (``o365_outbox``): claiming, loading, completing, failing.
+
+SQL only: no Graph, no LDAP, no decryption.  The rows are written by the
+planner (``ldapsync/sync/outbox.py``) and drained by the worker
+(``ldapsync/sync/worker.py``).
+
+The unit of work is a *user* (``entry_uuid``), never a single row: a user's
+rows are delivered in order, coalesced, by one worker at a time.  Ownership of
+a user is a lease on its *head* row (its oldest row, whatever its state)::
+
+    claim_users_txn:   heads that are not leased (or whose lease expired) and whose
+                       user has a 'ready' row that is due  ──▶  lease_owner/lease_until on the head
+                       (PostgreSQL: FOR UPDATE SKIP LOCKED, so two nodes never take one head)
+    load_user_rows_txn: the user's rows up to the last one that is not 'held'
+    complete_txn:      DELETE those rows (their encrypted secrets go with them)
+    fail_txn:          attempts+1, next_attempt_at, last_error  (transient)
+                       or state='error'                         (permanent)
+    release_lease_txn: give the head back without changing anything (connector not usable)
+
+Rows added while a user is being worked on have higher ids and stay: after
+the claimed rows are deleted, the oldest of them is the new head and is due.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ldapsync.store.database import Txn
+
+READY = "ready"
+HELD = "held"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    entry_uuid: str
+    created_at: float
+    operation: str
+    payload: str
+    secret: str | None = None
+    state: str = READY
+    attempts: int = 0
+
+    def __repr__(self) -> str:        # never show the (encrypted) secret
+        return (f"OutboxRow(id={self.id}, entry_uuid={self.entry_uuid!r}, operation={self.operation!r}, "
+                f"state={self.state!r}, attempts={self.attempts}, secret={'<set>' if self.secret else None})")
+
+
+_ROW_COLS = "id, entry_uuid, created_at, operation, payload, secret, state, attempts"
+
+
+def _in(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+def claim_users_txn(txn: Txn, owner: str, now: float, lease_seconds: float, limit: int,
+                    exclude: Sequence[str] = ()) -> list[str]:
+    """Lease up to ``limit`` users with due work; return their entry UUIDs (oldest work first)."""
+    if limit <= 0:
+        return []
+    params: list[Any] = [now, now]
+    skip = ""
+    if exclude:
+        skip = f" AND h.entry_uuid NOT IN {_in(len(exclude))}"
+        params.extend(exclude)
+    params.append(limit)
+    lock = " FOR UPDATE OF h SKIP LOCKED" if txn.is_postgres else ""
+    rows = txn.rows(
+        "SELECT h.id, h.entry_uuid FROM o365_outbox h"
+        " WHERE (h.lease_until IS NULL OR h.lease_until < ?)"
+        " AND NOT EXISTS (SELECT 1 FROM o365_outbox p WHERE p.entry_uuid = h.entry_uuid AND p.id < h.id)"
+        " AND EXISTS (SELECT 1 FROM o365_outbox r WHERE r.entry_uuid = h.entry_uuid"
+        "             AND r.state = 'ready' AND r.next_attempt_at <= ?)"
+        f"{skip} ORDER BY h.id LIMIT ?{lock}",
+        params,
+    )
+    if not rows:
+        return []
+    ids = [r[0] for r in rows]
+    txn.run(f"UPDATE o365_outbox SET lease_owner = ?, lease_until = ? WHERE id IN {_in(len(ids))}",
+            [owner, now + lease_seconds, *ids])
+    return [r[1] for r in rows]
+
+
+def load_user_rows_txn(txn: Txn, entry_uuid: str) -> list[OutboxRow]:
+    """The user's rows to deliver now: oldest first, up to the last row that is not held."""
+    rows = [OutboxRow(*r) for r in txn.rows(
+        f"SELECT {_ROW_COLS} FROM o365_outbox WHERE entry_uuid = ? ORDER BY id", (entry_uuid,))]
+    last = max((i for i, r in enumerate(rows) if r.state != HELD), default=-1)
+    return rows[:last + 1]
+
+
+def claim_and_load_txn(txn: Txn, owner: str, now: float, lease_seconds: float, limit: int,
+                       exclude: Sequence[str] = ()) -> list[tuple[str, list[OutboxRow]]]:
+    """:func:`claim_users_txn` and :func:`load_user_rows_txn` in one transaction."""
+    out = []
+    for uuid in claim_users_txn(txn, owner, now, lease_seconds, limit, exclude):
+        out.append((uuid, load_user_rows_txn(txn, uuid)))
+    return out
+
+
+def renew_leases_txn(txn: Txn, owner: str, entry_uuids: Sequence[str], until: float) -> None:
+    """Extend this worker's leases on users it is still working on."""
+    for i in range(0, len(entry_uuids), 500):
+        part = list(entry_uuids[i:i + 500])
+        txn.run(f"UPDATE o365_outbox SET lease_until = ? WHERE lease_owner = ? AND entry_uuid IN {_in(len(part))}",
+                [until, owner, *part])
+
+
+def release_leases_txn(txn: Txn, owner: str, entry_uuids: Sequence[str] | None = None) -> int:
+    """Drop this owner's leases (all of them, e.g. at start after a crash, or those of some users)."""
+    if entry_uuids is None:
+        cur = txn.run("UPDATE o365_outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?", (owner,))
+        return int(cur.rowcount or 0)
+    n = 0
+    for i in range(0, len(entry_uuids), 500):
+        part = list(entry_uuids[i:i + 500])
+        cur = txn.run("UPDATE o365_outbox SET lease_owner = NULL, lease_until = NULL"
+                      f" WHERE lease_owner = ? AND entry_uuid IN {_in(len(part))}", [owner, *part])
+        n += int(cur.rowcount or 0)
+    return n
+
+
+def release_all_leases_txn(txn: Txn) -> int:
+    """Single-node (SQLite) start: no other process can hold a lease, so every lease is stale."""
+    cur = txn.run("UPDATE o365_outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
+    return int(cur.rowcount or 0)
+
+
+def complete_txn(txn: Txn, ids: Sequence[int]) -> None:
+    """The rows were delivered: delete them, and with them their encrypted secrets."""
+    for i in range(0, len(ids), 500):
+        part = list(ids[i:i + 500])
+        txn.run(f"DELETE FROM o365_outbox WHERE id IN {_in(len(part))}", part)
+
+
+def fail_txn(txn: Txn, ids: Sequence[int], error: str, *, permanent: bool, next_attempt_at: float = 0.0) -> None:
+    """Record a failed delivery: retry later (transient) or stop until the next change (permanent).
+
+    Either way the lease is dropped.  ``error`` must not contain secrets (Graph never echoes them).
+    """
+    state = ERROR if permanent else READY
+    for i in range(0, len(ids), 500):
+        part = list(ids[i:i + 500])
+        txn.run("UPDATE o365_outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,"
+                " state = CASE WHEN state = 'held' THEN 'held' ELSE ? END, lease_owner = NULL, lease_until = NULL"
+                f" WHERE id IN {_in(len(part))}", [next_attempt_at, error[:2000], state, *part])
+
+
+def set_object_id_in_later_rows_txn(txn: Txn, entry_uuid: str, after_id: int, object_id: str) -> None:
+    """Later rows of a user written before its account id was known get it (e.g. a delete row)."""
+    for rid, payload in txn.rows("SELECT id, payload FROM o365_outbox WHERE entry_uuid = ? AND id > ?",
+                                 (entry_uuid, after_id)):
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            continue
+        if not data.get("object_id"):
+            data["object_id"] = object_id
+            txn.run("UPDATE o365_outbox SET payload = ? WHERE id = ?",
+                    (json.dumps(data, separators=(",", ":"), sort_keys=True), rid))
+
+
+def release_held_txn(txn: Txn) -> int:
+    """``ldapsync o365 release``: held rows (the mass-disable guard) become ready now."""
+    cur = txn.run("UPDATE o365_outbox SET state = 'ready', next_attempt_at = 0 WHERE state = 'held'")
+    return int(cur.rowcount or 0)
+
+
+def retry_errors_txn(txn: Txn) -> int:
+    """``ldapsync o365 reconcile --retry-errors``: rows stopped by a permanent error are tried again."""
+    cur = txn.run("UPDATE o365_outbox SET state = 'ready', attempts = 0, next_attempt_at = 0, last_error = NULL"
+                  " WHERE state = 'error'")
+    return int(cur.rowcount or 0)
+
+
+def queue_counts_txn(txn: Txn) -> dict[str, int]:
+    """Rows per state (ready, held, error)."""
+    out = {READY: 0, HELD: 0, ERROR: 0}
+    for state, n in txn.rows("SELECT state, COUNT(*) FROM o365_outbox GROUP BY state"):
+        out[state] = int(n)
+    return out
+
+
+def next_due_txn(txn: Txn) -> float | None:
+    """When the earliest ready row becomes due (None: nothing ready)."""
+    rows = txn.rows("SELECT MIN(next_attempt_at) FROM o365_outbox WHERE state = 'ready'")
+    return float(rows[0][0]) if rows and rows[0][0] is not None else None

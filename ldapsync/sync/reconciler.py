@@ -1,0 +1,214 @@
+"""Drift: put the directory's values back on users someone changed in Microsoft 365.
+
+Every ``[office365] reconcile_interval`` (and on ``ldapsync o365 reconcile``)
+the reconciler reads what changed in the tenant with ``/users/delta`` (a full
+scan the first time, then the persisted delta link) and compares each linked
+user with what the directory says.  It does not talk to Graph for writes: a
+user that drifted gets an outbox row with the directory's desired state (reason
+``drift``), and the worker puts the values back, so ordering, retries and
+status stay in one place.
+
+- bound user: names, UPN/mail, mailNickname, accountEnabled=true are the directory's;
+- unbound user we disabled, re-enabled by someone in the portal: disabled again;
+- account deleted in Microsoft 365: reported on the entry (o365SyncState error,
+  o365LastError says so), not recreated.
+
+With several nodes only one reconciles at a time (a lease row in ``meta``,
+taken with SELECT ... FOR UPDATE; a crashed node's lease expires).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from ldapsync.directory.writes import Write, now_generalized
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+from ldapsync.sync.outbox import OUTBOX_COLUMNS, DesiredUser, OutboxPlanner
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+log = Logger()
+
+META_DELTA_LINK = "o365.delta_link"
+META_LEASE = "o365.reconciler_lease"
+LEASE_SECONDS = 600.0
+SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname", "accountEnabled")
+
+
+@dataclass
+class ReconcileReport:
+    seen: int = 0
+    drifted: list[str] = field(default_factory=list)     # DNs queued
+    deleted: list[str] = field(default_factory=list)     # DNs whose account is gone
+    full_scan: bool = False
+
+
+def _norm(v: Any) -> Any:
+    return v.lower() if isinstance(v, str) else v
+
+
+def drift(desired: DesiredUser, remote: dict[str, Any]) -> list[str]:
+    """Which properties of the Graph user differ from the directory's wishes."""
+    out: list[str] = []
+    if not desired.bound:
+        if remote.get("accountEnabled") is True:
+            out.append("accountEnabled")
+        return out
+    pairs = {
+        "userPrincipalName": desired.upn, "mail": desired.mail, "mailNickname": desired.mail_nickname,
+        "displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
+    }
+    for k, want in pairs.items():
+        if want is not None and k in remote and _norm(remote.get(k)) != _norm(want):
+            out.append(k)
+    if "accountEnabled" in remote and remote.get("accountEnabled") is False and desired.has_password:
+        out.append("accountEnabled")
+    return out
+
+
+class Reconciler:
+    def __init__(self, directory: "Directory", planner: OutboxPlanner, client: Any, *, wake: Any = None) -> None:
+        self.d = directory
+        self.db = directory.db
+        self.planner = planner
+        self.client = client
+        self.wake = wake
+        self.node = uuid.uuid4().hex
+
+    async def run_once(self) -> ReconcileReport | None:
+        """One pass; None when another node is reconciling (the lease in ``meta`` says so)."""
+        if not await self.db.run_interaction("reconcile lease", self._lease_txn, True):
+            return None
+        try:
+            return await self._pass()
+        finally:
+            await self.db.run_interaction("reconcile lease", self._lease_txn, False)
+
+    def _lease_txn(self, txn: Txn, take: bool) -> bool:
+        """Take (or give back) the one-node-at-a-time lease; an expired lease may be taken over."""
+        lock = " FOR UPDATE" if txn.is_postgres else ""
+        rows = txn.rows("SELECT value FROM meta WHERE key = ?" + lock, (META_LEASE,))
+        owner, _, until = (rows[0][0] if rows else "").partition("@")
+        now = time.time()
+        if take:
+            if owner and owner != self.node and until and float(until) > now:
+                return False
+            store.set_meta_txn(txn, META_LEASE, f"{self.node}@{now + LEASE_SECONDS}")
+            return True
+        if owner == self.node:
+            store.set_meta_txn(txn, META_LEASE, "")
+        return True
+
+    async def _pass(self) -> ReconcileReport:
+        from ldapsync.graph.errors import DeltaExpired
+
+        report = ReconcileReport()
+        started = now_generalized()
+        link = await self.db.run_interaction("delta link", store.get_meta_txn, META_DELTA_LINK, write=False)
+        report.full_scan = not link
+        try:
+            query = self.client.delta(",".join(SELECT), link or None)
+            batch: list[dict[str, Any]] = []
+            seen: set[str] = set()
+            async for item in query:
+                if report.full_scan and item.get("id") and "@removed" not in item:
+                    seen.add(item["id"].lower())
+                batch.append(item)
+                if len(batch) >= 500:
+                    await self._check(batch, report)
+                    batch = []
+            await self._check(batch, report)
+            new_link = query.delta_link
+            if report.full_scan:
+                # A full scan lists only users that exist: a linked account missing from it was
+                # deleted in Microsoft 365 (perhaps before any delta link could report it).
+                await self.db.run_interaction("reconcile missing", self._missing_txn, seen, started, report)
+        except DeltaExpired:
+            log.info("the Microsoft 365 delta link expired; starting a full scan")
+            await self.db.run_interaction("delta reset", store.set_meta_txn, META_DELTA_LINK, "")
+            return await self._pass()
+        if new_link:
+            await self.db.run_interaction("delta link", store.set_meta_txn, META_DELTA_LINK, new_link)
+        await self.db.run_interaction("reconciled", self._stamp_txn)
+        if report.drifted or report.deleted:
+            log.info("reconcile: {n} drifted user(s) queued, {m} deleted in Microsoft 365", n=len(report.drifted), m=len(report.deleted))
+        if report.drifted and self.wake is not None:
+            self.wake()
+        return report
+
+    def _stamp_txn(self, txn: Txn) -> None:
+        from ldapsync.sync.connector import write_status_txn
+
+        write_status_txn(self.d, txn, {"o365LastReconcile": [now_generalized()]})
+
+    async def _check(self, items: list[dict[str, Any]], report: ReconcileReport) -> None:
+        if not items:
+            return
+        report.seen += len(items)
+        log.debug("reconcile: {n} changed user(s) from Microsoft 365", n=len(items))
+        await self.db.run_interaction("reconcile", self._check_txn, items, report)
+
+    def _check_txn(self, txn: Txn, items: list[dict[str, Any]], report: ReconcileReport) -> None:
+        rows = []
+        deleted = []
+        now = time.time()
+        for item in items:
+            oid = item.get("id")
+            if not oid:
+                continue
+            entries = store.entries_with_value_txn(txn, "o365objectid", oid.lower())
+            if not entries:
+                continue               # not linked to the directory: not ours to correct
+            e = entries[0]
+            if "@removed" in item:
+                if self.planner.is_bound(e.attrs):
+                    deleted.append(e)
+                continue
+            bound = self.planner.is_bound(e.attrs)
+            if not bound and e.attrs.get("o365SyncState") != ["disabled"]:
+                continue               # never bound by us, or imported and not bound: leave it alone
+            desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
+            if drift(desired, item):
+                if self._pending_txn(txn, desired.entry_uuid):
+                    continue           # already queued: the worker will converge it
+                rows.append((desired.entry_uuid, now, "drift", desired.to_json(), None, "ready", 0, 0.0))
+                report.drifted.append(e.dn)
+        if rows:
+            txn.run_many(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        self._report_deleted_txn(txn, deleted, report)
+
+    def _missing_txn(self, txn: Txn, seen: set[str], started: str, report: ReconcileReport) -> None:
+        gone = []
+        ids = [r[0] for r in txn.rows("SELECT entry_id FROM entry_index WHERE attr = ?", ("o365objectid",))]
+        for e in store.get_entries_by_id_txn(txn, ids):
+            oid = (e.attrs.get("o365ObjectId") or [""])[0].lower()
+            synced_at = (e.attrs.get("o365SyncedAt") or [""])[0]
+            if synced_at >= started:
+                continue           # linked while the scan ran: the scan may simply not list it yet
+            if oid and oid not in seen and self.planner.is_bound(e.attrs) and e.attrs.get("o365SyncState") != ["error"]:
+                gone.append(e)
+        self._report_deleted_txn(txn, gone, report)
+
+    def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
+        if not gone:
+            return
+        w = Write(self.d, txn, str(self.d.admin_dn), "o365-status")
+        for e in gone:
+            st = w._track(e)
+            attrs = dict(st.attrs or {})
+            attrs["o365SyncState"] = ["error"]
+            attrs["o365LastError"] = ["the account was deleted in Microsoft 365; it is not recreated automatically "
+                                      "(unbind and bind the user again to create a new account)"]
+            w.update(st, attrs, stamp=False)
+            report.deleted.append(e.dn)
+        w.finish()
+
+    def _pending_txn(self, txn: Txn, entry_uuid: str) -> bool:
+        return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND state = 'ready' LIMIT 1", (entry_uuid,)))

@@ -1,0 +1,61 @@
+"""Sync status on each bound user: ``o365ObjectId``, ``o365SyncState``, ``o365SyncedAt``, ``o365LastError``.
+
+Written by the worker through a :class:`~ldapsync.directory.writes.Write`
+with operation ``"o365-status"``, which the outbox planner ignores (so a
+status write never queues more work).  Runs inside the caller's transaction;
+no network here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from ldapsync.directory.writes import Write
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+from ldapsync.store.entries import StoredEntry
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+STATUS_OPERATION = "o365-status"
+USER_STATUS_ATTRS = ("o365ObjectId", "o365SyncState", "o365SyncedAt", "o365LastError")
+
+
+class SyncState(StrEnum):
+    pending = "pending"
+    synced = "synced"
+    error = "error"
+    disabled = "disabled"
+
+
+def entry_by_uuid_txn(d: Directory, txn: Txn, entry_uuid: str) -> StoredEntry | None:
+    """The entry whose ``entryUUID`` is ``entry_uuid`` (stable across renames), or None."""
+    norm = next((v for k, v in d.index_rows({"entryUUID": [entry_uuid]}) if k == "entryuuid"), entry_uuid.lower())
+    ids = store.ids_with_value_txn(txn, "entryuuid", norm)
+    for e in store.get_entries_by_id_txn(txn, ids):
+        if any(v.lower() == entry_uuid.lower() for v in e.attrs.get("entryUUID", ())):
+            return e
+    return None
+
+
+def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[str, list[str] | None]) -> bool:
+    """Set (list) or remove (None) status attributes on the user; False when the entry is gone."""
+    e = entry_by_uuid_txn(d, txn, entry_uuid)
+    if e is None:
+        return False
+    w = Write(d, txn, str(d.admin_dn), STATUS_OPERATION)
+    fresh = store.get_entry_txn(txn, e.dn_norm, for_update=True) or e
+    st = w._track(fresh)
+    assert st.attrs is not None
+    attrs = {k: list(v) for k, v in st.attrs.items()}
+    for k, v in values.items():
+        if v:
+            attrs[k] = list(v)
+        else:
+            attrs.pop(k, None)
+    if attrs != st.attrs:
+        w.update(st, attrs, stamp=False)
+        w.finish()
+    return True

@@ -1,0 +1,487 @@
+"""The outbox worker: drains ``o365_outbox`` to Microsoft Graph.
+
+Owns delivery: which Graph requests a user's queued rows turn into, the retry
+policy, and the sync status written back on the user.  It never decides *what*
+should propagate (the planner in ``outbox.py`` does, inside the LDAP write's
+transaction) and holds no SQL of its own (``ldapsync/store/outbox.py``).
+
+::
+
+    planner wake (after COMMIT) ─┐
+    poll every second ───────────┴─▶ _drain: connector active?  ──no──▶ wait (nothing dropped)
+                                        │ yes
+                                        ▼
+                   claim_and_load_txn: lease up to N users (head row lease; SKIP LOCKED on PostgreSQL),
+                                       their rows up to the newest non-held one, their entries
+                                        │            (one task per user, at most N in flight)
+                                        ▼
+               _apply: the newest DesiredUser + the newest queued password (coalescing)
+                 bound ─▶ id known? GET ─▶ PATCH what differs (+ passwordProfile, accountEnabled)
+                       └▶ unknown:  UPN exists? link (soft match) : POST /users
+                 unbound / deleted ─▶ PATCH accountEnabled false ─▶ POST revokeSignInSessions
+                                        │
+          ┌─────────────────────────────┼───────────────────────────────────────────┐
+          ▼ success                     ▼ Transient (429/5xx/network)               ▼ permanent (400/403/conflict)
+     status on the entry             rows stay: attempts+1,                   rows state='error' (kept, with their
+     + DELETE rows (secrets too)     next_attempt_at = now + backoff          secret) until the user's next change or
+     (one transaction)               (Retry-After honoured, capped)           `o365 reconcile --retry-errors`;
+                                                                               o365SyncState=error, o365LastError
+
+Per user, rows are handled oldest first and all together: the newest payload is
+the user's complete desired state, so applying it is applying every older row.
+Passwords are decrypted only right before the request that carries them and
+never appear in a log line, an error attribute or an exception message.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from ldapsync.directory.passwords import generate_password
+from ldapsync.directory.writes import now_generalized
+from ldapsync.store import outbox as q
+from ldapsync.store.entries import StoredEntry
+from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+log = Logger()
+
+USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
+               "accountEnabled", "passwordPolicies", "usageLocation")
+NO_EXPIRY = "DisablePasswordExpiration"
+
+
+class PermanentError(Exception):
+    """Retrying the same request will not help; shown on the entry as ``o365LastError``."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    base: float = 2.0            # first retry after ~2 s, then doubling
+    cap: float = 300.0           # never wait longer than 5 minutes between tries
+    jitter: float = 0.5          # wait = delay * uniform(1 - jitter, 1)
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        d = min(self.cap, self.base * (2 ** max(0, attempts)))
+        d *= 1 - self.jitter * random.random()
+        if retry_after is not None:
+            d = max(d, min(retry_after, self.cap))
+        return d
+
+
+Status = dict[str, list[str] | None]
+
+
+@dataclass
+class Outcome:
+    status: Status | None          # None: no entry to write to (deleted)
+    object_id: str | None = None
+    what: str = ""
+
+
+@dataclass
+class _Job:
+    entry_uuid: str
+    rows: list[q.OutboxRow]
+    entry: StoredEntry | None
+    started: float = field(default_factory=time.monotonic)
+
+
+def _guarded(fn: Any) -> Any:
+    """Run a periodic job; a failure is logged and the loop goes on."""
+    d = defer.maybeDeferred(fn)
+    d.addCallback(lambda r: defer.ensureDeferred(r) if hasattr(r, "__await__") and not isinstance(r, defer.Deferred) else r)
+    d.addErrback(lambda f: log.failure("outbox worker: periodic {name} failed", f, name=getattr(fn, "__name__", "job")))
+    return d
+
+
+def _claim_txn(txn: Any, d: Directory, owner: str, now: float, lease: float, limit: int,
+               exclude: list[str]) -> list[_Job]:
+    return [_Job(uuid, rows, entry_by_uuid_txn(d, txn, uuid))
+            for uuid, rows in q.claim_and_load_txn(txn, owner, now, lease, limit, exclude)]
+
+
+def default_node_id(directory: Directory) -> str:
+    """Stable across restarts of the same server (so it can drop its own stale leases at start)."""
+    listen = directory.config.ldap.listen
+    return f"{socket.gethostname()}/{listen[0] if listen else os.getpid()}"[:64]
+
+
+class OutboxWorker:
+    """See the module docstring.  ``connector`` gives ``client`` (GraphClient), ``state``, ``box``, ``check()``."""
+
+    def __init__(self, directory: Directory, connector: Any, *, reactor: Any, concurrency: int = 16,
+                 poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
+                 node_id: str | None = None, retry: RetryPolicy = RetryPolicy(), clock: Any = time.time) -> None:
+        self.d = directory
+        self.db = directory.db
+        self.config = directory.config.office365
+        self.connector = connector
+        self.reactor = reactor
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self.lease_seconds = lease_seconds
+        self.depth_interval = depth_interval
+        self.owner = node_id or default_node_id(directory)
+        self.retry = retry
+        self.clock = clock
+        self._inflight: dict[str, _Job] = {}
+        self._running = False
+        self._draining = False
+        self._again = False
+        self._scheduled: Any = None
+        self._loops: list[task.LoopingCall] = []
+        self._entry_state: str | None = None
+        self._entry_state_at = 0.0
+        self._last_check = 0.0
+        self._paused_until = 0.0
+        self._waiting_logged = False
+        self.delivered = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.db.is_sqlite:
+            n = await self.db.run_interaction("o365 outbox: drop stale leases", q.release_all_leases_txn)
+        else:
+            n = await self.db.run_interaction("o365 outbox: drop own stale leases", q.release_leases_txn, self.owner)
+        if n:
+            log.info("Microsoft 365 outbox: {n} lease(s) from before a restart released", n=n)
+        self._running = True
+        jobs: list[tuple[float, Any]] = [(self.poll_interval, self.wake), (self.lease_seconds / 3, self._renew),
+                                         (self.depth_interval, self._depth)]
+        for interval, job in jobs:
+            loop = task.LoopingCall(_guarded, job)
+            loop.clock = self.reactor
+            loop.start(interval, now=True).addErrback(lambda f: log.failure("outbox worker loop failed", f))
+            self._loops.append(loop)
+
+    def stop(self) -> None:
+        self._running = False
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+
+    def wake(self) -> None:
+        """Look for work now (called after COMMIT by the planner, and by the poll)."""
+        if not self._running:
+            return
+        if self._draining:
+            self._again = True
+            return
+        if self._scheduled is None or not self._scheduled.active():
+            self._scheduled = self.reactor.callLater(0, self._kick)
+
+    def _kick(self) -> None:
+        self._scheduled = None
+        defer.ensureDeferred(self._drain()).addErrback(lambda f: log.failure("outbox worker: drain failed", f))
+
+    # -- claiming -------------------------------------------------------------------
+    async def _connector_ready(self) -> bool:
+        c = self.connector
+        now = time.monotonic()
+        if now < self._paused_until:
+            return False
+        if now - self._entry_state_at >= 2.0:
+            from ldapsync.sync.connector import read_status_txn
+
+            st = await self.db.run_interaction("o365 connector state", lambda txn: read_status_txn(self.d, txn), write=False)
+            self._entry_state = next(iter(st.get("o365ConnectorState") or ()), None)
+            self._entry_state_at = now
+        mem = getattr(c, "state", None)
+        mem = getattr(mem, "value", mem)
+        ready = self._entry_state == "active" and mem == "active" and getattr(c, "client", None) is not None
+        if not ready and self._entry_state != mem and self._entry_state is not None:
+            # Another process (the CLI) changed the connector: let ours look again (rate-limited).
+            self._recheck()
+        if not ready and not self._waiting_logged:
+            log.info("Microsoft 365 outbox: waiting for the connector (state {state})", state=self._entry_state or mem)
+            self._waiting_logged = True
+        if ready:
+            self._waiting_logged = False
+        return ready
+
+    def _recheck(self, min_interval: float = 15.0) -> None:
+        now = time.monotonic()
+        if now - self._last_check < min_interval or not hasattr(self.connector, "check"):
+            return
+        self._last_check = now
+        self._entry_state_at = 0.0
+
+        async def run() -> None:
+            await self.connector.check()
+            self._entry_state_at = 0.0
+            self.wake()
+        defer.ensureDeferred(run()).addErrback(lambda f: log.failure("connector re-check failed", f))
+
+    async def _drain(self) -> None:
+        if self._draining:
+            self._again = True
+            return
+        self._draining = True
+        try:
+            while self._running:
+                self._again = False
+                free = self.concurrency - len(self._inflight)
+                if free <= 0 or not await self._connector_ready():
+                    break
+                d = self.d
+                owner, lease, now, exclude = self.owner, self.lease_seconds, self.clock(), list(self._inflight)
+
+                jobs = await self.db.run_interaction("o365 outbox claim", _claim_txn, d, owner, now, lease, free, exclude)
+                for job in jobs:
+                    self._inflight[job.entry_uuid] = job
+                    dd = defer.ensureDeferred(self._process(job))
+                    dd.addErrback(lambda f: log.failure("outbox worker: processing failed", f))
+                    dd.addBoth(self._done, job.entry_uuid)
+                if len(jobs) < free and not self._again:
+                    break
+        finally:
+            self._draining = False
+
+    def _done(self, _: Any, entry_uuid: str) -> None:
+        self._inflight.pop(entry_uuid, None)
+        self.wake()
+
+    async def _renew(self) -> None:
+        if self._inflight:
+            users = list(self._inflight)
+            until = self.clock() + self.lease_seconds
+            await self.db.run_interaction("o365 outbox lease renewal", q.renew_leases_txn, self.owner, users, until)
+
+    async def _depth(self) -> None:
+        from ldapsync.sync.connector import write_status_txn
+
+        def run(txn: Any) -> None:
+            counts = q.queue_counts_txn(txn)
+            write_status_txn(self.d, txn, {"o365QueueDepth": [str(counts[q.READY] + counts[q.HELD])]})
+        await self.db.run_interaction("o365 queue depth", run)
+
+    # -- one user ---------------------------------------------------------------------
+    async def _process(self, job: _Job) -> None:
+        rows = job.rows
+        if not rows:                 # only held rows (cannot happen: claims need a ready row)
+            await self.db.run_interaction("o365 outbox release", q.release_leases_txn, self.owner, [job.entry_uuid])
+            return
+        ids = [r.id for r in rows]
+        desired = DesiredUser.from_json(rows[-1].payload)
+        secret = next((r.secret for r in reversed(rows) if r.secret), None)
+        attempts = max(r.attempts for r in rows)
+        from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
+        try:
+            out = await self._apply(desired, secret, job.entry)
+        except (AuthError, Unauthorized) as e:
+            # The connector cannot sign in: everyone waits (nothing is dropped); the connector shows why.
+            transient = isinstance(e, AuthError) and e.transient
+            wait = self.retry.delay(attempts) if transient else 5.0
+            self._paused_until = time.monotonic() + min(wait, 30.0)
+            log.warn("Microsoft 365 outbox: sign-in problem ({code}); queued work waits", code=e.code or type(e).__name__)
+            self._recheck(min_interval=5.0)
+            await self._fail(job, ids, str(e), permanent=False, next_at=self.clock() + min(wait, 30.0))
+            return
+        except Transient as e:
+            wait = self.retry.delay(attempts, e.retry_after)
+            log.info("Microsoft 365: {upn}: {error}; retry in {wait:.0f}s", upn=desired.upn, error=str(e), wait=wait)
+            await self._fail(job, ids, str(e), permanent=False, next_at=self.clock() + wait)
+            return
+        except (GraphError, PermanentError) as e:    # BadRequest, Forbidden, ObjectConflict, NotFound...
+            await self._permanent(job, ids, desired, str(e))
+            return
+        except Exception as e:  # noqa: BLE001  (network trouble below the Graph client, a bug: retry later)
+            from ldapsync.graph.crypto import DecryptionError
+
+            if isinstance(e, DecryptionError):
+                await self._permanent(job, ids, desired, "the queued password cannot be decrypted "
+                                      "([secrets] key_file changed?); set the password again")
+                return
+            log.failure("Microsoft 365: delivery for {upn} failed; will retry", upn=desired.upn)
+            await self._fail(job, ids, f"{type(e).__name__}", permanent=False,
+                             next_at=self.clock() + self.retry.delay(attempts))
+            return
+        last = ids[-1]
+
+        def finish(txn: Any) -> None:
+            if out.status is not None:
+                write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
+            if out.object_id:
+                q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
+            q.complete_txn(txn, ids)
+        await self.db.run_interaction("o365 outbox complete", finish)
+        self.delivered += len(ids)
+        log.info("Microsoft 365: {upn}: {what} ({n} change(s) in {ms:.0f} ms)", upn=desired.upn or desired.dn,
+                 what=out.what, n=len(ids), ms=(time.monotonic() - job.started) * 1000)
+
+    async def _fail(self, job: _Job, ids: list[int], error: str, *, permanent: bool, next_at: float) -> None:
+        await self.db.run_interaction("o365 outbox retry later", q.fail_txn, ids, error,
+                                      permanent=permanent, next_attempt_at=next_at)
+
+    async def _permanent(self, job: _Job, ids: list[int], desired: DesiredUser, error: str) -> None:
+        log.warn("Microsoft 365: {upn}: {error}; stopped until the user's next change "
+                 "or `ldapsync o365 reconcile --retry-errors`", upn=desired.upn or desired.dn, error=error)
+
+        def run(txn: Any) -> None:
+            q.fail_txn(txn, ids, error, permanent=True)
+            if not desired.deleted:
+                write_user_status_txn(self.d, txn, job.entry_uuid, {
+                    "o365SyncState": [SyncState.error.value], "o365LastError": [error[:1000]]})
+        await self.db.run_interaction("o365 outbox error", run)
+
+    # -- Graph ------------------------------------------------------------------------
+    def _password(self, secret_hex: str) -> str:
+        return self.connector.box.decrypt(bytes.fromhex(secret_hex)).decode("utf-8")
+
+    async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None) -> Outcome:
+        attrs = entry.attrs if entry is not None else {}
+        object_id = next(iter(attrs.get("o365ObjectId") or ()), None) or desired.object_id
+        prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
+        if not desired.bound:
+            return await self._unbind(desired, object_id, has_entry=entry is not None)
+        return await self._bind(desired, secret, object_id, prev_state)
+
+    async def _unbind(self, desired: DesiredUser, object_id: str | None, *, has_entry: bool) -> Outcome:
+        from ldapsync.graph.errors import NotFound
+
+        client = self.connector.client
+        if not object_id:
+            # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
+            cleared: Status = {"o365SyncState": None, "o365LastError": None, "o365SyncedAt": None}
+            status = None if desired.deleted or not has_entry else cleared
+            return Outcome(status, None, "unbound before it was provisioned: nothing to do")
+        try:
+            user = await client.get_user(object_id, ("id", "accountEnabled"))
+        except NotFound:
+            user = None
+        what = "account already gone from Microsoft 365"
+        if user is not None:
+            if user.get("accountEnabled") is not False:
+                await client.update_user(object_id, {"accountEnabled": False})
+            what = "sign-in blocked"
+            if self.config.unbind_action != "block":
+                await client.revoke_sessions(object_id)
+                what += ", sessions revoked"
+        disabled: Status = {"o365ObjectId": [object_id], "o365SyncState": [SyncState.disabled.value],
+                            "o365SyncedAt": [now_generalized()], "o365LastError": None}
+        status = None if desired.deleted else disabled
+        return Outcome(status, object_id, what)
+
+    def _create_body(self, desired: DesiredUser, password: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "accountEnabled": password is not None,
+            "userPrincipalName": desired.upn,
+            "mail": desired.mail,
+            "mailNickname": desired.mail_nickname or (desired.upn or "").split("@")[0],
+            "displayName": desired.display_name or desired.mail_nickname or desired.upn,
+            "passwordPolicies": NO_EXPIRY,
+            "passwordProfile": {"password": password if password is not None else generate_password(24),
+                                "forceChangePasswordNextSignIn": False},
+        }
+        if desired.given_name:
+            body["givenName"] = desired.given_name
+        if desired.surname:
+            body["surname"] = desired.surname
+        if self.config.usage_location:
+            body["usageLocation"] = self.config.usage_location
+        return body
+
+    def _conflict(self, upn: str | None) -> PermanentError:
+        return PermanentError(f'a Microsoft 365 account with the sign-in name "{upn}" already exists and '
+                              "[office365] soft_match = false forbids linking to it")
+
+    async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
+                    prev_state: str | None) -> Outcome:
+        from ldapsync.graph.errors import NotFound, ObjectConflict
+
+        client = self.connector.client
+        if not desired.upn:
+            raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
+        user: dict[str, Any] | None = None
+        what = "updated"
+        if object_id:
+            try:
+                user = await client.get_user(object_id, USER_SELECT)
+            except NotFound:
+                raise PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
+                                     "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it") from None
+        else:
+            user = await client.find_user_by_upn(desired.upn, USER_SELECT)
+            if user is not None:
+                if not self.config.soft_match:
+                    raise self._conflict(desired.upn)
+                what = "linked to the existing account"
+            else:
+                password = self._password(secret) if secret else None
+                try:
+                    created = await client.create_user(self._create_body(desired, password))
+                except ObjectConflict:
+                    user = await client.find_user_by_upn(desired.upn, USER_SELECT)
+                    if user is None:
+                        raise
+                    if not self.config.soft_match:
+                        raise self._conflict(desired.upn) from None
+                    what = "linked to the existing account"
+                else:
+                    del password
+                    # Created with a random password although the directory holds one (only a
+                    # hash): capture it at the user's next bind.
+                    return Outcome(self._synced(created["id"], pending=bool(desired.has_password and not secret)),
+                                   created["id"],
+                                   "created" + ("" if secret else " (sign-in blocked until a password is set)"))
+        assert user is not None
+        oid = user["id"]
+        patch = self._diff(user, desired)
+        if secret:
+            patch["passwordProfile"] = {"password": self._password(secret), "forceChangePasswordNextSignIn": False}
+            if user.get("accountEnabled") is False:
+                patch["accountEnabled"] = True
+        elif user.get("accountEnabled") is False and prev_state == SyncState.disabled.value and desired.has_password:
+            patch["accountEnabled"] = True              # bound again after an unbind
+        if patch:
+            await client.update_user(oid, patch)
+            shown = sorted("password" if k == "passwordProfile" else k for k in patch)
+            what += ": " + ", ".join(shown)
+        else:
+            what += ": already up to date" if what == "updated" else ""
+        pending: bool | None = None
+        if secret:
+            pending = False                              # Microsoft 365 has the directory's password now
+        elif what.startswith("linked") and desired.has_password:
+            pending = True                               # a linked account has a password we never set
+        return Outcome(self._synced(oid, pending=pending), oid, what)
+
+    def _synced(self, oid: str, *, pending: bool | None = None) -> Status:
+        status: Status = {"o365ObjectId": [oid], "o365SyncState": [SyncState.synced.value],
+                          "o365SyncedAt": [now_generalized()], "o365LastError": None}
+        if pending is not None:
+            # o365PasswordPending: the next successful bind hands the cleartext to the outbox.
+            status["o365PasswordPending"] = ["TRUE"] if pending else None
+        return status
+
+    def _diff(self, user: dict[str, Any], desired: DesiredUser) -> dict[str, Any]:
+        patch: dict[str, Any] = {}
+        want = {"displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
+                "mailNickname": desired.mail_nickname, "userPrincipalName": desired.upn, "mail": desired.mail}
+        for key, value in want.items():
+            if key in ("displayName", "mailNickname", "userPrincipalName", "mail") and not value:
+                continue                                  # cannot be cleared in Graph
+            if (user.get(key) or None) != (value or None):
+                patch[key] = value
+        policies = [p.strip() for p in (user.get("passwordPolicies") or "").split(",") if p.strip() and p.strip() != "None"]
+        if NO_EXPIRY not in policies:
+            patch["passwordPolicies"] = ",".join([*policies, NO_EXPIRY])
+        if self.config.usage_location and user.get("usageLocation") != self.config.usage_location:
+            patch["usageLocation"] = self.config.usage_location
+        return patch
