@@ -111,9 +111,13 @@ class PacingPolicy:
     enabled: bool = True
     writes_per_window: int = 3000
     window: float = 150.0
-    burst: int = 300
-    slowdown_threshold: float = 0.8   # x-ms-throttle-limit-percentage at which we slow down
-    slowdown_target: float = 0.7      # rate factor = target / reported percentage
+    burst: int = 150                  # steady rate (3000 - 150) / 150 s = 19 writes/s = 95% of the budget
+    # Our own pacing already keeps us near 95% of the budget, and Graph sends
+    # x-ms-throttle-limit-percentage whenever a window is over 80% used: reacting to
+    # that alone would throttle us to ~75% for nothing.  Slow down only when Graph
+    # says the budget is (almost) spent, e.g. because other apps use it too.
+    slowdown_threshold: float = 0.98
+    slowdown_target: float = 0.9      # rate factor = target / reported percentage
     slowdown_period: float = 30.0     # how long a slowdown lasts after the last such header
     min_factor: float = 0.1
 
