@@ -219,6 +219,23 @@ class Write:
         cs = ChangeSet(self.operation, self.actor_dn, context=dict(self.context))
         cs.changes = list(self._deleted) + [self._all[i] for i in self._all_order if i in self._all]
         store.run_hooks_txn(self.txn, cs)
+        # Hooks may ask for operational status values on the entries they looked at
+        # (e.g. o365SyncState: pending); they are stored in this same transaction.
+        status: dict[str, dict[str, list[str] | None]] = cs.context.get("status_updates") or {}  # type: ignore[assignment]
+        for norm, values in status.items():
+            st = self._staged.get(norm)
+            if st is None or st.attrs is None:
+                continue
+            attrs = dict(st.attrs)
+            for k, v in values.items():
+                if v:
+                    attrs[k] = list(v)
+                else:
+                    attrs.pop(k, None)
+            if attrs != st.attrs:
+                self.update(st, attrs, stamp=False)
+        if status:
+            self._flush()
         return cs
 
     def _refint(self) -> None:

@@ -14,7 +14,8 @@ rolls the whole LDAP operation back.
                                          │  bound before/after? names, mail, uid, password changed?
                                          ├─ refuse: constraintViolation (unverified domain, no mail)
                                          └─ INSERT o365_outbox (payload = DesiredUser, secret = encrypted password)
-                    COMMIT ──▶ call_after(worker.wake)
+                                         └─ PostgreSQL: NOTIFY ldapsync_outbox (sent at COMMIT)
+                    COMMIT ──▶ call_after(worker.wake); other nodes: LISTEN → wake (sync/notify.py)
 
 A row's ``payload`` is the user's complete desired Microsoft 365 state at that
 moment (:class:`DesiredUser` as JSON), so the worker may coalesce a user's rows
@@ -42,6 +43,7 @@ from twisted.logger import Logger
 
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.store import entries as store
+from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, ChangeSet, EntryChange
 
@@ -142,12 +144,17 @@ class OutboxPlanner:
             return
         cleartext: dict[str, list[str]] = cs.context.get("cleartext", {})  # type: ignore[assignment]
         rows: list[tuple[DesiredUser, str | None]] = []
+        status: dict[str, dict[str, list[str] | None]] = {}
         for ch in cs.changes:
             row = self._plan(txn, ch, cleartext)
             if row is not None:
                 rows.append(row)
+                if ch.kind != "delete":
+                    # shown on the entry until the worker writes synced/disabled/error
+                    status[ch.dn_norm] = {"o365SyncState": ["pending"]}
         if not rows:
             return
+        cs.context["status_updates"] = status
         disables = sum(1 for desired, _ in rows if not desired.bound)
         held = disables > self.disable_threshold and not cs.context.get("exempt_from_guard")
         now = self.clock()
@@ -156,6 +163,7 @@ class OutboxPlanner:
             state = "held" if (held and not desired.bound) else "ready"
             params.append((desired.entry_uuid, now, desired.reason, desired.to_json(), secret, state, 0, 0.0))
         txn.run_many(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", params)
+        outbox_store.notify_txn(txn)    # PostgreSQL: every node's worker wakes at COMMIT (sync/notify.py)
         if held:
             log.warn("{n} users would be disabled in Microsoft 365 by one {op}: held until an admin runs "
                      "`ldapsync o365 release`", n=disables, op=cs.operation)
@@ -223,6 +231,7 @@ class OutboxPlanner:
             desired = self.desired(attrs, str(dn), bound=True, reason="password")
             txn.run(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (desired.entry_uuid, self.clock(), "password", desired.to_json(), secret, "ready", 0, 0.0))
+            outbox_store.notify_txn(txn)
             return True
 
         if await self.directory.db.run_interaction("capture password", run) and self.wake is not None:

@@ -283,7 +283,9 @@ class OutboxWorker:
         attempts = max(r.attempts for r in rows)
         from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
         try:
-            out = await self._apply(desired, secret, job.entry)
+            # "bind" among the coalesced rows: the user became bound (again) in this batch.
+            rebind = any(DesiredUser.from_json(r.payload).reason == "bind" for r in rows)
+            out = await self._apply(desired, secret, job.entry, rebind=rebind)
         except (AuthError, Unauthorized) as e:
             # The connector cannot sign in: everyone waits (nothing is dropped); the connector shows why.
             transient = isinstance(e, AuthError) and e.transient
@@ -344,10 +346,13 @@ class OutboxWorker:
     def _password(self, secret_hex: str) -> str:
         return self.connector.box.decrypt(bytes.fromhex(secret_hex)).decode("utf-8")
 
-    async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None) -> Outcome:
+    async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
+                     rebind: bool = False) -> Outcome:
         attrs = entry.attrs if entry is not None else {}
         object_id = next(iter(attrs.get("o365ObjectId") or ()), None) or desired.object_id
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
+        if rebind and object_id:
+            prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
         if not desired.bound:
             return await self._unbind(desired, object_id, has_entry=entry is not None)
         return await self._bind(desired, secret, object_id, prev_state)

@@ -1,0 +1,130 @@
+"""The outbox planner in-process on real SQLite/PostgreSQL: which writes leave which rows, atomically."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import SUFFIX
+
+from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
+from ldapsync.config import AdminConfig, Config, DirectoryConfig, Office365Config, PasswordsConfig, SecretsConfig
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.service import Directory
+from ldapsync.directory.writes import Write
+from ldapsync.store import entries as store
+from ldapsync.store.database import Database
+from ldapsync.sync.connector import ensure_entries_txn, write_status_txn
+from ldapsync.sync.outbox import DesiredUser, install_planner
+
+PEOPLE = f"ou=people,{SUFFIX}"
+TAG = f"cn=Provisioning - Office 365,ou=tags,{SUFFIX}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def d(request, tmp_path):
+    pg = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'o.db'}"
+    else:
+        url, pg = create_pg_database()
+    cfg = Config(
+        directory=DirectoryConfig(suffix=SUFFIX, database=url),
+        admin=AdminConfig(password_file=str(tmp_path / "pw")),
+        passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192),
+        office365=Office365Config(enabled=True, tenant="contoso.onmicrosoft.com", client_id="x", disable_threshold=2),
+        secrets=SecretsConfig(key_file=str(tmp_path / "key")),
+    )
+    directory = Directory(cfg, Database(url))
+    directory.bootstrap_sync()
+    planner = install_planner(directory)
+    directory.db.run_sync("entries", lambda txn: ensure_entries_txn(directory, txn))
+    directory.db.run_sync("domains", lambda txn: write_status_txn(directory, txn, {"o365VerifiedDomain": ["contoso.com"]}))
+    yield directory
+    store.unregister_change_hook(planner.hook)
+    directory.db.stop()
+    if pg:
+        drop_pg_database(pg)
+
+
+def write(d: Directory, fn, context=None):
+    def run(txn):
+        w = Write(d, txn, f"cn=admin,{SUFFIX}", "modify", context=context or {})
+        fn(w)
+        return w.finish()
+    return d.db.run_sync("w", run)
+
+
+def add_user(d, uid, *, bound=False, mail_domain="contoso.com", password=None):
+    attrs = {"objectClass": ["inetOrgPerson", "ldapsyncUser"], "uid": [uid], "cn": [uid], "sn": ["S"],
+             "mail": [f"{uid}@{mail_domain}"]}
+    if bound:
+        attrs["ldapsyncDirectory"] = ["office365"]
+    if password:
+        attrs["userPassword"] = [d.hasher.hash(password.encode())]
+    dn = d.dn(f"uid={uid},{PEOPLE}")
+    ctx = {"cleartext": {dn.norm: [password]}} if password else {}
+    write(d, lambda w: w.create(dn, attrs, w.get(dn.parent)), ctx)
+
+
+def rows(d):
+    return d.db.run_sync("rows", lambda txn: txn.rows("SELECT entry_uuid, operation, payload, secret, state FROM o365_outbox ORDER BY id"), write=False)
+
+
+def entry(d, uid):
+    return d.db.run_sync("e", store.get_entry_txn, d.dn(f"uid={uid},{PEOPLE}").norm, write=False).attrs
+
+
+def test_bind_with_password_queues_one_encrypted_row_and_pending(d):
+    add_user(d, "ann", bound=True, password="Secret-Pass-1")
+    (uuid, op, payload, secret, state), = rows(d)
+    desired = DesiredUser.from_json(payload)
+    assert op == "bind" and state == "ready" and desired.bound and desired.upn == "ann@contoso.com"
+    assert desired.mail_nickname == "ann" and desired.entry_uuid == entry(d, "ann")["entryUUID"][0]
+    assert secret and "Secret-Pass-1" not in secret and b"Secret-Pass-1" not in bytes.fromhex(secret)
+    assert entry(d, "ann")["o365SyncState"] == ["pending"]
+
+
+def test_unbound_users_leave_nothing_and_tag_binding_works(d):
+    add_user(d, "bob")
+    assert rows(d) == []
+    write(d, lambda w: w.update(st := w.get(d.dn(TAG)), {**st.attrs, "member": [f"uid=bob,{PEOPLE}"]}))
+    (_, op, payload, secret, _), = rows(d)
+    assert op == "bind" and secret is None and DesiredUser.from_json(payload).bound
+
+
+def test_unverified_domain_rolls_the_write_back(d):
+    with pytest.raises(LDAPError) as e:
+        add_user(d, "cat", bound=True, mail_domain="fabrikam.com")
+    assert e.value.code == ResultCode.constraintViolation and "fabrikam.com" in e.value.message
+    assert rows(d) == []
+    assert d.db.run_sync("e", store.get_entry_txn, d.dn(f"uid=cat,{PEOPLE}").norm, write=False) is None
+
+
+def test_irrelevant_changes_queue_nothing(d):
+    add_user(d, "dan", bound=True)
+    n = len(rows(d))
+    write(d, lambda w: w.update(st := w.get(d.dn(f"uid=dan,{PEOPLE}")), {**st.attrs, "description": ["x"]}))
+    assert len(rows(d)) == n
+    write(d, lambda w: w.update(st := w.get(d.dn(f"uid=dan,{PEOPLE}")), {**st.attrs, "sn": ["New"]}))
+    assert len(rows(d)) == n + 1 and rows(d)[-1][1] == "update"
+
+
+def test_mass_unbind_is_held_and_deactivate_queues_nothing(d):
+    for u in ("e1", "e2", "e3"):
+        add_user(d, u, bound=True)
+    before = len(rows(d))
+
+    def unbind_all(w):
+        for u in ("e1", "e2", "e3"):
+            st = w.get(d.dn(f"uid={u},{PEOPLE}"))
+            attrs = dict(st.attrs)
+            del attrs["ldapsyncDirectory"]
+            w.update(st, attrs)
+    write(d, unbind_all)
+    new = rows(d)[before:]
+    assert [r[4] for r in new] == ["held"] * 3 and all(not DesiredUser.from_json(r[2]).bound for r in new)
+
+    add_user(d, "f1", bound=True)
+    before = len(rows(d))
+    write(d, lambda w: w.update(st := w.get(d.dn(f"uid=f1,{PEOPLE}")), {k: v for k, v in st.attrs.items() if k != "ldapsyncDirectory"}),
+          {"leave_microsoft365_untouched": True})
+    assert len(rows(d)) == before
