@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, protocol
+from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
@@ -57,7 +58,7 @@ class _Op:
     abandoned: bool = False
 
 
-class LDAPConnection(protocol.Protocol):
+class LDAPConnection(protocol.Protocol, TimeoutMixin):
     def __init__(self, factory: "LDAPServerFactory") -> None:
         self.factory = factory
         self.directory = factory.directory
@@ -70,16 +71,28 @@ class LDAPConnection(protocol.Protocol):
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        if self.factory.idle_timeout:
+            self.setTimeout(self.factory.idle_timeout)
+
+    def timeoutConnection(self) -> None:
+        # [ldap] idle_timeout: like slapd's idletimeout, an idle client is disconnected.
+        if self.ops:
+            self.resetTimeout()
+            return
+        self._disconnect(ResultCode.unavailable, "connection idle for too long; closed by the server")
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self.factory.connections -= 1
         self.closing = True
+        self.setTimeout(None)
         for op in self.ops.values():
             op.abandoned = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.factory.idle_timeout:
+            self.resetTimeout()
         self.buffer += data
         max_size = self.factory.max_pdu_size
         while self.buffer and not self.closing:
@@ -303,8 +316,9 @@ def _paged_value(size: int, cookie: bytes) -> bytes:
 
 class LDAPServerFactory(protocol.ServerFactory):
     def __init__(self, directory: Directory, *, max_pdu_size: int = 10 * 1024 * 1024,
-                 starttls_context: Any = None, is_tls_listener: bool = False) -> None:
+                 starttls_context: Any = None, is_tls_listener: bool = False, idle_timeout: float = 0.0) -> None:
         self.directory = directory
+        self.idle_timeout = idle_timeout
         self.max_pdu_size = max_pdu_size
         self.starttls_context = starttls_context
         self.is_tls_listener = is_tls_listener

@@ -314,3 +314,16 @@ def test_admins_group_members_are_admins(server):
     assert server.run("ldapmodify", bind=dn, password="Admin-Group-1", input=mod).returncode == 0
     server.run("ldapmodify", input=f"dn: cn=admins,{GROUPS}\nchangetype: modify\ndelete: member\nmember: {dn}\n-\nadd: member\nmember: {ADMIN_DN}\n", check=True)
     assert server.run("ldapmodify", bind=dn, password="Admin-Group-1", input=mod).returncode == 50
+
+
+def test_idle_timeout_closes_idle_connections(make_server):
+    import socket
+    import time
+
+    srv = make_server("sqlite", "[ldap]\nidle_timeout = \"1s\"\n")
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    time.sleep(2.5)
+    data = s.recv(4096)          # Notice of Disconnection, then EOF
+    assert b"1.3.6.1.4.1.1466.20036" in data
+    s.close()
+    assert srv.run("ldapwhoami").returncode == 0
