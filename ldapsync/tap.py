@@ -177,6 +177,7 @@ def make_service(config: Config) -> service.MultiService:
             max_pdu_size=config.ldap.max_pdu_size,
             starttls_context=ctx,
             is_tls_listener=endpoint.startswith("ssl:"),
+            idle_timeout=config.ldap.idle_timeout,
         )
         strports.service(endpoint, factory).setServiceParent(top)
     if config.office365.enabled:
