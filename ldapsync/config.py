@@ -85,6 +85,12 @@ class Office365Config:
     graph_url: str = ""
     ca_bundle: str = ""
     reconcile_interval: float = 60.0
+    # How long a node's claim on a user's queued changes lasts without renewal (renewed every third
+    # of it while the node works on them): a crashed node's work is taken over after this long.
+    outbox_lease: float = 120.0
+    # Graph's directory write budget per app and tenant (writes per 150 s); the client paces
+    # itself to ~95% of it.  0 turns client-side pacing off (a test tenant without limits).
+    write_budget: int = 3000
     usage_location: str = ""
     soft_match: bool = True
     unbind_action: str = "block-and-revoke"
@@ -140,7 +146,7 @@ _SECTIONS = {
     "selfservice": SelfServiceConfig,
     "secrets": SecretsConfig,
 }
-_DURATIONS = {("office365", "reconcile_interval"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
+_DURATIONS = {("office365", "reconcile_interval"), ("office365", "outbox_lease"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
 
 
 def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
@@ -191,6 +197,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f'[office365] cloud: expected global, usgov, usgov-dod or china, got {o.cloud!r}')
     if o.unbind_action not in ("block-and-revoke", "block"):
         raise ConfigError(f'[office365] unbind_action: expected "block-and-revoke" or "block", got {o.unbind_action!r}')
+    if o.outbox_lease < 3:
+        raise ConfigError(f"[office365] outbox_lease: expected at least 3s, got {o.outbox_lease:g}s")
     if o.enabled and (not o.tenant or not o.client_id):
         raise ConfigError("[office365] enabled = true needs tenant and client_id")
     db = cfg.directory.database

@@ -128,11 +128,19 @@ class OutboxWorkerService(service.Service):
         from ldapsync.sync.worker import OutboxWorker
 
         super().startService()
-        self.worker = OutboxWorker(self.dirsvc.directory, self.connsvc.connector, reactor=reactor)
+        self.worker = OutboxWorker(self.dirsvc.directory, self.connsvc.connector, reactor=reactor,
+                                   lease_seconds=self.dirsvc.config.office365.outbox_lease)
         if self.dirsvc.planner is not None:
             self.dirsvc.planner.wake = self.worker.wake
         d = defer.ensureDeferred(self.worker.start())
         d.addErrback(lambda f: log.failure("Microsoft 365 outbox worker failed to start", f))
+        # PostgreSQL (several nodes): rows committed by any node wake this worker (sync/notify.py).
+        self.listener: Any = None
+        if self.dirsvc.db.is_postgres:
+            from ldapsync.sync.notify import OutboxListener
+
+            self.listener = OutboxListener.for_database(self.dirsvc.db, self.worker.wake, reactor=reactor)
+            self.listener.start()
         # Drift: every reconcile_interval, once the connector is active.
         from twisted.internet.task import LoopingCall
 
@@ -161,6 +169,9 @@ class OutboxWorkerService(service.Service):
             self.reconcile_loop.stop()
         if self.worker is not None:
             self.worker.stop()
+        if getattr(self, "listener", None) is not None:
+            return self.listener.stop()
+        return None
 
 
 def make_service(config: Config) -> service.MultiService:

@@ -273,6 +273,53 @@ def make_server(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path,
 
 
 @pytest.fixture
+def make_cluster(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path, Path]) -> Iterator:
+    """Factory for a multi-node deployment: ``n`` servers on ONE fresh PostgreSQL database.
+
+    The nodes share what a real multi-node setup must share besides the database: the admin
+    password file's content and the ``[secrets]`` key (queued passwords are encrypted with it, and
+    any node may deliver them).  Nodes start one after the other (``start=True``); each has its
+    own workdir, ports and log.  All are stopped and the database dropped at test end.
+    """
+    made: list[Server] = []
+    dbs: list[str] = []
+
+    def make(n: int = 2, extra_config: str = "", start: bool = True) -> list[Server]:
+        db_url, name = create_pg_database()
+        dbs.append(name)
+        shared = tmp_path_factory.mktemp("cluster")
+        if "[secrets]" not in extra_config:
+            key_file = shared / "secret.key"
+            extra_config += f'\n[secrets]\nkey_file = "{key_file}"\n'
+        admin_password = uuid.uuid4().hex + "-Aa1!"
+        nodes = []
+        for i in range(n):
+            tmp = tmp_path_factory.mktemp(f"node{i}")
+            (tmp / "tls").mkdir(parents=True, exist_ok=True)
+            for p in tls_files:
+                shutil.copy(p, tmp / "tls" / p.name)
+            pw_file = tmp / "admin-password"
+            pw_file.write_text(admin_password + "\n")
+            pw_file.chmod(0o600)
+            srv = Server(tmp, "postgresql", db_url, free_port(), free_port(), tmp / "tls" / "ca.pem",
+                         tmp / "ldapsync.toml", extra_config=extra_config)
+            made.append(srv)
+            nodes.append(srv)
+        for srv in nodes:
+            if start:
+                srv.start()
+            else:
+                srv.write_config()
+        return nodes
+
+    yield make
+    for srv in made:
+        srv.stop()
+    for name in dbs:
+        drop_pg_database(name)
+
+
+@pytest.fixture
 def fake_tenant(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     """The fake Microsoft 365 tenant in its own process (HTTPS, real MSAL-compatible)."""
     from ldapsync.testing.client import FakeTenantProcess

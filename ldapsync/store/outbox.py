@@ -33,6 +33,9 @@ from ldapsync.store.database import Txn
 READY = "ready"
 HELD = "held"
 ERROR = "error"
+# PostgreSQL: a transaction that queued (or re-readied) rows notifies this channel; every
+# node's listener (ldapsync/sync/notify.py) wakes its worker when the transaction commits.
+NOTIFY_CHANNEL = "ldapsync_outbox"
 
 
 @dataclass(frozen=True)
@@ -169,14 +172,28 @@ def set_object_id_in_later_rows_txn(txn: Txn, entry_uuid: str, after_id: int, ob
 def release_held_txn(txn: Txn) -> int:
     """``ldapsync o365 release``: held rows (the mass-disable guard) become ready now."""
     cur = txn.run("UPDATE o365_outbox SET state = 'ready', next_attempt_at = 0 WHERE state = 'held'")
-    return int(cur.rowcount or 0)
+    n = int(cur.rowcount or 0)
+    if n:
+        notify_txn(txn)            # the CLI's transaction: the servers' workers wake at COMMIT
+    return n
 
 
 def retry_errors_txn(txn: Txn) -> int:
     """``ldapsync o365 reconcile --retry-errors``: rows stopped by a permanent error are tried again."""
     cur = txn.run("UPDATE o365_outbox SET state = 'ready', attempts = 0, next_attempt_at = 0, last_error = NULL"
                   " WHERE state = 'error'")
-    return int(cur.rowcount or 0)
+    n = int(cur.rowcount or 0)
+    if n:
+        notify_txn(txn)
+    return n
+
+
+def notify_txn(txn: Txn) -> None:
+    """PostgreSQL: wake the workers of every node once this transaction commits (no-op on SQLite).
+
+    NOTIFY is transactional: nothing is sent on rollback, and several in one transaction are one."""
+    if txn.is_postgres:
+        txn.run(f"NOTIFY {NOTIFY_CHANNEL}")
 
 
 def queue_counts_txn(txn: Txn) -> dict[str, int]:
@@ -191,3 +208,29 @@ def next_due_txn(txn: Txn) -> float | None:
     """When the earliest ready row becomes due (None: nothing ready)."""
     rows = txn.rows("SELECT MIN(next_attempt_at) FROM o365_outbox WHERE state = 'ready'")
     return float(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
+# -- creates in flight ------------------------------------------------------------------------
+# A POST /users whose reply is lost (connection reset, node killed) still made the account.  The
+# worker records that it is about to create a user before sending, so that the retry, finding the
+# account by its UPN, knows it is its own (it already has the queued password) and not somebody
+# else's to link to.
+
+def _create_key(entry_uuid: str) -> str:
+    return f"o365.create_sent.{entry_uuid}"
+
+
+def mark_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
+    from ldapsync.store.entries import set_meta_txn
+
+    set_meta_txn(txn, _create_key(entry_uuid), "1")
+
+
+def create_was_sent_txn(txn: Txn, entry_uuid: str) -> bool:
+    from ldapsync.store.entries import get_meta_txn
+
+    return get_meta_txn(txn, _create_key(entry_uuid)) == "1"
+
+
+def clear_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
+    txn.run("DELETE FROM meta WHERE key = ?", (_create_key(entry_uuid),))

@@ -193,14 +193,17 @@ class Connector:
         self.state: ConnectorState = ConnectorState.unauthorized
 
     def _build(self) -> None:
-        from ldapsync.graph.client import GraphClient
+        from ldapsync.graph.client import GraphClient, PacingPolicy
         from ldapsync.graph.clouds import endpoints_from_config
         from ldapsync.graph.token import token_provider_from_config
 
         o = self.config.office365
         self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor)
+        budget = o.write_budget
+        pacing = PacingPolicy(enabled=budget > 0, writes_per_window=max(budget, 1),
+                              burst=max(1, budget // 20)) if budget else PacingPolicy(enabled=False)
         self.client = GraphClient(self.provider, endpoints_from_config(o).graph_url, reactor=self.reactor,
-                                  ca_bundle=o.ca_bundle or None)
+                                  ca_bundle=o.ca_bundle or None, pacing=pacing)
 
     @property
     def auth_mode(self) -> str:

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
+from ldapsync.store.outbox import notify_txn
 from ldapsync.sync.outbox import OUTBOX_COLUMNS, DesiredUser, OutboxPlanner
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ log = Logger()
 
 META_DELTA_LINK = "o365.delta_link"
 META_LEASE = "o365.reconciler_lease"
-LEASE_SECONDS = 600.0
+LEASE_SECONDS = 120.0        # renewed every third of it while a pass runs: a crashed node's lease
+                             # stops drift correction on the other nodes for at most this long
 SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname", "accountEnabled")
 
 
@@ -81,29 +83,62 @@ class Reconciler:
         self.client = client
         self.wake = wake
         self.node = uuid.uuid4().hex
+        self._until = 0.0
+        self._renewed = 0.0
 
     async def run_once(self) -> ReconcileReport | None:
         """One pass; None when another node is reconciling (the lease in ``meta`` says so)."""
         if not await self.db.run_interaction("reconcile lease", self._lease_txn, True):
+            log.info("reconcile: another node holds the reconcile lease; skipped")
             return None
+        started = self._renewed = time.monotonic()
+        log.info("reconcile: pass started on this node (lease {lease} until {until:.3f})",
+                 lease=self.node[:12], until=self._until)
+        report: ReconcileReport | None = None
         try:
-            return await self._pass()
+            report = await self._pass()
+            return report
         finally:
             await self.db.run_interaction("reconcile lease", self._lease_txn, False)
+            log.info("reconcile: pass ended after {elapsed:.3f}s ({seen} user(s) read); lease {lease} given back",
+                     elapsed=time.monotonic() - started, seen=report.seen if report else "?", lease=self.node[:12])
 
     def _lease_txn(self, txn: Txn, take: bool) -> bool:
         """Take (or give back) the one-node-at-a-time lease; an expired lease may be taken over."""
-        lock = " FOR UPDATE" if txn.is_postgres else ""
+        lock = ""
+        if txn.is_postgres:
+            # The row must exist for FOR UPDATE to serialize two nodes (the first pass ever would
+            # otherwise have both INSERT it: one reconciles, the other fails on the primary key).
+            txn.run("INSERT INTO meta (key, value) VALUES (?, '') ON CONFLICT (key) DO NOTHING", (META_LEASE,))
+            lock = " FOR UPDATE"
         rows = txn.rows("SELECT value FROM meta WHERE key = ?" + lock, (META_LEASE,))
         owner, _, until = (rows[0][0] if rows else "").partition("@")
         now = time.time()
         if take:
             if owner and owner != self.node and until and float(until) > now:
                 return False
-            store.set_meta_txn(txn, META_LEASE, f"{self.node}@{now + LEASE_SECONDS}")
+            self._until = now + LEASE_SECONDS
+            store.set_meta_txn(txn, META_LEASE, f"{self.node}@{self._until}")
             return True
         if owner == self.node:
             store.set_meta_txn(txn, META_LEASE, "")
+        return True
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease during a long pass; give up the pass if another node has taken it over."""
+        if time.monotonic() - self._renewed < LEASE_SECONDS / 3:
+            return
+        self._renewed = time.monotonic()
+        if not await self.db.run_interaction("reconcile lease", self._renew_txn):
+            raise RuntimeError("the reconcile lease expired and another node took it over; pass abandoned")
+
+    def _renew_txn(self, txn: Txn) -> bool:
+        lock = " FOR UPDATE" if txn.is_postgres else ""
+        rows = txn.rows("SELECT value FROM meta WHERE key = ?" + lock, (META_LEASE,))
+        if (rows[0][0] if rows else "").partition("@")[0] != self.node:
+            return False
+        self._until = time.time() + LEASE_SECONDS
+        store.set_meta_txn(txn, META_LEASE, f"{self.node}@{self._until}")
         return True
 
     async def _pass(self) -> ReconcileReport:
@@ -118,6 +153,7 @@ class Reconciler:
             batch: list[dict[str, Any]] = []
             seen: set[str] = set()
             async for item in query:
+                await self._keep_lease()
                 if report.full_scan and item.get("id") and "@removed" not in item:
                     seen.add(item["id"].lower())
                 batch.append(item)
@@ -182,6 +218,7 @@ class Reconciler:
                 report.drifted.append(e.dn)
         if rows:
             txn.run_many(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            notify_txn(txn)
         self._report_deleted_txn(txn, deleted, report)
 
     def _missing_txn(self, txn: Txn, seen: set[str], started: str, report: ReconcileReport) -> None:

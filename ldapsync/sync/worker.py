@@ -321,6 +321,7 @@ class OutboxWorker:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
             if out.object_id:
                 q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
+                q.clear_create_sent_txn(txn, job.entry_uuid)
             q.complete_txn(txn, ids)
         await self.db.run_interaction("o365 outbox complete", finish)
         self.delivered += len(ids)
@@ -429,6 +430,9 @@ class OutboxWorker:
                 what = "linked to the existing account"
             else:
                 password = self._password(secret) if secret else None
+                # Durably note the attempt first: if the reply is lost, the retry will know the
+                # account it then finds by UPN is ours (see store/outbox.py).
+                await self.db.run_interaction("o365 create sent", q.mark_create_sent_txn, desired.entry_uuid)
                 try:
                     created = await client.create_user(self._create_body(desired, password))
                 except ObjectConflict:
@@ -448,6 +452,15 @@ class OutboxWorker:
         assert user is not None
         oid = user["id"]
         patch = self._diff(user, desired)
+        delivered_at_create = False
+        if secret and what.startswith("linked") and await self.db.run_interaction(
+                "o365 create sent?", q.create_was_sent_txn, desired.entry_uuid, write=False):
+            # We sent a create for this user whose reply was lost (connection reset, node
+            # killed): the account is our own and already has this password, and Graph
+            # refuses to set the same password again.
+            secret = None
+            delivered_at_create = True
+            what = "linked to the account our lost create made"
         if secret:
             patch["passwordProfile"] = {"password": self._password(secret), "forceChangePasswordNextSignIn": False}
             if user.get("accountEnabled") is False:
@@ -461,7 +474,7 @@ class OutboxWorker:
         else:
             what += ": already up to date" if what == "updated" else ""
         pending: bool | None = None
-        if secret:
+        if secret or delivered_at_create:
             pending = False                              # Microsoft 365 has the directory's password now
         elif what.startswith("linked") and desired.has_password:
             pending = True                               # a linked account has a password we never set

@@ -271,14 +271,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Run twistd in a python whose GraphClient default pacing is off (diagnostic only).
-NO_PACING_WRAPPER = (
-    "import sys; import ldapsync.graph.client as c; "
-    "c.GraphClient.__init__.__kwdefaults__['pacing'] = c.PacingPolicy(enabled=False); "
-    "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
-)
-
-
 class Server:
     def __init__(self, work: Path, users: int, info: dict, bin_dir: str | None, pacing: str):
         self.dir = work / "ldapsync"
@@ -300,7 +292,9 @@ class Server:
         pw = self.dir / "admin-password"
         pw.write_text(ADMIN_PASSWORD + "\n")
         pw.chmod(0o600)
-        o365 = office365_config(self.info, reconcile_interval=3600)
+        # --server-pacing off: [office365] write_budget = 0 (no client-side pacing; the fake is unthrottled)
+        o365 = office365_config(self.info, reconcile_interval=3600,
+                                **({"write_budget": 0} if self.pacing == "off" else {}))
         if not enabled:
             o365 = o365.replace("enabled = true", "enabled = false")
         self.conf.write_text(
@@ -330,10 +324,7 @@ key_file = "{self.dir / 'secret.key'}"
 
     def start(self, enabled: bool) -> None:
         self.write_conf(enabled)
-        if self.pacing == "off":
-            cmd = [self.python, "-c", NO_PACING_WRAPPER, "-n", "--pidfile=", "ldapsync", "--config", str(self.conf)]
-        else:
-            cmd = [self.twistd, "-n", "--pidfile=", "ldapsync", "--config", str(self.conf)]
+        cmd = [self.twistd, "-n", "--pidfile=", "ldapsync", "--config", str(self.conf)]
         log(f"starting ldapsync ([office365] enabled = {str(enabled).lower()}, pacing {self.pacing})")
         with open(self.log, "ab") as lf:
             self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
