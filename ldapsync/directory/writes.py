@@ -127,6 +127,24 @@ class Write:
         st.attrs = attrs
         st.touched = True
 
+    def set_operational(self, st: Staged, values: dict[str, list[str] | None]) -> bool:
+        """Set (list) or remove (None) operational values server-side; no modifyTimestamp.
+
+        Returns whether anything changed.  Used for status attributes (o365*, the
+        connector's state) that the server maintains and clients cannot write.
+        """
+        assert st.attrs is not None
+        attrs = {k: list(v) for k, v in st.attrs.items()}
+        for k, v in values.items():
+            if v:
+                attrs[k] = list(v)
+            else:
+                attrs.pop(k, None)
+        if attrs == st.attrs:
+            return False
+        self.update(st, attrs, stamp=False)
+        return True
+
     def delete(self, st: Staged) -> None:
         st.attrs = None
         st.kind = "delete"
@@ -226,14 +244,7 @@ class Write:
             st = self._staged.get(norm)
             if st is None or st.attrs is None:
                 continue
-            attrs = dict(st.attrs)
-            for k, v in values.items():
-                if v:
-                    attrs[k] = list(v)
-                else:
-                    attrs.pop(k, None)
-            if attrs != st.attrs:
-                self.update(st, attrs, stamp=False)
+            self.set_operational(st, values)
         if status:
             self._flush()
         return cs

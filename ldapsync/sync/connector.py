@@ -96,14 +96,7 @@ def write_status_txn(d: "Directory", txn: Txn, values: dict[str, list[str] | Non
     st = w.get(connector_dn(d))
     if st is None or st.attrs is None:
         return
-    attrs = {k: list(v) for k, v in st.attrs.items()}
-    for k, v in values.items():
-        if v:
-            attrs[k] = list(v)
-        else:
-            attrs.pop(k, None)
-    if attrs != st.attrs:
-        w.update(st, attrs, stamp=False)
+    if w.set_operational(st, values):
         w.finish()
 
 

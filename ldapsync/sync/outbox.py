@@ -222,10 +222,9 @@ class OutboxPlanner:
             st = w.get(dn)
             if st is None or st.attrs is None or st.attrs.get("o365PasswordPending") != ["TRUE"]:
                 return False
-            attrs = dict(st.attrs)
-            del attrs["o365PasswordPending"]
-            w.update(st, attrs, stamp=False)
+            w.set_operational(st, {"o365PasswordPending": None})
             w.finish()
+            attrs = st.attrs or {}
             if not self.is_bound(attrs):
                 return False
             desired = self.desired(attrs, str(dn), bound=True, reason="password")

@@ -238,12 +238,11 @@ class Reconciler:
             return
         w = Write(self.d, txn, str(self.d.admin_dn), "o365-status")
         for e in gone:
-            st = w._track(e)
-            attrs = dict(st.attrs or {})
-            attrs["o365SyncState"] = ["error"]
-            attrs["o365LastError"] = ["the account was deleted in Microsoft 365; it is not recreated automatically "
-                                      "(unbind and bind the user again to create a new account)"]
-            w.update(st, attrs, stamp=False)
+            w.set_operational(w._track(e), {
+                "o365SyncState": ["error"],
+                "o365LastError": ["the account was deleted in Microsoft 365; it is not recreated automatically "
+                                  "(unbind and bind the user again to create a new account)"],
+            })
             report.deleted.append(e.dn)
         w.finish()
 

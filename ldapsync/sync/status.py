@@ -48,14 +48,6 @@ def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[
     w = Write(d, txn, str(d.admin_dn), STATUS_OPERATION)
     fresh = store.get_entry_txn(txn, e.dn_norm, for_update=True) or e
     st = w._track(fresh)
-    assert st.attrs is not None
-    attrs = {k: list(v) for k, v in st.attrs.items()}
-    for k, v in values.items():
-        if v:
-            attrs[k] = list(v)
-        else:
-            attrs.pop(k, None)
-    if attrs != st.attrs:
-        w.update(st, attrs, stamp=False)
+    if w.set_operational(st, values):
         w.finish()
     return True
