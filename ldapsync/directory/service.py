@@ -181,6 +181,9 @@ class Directory:
                     continue
         return rows
 
+    def is_indexed(self, name: str) -> bool:
+        return name in self._index_types
+
     def is_group(self, attrs: Attrs) -> bool:
         return any(oc.lower() in GROUP_CLASSES for oc in attrs.get("objectClass", ()))
 

@@ -179,8 +179,15 @@ class Write:
                 self._deleted.append(ch)
                 self._all.pop(st.old.id, None)
                 continue
-            new_index = d.index_rows(st.attrs)
-            old_index = d.index_rows(old_attrs) if old_attrs is not None else set()
+            if old_attrs is None:
+                new_index, old_index = d.index_rows(st.attrs), set()
+            else:
+                # Only attributes that changed can change index rows (a status update or a
+                # description change touches none): normalize just those.
+                keys = [k for k in st.attrs.keys() | old_attrs.keys()
+                        if st.attrs.get(k) != old_attrs.get(k) and d.is_indexed(k)]
+                new_index = d.index_rows({k: st.attrs.get(k, []) for k in keys}) if keys else set()
+                old_index = d.index_rows({k: old_attrs.get(k, []) for k in keys}) if keys else set()
             kind = st.kind
             ch = EntryChange(
                 kind, str(st.dn), st.dn.norm, st.dn.path_key, st.parent_id, st.attrs,

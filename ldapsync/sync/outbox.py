@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -149,7 +149,7 @@ class OutboxPlanner:
             row = self._plan(txn, ch, cleartext)
             if row is not None:
                 rows.append(row)
-                if ch.kind != "delete":
+                if ch.kind != "delete" and first(ch.new, "o365SyncState") != "pending":
                     # shown on the entry until the worker writes synced/disabled/error
                     status[ch.dn_norm] = {"o365SyncState": ["pending"]}
         if not rows:
@@ -194,7 +194,7 @@ class OutboxPlanner:
             reason = "update"
         else:
             return None            # e.g. only memberOf of another group or o365* status changed
-        return DesiredUser(**{**asdict(desired), "reason": reason}), secret
+        return replace(desired, reason=reason), secret
 
     def _check_mail(self, txn: Txn, desired: DesiredUser, old: Attrs | None) -> None:
         """A bound user needs a mail address on a domain the tenant has verified."""
