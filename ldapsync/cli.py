@@ -376,6 +376,37 @@ def cmd_o365_reconcile(config: Config, args: argparse.Namespace) -> int:
     return int(run_async(main))
 
 
+def cmd_o365_import(config: Config, args: argparse.Namespace) -> int:
+    """List or import Microsoft 365 users (design.md §5); non-zero exit only when users failed."""
+    from ldapsync.graph.errors import GraphError
+    from ldapsync.sync.importer import Reporter, run_import
+
+    listing = bool(args.list)
+    if not listing and not (args.all or args.user or args.filter):
+        raise CLIError("choose the users: --all, --user UPN (repeatable) or --filter EXPR (or --list to see them)")
+    if args.user and args.filter:
+        raise CLIError("--user and --filter cannot be combined")
+
+    async def main(reactor):  # type: ignore[no-untyped-def]
+        conn = _connector(config, reactor)
+        res = await conn.check()
+        if res.state.value != "active":
+            _print_check(res)
+            raise CLIError("the connector is not active; nothing was imported")
+        reporter = Reporter(sys.stdout, sys.stderr, json_lines=args.json, listing=listing)
+        try:
+            summary = await run_import(conn.d, conn.client, verified=set(res.domains), actor_dn=config.admin_dn,
+                                       reporter=reporter, upns=args.user or None, filter=args.filter,
+                                       dry_run=args.dry_run, listing=listing, include_guests=args.include_guests)
+        except GraphError as e:
+            raise CLIError(f"Microsoft Graph: {e} (users imported so far stay; run the command again to continue)") from None
+        finally:
+            await conn.client.close()
+        return 1 if summary.failed else 0
+
+    return int(run_async(main))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
@@ -402,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     rc = osub.add_parser("reconcile", help="compare Microsoft 365 with the directory and fix drift")
     rc.add_argument("--retry-errors", action="store_true", help="try again the changes stopped by a Graph error")
     rc.set_defaults(func=cmd_o365_reconcile)
+    im = osub.add_parser("import", help="list Microsoft 365 users and import them into the directory (inactive, not bound)")
+    im.add_argument("--list", action="store_true", help="only show each user, the username it would get and whether it can be imported")
+    im.add_argument("--all", action="store_true", help="import every importable user")
+    im.add_argument("--user", action="append", metavar="UPN", help="import this user (repeatable)")
+    im.add_argument("--filter", metavar="EXPR", help="only users matching this Graph $filter, e.g. \"startswith(displayName,'A')\"")
+    im.add_argument("--dry-run", action="store_true", help="show what would be imported; write nothing")
+    im.add_argument("--json", action="store_true", help="one JSON object per user, then {\"summary\": ...} (for scripts)")
+    im.add_argument("--include-guests", action="store_true", help="import guest accounts too")
+    im.set_defaults(func=cmd_o365_import)
     return p
 
 

@@ -1,0 +1,364 @@
+"""Microsoft 365 → directory: ``ldapsync o365 import`` (design.md §5).
+
+Pages through the tenant's users (``$top=999``, ``$select`` of only what is
+needed) and decides for each whether it can be imported (:func:`plan_user`, no
+database) and whether it collides with the directory (:func:`collision_txn`).
+An imported user becomes ``uid=<uid>,ou=people,<suffix>`` (inetOrgPerson +
+ldapsyncUser) with its Graph object id in ``o365ObjectId``; it has no password
+(inactive) and is not bound, so the outbox planner queues nothing for it.
+
+Each user is written in its own transaction that re-checks the collisions, so
+an interrupted run leaves nothing half-created and can simply be repeated: a
+user imported before carries its ``o365ObjectId`` and is reported as already
+imported.  Users are processed one page at a time; memory does not grow with
+the tenant size.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.writes import Write
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+PAGE_SIZE = 999
+SELECT = ("id", "userPrincipalName", "displayName", "givenName", "surname", "mail", "mailNickname", "userType")
+OPERATION = "o365-import"
+
+# skip reasons (keys of the summary) → label
+GUEST = "guest"
+UNVERIFIED = "no mail or UPN on a verified domain"
+NO_UID = "no usable username"
+REGISTERED = "already registered"
+IMPORTED = "already imported"
+NOT_FOUND = "not found in Microsoft 365"
+
+_ALLOWED = re.compile(r"[^a-z0-9._-]")
+
+
+def normalize_uid(text: str | None) -> str:
+    """``Zoë O'Brien+x`` → ``zoe.obrienx``: lowercase, accents removed, whitespace → ``.``,
+    only ``[a-z0-9._-]`` kept; no leading/trailing or doubled separators."""
+    if not text:
+        return ""
+    s = unicodedata.normalize("NFKD", text)
+    s = "".join(c for c in s if not unicodedata.combining(c)).lower()
+    s = re.sub(r"\s+", ".", s.strip())
+    s = _ALLOWED.sub("", s)
+    s = re.sub(r"([._-])[._-]+", r"\1", s)
+    return s.strip("._-")
+
+
+def _local(addr: str | None) -> str:
+    return (addr or "").rpartition("@")[0] if addr and "@" in addr else ""
+
+
+def _domain(addr: str | None) -> str:
+    return addr.rpartition("@")[2].lower() if addr and "@" in addr else ""
+
+
+@dataclass
+class Plan:
+    """What would happen to one Microsoft 365 user."""
+
+    object_id: str
+    upn: str
+    display_name: str
+    uid: str
+    mail: str
+    attrs: dict[str, list[str]] | None = None   # set when importable
+    reason: str | None = None                  # skip reason key (None: importable)
+    detail: str = ""                           # human text for the reason
+    dn: str = ""
+
+    @property
+    def importable(self) -> bool:
+        return self.reason is None
+
+    def skip(self, reason: str, detail: str = "") -> Plan:
+        self.reason = reason
+        self.detail = detail or reason
+        self.attrs = None
+        return self
+
+    def as_json(self, status: str | None = None) -> dict[str, Any]:
+        return {"id": self.object_id, "userPrincipalName": self.upn, "displayName": self.display_name,
+                "uid": self.uid, "mail": self.mail, "dn": self.dn,
+                "status": status or ("importable" if self.importable else "skipped"),
+                "reason": self.reason, "detail": self.detail if self.reason else ""}
+
+
+def plan_user(d: Directory, user: dict[str, Any], verified: set[str], *, include_guests: bool = False) -> Plan:
+    """Decide from the Graph user alone (no database): uid, mail, attributes, or a skip reason."""
+    upn = user.get("userPrincipalName") or ""
+    display = (user.get("displayName") or "").strip()
+    nick = user.get("mailNickname") or ""
+    raw_mail = user.get("mail") or ""
+    uid = normalize_uid(nick) or normalize_uid(_local(raw_mail)) or normalize_uid(_local(upn))
+    if _domain(raw_mail) in verified:
+        mail = raw_mail
+    elif _domain(upn) in verified:
+        mail = upn
+    else:
+        mail = raw_mail or upn
+    p = Plan(str(user.get("id") or ""), upn, display, uid, mail)
+    if not include_guests and (user.get("userType") or "").lower() == "guest":
+        return p.skip(GUEST, "guest account (use --include-guests)")
+    if _domain(mail) not in verified:
+        doms = sorted({x for x in (_domain(raw_mail), _domain(upn)) if x})
+        return p.skip(UNVERIFIED, f"no mail or UPN on a verified domain ({', '.join(doms) or 'none'})")
+    if not uid:
+        return p.skip(NO_UID, "no alias, mail or UPN gives a usable username")
+    p.dn = f"uid={uid},ou=people,{d.suffix}"
+    given = (user.get("givenName") or "").strip()
+    surname = (user.get("surname") or "").strip()
+    sn = surname or (display.split()[-1] if display.split() else "") or uid
+    cn = display or " ".join(x for x in (given, surname) if x) or uid
+    attrs: dict[str, list[str]] = {"objectClass": ["top", "inetOrgPerson", "ldapsyncUser"], "uid": [uid],
+                                   "cn": [cn], "sn": [sn], "mail": [mail]}
+    if display:
+        attrs["displayName"] = [display]
+    if given:
+        attrs["givenName"] = [given]
+    try:
+        attrs["structuralObjectClass"] = [d.schema.check_entry(attrs)]
+        d.dn(p.dn)
+    except LDAPError as e:
+        return p.skip(NO_UID, f"cannot make an entry: {e.message or e.code.name}")
+    attrs["o365ObjectId"] = [p.object_id]
+    p.attrs = attrs
+    return p
+
+
+def _norm(d: Directory, attr: str, value: str) -> str:
+    return d.schema.normalize(d.attribute(attr), value)
+
+
+def collision_txn(d: Directory, txn: Txn, p: Plan) -> None:
+    """Mark ``p`` skipped if the directory already has it (same object id) or its uid/mail/DN."""
+    if not p.importable:
+        return
+    if p.object_id:
+        for e in store.entries_with_value_txn(txn, "o365objectid", _norm(d, "o365ObjectId", p.object_id)):
+            p.skip(IMPORTED, f"already imported: {e.dn}")
+            return
+    for attr, value in (("uid", p.uid), ("mail", p.mail)):
+        for e in store.entries_with_value_txn(txn, attr, _norm(d, attr, value)):
+            p.skip(REGISTERED, f"already registered: {e.dn} (same {attr})")
+            return
+    found = store.get_entry_txn(txn, d.dn(p.dn).norm)
+    if found is not None:
+        p.skip(REGISTERED, f"already registered: {found.dn}")
+
+
+def check_page_txn(d: Directory, txn: Txn, plans: Iterable[Plan]) -> None:
+    for p in plans:
+        collision_txn(d, txn, p)
+
+
+def import_user_txn(d: Directory, txn: Txn, p: Plan, actor_dn: str) -> Plan:
+    """Create one entry (re-checking the collisions inside this transaction)."""
+    collision_txn(d, txn, p)
+    if not p.importable:
+        return p
+    assert p.attrs is not None
+    w = Write(d, txn, actor_dn, OPERATION)
+    dn = d.dn(p.dn)
+    parent = w.get(dn.parent) if dn.parent is not None else None
+    if parent is None:
+        raise LDAPError(ResultCode.noSuchObject, f"{dn.parent} does not exist (run `ldapsync init`)")
+    w.create(dn, {k: list(v) for k, v in p.attrs.items()}, parent)
+    w.finish()
+    return p
+
+
+@dataclass
+class Summary:
+    imported: int = 0
+    importable: int = 0              # dry-run / list: would be imported
+    skipped: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+    seen: int = 0
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {"seen": self.seen, "imported": self.imported, "importable": self.importable,
+                "skipped": dict(self.skipped), "failed": self.failed}
+
+
+async def chunks(items: AsyncIterator[dict[str, Any]], size: int = PAGE_SIZE) -> AsyncIterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    async for it in items:
+        chunk.append(it)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+async def tenant_users(client: Any, *, upns: list[str] | None = None, filter: str | None = None
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """The selected users: the ``upns`` given (``{"@notFound": upn}`` for a missing one), else
+    every user matching ``filter`` (paged, ``$top=999``)."""
+    from ldapsync.graph.errors import NotFound
+
+    if upns:
+        for upn in upns:
+            try:
+                yield await client.get_user(upn, SELECT)
+            except NotFound:
+                yield {"@notFound": upn}
+        return
+    async for u in client.list_users(SELECT, top=PAGE_SIZE, filter=filter):
+        yield u
+
+
+# -- the command -------------------------------------------------------------------------
+
+class Reporter:
+    """Table / JSON lines on stdout; a one-line progress on a terminal (stderr), plain lines otherwise."""
+
+    def __init__(self, out: Any, err: Any, *, json_lines: bool, listing: bool, tty: bool | None = None) -> None:
+        import time
+
+        self.out, self.err = out, err
+        self.json = json_lines
+        self.listing = listing
+        self.tty = err.isatty() if tty is None else tty
+        self.started = time.monotonic()
+        self._header = False
+        self._progress_shown = False
+
+    def _clear(self) -> None:
+        if self._progress_shown:
+            self.err.write("\r\033[K")
+            self._progress_shown = False
+
+    def row(self, p: Plan, status: str) -> None:
+        import json
+
+        if self.json:
+            self.out.write(json.dumps(p.as_json(status)) + "\n")
+            return
+        if self.listing:
+            if not self._header:
+                self.out.write(f"{'UPN':<40} {'DISPLAY NAME':<28} {'USERNAME':<22} STATUS\n")
+                self._header = True
+            what = "importable" if p.importable else p.detail
+            self.out.write(f"{p.upn[:40]:<40} {p.display_name[:28]:<28} {p.uid[:22]:<22} {what}\n")
+            return
+        if status == "imported" and self.tty:
+            return   # counted in the progress line
+        if status in ("imported", "would import"):
+            line = f"{status}: {p.upn} → {p.dn}"
+        elif status == "failed":
+            line = f"failed: {p.upn}: {p.detail}"
+        else:
+            line = f"skipped: {p.upn or p.object_id}: {p.detail}"
+        self._clear()
+        self.out.write(line + "\n")
+        self.out.flush()
+
+    def progress(self, s: Summary, final: bool = False) -> None:
+        import time
+
+        if self.json or self.listing:
+            return
+        rate = s.seen / max(time.monotonic() - self.started, 1e-6)
+        text = (f"{s.seen} users: {s.imported} imported, {s.n_skipped} skipped, {s.failed} failed "
+                f"({rate:.0f} users/s)")
+        if self.tty:
+            self.err.write("\r\033[K" + text)
+            self._progress_shown = True
+            if final:
+                self.err.write("\n")
+                self._progress_shown = False
+        elif not final:
+            self.err.write(text + "\n")
+        self.err.flush()
+
+    def summary(self, s: Summary, *, dry_run: bool, listing: bool) -> None:
+        import json
+
+        if self.json:
+            self.out.write(json.dumps({"summary": s.as_json()}) + "\n")
+            return
+        self._clear()
+        done = (f"{s.importable} importable" if listing else
+                f"{s.importable} would be imported (dry run)" if dry_run else f"{s.imported} imported")
+        skipped = ", ".join(f"{n} {r}" for r, n in sorted(s.skipped.items())) or "none"
+        self.out.write(f"{s.seen} Microsoft 365 user(s): {done}; skipped: {skipped}; failed: {s.failed}\n")
+
+
+async def run_import(d: Directory, client: Any, *, verified: set[str], actor_dn: str, reporter: Reporter,
+                     upns: list[str] | None = None, filter: str | None = None, dry_run: bool = False,
+                     listing: bool = False, include_guests: bool = False) -> Summary:
+    """List or import the selected users page by page; returns the counts."""
+    s = Summary()
+    verified = {v.lower() for v in verified}
+    # --list/--dry-run write nothing, so duplicates inside the tenant (two users giving the
+    # same uid or mail) are caught with these sets instead of by the database.
+    planned_uids: set[str] = set()
+    planned_mails: set[str] = set()
+    async for page in chunks(tenant_users(client, upns=upns, filter=filter)):
+        plans: list[Plan] = []
+        for u in page:
+            if "@notFound" in u:
+                s.seen += 1
+                s.failed += 1
+                p = Plan("", u["@notFound"], "", "", "").skip(NOT_FOUND)
+                reporter.row(p, "failed")
+                continue
+            plans.append(plan_user(d, u, verified, include_guests=include_guests))
+        await d.db.run_interaction("o365 import check", lambda txn, plans=plans: check_page_txn(d, txn, plans), write=False)
+        for p in plans:
+            s.seen += 1
+            if p.importable and (dry_run or listing):
+                if p.uid in planned_uids or p.mail.lower() in planned_mails:
+                    p.skip(REGISTERED, f"already registered: another Microsoft 365 user in this run has uid {p.uid} or mail {p.mail}")
+                else:
+                    planned_uids.add(p.uid)
+                    planned_mails.add(p.mail.lower())
+            if not p.importable:
+                assert p.reason is not None
+                s.skip(p.reason)
+                reporter.row(p, "skipped")
+                continue
+            if listing or dry_run:
+                s.importable += 1
+                reporter.row(p, "importable" if listing else "would import")
+                continue
+            try:
+                await d.db.run_interaction("o365 import", lambda txn, p=p: import_user_txn(d, txn, p, actor_dn))
+            except LDAPError as e:
+                p.detail = f"{e.message or e.code.name} ({e.code.name})"
+                s.failed += 1
+                reporter.row(p, "failed")
+                continue
+            if p.importable:
+                s.imported += 1
+                reporter.row(p, "imported")
+            else:   # lost a race with another writer since the page check
+                assert p.reason is not None
+                s.skip(p.reason)
+                reporter.row(p, "skipped")
+        reporter.progress(s)
+    reporter.progress(s, final=True)
+    reporter.summary(s, dry_run=dry_run, listing=listing)
+    return s

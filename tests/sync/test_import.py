@@ -1,0 +1,269 @@
+"""`ldapsync o365 import` end to end: the fake tenant process, a real server (twistd), ldap-utils.
+
+The tenant is seeded with users covering each rule (alias present/absent, guest, unverified
+domain, collisions on uid and on mail, odd characters, no usable username); the CLI lists,
+dry-runs and imports them; the result is checked over LDAP.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import _make_server, drop_pg_database, office365_config  # type: ignore[import-not-found]
+from helpers import PEOPLE, parse_ldif_output, user_ldif
+
+from ldapsync.sync.importer import normalize_uid
+
+pytestmark = pytest.mark.e2e
+CONNECTOR = f"cn=office365,ou=directories,{PEOPLE.split(',', 1)[1]}"
+
+
+def test_normalize_uid() -> None:
+    assert normalize_uid("AdeleV") == "adelev"
+    assert normalize_uid("Zoë O'Brien+x") == "zoe.obrienx"
+    assert normalize_uid("  a__b..c  ") == "a_b.c"
+    assert normalize_uid("###") == ""
+    assert normalize_uid(None) == ""
+
+
+@pytest.fixture(scope="module")
+def tenant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from ldapsync.testing.client import FakeTenantProcess
+
+    proc = FakeTenantProcess(tmp_path_factory.mktemp("tenant"))
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tls_files, tenant) -> Iterator[Any]:
+    import time
+
+    s, pg = _make_server(tmp_path_factory.mktemp(f"import-{request.param}"), request.param, tls_files,
+                         office365_config(tenant.info))
+    s.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            p = s.run("ldapsearch", "-LLL", "-b", CONNECTOR, "-s", "base", "(objectClass=*)", "o365ConnectorState")
+            if "o365ConnectorState: active" in p.stdout:
+                break
+            time.sleep(0.2)
+        yield s
+    finally:
+        s.stop()
+        if pg:
+            drop_pg_database(pg)
+
+
+def seed(tenant, tag: str) -> dict[str, dict[str, Any]]:
+    """Users for this backend's run (``tag`` keeps the two backends' users apart)."""
+    a = tenant.admin
+    users = {
+        "alias": a.add_user(upn=f"Alias{tag}@contoso.com", display_name="Alias Person", mailNickname=f"Nick{tag}",
+                            mail=f"Alias{tag}@contoso.com", givenName="Alias", surname="Person"),
+        "noalias": a.add_user(upn=f"noalias{tag}@contoso.com", display_name="No Alias", mailNickname=None,
+                              mail=f"Mail.Local{tag}@contoso.com"),
+        "odd": a.add_user(upn=f"zoe{tag}@contoso.com", display_name="Zoë O'Brien", mailNickname=f"Zoë O'Brien+{tag}",
+                          mail=f"zoe{tag}@contoso.com"),
+        "guest": a.add_user(upn=f"g{tag}_fabrikam.com#EXT#@contoso.onmicrosoft.com", display_name="Guest",
+                            userType="Guest", mail=f"g{tag}@fabrikam.com"),
+        "unverified": a.add_user(upn=f"bob{tag}@fabrikam.com", display_name="Bob", mail=f"bob{tag}@fabrikam.com"),
+        "uid_taken": a.add_user(upn=f"someone{tag}@contoso.com", display_name="Uid Taken", mailNickname=f"taken{tag}",
+                                mail=f"someone{tag}@contoso.com"),
+        "mail_taken": a.add_user(upn=f"mt{tag}@contoso.com", display_name="Mail Taken", mailNickname=f"mtx{tag}",
+                                 mail=f"mt{tag}@contoso.com"),
+        "no_uid": a.add_user(upn="+" * (2 if tag == "sq" else 3) + "@contoso.com", display_name="Nobody",
+                             mailNickname="###"),
+    }
+    return users
+
+
+def cli_json(srv, *args: str) -> tuple[int, dict[str, dict[str, Any]], dict[str, Any]]:
+    p = srv.cli("o365", "import", "--json", *args)
+    rows: dict[str, dict[str, Any]] = {}
+    summary: dict[str, Any] = {}
+    for line in p.stdout.decode().splitlines():
+        obj = json.loads(line)
+        if "summary" in obj:
+            summary = obj["summary"]
+        else:
+            rows[obj["userPrincipalName"]] = obj
+    assert summary, (p.stdout, p.stderr)
+    return p.returncode, rows, summary
+
+
+def people(srv) -> dict[str, dict[str, list[str]]]:
+    p = srv.run("ldapsearch", "-LLL", "-b", PEOPLE, "-s", "one", "(objectClass=*)", "*", "+")
+    assert p.returncode == 0, p.stderr
+    return parse_ldif_output(p.stdout)
+
+
+def test_import_end_to_end(srv, tenant) -> None:
+    tag = srv.backend[:2]
+    # directory entries the tenant's users collide with
+    srv.run("ldapadd", input=user_ldif(f"taken{tag}"), check=True)
+    srv.run("ldapadd", input=user_ldif(f"other{tag}").replace(f"other{tag}@example.com", f"mt{tag}@contoso.com"), check=True)
+    u = seed(tenant, tag)
+    upn = {k: v["userPrincipalName"] for k, v in u.items()}
+
+    # --list --json: every user with its username and verdict; nothing written
+    before = people(srv)
+    rc, rows, summary = cli_json(srv, "--list")
+    assert rc == 0
+    assert rows[upn["alias"]]["status"] == "importable" and rows[upn["alias"]]["uid"] == f"nick{tag}"
+    assert rows[upn["noalias"]]["uid"] == f"mail.local{tag}" and rows[upn["noalias"]]["status"] == "importable"
+    assert rows[upn["odd"]]["uid"] == f"zoe.obrien{tag}"
+    assert rows[upn["guest"]]["reason"] == "guest"
+    assert rows[upn["unverified"]]["reason"] == "no mail or UPN on a verified domain"
+    assert rows[upn["uid_taken"]]["reason"] == "already registered"
+    assert f"uid=taken{tag},{PEOPLE}" in rows[upn["uid_taken"]]["detail"]
+    assert rows[upn["mail_taken"]]["reason"] == "already registered"
+    assert f"uid=other{tag},{PEOPLE}" in rows[upn["mail_taken"]]["detail"]
+    assert rows[upn["no_uid"]]["reason"] == "no usable username", rows[upn["no_uid"]]
+    # the human table too
+    p = srv.cli("o365", "import", "--list")
+    assert p.returncode == 0 and b"USERNAME" in p.stdout and f"nick{tag}".encode() in p.stdout
+
+    # --dry-run writes nothing
+    rc, rows, summary = cli_json(srv, "--all", "--dry-run")
+    assert rc == 0 and summary["imported"] == 0 and summary["importable"] >= 3
+    assert rows[upn["alias"]]["status"] == "would import"
+    assert people(srv).keys() == before.keys()
+
+    # --user: only that one; an unknown UPN is a failure (exit 1), the other is still imported
+    rc, rows, summary = cli_json(srv, "--user", upn["alias"], "--user", f"ghost{tag}@contoso.com")
+    assert rc == 1 and summary["imported"] == 1 and summary["failed"] == 1
+    assert set(people(srv)) - set(before) == {f"uid=nick{tag},{PEOPLE}"}
+
+    # --all: the rest
+    rc, rows, summary = cli_json(srv, "--all")
+    assert rc == 0, summary
+    assert summary["failed"] == 0
+    assert rows[upn["alias"]]["reason"] == "already imported"
+    for k in ("noalias", "odd"):
+        assert rows[upn[k]]["status"] == "imported"
+    entries = people(srv)
+    e = entries[f"uid=nick{tag},{PEOPLE}"]
+    assert e["o365ObjectId"] == [u["alias"]["id"]]
+    assert e["mail"] == [upn["alias"]] and e["cn"] == ["Alias Person"] and e["sn"] == ["Person"]
+    assert e["givenName"] == ["Alias"] and e["displayName"] == ["Alias Person"]
+    assert set(e["objectClass"]) >= {"inetOrgPerson", "ldapsyncUser"}
+    assert "userPassword" not in e and "ldapsyncDirectory" not in e and "o365SyncState" not in e
+    odd = entries[f"uid=zoe.obrien{tag},{PEOPLE}"]
+    assert odd["sn"] == ["O'Brien"] and odd["o365ObjectId"] == [u["odd"]["id"]]
+    noalias = entries[f"uid=mail.local{tag},{PEOPLE}"]
+    assert noalias["mail"] == [f"Mail.Local{tag}@contoso.com"]
+    for k in ("guest", "unverified", "uid_taken", "mail_taken", "no_uid"):
+        assert not any(v.get("o365ObjectId") == [u[k]["id"]] for v in entries.values()), k
+    # the colliding entries were left alone
+    assert "o365ObjectId" not in entries[f"uid=taken{tag},{PEOPLE}"]
+    # inactive: a bind fails with invalidCredentials
+    p = srv.run("ldapwhoami", bind=f"uid=nick{tag},{PEOPLE}", password="anything-at-all")
+    assert p.returncode == 49, (p.returncode, p.stderr)
+    # not bound: nothing was created in Microsoft 365
+    assert not tenant.admin.requests(kind="graph", method="POST", path="/users")
+
+    # re-running imports nothing new
+    rc, rows, summary = cli_json(srv, "--all")
+    assert rc == 0 and summary["imported"] == 0 and summary["failed"] == 0
+    assert people(srv).keys() == entries.keys()
+
+    # --include-guests imports the guest
+    rc, rows, summary = cli_json(srv, "--user", upn["guest"], "--include-guests")
+    assert rc == 0, rows
+    # the guest's mail is on an unverified domain, its UPN on the verified initial domain
+    assert rows[upn["guest"]]["status"] == "imported"
+    assert rows[upn["guest"]]["mail"] == upn["guest"]
+
+
+def test_import_plain_output_and_summary(srv, tenant) -> None:
+    p = srv.cli("o365", "import", "--all", "--dry-run")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout.decode()
+    assert "Microsoft 365 user(s):" in out and "failed: 0" in out
+
+
+def test_import_needs_a_selection(srv) -> None:
+    p = srv.cli("o365", "import")
+    assert p.returncode == 2 and b"--all" in p.stderr
+
+
+def test_progress_line_on_a_terminal_plain_lines_otherwise() -> None:
+    import io
+
+    from ldapsync.sync.importer import Plan, Reporter, Summary
+
+    s = Summary(imported=3, seen=4, skipped={"guest": 1})
+    p = Plan("id1", "a@contoso.com", "A", "a", "a@contoso.com", dn="uid=a,ou=people,dc=example,dc=com")
+    out, err = io.StringIO(), io.StringIO()
+    r = Reporter(out, err, json_lines=False, listing=False, tty=True)
+    r.row(p, "imported")
+    r.progress(s)
+    r.progress(s, final=True)
+    assert out.getvalue() == ""                       # imported users only counted on a terminal
+    assert err.getvalue().startswith("\r") and "3 imported, 1 skipped, 0 failed" in err.getvalue()
+    assert "users/s" in err.getvalue()
+    out, err = io.StringIO(), io.StringIO()
+    r = Reporter(out, err, json_lines=False, listing=False, tty=False)
+    r.row(p, "imported")
+    r.progress(s)
+    r.summary(s, dry_run=False, listing=False)
+    assert "imported: a@contoso.com" in out.getvalue() and "\r" not in err.getvalue()
+    assert "3 imported; skipped: 1 guest; failed: 0" in out.getvalue()
+
+
+def test_interrupted_import_repeated_gives_the_same_directory(make_server, fake_tenant) -> None:
+    """kill -9 in the middle of an import, run it again: every user exactly once, nothing half-made."""
+    import signal
+    import subprocess
+    import time
+
+    srv = make_server("sqlite", office365_config(fake_tenant.info))
+    wait = time.monotonic() + 30
+    while "state: active" not in srv.cli("o365", "status").stdout.decode() and time.monotonic() < wait:
+        time.sleep(0.2)
+    seeded = {}
+    for i in range(400):
+        u = fake_tenant.admin.add_user(upn=f"kill{i:04d}@contoso.com", display_name=f"Kill Test {i}",
+                                       mailNickname=f"kill{i:04d}", mail=f"kill{i:04d}@contoso.com", surname="Test")
+        seeded[f"kill{i:04d}"] = u["id"]
+    proc = subprocess.Popen([__import__("sys").executable, "-m", "ldapsync.cli", "--config", str(srv.config_path),
+                             "o365", "import", "--filter", "startswith(userPrincipalName,'kill')"],
+                            cwd=srv.workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    # wait until some users are in, then kill -9 mid-run
+    for _ in range(200):
+        line = proc.stdout.readline()
+        if b"kill0040" in line or not line:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = {u for u in people(srv) if u.startswith("uid=kill")}
+    assert 0 < len(partial) < 400
+    p = srv.cli("o365", "import", "--filter", "startswith(userPrincipalName,'kill')")
+    assert p.returncode == 0, p.stderr
+    got = {dn: e for dn, e in people(srv).items() if dn.startswith("uid=kill")}
+    assert len(got) == 400
+    for uid, oid in seeded.items():
+        e = got[f"uid={uid},{PEOPLE}"]
+        assert e["o365ObjectId"] == [oid] and e["mail"] == [f"{uid}@contoso.com"] and e["sn"] == ["Test"]
+        assert "userPassword" not in e and "ldapsyncDirectory" not in e
+    # binding an imported user links it by its object id: no account is created
+    posts = len(fake_tenant.admin.requests(kind="graph", method="POST", path=r"^/v1\.0/users$"))
+    srv.run("ldapmodify", input=f"dn: uid=kill0007,{PEOPLE}\nchangetype: modify\nadd: ldapsyncDirectory\n"
+                                 "ldapsyncDirectory: office365\n", check=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        e = people(srv)[f"uid=kill0007,{PEOPLE}"]
+        if e.get("o365SyncState") == ["synced"]:
+            break
+        time.sleep(0.2)
+    assert e.get("o365SyncState") == ["synced"] and e["o365ObjectId"] == [seeded["kill0007"]]
+    assert len(fake_tenant.admin.requests(kind="graph", method="POST", path=r"^/v1\.0/users$")) == posts
