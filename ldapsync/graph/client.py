@@ -286,7 +286,7 @@ def _describe_failure(e: BaseException) -> str:
 
 def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 30.0,
                max_connections: int = 10) -> tuple[Any, Any]:
-    """An ``Agent`` on a persistent pool; with ``ca_bundle`` only its CAs are trusted."""
+    """An ``Agent`` on a persistent pool; ``ca_bundle`` adds trusted CAs to the public roots."""
     from twisted.internet import ssl
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
@@ -295,14 +295,15 @@ def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 3
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False        # we retry ourselves (and not blindly for POST)
     if ca_bundle:
-        with open(ca_bundle, "rb") as f:
-            pem = f.read()
-        blocks = [b"-----BEGIN CERTIFICATE-----" + part.split(b"-----END CERTIFICATE-----")[0]
-                  + b"-----END CERTIFICATE-----\n"
-                  for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-        if not blocks:
-            raise ValueError(f"ca_bundle {ca_bundle} holds no PEM certificate")
-        root = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(b) for b in blocks])
+        from ldapsync.graph.tls import trusted_blocks
+
+        certs = []
+        for block in trusted_blocks(ca_bundle):
+            try:
+                certs.append(ssl.Certificate.loadPEM(block))
+            except Exception:       # an odd root in certifi's bundle must not stop us
+                continue
+        root = ssl.trustRootFromCertificates(certs)
         policy = BrowserLikePolicyForHTTPS(trustRoot=root)
     else:
         policy = BrowserLikePolicyForHTTPS()

@@ -269,14 +269,16 @@ def credential_from_config(cfg: Office365Config) -> ClientCredential:
 
 
 def make_requests_session(ca_bundle: str | None) -> requests.Session | None:
-    """A session trusting exactly ``ca_bundle``, immune to REQUESTS_CA_BUNDLE (psf/requests#3829)."""
+    """A session trusting the public roots plus ``ca_bundle``, immune to REQUESTS_CA_BUNDLE (psf/requests#3829)."""
     if not ca_bundle:
         return None
     import requests
 
+    from ldapsync.graph.tls import combined_bundle_file
+
     s = requests.Session()
     s.trust_env = False
-    s.verify = ca_bundle
+    s.verify = combined_bundle_file(ca_bundle)
     return s
 
 

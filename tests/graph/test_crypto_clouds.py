@@ -95,3 +95,24 @@ def test_overrides_and_config() -> None:
         resolve_endpoints("mars", "t")
     with pytest.raises(ValueError):
         resolve_endpoints("global", "")
+
+
+def test_ca_bundle_adds_to_the_public_roots(tmp_path) -> None:
+    from pathlib import Path
+
+    import certifi
+
+    from ldapsync.graph.tls import combined_bundle_file, pem_blocks, trusted_blocks
+    from ldapsync.graph.token import make_requests_session
+
+    import conftest  # type: ignore[import-not-found]
+
+    ca, _, _ = conftest.make_cert(tmp_path / "tls")
+    extra = pem_blocks(ca.read_bytes())
+    public = pem_blocks(Path(certifi.where()).read_bytes())
+    blocks = trusted_blocks(str(ca))
+    assert blocks[-1] == extra[0] and len(blocks) == len(public) + 1
+    combined = Path(combined_bundle_file(str(ca))).read_bytes()
+    assert extra[0] in combined and public[0] in combined
+    s = make_requests_session(str(ca))
+    assert s.trust_env is False and Path(s.verify).read_bytes() == combined

@@ -87,10 +87,14 @@ def test_requests_session_ignores_environment(monkeypatch, tmp_path) -> None:
     import requests
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
     monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
-    s = make_requests_session(str(tmp_path / "ca.pem"))
-    assert s.trust_env is False and s.verify == str(tmp_path / "ca.pem")
+    import conftest  # type: ignore[import-not-found]
+
+    ca, _, _ = conftest.make_cert(tmp_path / "tls")
+    s = make_requests_session(str(ca))
+    # ca_bundle adds to the public roots: verify is a combined file holding that CA
+    assert s.trust_env is False and ca.read_bytes().strip() in open(s.verify, "rb").read()
     settings = s.merge_environment_settings("https://x.test/", {}, None, s.verify, None)
-    assert settings["verify"] == str(tmp_path / "ca.pem")
+    assert settings["verify"] == s.verify
     assert make_requests_session(None) is None
     assert isinstance(s, requests.Session)
 
@@ -121,7 +125,20 @@ def provider(app: FakeApp, **kw: Any) -> ApplicationTokenProvider:
         return app
     return ApplicationTokenProvider(
         "cid", resolve_endpoints("global", "contoso.com", **kw), ClientCredential("secret", "TopSecret"),
-        app_factory=factory, ca_bundle="/tmp/ca.pem")
+        app_factory=factory, ca_bundle=_test_ca())
+
+
+def _test_ca() -> str:
+    """A real CA file (ca_bundle is read: it is added to the public roots)."""
+    import tempfile
+    from pathlib import Path
+
+    import conftest  # type: ignore[import-not-found]
+
+    d = Path(tempfile.gettempdir()) / "ldapsync-test-token-ca"
+    if not (d / "ca.pem").exists():
+        conftest.make_cert(d)
+    return str(d / "ca.pem")
 
 
 @pytest_twisted.ensureDeferred
