@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -65,35 +64,13 @@ def ms(x: float) -> float:
 
 
 def machine_info() -> dict:
-    model, mem = "?", None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
     import msal
     import treq
     import twisted
     from twisted.internet import reactor
 
-    return {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu": model,
-            "mem_gib": mem,
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "twisted": twisted.__version__,
-            "treq": treq.__version__,
-            "msal": msal.__version__,
-            "reactor": type(reactor).__name__,
-        }
-    }
+    return loadgen.machine_info(twisted=twisted.__version__, treq=treq.__version__, msal=msal.__version__,
+                                reactor=type(reactor).__name__)
 
 
 def background_cpu_pct() -> float:

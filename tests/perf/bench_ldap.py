@@ -19,7 +19,6 @@ import base64
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -365,31 +364,7 @@ password_file = "{pw}"
 
 
 def machine_info(slapd_version: str) -> dict:
-    model = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return {
-        "machine": {
-            "nproc": os.cpu_count(),
-            "cpu": model,
-            "mem_gib": mem,
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "slapd": slapd_version,
-        }
-    }
+    return loadgen.machine_info(slapd=slapd_version)
 
 
 def bench_server(srv, args, scenarios, results: dict) -> None:

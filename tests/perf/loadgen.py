@@ -632,3 +632,24 @@ def run_load(
     if fatal or len(results) < procs:
         out["client_failures"] = fatal or ["%d of %d client processes reported nothing" % (procs - len(results), procs)]
     return out
+
+
+def machine_info(**extra: object) -> dict:
+    """The ``machine`` JSON line every benchmark prints first (plus ``extra`` fields)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    model, mem = "?", None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {"machine": {"nproc": os.cpu_count(), "cpu": model, "mem_gib": mem, "kernel": platform.release(),
+                        "python": platform.python_version(), **extra}}
