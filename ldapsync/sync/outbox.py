@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -79,7 +79,8 @@ class DesiredUser:
     held: bool = False                # written as state=held by the mass-disable guard
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        # (dataclasses.asdict deep-copies every field: it was a third of the outbox's cost per write)
+        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__}, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DesiredUser":
