@@ -11,7 +11,6 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import BinaryIO
 
 from ldapsync.config import Config, ConfigError, load_config

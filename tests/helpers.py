@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import time
+from collections.abc import Callable
+from typing import Any
 
 SUFFIX = "dc=example,dc=com"
 ADMIN_DN = f"cn=admin,{SUFFIX}"
@@ -57,3 +60,15 @@ def parse_ldif_output(text: str) -> dict[str, dict[str, list[str]]]:
         elif cur is not None:
             cur.setdefault(name, []).append(value)
     return out
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
+    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")

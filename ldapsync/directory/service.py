@@ -16,9 +16,7 @@ Access rules:
 
 from __future__ import annotations
 
-import base64
 import os
-import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,14 +29,14 @@ from twisted.python.threadpool import ThreadPool
 
 import ldapsync
 from ldapsync.config import Config
-from ldapsync.directory.dn import DN, RDN, parse_dn
+from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.filters import Ext, Filter, FilterCompiler, And, Or, Not
 from ldapsync.directory.passwords import HashParams, PasswordHasher, generate_password
 from ldapsync.directory.schema import AttributeType, Schema
-from ldapsync.directory.writes import GROUP_ATTRS, Staged, Write
+from ldapsync.directory.writes import GROUP_ATTRS, Write
 from ldapsync.store import entries as store
-from ldapsync.store.database import Database, StoreError, Txn
+from ldapsync.store.database import Database, Txn
 from ldapsync.store.entries import Attrs, ChangeSet, StoredEntry
 
 log = Logger()
@@ -111,6 +109,10 @@ class Directory:
         self.admin_dn = self.dn(config.admin_dn)
         self.admins_group = self.dn(f"cn=admins,ou=groups,{config.directory.suffix}")
         self.nested_groups = config.directory.nested_groups
+        self._system_entries = {
+            self.dn(f"cn=Provisioning - Office 365,ou=tags,{self.suffix}").norm: "the Microsoft 365 provisioning tag",
+            self.dn(f"cn=office365,ou=directories,{self.suffix}").norm: "the Microsoft 365 connector entry",
+        }
         indexed = {a.lower() for a in config.directory.indexed}
         for a in config.directory.indexed:
             at = self.schema.attribute(a)
@@ -192,11 +194,11 @@ class Directory:
             return False
         if actor.dn.norm == self.admin_dn.norm:
             return True
-        ids = store.ids_with_value_txn(txn, "memberof", self.admins_group.norm)
-        if not ids:
-            return False
         e = store.get_entry_txn(txn, actor.dn.norm)
-        return e is not None and e.id in ids
+        return e is not None and self._in_admins_group(e.attrs)
+
+    def _in_admins_group(self, attrs: Attrs) -> bool:
+        return any(self.dn_norm_or_none(v) == self.admins_group.norm for v in attrs.get("memberOf", ()))
 
     def _require_admin_txn(self, txn: Txn, actor: Actor, what: str) -> None:
         if actor.dn is None:
@@ -318,7 +320,6 @@ class Directory:
             for dn, attrs in base_entries:
                 if w.get(dn) is None:
                     parent = w.get(dn.parent) if dn.parent is not None and not dn.parent.is_root else None
-                    self.schema.check_entry(attrs)
                     attrs["structuralObjectClass"] = [self.schema.check_entry(attrs)]
                     w.create(dn, attrs, parent)
                     out.append(f"created {dn}")
@@ -363,7 +364,8 @@ class Directory:
             if e is None:
                 return None
             capture = e.attrs.get("o365PasswordPending") == ["TRUE"]
-            return list(e.attrs.get("userPassword", [])), self._is_admin_txn(txn, Actor(dn)), capture
+            is_admin = dn.norm == self.admin_dn.norm or self._in_admins_group(e.attrs)
+            return list(e.attrs.get("userPassword", [])), is_admin, capture
 
         got = await self.db.run_interaction("bind", fetch, write=False)
         if got is None or not got[0]:
@@ -630,13 +632,10 @@ class Directory:
         """The provisioning tag and the connector entry exist while the connector is enabled."""
         if not self.config.office365.enabled:
             return
-        protected = {
-            self.dn(f"cn=Provisioning - Office 365,ou=tags,{self.suffix}").norm: "the Microsoft 365 provisioning tag",
-            self.dn(f"cn=office365,ou=directories,{self.suffix}").norm: "the Microsoft 365 connector entry",
-        }
-        if dn.norm in protected:
+        what_entry = self._system_entries.get(dn.norm)
+        if what_entry is not None:
             raise LDAPError(ResultCode.unwillingToPerform,
-                            f"{protected[dn.norm]} cannot be {what} while the connector is enabled "
+                            f"{what_entry} cannot be {what} while the connector is enabled "
                             "([office365] enabled = true); remove its members to unbind users instead")
 
     def _check_not_suffix_sibling(self, dn: DN) -> None:
@@ -812,8 +811,6 @@ class Directory:
             raise LDAPError(ResultCode.unwillingToPerform, "the naming context itself cannot be renamed")
         assert sup is not None
         new_dn = sup.child(new_rdn)
-        if new_dn.norm == dn.norm and delete_old:
-            pass
         if new_dn.is_descendant_of(dn):
             raise LDAPError(ResultCode.unwillingToPerform, "an entry cannot be moved below itself")
         self._check_not_suffix_sibling(new_dn)
@@ -860,16 +857,8 @@ class Directory:
             old_path = st.old.path
             w.rename(st, new_dn, parent, attrs)
             if has_kids:
-                depth = len(dn.rdns)
                 for e in store.descendants_txn(txn, old_path):
-                    edn = self.dn(e.dn)
-                    child_dn = edn
-                    rel = edn.rdns[: len(edn.rdns) - depth]
-                    for r in reversed(rel):
-                        pass
-                    child_dn = new_dn
-                    for r in reversed(rel):
-                        child_dn = child_dn.child(r)
+                    child_dn = self.dn(e.dn).rebase(dn, new_dn)
                     cst = w._track(e)
                     w.rename(cst, child_dn, None, dict(cst.attrs or {}))
                     cst.parent_id = e.parent_id

@@ -18,12 +18,11 @@ Nothing here talks to the network; all of it runs on a database thread.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from ldapsync.directory.dn import DN, parse_dn
+from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
@@ -232,7 +231,6 @@ class Write:
         return out
 
     def finish(self) -> ChangeSet:
-        d = self.directory
         # Entries added now that existing groups already list get their memberOf.
         added = [st for st in self._order if st.kind == "add" and st.attrs is not None]
         self._flush()
@@ -400,8 +398,3 @@ class Write:
                 else:
                     attrs.pop("memberOf", None)
                 self.update(st, attrs, stamp=False)
-
-
-def iter_values(attrs: Attrs, names: Iterable[str]) -> Iterable[str]:
-    for n in names:
-        yield from attrs.get(n, ())

@@ -202,10 +202,8 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             raise LDAPError(ResultCode.protocolError, f"size and time limits must be between 0 and {MAX_INT}")
         page_size = None
         page_after = 0
-        paged_critical = False
         for c in msg.controls:
             if c.oid == OID_PAGED:
-                paged_critical = c.critical
                 try:
                     parts = ber.decode_sequence_values(c.value or b"")
                     if len(parts) != 2 or parts[0][0] != 0x02 or parts[1][0] != 0x04:
@@ -225,7 +223,6 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
                     return
                 if not 0 <= page_size <= MAX_INT:
                     raise LDAPError(ResultCode.protocolError, f"page size must be between 0 and {MAX_INT}")
-        del paged_critical
         sreq = SearchRequest(
             base=req.base, scope=scope, filter=req.filter, attributes=req.attributes,
             types_only=req.types_only, size_limit=req.size_limit, time_limit=req.time_limit,

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from conftest import create_pg_database, drop_pg_database, office365_config  # type: ignore[import-not-found]
+import helpers
 from helpers import PEOPLE, SUFFIX, parse_ldif_output, unique
 
 pytestmark = pytest.mark.e2e
@@ -41,14 +42,7 @@ DELIVERED = re.compile(r"\[ldapsync\.sync\.worker#info\] Microsoft 365: (\S+): .
 # -- helpers ------------------------------------------------------------------------------
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    return helpers.wait_for(what, fn, timeout, interval)
 
 
 def wait_active(srv, timeout: float = 30.0) -> None:

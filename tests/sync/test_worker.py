@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import _make_server, drop_pg_database, office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, SUFFIX, parse_ldif_output, unique
+from helpers import PEOPLE, SUFFIX, parse_ldif_output, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 CONNECTOR = f"cn=office365,ou=directories,{SUFFIX}"
@@ -36,17 +36,6 @@ def person(uid: str, *, password: str | None = None, bound: bool = False, mail: 
     if bound:
         text += "ldapsyncDirectory: office365\n"
     return text + extra + "\n"
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 def entry(srv, uid: str) -> dict[str, list[str]]:
