@@ -113,20 +113,24 @@ def drop_pg_database(name: str) -> None:
     eng.dispose()
 
 
-def split_ldap_table(extra: str) -> tuple[str, str]:
-    """(keys of an ``[ldap]`` table in ``extra``, the rest): the generated config already has
-    an ``[ldap]`` table and TOML forbids a second one, so its keys are merged into it."""
-    ldap_lines: list[str] = []
+def split_table(extra: str, table: str) -> tuple[str, str]:
+    """(keys of the ``[table]`` table in ``extra``, the rest): the generated config already has
+    that table and TOML forbids a second one, so its keys are merged into it."""
+    picked: list[str] = []
     rest: list[str] = []
     cur = rest
     for line in extra.splitlines():
         stripped = line.strip()
         if stripped.startswith("[") and not stripped.startswith("[["):
-            cur = ldap_lines if stripped == "[ldap]" else rest
-            if cur is ldap_lines:
+            cur = picked if stripped == f"[{table}]" else rest
+            if cur is picked:
                 continue
         cur.append(line)
-    return "\n".join(ldap_lines), "\n".join(rest)
+    return "\n".join(picked), "\n".join(rest)
+
+
+def split_ldap_table(extra: str) -> tuple[str, str]:
+    return split_table(extra, "ldap")
 
 
 @dataclass
@@ -142,6 +146,25 @@ class Server:
     proc: subprocess.Popen | None = None
     extra_config: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    web_port: int = field(default_factory=lambda: free_port())
+
+    def __post_init__(self) -> None:
+        # The server's policy clock (password expiry, lockout, link expiry) can be moved
+        # forward by tests: see ldapsync/clock.py.
+        self.env.setdefault("LDAPSYNC_TEST_CLOCK_FILE", str(self.clock_file))
+
+    @property
+    def clock_file(self) -> Path:
+        return self.workdir / "clock-offset"
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move this server's (and its CLI's) clock ``seconds`` forward; takes effect at once."""
+        current = float(self.clock_file.read_text() or 0) if self.clock_file.exists() else 0.0
+        self.clock_file.write_text(f"{current + seconds}\n")
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
 
     @property
     def url(self) -> str:
@@ -174,10 +197,16 @@ class Server:
 
     def cli(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ldapsync"), "--config", str(self.config_path), *args],
-                              input=input, capture_output=True, cwd=self.workdir, timeout=600)
+                              input=input, capture_output=True, cwd=self.workdir, timeout=600,
+                              env={**os.environ, **self.env})
 
     def write_config(self) -> None:
         ldap_keys, extra = split_ldap_table(self.extra_config)
+        web_keys, extra = split_table(extra, "selfservice")
+        if "listen" not in web_keys:
+            web_keys = f'listen = "tcp:{self.web_port}:interface=127.0.0.1"\n' + web_keys
+        if "public_url" not in web_keys:
+            web_keys = f'public_url = "{self.web_url}"\n' + web_keys
         self.config_path.write_text(
             f"""
 [directory]
@@ -193,6 +222,8 @@ password_file = "{self.workdir / 'admin-password'}"
 [passwords]
 hash_time_cost = 1
 hash_memory_kib = 8192
+[selfservice]
+{web_keys}
 {extra}
 """
         )
