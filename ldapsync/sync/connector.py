@@ -193,8 +193,7 @@ class Connector:
         o = self.config.office365
         self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor)
         budget = o.write_budget
-        pacing = PacingPolicy(enabled=budget > 0, writes_per_window=max(budget, 1),
-                              burst=max(1, budget // 20)) if budget else PacingPolicy(enabled=False)
+        pacing = PacingPolicy(writes_per_window=budget) if budget > 0 else PacingPolicy(enabled=False)
         self.client = GraphClient(self.provider, endpoints_from_config(o).graph_url, reactor=self.reactor,
                                   ca_bundle=o.ca_bundle or None, pacing=pacing)
 

@@ -338,7 +338,8 @@ async def test_pacing_avoids_write_throttling(fake_tenant: Any, fake_app: dict[s
                                               clients: Clients) -> None:
     fake_tenant.configure_throttling(enabled=True, writes=10, window=2.0)
     client = clients.make(fake_tenant, secret_provider(fake_tenant, fake_app, tmp_path),
-                          pacing=PacingPolicy(writes_per_window=10, window=2.0, burst=4))
+                          pacing=PacingPolicy(writes_per_window=10, window=2.0, target=0.8,
+                                                       shortest_window=2.0))
     ds = [defer.ensureDeferred(client.update_user("AdeleV@contoso.com", {"jobTitle": f"J{i}"}))
           for i in range(25)]
     await defer.gatherResults(ds)

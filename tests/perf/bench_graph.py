@@ -325,20 +325,15 @@ class Bench:
     # -- sustained writes against a (scaled) write budget
 
     def scaled_pacing(self, enabled: bool) -> Any:
+        """The production pacing for a budget of ``--budget`` writes per ``--window`` s: the
+        burst needs no scaling (PacingPolicy sizes it for any window from 15 s on); only the
+        slowdown after a 429 is shortened with the window."""
         from ldapsync.graph.client import PacingPolicy
 
         a = self.args
         d = PacingPolicy()
-        return PacingPolicy(
-            enabled=enabled,
-            writes_per_window=a.budget,
-            window=a.window,
-            burst=max(1, round(d.burst * a.budget / d.writes_per_window)),
-            slowdown_threshold=d.slowdown_threshold,
-            slowdown_target=d.slowdown_target,
-            slowdown_period=d.slowdown_period * a.window / d.window,
-            min_factor=d.min_factor,
-        )
+        return PacingPolicy(enabled=enabled, writes_per_window=a.budget, window=a.window,
+                            slowdown_period=d.slowdown_period * a.window / d.window)
 
     async def sustained(self, reactor: Any, pacing_on: bool) -> dict:
         from twisted.internet import task
@@ -401,7 +396,7 @@ class Bench:
             "budget_writes": a.budget,
             "budget_window_s": a.window,
             "budget_writes_per_s": round(budget_rate, 2),
-            "pacer": {"rate_writes_per_s": round(policy.rate, 2), "burst": policy.burst,
+            "pacer": {"rate_writes_per_s": round(policy.rate, 2), "burst": policy.bucket,
                       "slowdown_period_s": policy.slowdown_period} if pacing_on else None,
             "duration_s": duration,
             "windows": a.windows,
