@@ -8,6 +8,7 @@ same names and keyword arguments as the ``FakeTenant`` methods). For tests whose
     with FakeTenantProcess(tmp_path / "tenant") as fake:
         fake.admin.inject_fault(status=503, count=2)
         fake.admin.password_of(key="AdeleV@contoso.com")
+        fake.admin.seed_users({"upn": "user{i:06d}@contoso.com", "mail": "user{i:06d}@contoso.com"}, 100000)
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class AdminClient:
         if resp.status_code != 200:
             raise AdminError(body.get("error", resp.text))
         return body["result"]
+
+    def seed_users(self, template: dict[str, Any], count: int, *, start: int = 1, chunk: int = 5000) -> int:
+        """``count`` users from ``template`` (see ``FakeTenant.add_users``), ``chunk`` per request so
+        each call stays well inside the timeout; 100,000 users take a few seconds. Returns the count."""
+        added = 0
+        for first in range(start, start + count, chunk):
+            n = min(chunk, start + count - first)
+            added += self.call("add_users", template=template, count=n, start=first)["added"]
+        return added
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
