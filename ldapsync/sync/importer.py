@@ -7,19 +7,25 @@ An imported user becomes ``uid=<uid>,ou=people,<suffix>`` (inetOrgPerson +
 ldapsyncUser) with its Graph object id in ``o365ObjectId``; it has no password
 (inactive) and is not bound, so the outbox planner queues nothing for it.
 
-Each user is written in its own transaction that re-checks the collisions, so
-an interrupted run leaves nothing half-created and can simply be repeated: a
-user imported before carries its ``o365ObjectId`` and is reported as already
-imported.  Users are processed one page at a time; memory does not grow with
-the tenant size.
+Users are written ``BATCH`` at a time, each batch one transaction that
+re-checks the collisions (with the directory and among the batch), so an
+interrupted run leaves nothing half-created (a user is either wholly in or not
+at all) and can simply be repeated: a user imported before carries its
+``o365ObjectId`` and is reported as already imported.  If a batch fails, its
+users are written again one per transaction, so one bad user fails alone.
+Users are processed one page at a time; memory does not grow with the tenant
+size (``--list``/``--dry-run`` remember the names they planned in a temporary
+SQLite database that spills to disk, not in Python sets).
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
+import time
 import unicodedata
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ldapsync.directory.errors import LDAPError, ResultCode
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
 
 PAGE_SIZE = 999
+BATCH = 100          # users per write transaction (~50 ms of SQLite write lock)
 SELECT = ("id", "userPrincipalName", "displayName", "givenName", "surname", "mail", "mailNickname", "userType")
 OPERATION = "o365-import"
 
@@ -94,7 +101,7 @@ class Plan:
         return {"id": self.object_id, "userPrincipalName": self.upn, "displayName": self.display_name,
                 "uid": self.uid, "mail": self.mail, "dn": self.dn,
                 "status": status or ("importable" if self.importable else "skipped"),
-                "reason": self.reason, "detail": self.detail if self.reason else ""}
+                "reason": self.reason, "detail": self.detail if self.reason or status == "failed" else ""}
 
 
 def plan_user(d: Directory, user: dict[str, Any], verified: set[str], *, include_guests: bool = False) -> Plan:
@@ -163,6 +170,68 @@ def collision_txn(d: Directory, txn: Txn, p: Plan) -> None:
 def check_page_txn(d: Directory, txn: Txn, plans: Iterable[Plan]) -> None:
     for p in plans:
         collision_txn(d, txn, p)
+
+
+def import_batch_txn(d: Directory, txn: Txn, plans: Iterable[Plan], actor_dn: str) -> list[Plan]:
+    """Create the importable ones of ``plans`` in this one transaction, re-checking the
+    collisions with the directory and among ``plans``.  Returns copies carrying the outcome; the
+    originals are left untouched, so after a failed (rolled back) batch the caller can write
+    them again one by one."""
+    out = [replace(p) for p in plans]
+    w = Write(d, txn, actor_dn, OPERATION)
+    taken: dict[tuple[str, str], str] = {}      # (attr, normalized value) → DN made in this batch
+    for p in out:
+        collision_txn(d, txn, p)
+        if not p.importable:
+            continue
+        keys = (("uid", _norm(d, "uid", p.uid)), ("mail", _norm(d, "mail", p.mail)))
+        other = next(((k[0], taken[k]) for k in keys if k in taken), None)
+        if other is not None:
+            p.skip(REGISTERED, f"already registered: {other[1]} (same {other[0]})")
+            continue
+        assert p.attrs is not None
+        dn = d.dn(p.dn)
+        parent = w.get(dn.parent) if dn.parent is not None else None
+        if parent is None:
+            raise LDAPError(ResultCode.noSuchObject, f"{dn.parent} does not exist (run `ldapsync init`)")
+        w.create(dn, {k: list(v) for k, v in p.attrs.items()}, parent)
+        for k in keys:
+            taken[k] = p.dn
+    w.finish()
+    return out
+
+
+class PlannedNames:
+    """uids and mails planned so far by ``--list``/``--dry-run`` (which write nothing, so two
+    tenant users giving the same uid or mail are caught here instead of by the database).
+
+    A private temporary SQLite database (``sqlite3.connect("")``): its pages stay in a small
+    cache and spill to a file deleted on close, so memory stays flat however large the tenant
+    (Python sets cost ~100 bytes per user)."""
+
+    def __init__(self, cache_kib: int = 2048) -> None:
+        self.db = sqlite3.connect("")
+        self.db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        for table in ("uid", "mail"):
+            self.db.execute(f"CREATE TABLE {table} (v TEXT PRIMARY KEY) WITHOUT ROWID")
+
+    def add(self, uid: str, mail: str) -> bool:
+        """Remember ``uid`` and ``mail``; False (and nothing remembered) if either was planned before."""
+        ex = self.db.execute
+        if ex("SELECT 1 FROM uid WHERE v = ?", (uid,)).fetchone() or \
+                ex("SELECT 1 FROM mail WHERE v = ?", (mail,)).fetchone():
+            return False
+        ex("INSERT INTO uid VALUES (?)", (uid,))
+        ex("INSERT INTO mail VALUES (?)", (mail,))
+        return True
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def import_user_txn(d: Directory, txn: Txn, p: Plan, actor_dn: str) -> Plan:
@@ -234,14 +303,18 @@ async def tenant_users(client: Any, *, upns: list[str] | None = None, filter: st
 class Reporter:
     """Table / JSON lines on stdout; a one-line progress on a terminal (stderr), plain lines otherwise."""
 
-    def __init__(self, out: Any, err: Any, *, json_lines: bool, listing: bool, tty: bool | None = None) -> None:
-        import time
+    TTY_INTERVAL = 0.25      # s between progress updates on a terminal …
+    PLAIN_INTERVAL = 10.0    # … and between progress lines in a log
 
+    def __init__(self, out: Any, err: Any, *, json_lines: bool, listing: bool, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.out, self.err = out, err
         self.json = json_lines
         self.listing = listing
         self.tty = err.isatty() if tty is None else tty
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
+        self._last_progress: float | None = None
         self._header = False
         self._progress_shown = False
 
@@ -276,11 +349,16 @@ class Reporter:
         self.out.flush()
 
     def progress(self, s: Summary, final: bool = False) -> None:
-        import time
-
+        """Called after every batch; shown at most every ``TTY_INTERVAL`` (terminal) or
+        ``PLAIN_INTERVAL`` (log) seconds, and always for ``final`` on a terminal."""
         if self.json or self.listing:
             return
-        rate = s.seen / max(time.monotonic() - self.started, 1e-6)
+        now = self.clock()
+        interval = self.TTY_INTERVAL if self.tty else self.PLAIN_INTERVAL
+        if not final and self._last_progress is not None and now - self._last_progress < interval:
+            return
+        self._last_progress = now
+        rate = s.seen / max(now - self.started, 1e-6)
         text = (f"{s.seen} users: {s.imported} imported, {s.n_skipped} skipped, {s.failed} failed "
                 f"({rate:.0f} users/s)")
         if self.tty:
@@ -308,57 +386,79 @@ class Reporter:
 
 async def run_import(d: Directory, client: Any, *, verified: set[str], actor_dn: str, reporter: Reporter,
                      upns: list[str] | None = None, filter: str | None = None, dry_run: bool = False,
-                     listing: bool = False, include_guests: bool = False) -> Summary:
+                     listing: bool = False, include_guests: bool = False, batch: int = BATCH) -> Summary:
     """List or import the selected users page by page; returns the counts."""
     s = Summary()
     verified = {v.lower() for v in verified}
-    # --list/--dry-run write nothing, so duplicates inside the tenant (two users giving the
-    # same uid or mail) are caught with these sets instead of by the database.
-    planned_uids: set[str] = set()
-    planned_mails: set[str] = set()
-    async for page in chunks(tenant_users(client, upns=upns, filter=filter)):
-        plans: list[Plan] = []
-        for u in page:
-            if "@notFound" in u:
-                s.seen += 1
-                s.failed += 1
-                p = Plan("", u["@notFound"], "", "", "").skip(NOT_FOUND)
-                reporter.row(p, "failed")
+    planned = PlannedNames() if (dry_run or listing) else None
+
+    def report(p: Plan, failed: bool = False) -> None:
+        s.seen += 1
+        if failed:
+            s.failed += 1
+            reporter.row(p, "failed")
+        elif not p.importable:
+            assert p.reason is not None
+            s.skip(p.reason)
+            reporter.row(p, "skipped")
+        elif planned is not None:
+            s.importable += 1
+            reporter.row(p, "importable" if listing else "would import")
+        else:
+            s.imported += 1
+            reporter.row(p, "imported")
+
+    async def write_one(p: Plan) -> None:
+        try:
+            await d.db.run_interaction("o365 import", lambda txn: import_user_txn(d, txn, p, actor_dn))
+        except LDAPError as e:
+            p.detail = f"{e.message or e.code.name} ({e.code.name})"
+            report(p, failed=True)
+            return
+        report(p)     # imported, or skipped: lost a race with another writer since the page check
+
+    try:
+        async for page in chunks(tenant_users(client, upns=upns, filter=filter)):
+            plans: list[Plan] = []
+            for u in page:
+                if "@notFound" in u:
+                    report(Plan("", u["@notFound"], "", "", "").skip(NOT_FOUND), failed=True)
+                    continue
+                plans.append(plan_user(d, u, verified, include_guests=include_guests))
+            await d.db.run_interaction("o365 import check", lambda txn, plans=plans: check_page_txn(d, txn, plans),
+                                       write=False)
+            if planned is not None:
+                for p in plans:
+                    if p.importable and not planned.add(_norm(d, "uid", p.uid), _norm(d, "mail", p.mail)):
+                        p.skip(REGISTERED, f"already registered: another Microsoft 365 user in this run has "
+                                           f"uid {p.uid} or mail {p.mail}")
+                    report(p)
+                planned.commit()
+                reporter.progress(s)
                 continue
-            plans.append(plan_user(d, u, verified, include_guests=include_guests))
-        await d.db.run_interaction("o365 import check", lambda txn, plans=plans: check_page_txn(d, txn, plans), write=False)
-        for p in plans:
-            s.seen += 1
-            if p.importable and (dry_run or listing):
-                if p.uid in planned_uids or p.mail.lower() in planned_mails:
-                    p.skip(REGISTERED, f"already registered: another Microsoft 365 user in this run has uid {p.uid} or mail {p.mail}")
+            for i in range(0, len(plans), max(1, batch)):
+                part = plans[i:i + max(1, batch)]
+                if not any(p.importable for p in part):
+                    done: list[Plan] | None = part
                 else:
-                    planned_uids.add(p.uid)
-                    planned_mails.add(p.mail.lower())
-            if not p.importable:
-                assert p.reason is not None
-                s.skip(p.reason)
-                reporter.row(p, "skipped")
-                continue
-            if listing or dry_run:
-                s.importable += 1
-                reporter.row(p, "importable" if listing else "would import")
-                continue
-            try:
-                await d.db.run_interaction("o365 import", lambda txn, p=p: import_user_txn(d, txn, p, actor_dn))
-            except LDAPError as e:
-                p.detail = f"{e.message or e.code.name} ({e.code.name})"
-                s.failed += 1
-                reporter.row(p, "failed")
-                continue
-            if p.importable:
-                s.imported += 1
-                reporter.row(p, "imported")
-            else:   # lost a race with another writer since the page check
-                assert p.reason is not None
-                s.skip(p.reason)
-                reporter.row(p, "skipped")
-        reporter.progress(s)
+                    try:
+                        done = await d.db.run_interaction(
+                            "o365 import", lambda txn, part=part: import_batch_txn(d, txn, part, actor_dn))
+                    except LDAPError:
+                        done = None        # rolled back: write them one by one, so only the bad one fails
+                if done is None:
+                    for p in part:
+                        if p.importable:
+                            await write_one(p)
+                        else:
+                            report(p)
+                else:
+                    for p in done:
+                        report(p)
+                reporter.progress(s)
+    finally:
+        if planned is not None:
+            planned.close()
     reporter.progress(s, final=True)
     reporter.summary(s, dry_run=dry_run, listing=listing)
     return s

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import pytest_twisted
 from conftest import _make_server, drop_pg_database, office365_config  # type: ignore[import-not-found]
 from helpers import PEOPLE, parse_ldif_output, user_ldif
 
@@ -229,11 +230,12 @@ def test_interrupted_import_repeated_gives_the_same_directory(make_server, fake_
     wait = time.monotonic() + 30
     while "state: active" not in srv.cli("o365", "status").stdout.decode() and time.monotonic() < wait:
         time.sleep(0.2)
-    seeded = {}
-    for i in range(400):
-        u = fake_tenant.admin.add_user(upn=f"kill{i:04d}@contoso.com", display_name=f"Kill Test {i}",
-                                       mailNickname=f"kill{i:04d}", mail=f"kill{i:04d}@contoso.com", surname="Test")
-        seeded[f"kill{i:04d}"] = u["id"]
+    # 1,000 users in one bulk call; batches of 100 leave ~0.3 s of import to kill in after the first
+    n = 1000
+    got_ids = fake_tenant.admin.add_users(template={
+        "upn": "kill{i:04d}@contoso.com", "display_name": "Kill Test {i}", "mailNickname": "kill{i:04d}",
+        "mail": "kill{i:04d}@contoso.com", "surname": "Test"}, count=n, start=0, return_ids=True)["ids"]
+    seeded = {f"kill{i:04d}": oid for i, oid in enumerate(got_ids)}
     proc = subprocess.Popen([__import__("sys").executable, "-m", "ldapsync.cli", "--config", str(srv.config_path),
                              "o365", "import", "--filter", "startswith(userPrincipalName,'kill')"],
                             cwd=srv.workdir, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -246,11 +248,11 @@ def test_interrupted_import_repeated_gives_the_same_directory(make_server, fake_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = {u for u in people(srv) if u.startswith("uid=kill")}
-    assert 0 < len(partial) < 400
+    assert 0 < len(partial) < n
     p = srv.cli("o365", "import", "--filter", "startswith(userPrincipalName,'kill')")
     assert p.returncode == 0, p.stderr
     got = {dn: e for dn, e in people(srv).items() if dn.startswith("uid=kill")}
-    assert len(got) == 400
+    assert len(got) == n
     for uid, oid in seeded.items():
         e = got[f"uid={uid},{PEOPLE}"]
         assert e["o365ObjectId"] == [oid] and e["mail"] == [f"{uid}@contoso.com"] and e["sn"] == ["Test"]
@@ -267,3 +269,172 @@ def test_interrupted_import_repeated_gives_the_same_directory(make_server, fake_
         time.sleep(0.2)
     assert e.get("o365SyncState") == ["synced"] and e["o365ObjectId"] == [seeded["kill0007"]]
     assert len(fake_tenant.admin.requests(kind="graph", method="POST", path=r"^/v1\.0/users$")) == posts
+
+
+# -- in process: batching, planned names, progress ------------------------------------------
+
+class _ListClient:
+    """Just enough of GraphClient for ``run_import``: ``list_users`` over a fixed list."""
+
+    def __init__(self, users: list[dict[str, Any]]) -> None:
+        self.users = users
+
+    async def list_users(self, select: Any, *, top: int | None = None, filter: str | None = None):  # type: ignore[no-untyped-def]
+        for u in self.users:
+            yield u
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def directory(request: pytest.FixtureRequest, tmp_path) -> Iterator[Any]:
+    from conftest import create_pg_database  # type: ignore[import-not-found]
+    from helpers import SUFFIX
+
+    from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig
+    from ldapsync.directory.service import Directory
+    from ldapsync.store.database import Database
+
+    pg = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'i.db'}"
+    else:
+        url, pg = create_pg_database()
+    cfg = Config(directory=DirectoryConfig(suffix=SUFFIX, database=url),
+                 admin=AdminConfig(password_file=str(tmp_path / "pw")),
+                 passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192))
+    d = Directory(cfg, Database(url))
+    d.bootstrap_sync()
+    d.db.start()
+    yield d
+    d.db.stop()
+    if pg:
+        drop_pg_database(pg)
+
+
+def _tenant_user(n: int, **over: Any) -> dict[str, Any]:
+    u = {"id": f"00000000-0000-0000-0000-{n:012d}", "userPrincipalName": f"u{n}@contoso.com",
+         "displayName": f"User {n}", "givenName": "U", "surname": f"S{n}", "mail": f"u{n}@contoso.com",
+         "mailNickname": f"u{n}", "userType": "Member"}
+    u.update(over)
+    return u
+
+
+def _rows(out: str) -> dict[str, dict[str, Any]]:
+    return {o["userPrincipalName"]: o for o in map(json.loads, out.splitlines()) if "summary" not in o}
+
+
+def _imported(d) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """uid → o365ObjectId of every entry under ou=people that has one."""
+    from ldapsync.store import entries as store
+
+    got: dict[str, str] = {}
+    after = ""
+    for _ in range(100):
+        rows = d.db.run_sync("dump", store.all_entries_txn, after, 1000, write=False)
+        if not rows:
+            break
+        for e in rows:
+            if e.attrs.get("o365ObjectId"):
+                got[e.attrs["uid"][0]] = e.attrs["o365ObjectId"][0]
+        after = rows[-1].path
+    return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_batched_import_checks_collisions_inside_a_batch(directory) -> None:
+    """Users are written BATCH per transaction: two tenant users with the same uid or mail in one
+    batch give one entry and one "already registered" naming it; dry-run says the same."""
+    import io
+
+    from ldapsync.sync.importer import Reporter, run_import
+
+    users = [_tenant_user(1), _tenant_user(2, mailNickname="u1"), _tenant_user(3, mail="U1@contoso.com"),
+             *(_tenant_user(n) for n in range(4, 12))]
+    client = _ListClient(users)
+    people = f"ou=people,{directory.suffix}"
+    for dry_run in (True, False):
+        out = io.StringIO()
+        rep = Reporter(out, io.StringIO(), json_lines=True, listing=False)
+        s = await run_import(directory, client, verified={"contoso.com"}, actor_dn=str(directory.admin_dn),
+                             reporter=rep, dry_run=dry_run, batch=4)
+        rows = _rows(out.getvalue())
+        assert s.failed == 0 and s.skipped == {"already registered": 2} and s.seen == 11, s
+        assert (s.importable, s.imported) == ((9, 0) if dry_run else (0, 9))
+        assert rows["u2@contoso.com"]["reason"] == rows["u3@contoso.com"]["reason"] == "already registered"
+        if not dry_run:
+            assert f"uid=u1,{people} (same uid)" in rows["u2@contoso.com"]["detail"]
+            assert f"uid=u1,{people} (same mail)" in rows["u3@contoso.com"]["detail"]
+    got = _imported(directory)
+    assert set(got) == {"u1", *(f"u{n}" for n in range(4, 12))} and got["u1"] == users[0]["id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_user_rolls_back_its_batch_which_is_then_written_one_by_one(directory, monkeypatch) -> None:
+    import io
+
+    from ldapsync.directory.errors import LDAPError, ResultCode
+    from ldapsync.sync import importer
+
+    class FailingWrite(importer.Write):  # type: ignore[misc,name-defined]
+        def create(self, dn, attrs, parent, **kw):  # type: ignore[no-untyped-def]
+            if attrs["uid"] == ["u3"]:
+                raise LDAPError(ResultCode.unwillingToPerform, "refused for the test")
+            return super().create(dn, attrs, parent, **kw)
+
+    monkeypatch.setattr(importer, "Write", FailingWrite)
+    client = _ListClient([_tenant_user(n) for n in range(1, 8)])
+    out = io.StringIO()
+    rep = importer.Reporter(out, io.StringIO(), json_lines=True, listing=False)
+    s = await importer.run_import(directory, client, verified={"contoso.com"}, actor_dn=str(directory.admin_dn),
+                                  reporter=rep, batch=3)
+    assert (s.imported, s.failed, s.seen) == (6, 1, 7), s
+    rows = _rows(out.getvalue())
+    assert rows["u3@contoso.com"]["status"] == "failed" and "refused for the test" in rows["u3@contoso.com"]["detail"]
+    assert set(_imported(directory)) == {"u1", "u2", "u4", "u5", "u6", "u7"}
+    # the run can simply be repeated: the rest is "already imported", the bad one fails again
+    monkeypatch.setattr(importer, "Write", importer.Write.__mro__[1])
+    out = io.StringIO()
+    rep = importer.Reporter(out, io.StringIO(), json_lines=True, listing=False)
+    s = await importer.run_import(directory, client, verified={"contoso.com"}, actor_dn=str(directory.admin_dn),
+                                  reporter=rep, batch=3)
+    assert (s.imported, s.failed, s.skipped) == (1, 0, {"already imported": 6}), s
+    assert len(_imported(directory)) == 7
+
+
+def test_planned_names_reject_a_repeat_and_remember_nothing_then() -> None:
+    from ldapsync.sync.importer import PlannedNames
+
+    p = PlannedNames(cache_kib=64)
+    try:
+        assert p.add("a", "a@x")
+        assert not p.add("a", "b@x")          # same uid
+        assert not p.add("c", "a@x")          # same mail
+        assert p.add("c", "b@x")              # the rejected ones were not remembered
+        for i in range(20000):                # beyond the cache: spills to its temporary file
+            assert p.add(f"user{i}", f"user{i}@x")
+        p.commit()
+        assert not p.add("user19999", "new@x") and p.add("new", "new@x")
+    finally:
+        p.close()
+
+
+def test_progress_is_shown_at_most_every_interval() -> None:
+    import io
+
+    from ldapsync.sync.importer import Reporter, Summary
+
+    now = [100.0]
+    err = io.StringIO()
+    r = Reporter(io.StringIO(), err, json_lines=False, listing=False, tty=False, clock=lambda: now[0])
+    s = Summary(seen=1)
+    for _ in range(50):                        # one call per batch
+        r.progress(s)
+        now[0] += 0.1
+    assert err.getvalue().count("\n") == 1     # 5 s of batches, PLAIN_INTERVAL 10 s: one line
+    err = io.StringIO()
+    r = Reporter(io.StringIO(), err, json_lines=False, listing=False, tty=True, clock=lambda: now[0])
+    for _ in range(10):
+        r.progress(s)
+        now[0] += 0.1
+    r.progress(s, final=True)
+    assert err.getvalue().count("\r") == 5     # at 0, 0.3, 0.6, 0.9 s (TTY_INTERVAL 0.25 s), then the final one
+    assert err.getvalue().endswith("\n")
