@@ -167,18 +167,41 @@ class OutboxWorkerService(service.Service):
         super().stopService()
         if getattr(self, "reconcile_loop", None) is not None and self.reconcile_loop.running:
             self.reconcile_loop.stop()
+        from twisted.internet import defer
+
+        waits = []
         if self.worker is not None:
-            self.worker.stop()
+            # deliveries in flight finish, then this node's leases are given back (needs the database)
+            waits.append(self.worker.stop())
         if getattr(self, "listener", None) is not None:
-            return self.listener.stop()
-        return None
+            waits.append(defer.maybeDeferred(self.listener.stop))
+        return defer.gatherResults(waits, consumeErrors=True) if waits else None
+
+
+class OrderedMultiService(service.MultiService):
+    """Children stop one after another, last started first, each once the previous one's
+    stopService Deferred has fired (twisted's MultiService stops them all at once): the outbox
+    worker gives its leases back before the database it needs is stopped."""
+
+    def stopService(self) -> Any:
+        from twisted.internet import defer
+
+        service.Service.stopService(self)
+
+        async def run() -> None:
+            for svc in reversed(list(self)):
+                try:
+                    await defer.maybeDeferred(svc.stopService)
+                except Exception:  # noqa: BLE001 - one child's failure must not keep the others running
+                    log.failure("stopping {svc} failed", svc=svc)
+        return defer.ensureDeferred(run())
 
 
 def make_service(config: Config) -> service.MultiService:
     from ldapsync.ldap.server import LDAPServerFactory
 
     _sqlite_dir(config)
-    top = service.MultiService()
+    top = OrderedMultiService()
     dirsvc = DirectoryService(config)
     dirsvc.setServiceParent(top)
     ctx = starttls_context(config)

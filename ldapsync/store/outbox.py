@@ -12,6 +12,8 @@ a user is a lease on its *head* row (its oldest row, whatever its state)::
                        user has a 'ready' row that is due  ──▶  lease_owner/lease_until on the head
                        (PostgreSQL: FOR UPDATE SKIP LOCKED, so two nodes never take one head)
     load_user_rows_txn: the user's rows up to the last one that is not 'held'
+    owns_lease_txn:    before completing or failing: is the head still leased to us? (a node that
+                       stalled past its lease must not touch rows another node has re-claimed)
     complete_txn:      DELETE those rows (their encrypted secrets go with them)
     fail_txn:          attempts+1, next_attempt_at, last_error  (transient)
                        or state='error'                         (permanent)
@@ -133,6 +135,19 @@ def release_all_leases_txn(txn: Txn) -> int:
     """Single-node (SQLite) start: no other process can hold a lease, so every lease is stale."""
     cur = txn.run("UPDATE o365_outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner IS NOT NULL")
     return int(cur.rowcount or 0)
+
+
+def owns_lease_txn(txn: Txn, owner: str, head_id: int) -> bool:
+    """Whether ``owner`` still holds the lease on this user's head row (claimed by it).
+
+    A worker that stalled past its lease may find the user re-claimed by another node
+    (or even delivered and deleted): then it must neither complete nor fail the rows.
+    PostgreSQL: the head row stays locked until COMMIT, so a claim cannot slip in between
+    this check and the caller's DELETE/UPDATE (a claim in progress holds the lock first,
+    and this waits for it, then sees the new owner)."""
+    lock = " FOR UPDATE" if txn.is_postgres else ""
+    rows = txn.rows(f"SELECT lease_owner FROM o365_outbox WHERE id = ?{lock}", (head_id,))
+    return bool(rows) and rows[0][0] == owner
 
 
 def complete_txn(txn: Txn, ids: Sequence[int]) -> None:

@@ -27,6 +27,11 @@ transaction) and holds no SQL of its own (``ldapsync/store/outbox.py``).
      (one transaction)               (Retry-After honoured, capped)           `o365 reconcile --retry-errors`;
                                                                                o365SyncState=error, o365LastError
 
+Completing or failing rows first checks that this node still holds the user's lease (a node
+that stalled past ``outbox_lease`` leaves the rows to whoever re-claimed them).  A clean
+shutdown lets deliveries in flight finish (``stop_grace``, then cancels them) and gives the
+node's leases back, so another node takes those users over at once.
+
 Per user, rows are handled oldest first and all together: the newest payload is
 the user's complete desired state, so applying it is applying every older row.
 Passwords are decrypted only right before the request that carries them and
@@ -96,6 +101,12 @@ class _Job:
     rows: list[q.OutboxRow]
     entry: StoredEntry | None
     started: float = field(default_factory=time.monotonic)
+    deferred: Any = None           # the running _process (cancelled at shutdown after the grace period)
+
+    @property
+    def head(self) -> int:
+        """The row whose lease makes the user ours (its oldest row, leased by the claim)."""
+        return self.rows[0].id if self.rows else 0
 
 
 def _guarded(fn: Any) -> Any:
@@ -123,7 +134,8 @@ class OutboxWorker:
 
     def __init__(self, directory: Directory, connector: Any, *, reactor: Any, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
-                 node_id: str | None = None, retry: RetryPolicy = RetryPolicy(), clock: Any = time.time) -> None:
+                 node_id: str | None = None, retry: RetryPolicy = RetryPolicy(), clock: Any = time.time,
+                 stop_grace: float = 5.0) -> None:
         self.d = directory
         self.db = directory.db
         self.config = directory.config.office365
@@ -136,7 +148,9 @@ class OutboxWorker:
         self.owner = node_id or default_node_id(directory)
         self.retry = retry
         self.clock = clock
+        self.stop_grace = stop_grace
         self._inflight: dict[str, _Job] = {}
+        self._idle_waiters: list[defer.Deferred] = []
         self._running = False
         self._draining = False
         self._again = False
@@ -166,7 +180,16 @@ class OutboxWorker:
             loop.start(interval, now=True).addErrback(lambda f: log.failure("outbox worker loop failed", f))
             self._loops.append(loop)
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred:
+        """Stop claiming, let the deliveries in flight end, then give this node's leases back.
+
+        Deliveries in flight get ``stop_grace`` seconds to finish (they usually take
+        milliseconds); those still running then (waiting out a Retry-After, or a slow
+        Graph) are cancelled.  Then every lease this node holds is released, so another
+        node (or this one after a restart) takes those users over at once rather than
+        after ``[office365] outbox_lease``.  The returned Deferred fires when that is
+        done; the database must still be running until then.
+        """
         self._running = False
         for loop in self._loops:
             if loop.running:
@@ -175,6 +198,48 @@ class OutboxWorker:
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
+        return defer.ensureDeferred(self._shutdown())
+
+    def _idle(self) -> bool:
+        return not self._inflight and not self._draining
+
+    def _notify_idle(self) -> None:
+        if self._idle():
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                if not w.called:
+                    w.callback(None)
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        if self._idle():
+            return True
+        w: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(w)
+        w.addTimeout(timeout, self.reactor)
+        try:
+            await w
+            return True
+        except defer.TimeoutError:
+            return False
+
+    async def _shutdown(self) -> None:
+        if self._inflight:
+            log.info("Microsoft 365 outbox: stopping; {n} delivery(ies) in flight get {grace:g}s to finish",
+                     n=len(self._inflight), grace=self.stop_grace)
+        if not await self._wait_idle(self.stop_grace):
+            jobs = list(self._inflight.values())
+            log.info("Microsoft 365 outbox: stopping; cancelling {n} delivery(ies) still in flight", n=len(jobs))
+            for job in jobs:
+                if job.deferred is not None:
+                    job.deferred.cancel()
+            await self._wait_idle(2.0)
+        try:
+            n = await self.db.run_interaction("o365 outbox: give leases back", q.release_leases_txn, self.owner)
+        except Exception:  # noqa: BLE001 - the database is going away too: the leases expire instead
+            log.failure("Microsoft 365 outbox: could not give the leases back at shutdown (they expire)")
+            return
+        if n:
+            log.info("Microsoft 365 outbox: stopped; {n} lease(s) given back for another node to take over", n=n)
 
     def wake(self) -> None:
         """Look for work now (called after COMMIT by the planner, and by the poll)."""
@@ -243,19 +308,29 @@ class OutboxWorker:
                 owner, lease, now, exclude = self.owner, self.lease_seconds, self.clock(), list(self._inflight)
 
                 jobs = await self.db.run_interaction("o365 outbox claim", _claim_txn, d, owner, now, lease, free, exclude)
+                if not self._running:
+                    break              # stopped meanwhile: the shutdown gives these leases back
                 for job in jobs:
                     self._inflight[job.entry_uuid] = job
-                    dd = defer.ensureDeferred(self._process(job))
-                    dd.addErrback(lambda f: log.failure("outbox worker: processing failed", f))
+                    dd = job.deferred = defer.ensureDeferred(self._process(job))
+                    dd.addErrback(self._process_failed)
                     dd.addBoth(self._done, job.entry_uuid)
                 if len(jobs) < free and not self._again:
                     break
         finally:
             self._draining = False
+            self._notify_idle()
+
+    def _process_failed(self, f: Any) -> None:
+        if not f.check(defer.CancelledError):      # cancelled at shutdown: the lease is given back
+            log.failure("outbox worker: processing failed", f)
 
     def _done(self, _: Any, entry_uuid: str) -> None:
         self._inflight.pop(entry_uuid, None)
-        self.wake()
+        if self._running:
+            self.wake()
+        else:
+            self._notify_idle()
 
     async def _renew(self) -> None:
         if self._inflight:
@@ -303,6 +378,8 @@ class OutboxWorker:
         except (GraphError, PermanentError) as e:    # BadRequest, Forbidden, ObjectConflict, NotFound...
             await self._permanent(job, ids, desired, str(e))
             return
+        except defer.CancelledError:
+            raise                                    # shutdown: the rows stay as they are
         except Exception as e:  # noqa: BLE001  (network trouble below the Graph client, a bug: retry later)
             from ldapsync.graph.crypto import DecryptionError
 
@@ -316,32 +393,52 @@ class OutboxWorker:
             return
         last = ids[-1]
 
-        def finish(txn: Any) -> None:
+        def finish(txn: Any) -> bool:
+            if not q.owns_lease_txn(txn, self.owner, job.head):
+                return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
             if out.object_id:
                 q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
                 q.clear_create_sent_txn(txn, job.entry_uuid)
             q.complete_txn(txn, ids)
-        await self.db.run_interaction("o365 outbox complete", finish)
+            return True
+        if not await self.db.run_interaction("o365 outbox complete", finish):
+            self._lease_lost(job, desired, out.what)
+            return
         self.delivered += len(ids)
         log.info("Microsoft 365: {upn}: {what} ({n} change(s) in {ms:.0f} ms)", upn=desired.upn or desired.dn,
                  what=out.what, n=len(ids), ms=(time.monotonic() - job.started) * 1000)
 
+    def _lease_lost(self, job: _Job, desired: DesiredUser, what: str) -> None:
+        log.warn("Microsoft 365: {upn}: this node's lease on the user's changes expired and another node "
+                 "has taken them over (this delivery took {s:.0f}s, the lease is {lease:g}s); left to it "
+                 "({what})", upn=desired.upn or desired.dn, s=time.monotonic() - job.started,
+                 lease=self.lease_seconds, what=what or "not delivered")
+
     async def _fail(self, job: _Job, ids: list[int], error: str, *, permanent: bool, next_at: float) -> None:
-        await self.db.run_interaction("o365 outbox retry later", q.fail_txn, ids, error,
-                                      permanent=permanent, next_attempt_at=next_at)
+        def run(txn: Any) -> bool:
+            if not q.owns_lease_txn(txn, self.owner, job.head):
+                return False
+            q.fail_txn(txn, ids, error, permanent=permanent, next_attempt_at=next_at)
+            return True
+        if not await self.db.run_interaction("o365 outbox retry later", run):
+            self._lease_lost(job, DesiredUser.from_json(job.rows[-1].payload), "")
 
     async def _permanent(self, job: _Job, ids: list[int], desired: DesiredUser, error: str) -> None:
         log.warn("Microsoft 365: {upn}: {error}; stopped until the user's next change "
                  "or `ldapsync o365 reconcile --retry-errors`", upn=desired.upn or desired.dn, error=error)
 
-        def run(txn: Any) -> None:
+        def run(txn: Any) -> bool:
+            if not q.owns_lease_txn(txn, self.owner, job.head):
+                return False
             q.fail_txn(txn, ids, error, permanent=True)
             if not desired.deleted:
                 write_user_status_txn(self.d, txn, job.entry_uuid, {
                     "o365SyncState": [SyncState.error.value], "o365LastError": [error[:1000]]})
-        await self.db.run_interaction("o365 outbox error", run)
+            return True
+        if not await self.db.run_interaction("o365 outbox error", run):
+            self._lease_lost(job, desired, "")
 
     # -- Graph ------------------------------------------------------------------------
     def _password(self, secret_hex: str) -> str:

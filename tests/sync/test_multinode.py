@@ -9,6 +9,8 @@ process, real ldap-utils.  What must hold:
   equal to the directory, user by user; both nodes did part of the work;
 - kill -9 of one node mid-backlog: the other takes over its users once their leases expire
   (``[office365] outbox_lease``, short here) and finishes everything, without duplicate accounts;
+- a clean shutdown (SIGTERM) gives the node's leases back: the other node takes over at once;
+- a node that stalled past its lease does not complete or fail rows another node re-claimed;
 - every access token expiring mid-run loses nothing;
 - the reconciler runs on one node at a time (its lease in ``meta``), from the log lines;
 - LISTEN/NOTIFY: a commit elsewhere wakes the listener at once; rolled-back work does not;
@@ -303,6 +305,88 @@ def test_kill_9_of_one_node_mid_backlog_the_other_finishes_after_the_lease(make_
     by_uuid = {e["entryUUID"][0]: e["mail"][0].lower() for e in directory_users(b, prefix).values()}
     b_done = {upn for upn, _ in deliveries(b)}
     assert {by_uuid[u] for u in held} <= b_done, "B did not deliver the users A held when it died"
+
+
+def leases_of(srv, db_url: str) -> list[str]:
+    """Users (entry UUIDs) whose head row is leased to ``srv`` (its node id names its LDAP port)."""
+    rows = sql(db_url, "SELECT entry_uuid, lease_owner FROM o365_outbox WHERE lease_owner IS NOT NULL")
+    return sorted({u for u, owner in rows if f"tcp:{srv.port}:" in owner})
+
+
+def test_clean_shutdown_gives_the_leases_back_at_once(make_cluster, fake_tenant):
+    """SIGTERM: deliveries in flight get a few seconds, the rest are cancelled, and the node's
+    leases are released, so the other node takes its users over at once, not after the lease."""
+    lease = 60.0
+    a, b = make_cluster(2, cluster_config(fake_tenant, outbox_lease=f"{lease:g}s"))
+    wait_active(a)
+    wait_active(b)
+    prefix = unique("ms")
+    uids = [f"{prefix}x{i:03d}" for i in range(80)]
+    # Every Graph request takes longer than the shutdown's grace period (5 s): A's deliveries in
+    # flight cannot finish and are cancelled.
+    fake_tenant.admin.set_latency(seconds=8.0)
+    rows = write_backlog([a, b], uids)
+    held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 20, 0.05)
+    t0 = time.monotonic()
+    a.stop(signal.SIGTERM)
+    stopped_in = time.monotonic() - t0
+    assert leases_of(a, a.db_url) == [], "A left leases behind at a clean shutdown"
+    fake_tenant.admin.set_latency(seconds=0)
+    text = a.log.read_text(errors="replace")
+    assert "cancelling" in text and "lease(s) given back" in text, text[-3000:]
+    assert "Traceback" not in text, text[text.index("Traceback") - 2000:][:6000]
+    assert stopped_in < 15, stopped_in
+
+    t1 = time.monotonic()
+    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 120, 0.3)
+    assert time.monotonic() - t1 < lease / 2, "B waited for A's leases to expire"
+    check_tenant_matches_directory(fake_tenant, b, prefix, uids)
+    check_patch_order(fake_tenant, prefix)
+    by_uuid = {e["entryUUID"][0]: e["mail"][0].lower() for e in directory_users(b, prefix).values()}
+    b_done = {upn for upn, _ in deliveries(b)}
+    assert {by_uuid[u] for u in held} <= b_done, "B did not deliver the users A held when it stopped"
+    total = sum(n for srv in (a, b) for upn, n in deliveries(srv) if upn.startswith(prefix))
+    assert total == rows, f"{total} changes delivered for {rows} written"
+
+
+def test_a_node_that_lost_its_lease_leaves_the_rows_to_the_new_owner(make_cluster, fake_tenant):
+    """A node stalls (SIGSTOP) longer than its lease mid-delivery; the other node re-claims its
+    users.  When the stalled node wakes up and its requests return, it must not complete (delete)
+    or fail (un-lease) rows that are no longer its own: every queued change is accounted for once."""
+    lease = 3.0
+    a, b = make_cluster(2, cluster_config(fake_tenant, outbox_lease=f"{lease:g}s"), start=False)
+    a.start()
+    wait_active(a)
+    prefix = unique("mw")
+    uids = [f"{prefix}x{i:03d}" for i in range(40)]
+    text = "".join(add_ldif(u) for u in uids)
+    assert a.run("ldapmodify", input=text).returncode == 0
+    wait_for("the adds delivered", lambda: queued(a.db_url) == 0, 60, 0.2)
+
+    fake_tenant.admin.set_latency(seconds=2.0)
+    text = "".join(modify_ldif(u, 1) for u in uids)
+    assert a.run("ldapmodify", input=text).returncode == 0
+    held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 20, 0.05)
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b.start()
+        wait_active(b)
+        # B takes over A's users once their leases have expired, and works on them (slowly)...
+        wait_for("B working on A's users", lambda: set(held) & set(leases_of(b, b.db_url)), 30, 0.05)
+    finally:
+        a.proc.send_signal(signal.SIGCONT)         # ...while A's replies arrive
+    wait_for("A noticed", lambda: "has taken them over" in a.log.read_text(errors="replace"), 30, 0.2)
+    fake_tenant.admin.set_latency(seconds=0)
+    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 120, 0.3)
+    rows = 2 * len(uids)
+    total = sum(n for srv in (a, b) for upn, n in deliveries(srv) if upn.startswith(prefix))
+    assert total == rows, f"{total} changes completed for {rows} written: a node completed rows it no longer owned"
+    # (Both nodes PATCHed the same values: a stalled node's requests in flight cannot be taken
+    # back, which is why the PATCH order is not checked here, only the outcome.)
+    check_tenant_matches_directory(fake_tenant, b, prefix, uids)
+    for srv in (a, b):
+        text = srv.log.read_text(errors="replace")
+        assert "Traceback" not in text, text[text.index("Traceback") - 2000:][:6000]
 
 
 def test_lost_create_reply_keeps_the_user_deliverable(make_server, fake_tenant):

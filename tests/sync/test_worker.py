@@ -370,8 +370,8 @@ def test_guard_soft_match_off_block_only_and_retry_errors(make_server, fake_tena
     # the mass-disable guard: one write unbinding 3 users (> 2) is held until `o365 release`
     group = [unique() for _ in range(3)]
     for g in group:
-        srv.run("ldapadd", input=person(g, password=PASSWORD), check=True)
-        tag(srv, g)
+        srv.run("ldapadd", input=person(g), check=True)      # no password yet: the cleartext comes
+        tag(srv, g)                                             # with ldappasswd once bound
         srv.run("ldappasswd", "-s", PASSWORD, f"uid={g},{PEOPLE}", check=True)
     ids = [wait_tenant(fake_tenant, f"{g}@{DOMAIN}", lambda u: u["accountEnabled"] is True)["id"] for g in group]
     for g in group:
