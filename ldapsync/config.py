@@ -110,8 +110,35 @@ class MailConfig:
 
 @dataclass(frozen=True)
 class SelfServiceConfig:
-    listen: str = ""
+    # The activation / password pages (twisted.web) in the same process; "" turns them off.
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    # How users reach the pages (the links in e-mails); https:// makes the cookies Secure.
     public_url: str = "http://127.0.0.1:8080"
+    activation_ttl: float = 72 * 3600.0      # an activation link works this long
+    reset_ttl: float = 3600.0                # a forgotten-password link works this long
+    # Where activation mail goes when the entry has it (the Microsoft 365 mailbox of a new
+    # account cannot be read before the password is set); "" = always to `mail`.
+    alternate_mail_attribute: str = "ldapsyncAltMail"
+    session_timeout: float = 900.0           # a signed-in page session ends after this long idle
+    rate_limit_window: float = 900.0
+    rate_limit_user: int = 10                # attempts per user (sign-in, change, reset) per window
+    rate_limit_address: int = 30             # attempts per client address per window
+    expiry_check_interval: float = 3600.0    # how often password-expiry warnings are looked for
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """[policy]: the password policy (like OpenLDAP's ppolicy overlay); see ldapsync.directory.policy."""
+
+    min_length: int = 8                 # never below Microsoft 365's 8 (Graph would refuse the password)
+    complexity: bool = True             # 3 of 4: lowercase, uppercase, digits, symbols (Microsoft 365's rule)
+    history: int = 5                    # previous passwords that may not be reused (0 = off)
+    max_age: float = 90 * 86400.0       # seconds a password lives (0 = never expires)
+    expire_warning: float = 14 * 86400.0  # warn this long before expiry (bind control, mail)
+    grace_logins: int = 0               # binds allowed with an expired password
+    lockout_failures: int = 5           # failed binds within failure_window that lock (0 = off)
+    lockout_duration: float = 15 * 60.0  # how long a lock lasts (0 = until an admin unlocks)
+    failure_window: float = 15 * 60.0   # failures older than this are forgotten (0 = kept until a success)
 
 
 @dataclass(frozen=True)
@@ -129,6 +156,7 @@ class Config:
     mail: MailConfig = field(default_factory=MailConfig)
     selfservice: SelfServiceConfig = field(default_factory=SelfServiceConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     source: str = "<embedded defaults>"
 
     @property
@@ -145,8 +173,12 @@ _SECTIONS = {
     "mail": MailConfig,
     "selfservice": SelfServiceConfig,
     "secrets": SecretsConfig,
+    "policy": PolicyConfig,
 }
 _DURATIONS = {("office365", "reconcile_interval"), ("office365", "outbox_lease"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
+_DURATIONS |= {("policy", k) for k in ("max_age", "expire_warning", "lockout_duration", "failure_window")}
+_DURATIONS |= {("selfservice", k) for k in ("activation_ttl", "reset_ttl", "session_timeout", "rate_limit_window",
+                                            "expiry_check_interval")}
 
 
 def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
@@ -210,6 +242,25 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
         raise ConfigError("[ldap] listen: at least one listener is needed")
+    _validate_policy(cfg.policy)
+
+
+def _validate_policy(p: PolicyConfig) -> None:
+    if p.min_length < 8:
+        raise ConfigError(f"[policy] min_length: expected at least 8, got {p.min_length} "
+                          "(Microsoft 365 refuses passwords shorter than 8 characters)")
+    if p.min_length > 256:
+        raise ConfigError(f"[policy] min_length: expected at most 256, got {p.min_length} "
+                          "(Microsoft 365 refuses passwords longer than 256 characters)")
+    if p.history > 100:
+        raise ConfigError(f"[policy] history: expected at most 100 previous passwords, got {p.history}")
+    for key in ("max_age", "expire_warning", "lockout_duration", "failure_window"):
+        if getattr(p, key) < 0:
+            raise ConfigError(f"[policy] {key}: expected a duration like \"90d\" or \"0\", got {getattr(p, key):g}")
+    if p.max_age and p.max_age < 3600:
+        raise ConfigError(f"[policy] max_age: expected \"0\" (never expires) or at least 1h, got {p.max_age:g}s")
+    if p.max_age and p.expire_warning >= p.max_age:
+        raise ConfigError(f"[policy] expire_warning ({p.expire_warning:g}s) must be shorter than max_age ({p.max_age:g}s)")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -8,10 +8,17 @@ change hooks of the store).
 
 Access rules:
 - the admin DN and members of ``cn=admins,ou=groups,<suffix>`` may do everything;
-- an authenticated user may read the directory (never passwords) and change
-  its own password;
+- an authenticated user may read the directory (never passwords, nor the
+  password policy state) and change its own password;
 - anonymous clients may bind and read the root DSE and ``cn=Subschema`` only,
   unless ``[ldap] allow_anonymous_read``.
+
+Password policy (``[policy]``, rules in ``ldapsync.directory.policy``): binds go
+through :meth:`Directory.authenticate` (lockout, expiry, grace logins), and every
+path that sets ``userPassword`` (add, modify, Password Modify,
+:meth:`Directory.set_password`) checks quality and history before its write
+transaction and stamps the policy state in it.  The configured admin DN is
+exempt from lockout and expiry, so the directory can always be administered.
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 import ldapsync
-from ldapsync.config import Config
+from ldapsync.clock import Clock, system_clock
+from ldapsync.config import Config, PolicyConfig
+from ldapsync.directory import policy as pp
 from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.filters import Ext, Filter, FilterCompiler, And, Or, Not
 from ldapsync.directory.passwords import HashParams, PasswordHasher, generate_password
+from ldapsync.directory.policy import PasswordState, PolicyError, PPError, PPolicyResponse, describe_policy
 from ldapsync.directory.schema import AttributeType, Schema
 from ldapsync.directory.writes import GROUP_ATTRS, Write
 from ldapsync.store import entries as store
@@ -43,13 +53,14 @@ log = Logger()
 
 SUBSCHEMA_DN = "cn=Subschema"
 HIDDEN_ATTRS = frozenset({"userPassword"})            # never returned to anyone
-ADMIN_ONLY_ATTRS = frozenset({"pwdHistory"})
+ADMIN_ONLY_ATTRS = pp.POLICY_ATTRS                     # password policy state: admins only
 COMPUTED_OPERATIONAL = ("entryDN", "hasSubordinates", "subschemaSubentry")
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "ldapsynctag"})
 
 SUPPORTED_CONTROLS = (
     "1.2.840.113556.1.4.319",   # simple paged results
     "2.16.840.1.113730.3.4.2",  # ManageDsaIT
+    "1.3.6.1.4.1.42.2.27.8.5.1",  # password policy (draft-behera)
 )
 SUPPORTED_EXTENSIONS = (
     "1.3.6.1.4.1.1466.20037",   # StartTLS
@@ -71,6 +82,51 @@ class Actor:
 
 
 ANONYMOUS = Actor()
+
+
+
+@dataclass(frozen=True)
+class BindOutcome:
+    """What a password check found (:meth:`Directory.authenticate`).
+
+    - ``actor``: who the password proves (set whenever ``password_ok``, also when
+      expired, so that user may change it); None otherwise.
+    - ``password_ok``: the password was right (never checked while ``locked``).
+    - ``expired``: the password is past ``max_age``.  With ``grace_remaining``
+      set, a grace login was used and the bind succeeded; without it, it failed.
+    - ``locked``: the account is locked (or this failure locked it).
+    - ``expires_at``: when the password expires (epoch seconds), None = never.
+    - ``grace_remaining``: grace logins left after the one just used (only when one was used).
+    - ``warning_seconds``: seconds until expiry when inside ``expire_warning``.
+    """
+
+    actor: Actor | None
+    password_ok: bool
+    expired: bool
+    locked: bool
+    expires_at: float | None
+    grace_remaining: int | None
+    warning_seconds: int | None
+
+    @property
+    def authenticated(self) -> bool:
+        """True when a bind with this outcome succeeds."""
+        return self.password_ok and not self.locked and (not self.expired or self.grace_remaining is not None)
+
+    def ppolicy(self) -> PPolicyResponse:
+        """What the password policy response control says about this outcome."""
+        if self.locked:
+            return PPolicyResponse(error=PPError.accountLocked)
+        if self.password_ok and self.expired:
+            if self.grace_remaining is None:
+                return PPolicyResponse(error=PPError.passwordExpired)
+            return PPolicyResponse(grace_authns_remaining=self.grace_remaining)
+        if self.password_ok and self.warning_seconds is not None:
+            return PPolicyResponse(time_before_expiration=self.warning_seconds)
+        return PPolicyResponse()
+
+
+_FAILED = BindOutcome(None, False, False, False, None, None, None)
 
 
 @dataclass
@@ -101,6 +157,8 @@ def _b(v: bytes | str) -> str:
 class Directory:
     def __init__(self, config: Config, db: Database, schema: Schema | None = None, *, hash_threads: int = 2) -> None:
         self.config = config
+        self.policy: PolicyConfig = config.policy
+        self.clock: Clock = system_clock()       # every policy decision asks this (tests move it)
         self.db = db
         self.schema = schema or Schema.load_default()
         p = config.passwords
@@ -331,13 +389,15 @@ class Directory:
                     parent = w.get(self.admin_dn.parent) if self.admin_dn.parent is not None else None
                     rdn_attr, rdn_val = self.admin_dn.rdns[0].avas[0]
                     attrs = {"objectClass": ["top", "organizationalRole", "simpleSecurityObject"], rdn_attr: [rdn_val],
-                             "description": ["Directory administrator"], "userPassword": [hashed]}
+                             "description": ["Directory administrator"], "userPassword": [hashed],
+                             "pwdChangedTime": [pp.format_time(self.clock.now())]}
                     attrs["structuralObjectClass"] = [self.schema.check_entry(attrs)]
                     w.create(self.admin_dn, attrs, parent)
                     out.append(f"created {self.admin_dn}")
                 else:
                     attrs = dict(admin.attrs or {})
                     attrs["userPassword"] = [hashed]
+                    attrs["pwdChangedTime"] = [pp.format_time(self.clock.now())]
                     w.update(admin, attrs)
                     out.append(f"set the password of {self.admin_dn} from {self.config.admin.password_file}")
             w.finish()
@@ -348,34 +408,85 @@ class Directory:
 
     # -- bind ------------------------------------------------------------------
     async def bind(self, dn_text: str, password: bytes) -> Actor:
+        return (await self.bind_with_policy(dn_text, password))[0]
+
+    async def bind_with_policy(self, dn_text: str, password: bytes) -> tuple[Actor, PPolicyResponse]:
+        """A simple bind: (actor, what the password policy control says).
+
+        Refusals raise :class:`~ldapsync.directory.policy.PolicyError` (an LDAPError)
+        whose ``ppolicy`` the protocol edge sends when the client asked for it.  The
+        message is the same whether the password was wrong, expired or locked.
+        """
         if not dn_text:
             if password:
                 raise LDAPError(ResultCode.unwillingToPerform, "a password was given without a DN")
-            return ANONYMOUS
+            return ANONYMOUS, PPolicyResponse()
         try:
-            dn = self.dn(dn_text)
+            self.dn(dn_text)
         except LDAPError as e:
             raise LDAPError(ResultCode.invalidDNSyntax, e.message) from None
         if not password:
             raise LDAPError(ResultCode.unwillingToPerform, "unauthenticated bind (DN with no password) disallowed")
+        out = await self.authenticate(dn_text, password)
+        if not out.authenticated or out.actor is None:
+            raise PolicyError(ResultCode.invalidCredentials, "invalid credentials", out.ppolicy())
+        return out.actor, out.ppolicy()
 
-        def fetch(txn: Txn) -> tuple[list[str], bool, bool] | None:
+    async def authenticate(self, dn_text: str, password: bytes) -> BindOutcome:
+        """Check a password under the policy, as a bind does; policy outcomes are returned, not raised.
+
+        Counts a wrong password towards lockout (one write), refuses a locked
+        account without looking at the password, records a grace login, clears
+        failures after a success, and hands the cleartext to the bind hooks (the
+        Microsoft 365 capture) when the bind succeeds.  An unknown DN, an entry
+        without a password or an empty password give a plain failure.
+        """
+        try:
+            dn = self.dn(dn_text)
+        except LDAPError:
+            return _FAILED
+        if not password or dn.is_root:
+            return _FAILED
+
+        def fetch(txn: Txn) -> Attrs | None:
             e = store.get_entry_txn(txn, dn.norm)
-            if e is None:
-                return None
-            capture = e.attrs.get("o365PasswordPending") == ["TRUE"]
-            is_admin = dn.norm == self.admin_dn.norm or self._in_admins_group(e.attrs)
-            return list(e.attrs.get("userPassword", [])), is_admin, capture
+            return e.attrs if e is not None else None
 
-        got = await self.db.run_interaction("bind", fetch, write=False)
-        if got is None or not got[0]:
+        attrs = await self.db.run_interaction("bind", fetch, write=False)
+        if attrs is None or not attrs.get("userPassword"):
             # No such entry, or an entry without a usable password (an inactive user).
-            raise LDAPError(ResultCode.invalidCredentials, "invalid credentials")
-        hashes, is_admin, capture = got
-        ok = await self._in_hash_thread(self._verify_any, hashes, password)
+            return _FAILED
+        cfg = self.policy
+        exempt = dn.norm == self.admin_dn.norm
+        is_admin = exempt or self._in_admins_group(attrs)
+        if not exempt and pp.lock_state(cfg, attrs, self.clock.now())[0]:
+            log.info("bind refused for {dn}: account locked", dn=str(dn))
+            return BindOutcome(None, False, False, True, None, None, None)
+        ok = await self._in_hash_thread(self._verify_any, list(attrs["userPassword"]), password)
+        now = self.clock.now()
         if not ok:
-            raise LDAPError(ResultCode.invalidCredentials, "invalid credentials")
-        if capture:
+            locked = False
+            if not exempt and cfg.lockout_failures:
+                locked = await self._record_bind_failure(dn)
+                if locked:
+                    log.warn("account {dn} locked after {n} failed binds", dn=str(dn), n=cfg.lockout_failures)
+            return BindOutcome(None, False, False, locked, None, None, None)
+        actor = Actor(dn, is_admin)
+        exp = pp.expires_at(cfg, attrs, exempt=exempt)
+        expired = exp is not None and now >= exp
+        grace: int | None = None
+        if expired:
+            grace = await self._record_bind_success(dn, grace=True) if pp.grace_remaining(cfg, attrs) > 0 else None
+            if grace is None:
+                log.info("bind refused for {dn}: password expired", dn=str(dn))
+                return BindOutcome(actor, True, True, False, exp, None, None)
+            log.info("grace login for {dn} with an expired password ({n} left)", dn=str(dn), n=grace)
+        elif pp.values_after_success(cfg, attrs, now, exempt=exempt):
+            await self._record_bind_success(dn, grace=False)    # only when something changes
+        warning = None
+        if exp is not None and not expired and cfg.expire_warning and exp - now <= cfg.expire_warning:
+            warning = max(int(exp - now), 0)
+        if attrs.get("o365PasswordPending") == ["TRUE"]:
             # Microsoft 365 still lacks this user's password: hand the cleartext to the
             # bind hooks (the outbox) now that we have it.  Ordinary binds cost nothing extra.
             for hook in self.bind_hooks:
@@ -383,7 +494,133 @@ class Directory:
                     await hook(dn, password)
                 except Exception:
                     log.failure("bind hook failed for {dn}", dn=str(dn))
-        return Actor(dn, is_admin)
+        return BindOutcome(actor, True, expired, False, exp, grace, warning)
+
+    async def _record_bind_failure(self, dn: DN) -> bool:
+        """One write: add a pwdFailureTime, lock at lockout_failures.  Returns whether the account is locked."""
+        cfg = self.policy
+
+        def run(txn: Txn) -> bool:
+            w = Write(self, txn, str(dn), "ppolicy")
+            st = w.get(dn)
+            if st is None or not st.attrs or not st.attrs.get("userPassword"):
+                return False
+            values, locked = pp.values_after_failure(cfg, st.attrs, self.clock.now())
+            if values and w.set_operational(st, values):
+                w.finish()
+            return locked
+
+        return bool(await self.db.run_interaction("ppolicy", run))
+
+    async def _record_bind_success(self, dn: DN, *, grace: bool) -> int | None:
+        """One write after a right password: clear failures/expired lock, date an undated password,
+        and with ``grace`` use one grace login.  Returns the grace logins left (None: none was left)."""
+        cfg = self.policy
+        exempt = dn.norm == self.admin_dn.norm
+
+        def run(txn: Txn) -> int | None:
+            w = Write(self, txn, str(dn), "ppolicy")
+            st = w.get(dn)
+            if st is None or not st.attrs:
+                return None
+            left = None
+            if grace:
+                have = pp.grace_remaining(cfg, st.attrs)
+                if have <= 0:
+                    return None         # used up meanwhile by a concurrent bind
+                left = have - 1
+            values = pp.values_after_success(cfg, st.attrs, self.clock.now(), grace_used=grace, exempt=exempt)
+            if values and w.set_operational(st, values):
+                w.finish()
+            return left
+
+        return await self.db.run_interaction("ppolicy", run)
+
+    # -- password policy helpers ---------------------------------------------------
+    def password_state(self, attrs: Attrs, dn: str | DN | None = None) -> PasswordState:
+        """The policy state of an entry's attributes now (by the directory's clock).
+
+        Pass ``dn`` to apply the admin's exemption (no expiry, no lockout).
+        """
+        exempt = False
+        if dn is not None:
+            norm = dn.norm if isinstance(dn, DN) else self.dn_norm_or_none(dn)
+            exempt = norm == self.admin_dn.norm
+        return pp.password_state(self.policy, attrs, self.clock.now(), exempt=exempt)
+
+    async def password_state_of(self, dn_text: str) -> PasswordState | None:
+        """:meth:`password_state` of the entry at ``dn_text`` (None when there is no such entry)."""
+        dn = self.dn(dn_text)
+
+        def fetch(txn: Txn) -> Attrs | None:
+            e = store.get_entry_txn(txn, dn.norm)
+            return e.attrs if e is not None else None
+
+        attrs = await self.db.run_interaction("password state", fetch, write=False)
+        return None if attrs is None else self.password_state(attrs, dn)
+
+    def describe_policy(self) -> list[str]:
+        return describe_policy(self.policy)
+
+    def _matches_any(self, hashes: list[str], passwords: list[bytes]) -> bool:
+        return any(self.hasher.verify(h, p) for p in passwords for h in hashes)
+
+    async def check_new_passwords(self, cleartext: Sequence[str], prehashed: Sequence[str], current: Attrs | None,
+                                  *, by_admin: bool, own: bool = True) -> None:
+        """The policy for passwords about to be set: quality, pre-hashed values, history.
+
+        ``current`` is the entry as stored (None: a new entry); ``own`` says the
+        holder sets it (history applies), else an admin resets someone else's
+        (quality applies, history does not: like Active Directory and Entra resets).
+        Runs before the write transaction (history comparisons hash in the hash
+        thread pool).  Raises PolicyError (constraintViolation) naming the rule.
+        """
+        cfg = self.policy
+        for pw in cleartext:
+            err = pp.check_quality(cfg, pw)
+            if err is not None:
+                raise err
+        if prehashed and not by_admin:
+            raise PolicyError(ResultCode.constraintViolation,
+                              "only administrators may set a pre-hashed password (its quality cannot be checked)",
+                              PPolicyResponse(error=PPError.insufficientPasswordQuality))
+        if current is None or not cfg.history or not own:
+            return
+        hashes = pp.history_hashes(cfg, current)
+        if not hashes:
+            return
+        if any(h in hashes for h in prehashed):
+            raise pp.history_error(cfg)
+        if cleartext and await self._in_hash_thread(
+                self._matches_any, hashes, [c.encode("utf-8", "surrogateescape") for c in cleartext]):
+            raise pp.history_error(cfg)
+
+    def _policy_values_txn(self, old: Attrs, new_hashes: Sequence[str]) -> dict[str, list[str] | None]:
+        return pp.values_after_change(self.policy, old, self.clock.now(), new_hashes=new_hashes)
+
+    @staticmethod
+    def _apply_values(attrs: Attrs, values: dict[str, list[str] | None]) -> None:
+        for k, v in values.items():
+            if v:
+                attrs[k] = list(v)
+            else:
+                attrs.pop(k, None)
+
+    def _check_unchanged(self, st_attrs: Attrs | None, snapshot: Attrs | None) -> None:
+        """The password state we checked history against must still be the stored one."""
+        if snapshot is None or st_attrs is None:
+            return
+        for k in ("userPassword", "pwdHistory"):
+            if st_attrs.get(k) != snapshot.get(k):
+                raise LDAPError(ResultCode.busy, "the password was changed at the same moment; try again")
+
+    async def _snapshot(self, actor: Actor, dn: DN) -> tuple[Attrs | None, bool]:
+        """(the entry's attributes, is the actor an admin?) — read before a password write."""
+        def run(txn: Txn) -> tuple[Attrs | None, bool]:
+            e = store.get_entry_txn(txn, dn.norm)
+            return (e.attrs if e is not None else None), self._is_admin_txn(txn, actor)
+
+        return await self.db.run_interaction("password check", run, write=False)
 
     def _verify_any(self, hashes: list[str], password: bytes) -> bool:
         return any(self.hasher.verify(h, password) for h in hashes)
@@ -464,6 +701,7 @@ class Directory:
                             "anonymous clients may read only the root DSE and cn=Subschema; bind first")
         pred, plan = self.filters.compile(req.filter)
         uses_dn_attrs = _uses_dn_attributes(req.filter)
+        hide = ADMIN_ONLY_ATTRS if not actor.is_admin else frozenset()
         size_limit = req.size_limit
         if not actor.is_admin and self.config.directory.size_limit and req.page_size is None:
             size_limit = min(size_limit or self.config.directory.size_limit, self.config.directory.size_limit)
@@ -487,6 +725,8 @@ class Directory:
             matched_rows = []
             for e in rows:
                 a = e.attrs
+                if hide and not hide.isdisjoint(a):
+                    a = {k: v for k, v in a.items() if k not in hide}   # a filter may not probe them either
                 if uses_dn_attrs:
                     a = dict(a)
                     a["\x00dn_avas"] = [f"{n}={v}" for r in self.dn(e.dn).rdns for n, v in r.avas]
@@ -562,7 +802,7 @@ class Directory:
         if actor.dn is None and not self.config.ldap.allow_anonymous_read:
             raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not compare; bind first")
         at = self.attribute(attr)
-        if at.name in HIDDEN_ATTRS and not actor.is_admin:
+        if (at.name in HIDDEN_ATTRS or at.name in ADMIN_ONLY_ATTRS) and not actor.is_admin:
             raise LDAPError(ResultCode.insufficientAccessRights, f"{at.name} may not be compared")
         if at.equality is None:
             raise LDAPError(ResultCode.inappropriateMatching, f"{at.name} has no equality matching rule")
@@ -609,6 +849,11 @@ class Directory:
         structural = self.schema.check_entry(attrs)
         attrs["structuralObjectClass"] = [structural]
         self._check_not_suffix_sibling(dn)
+        pw_values = attrs.get("userPassword", [])
+        if pw_values:
+            # add is for admins (checked again in the transaction): pre-hashed values are allowed
+            await self.check_new_passwords([v for v in pw_values if not self.hasher.is_hashed(v)],
+                                           [v for v in pw_values if self.hasher.is_hashed(v)], None, by_admin=True)
         clear = await self.hash_cleartext(attrs)
 
         def run(txn: Txn) -> ChangeSet:
@@ -623,6 +868,8 @@ class Directory:
                 if parent is None:
                     raise w.no_such_object(dn.parent)
             self._check_group_members_txn(txn, attrs)
+            if attrs.get("userPassword"):
+                attrs["pwdChangedTime"] = [pp.format_time(self.clock.now())]
             w.create(dn, attrs, parent)
             return w.finish()
 
@@ -680,7 +927,7 @@ class Directory:
         for op, desc, values in mods:
             at = self.attribute(desc.split(";", 1)[0])
             vals = [_b(v) for v in values]
-            if at.no_user_modification:
+            if at.no_user_modification and not self._admin_may_modify(at.name, op, vals):
                 raise LDAPError(ResultCode.constraintViolation, f"{at.name}: no user modification allowed")
             if op != "delete":
                 for i, v in enumerate(vals):
@@ -692,22 +939,31 @@ class Directory:
                 if at.syntax != "1.3.6.1.4.1.1466.115.121.1.27":
                     raise LDAPError(ResultCode.constraintViolation, f"{at.name}: increment needs an Integer attribute")
             prepared.append((op, at, vals))
-        # Cleartext passwords being set are hashed before the transaction starts.
-        clear: list[str] = []
-        old_passwords: list[str] = []
-        for i, (op, at, vals) in enumerate(prepared):
-            if at.name == "userPassword":
-                if op in ("add", "replace"):
-                    tmp: Attrs = {"userPassword": list(vals)}
-                    got = await self.hash_cleartext(tmp)
-                    clear += list(got.values())
-                    prepared[i] = (op, at, tmp["userPassword"])
-                elif op == "delete":
-                    old_passwords += vals
         only_password = all(at.name == "userPassword" for _, at, _ in prepared)
+        is_self = actor.dn is not None and actor.dn.norm == dn.norm
+        # Passwords being set: the policy (quality, history) is checked and cleartext is
+        # hashed before the write transaction starts (no argon2 inside it).
+        new_clear = [v for op, at, vals in prepared if at.name == "userPassword" and op in ("add", "replace")
+                     for v in vals if not self.hasher.is_hashed(v)]
+        new_hashed = [v for op, at, vals in prepared if at.name == "userPassword" and op in ("add", "replace")
+                      for v in vals if self.hasher.is_hashed(v)]
+        sets_password = bool(new_clear or new_hashed)
+        snapshot: Attrs | None = None
+        if sets_password:
+            snapshot, admin = await self._snapshot(actor, dn)
+            if not admin and not (is_self and only_password):
+                raise LDAPError(ResultCode.insufficientAccessRights,
+                                f"{actor.dn} may not modify \"{dn}\": only the directory admin and members of {self.admins_group} may")
+            await self.check_new_passwords(new_clear, new_hashed, snapshot, by_admin=admin, own=is_self)
+        clear: list[str] = []
+        for i, (op, at, vals) in enumerate(prepared):
+            if at.name == "userPassword" and op in ("add", "replace"):
+                tmp: Attrs = {"userPassword": list(vals)}
+                got = await self.hash_cleartext(tmp)
+                clear += list(got.values())
+                prepared[i] = (op, at, tmp["userPassword"])
 
         def run(txn: Txn) -> ChangeSet:
-            is_self = actor.dn is not None and actor.dn.norm == dn.norm
             if not (is_self and only_password):
                 self._require_admin_txn(txn, actor, f'modify "{dn}"')
             w = Write(self, txn, actor.dn_str, "modify", context={"cleartext": {dn.norm: clear}} if clear else {})
@@ -715,6 +971,13 @@ class Directory:
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
             for op, at, vals in prepared:
                 self._apply_mod(attrs, op, at, vals, dn)
+            if sets_password:
+                self._check_unchanged(st.attrs, snapshot)
+                new_pw = [h for h in attrs.get("userPassword", ()) if h not in (st.attrs or {}).get("userPassword", ())]
+                self._apply_values(attrs, self._policy_values_txn(st.attrs or {}, new_pw))
+            elif any(at.name == "pwdAccountLockedTime" and op == "delete" for op, at, _ in prepared) \
+                    and not any(at.name == "pwdFailureTime" for _, at, _ in prepared):
+                attrs.pop("pwdFailureTime", None)   # unlocking forgets the failures that locked (as OpenLDAP)
             if attrs.get("objectClass") != (st.attrs or {}).get("objectClass"):
                 old_sc = (st.attrs or {}).get("structuralObjectClass")
                 new_sc = self._structural_class(attrs.get("objectClass", []))
@@ -731,6 +994,17 @@ class Directory:
             return w.finish()
 
         return await self.db.run_interaction("modify", run)
+
+    @staticmethod
+    def _admin_may_modify(name: str, op: str, vals: list[str]) -> bool:
+        """Policy state admins may change (checked for admin rights in the transaction):
+        delete pwdAccountLockedTime/pwdFailureTime/pwdGraceUseTime to unlock, or set
+        pwdAccountLockedTime to lock an account by hand."""
+        if name not in pp.ADMIN_RESETTABLE:
+            return False
+        if op == "delete" or (op == "replace" and not vals):
+            return True
+        return name == "pwdAccountLockedTime" and op in ("add", "replace")
 
     def _apply_mod(self, attrs: Attrs, op: str, at: AttributeType, vals: list[str], dn: DN) -> None:
         s = self.schema
@@ -871,38 +1145,69 @@ class Directory:
         """Returns the generated password when none was given."""
         if actor.dn is None:
             raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not change passwords; bind first")
-        target = self.dn(user) if user else actor.dn
+        target = user if user else str(actor.dn)
         generated = None
         if new is None or new == b"":
-            generated = generate_password(16)
+            generated = generate_password(max(16, self.policy.min_length))
             new_pw = generated
         else:
             new_pw = _b(new)
-        hashed = await self._in_hash_thread(self.hasher.hash, new_pw.encode("utf-8", "surrogateescape"))
+        await self.set_password(actor, target, new_pw, old_password=old or None, operation="passwd")
+        return generated
+
+    async def set_password(self, actor: Actor, target_dn: str, new_password: str, *, old_password: bytes | None = None,
+                           in_txn: Callable[[Txn, StoredEntry], None] | None = None, operation: str = "passwd") -> None:
+        """Set ``target_dn``'s password under the policy, in one write transaction.
+
+        Allowed to the target itself and to admins.  ``old_password``, when given,
+        must be the current password (invalidCredentials otherwise).  Quality and
+        history are checked first (PolicyError, constraintViolation, naming the
+        rule); a pre-hashed value (``{ARGON2}…``) skips the quality rule and is
+        allowed to admins only.  ``in_txn(txn, entry)`` runs inside the write
+        transaction before the entry is updated and may raise LDAPError to abort
+        it.  The cleartext goes to the change hooks (the Microsoft 365 outbox) as
+        the write's ``cleartext`` context; ``operation`` names the write.
+        """
+        if actor.dn is None:
+            raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not change passwords; bind first")
+        target = self.dn(target_dn)
+        snapshot, admin = await self._snapshot(actor, target)
+        is_self = target.norm == actor.dn.norm
+        if not is_self and not admin:
+            raise LDAPError(ResultCode.insufficientAccessRights, f"{actor.dn} may change only its own password")
+        if snapshot is not None and old_password:
+            stored = list(snapshot.get("userPassword", ()))
+            if not await self._in_hash_thread(self._verify_any, stored, old_password):
+                raise LDAPError(ResultCode.invalidCredentials, "the old password is not correct")
+        prehashed = self.hasher.is_hashed(new_password)
+        await self.check_new_passwords([] if prehashed else [new_password], [new_password] if prehashed else [],
+                                       snapshot, by_admin=admin, own=is_self)
+        if prehashed:
+            hashed, clear = new_password, None
+        else:
+            hashed = await self._in_hash_thread(self.hasher.hash, new_password.encode("utf-8", "surrogateescape"))
+            clear = new_password
 
         def run(txn: Txn) -> ChangeSet:
-            is_self = target.norm == actor.dn.norm  # type: ignore[union-attr]
-            admin = self._is_admin_txn(txn, actor)
-            if not is_self and not admin:
+            if not is_self and not self._is_admin_txn(txn, actor):
                 raise LDAPError(ResultCode.insufficientAccessRights, f"{actor.dn} may change only its own password")
-            w = Write(self, txn, actor.dn_str, "passwd", context={"cleartext": {target.norm: [new_pw]}})
+            w = Write(self, txn, actor.dn_str, operation, context={"cleartext": {target.norm: [clear]}} if clear else {})
             st = w.require(target)
+            assert st.old is not None
+            self._check_unchanged(st.attrs, snapshot)
+            if in_txn is not None:
+                in_txn(txn, st.old)
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
-            stored = attrs.get("userPassword", [])
-            if old is not None and old != b"":
-                if not any(self.hasher.verify(h, old) for h in stored):
-                    raise LDAPError(ResultCode.invalidCredentials, "the old password is not correct")
+            self._apply_values(attrs, self._policy_values_txn(attrs, [hashed]))
             attrs["userPassword"] = [hashed]
-            s = self.schema
             try:
-                s.check_entry(attrs)
+                self.schema.check_entry(attrs)
             except LDAPError as e:
                 raise LDAPError(ResultCode.objectClassViolation, f"{target} cannot hold a password: {e.message}") from None
             w.update(st, attrs)
             return w.finish()
 
-        await self.db.run_interaction("passwd", run)
-        return generated
+        await self.db.run_interaction(operation, run)
 
 
 def _uses_dn_attributes(f: Filter) -> bool:

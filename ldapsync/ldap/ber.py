@@ -482,6 +482,25 @@ def enc_search_entry(dn: str, attrs: list[tuple[str, list[str]]]) -> bytes:
 
 
 # Response tags by request type
+def enc_ppolicy_response(time_before_expiration: int | None = None, grace_authns_remaining: int | None = None,
+                        error: int | None = None) -> bytes:
+    """The password policy response control value (draft-behera-ldap-password-policy §6.2).
+
+    ``SEQUENCE { warning [0] CHOICE { timeBeforeExpiration [0] INTEGER,
+    graceAuthNsRemaining [1] INTEGER } OPTIONAL, error [1] ENUMERATED OPTIONAL }``,
+    encoded as OpenLDAP's ppolicy overlay does: the warning is a constructed [0]
+    holding one primitive [0] or [1] integer (expiry wins over grace).
+    """
+    body = b""
+    if time_before_expiration is not None:
+        body += tlv(0xA0, enc_int(time_before_expiration, 0x80))
+    elif grace_authns_remaining is not None:
+        body += tlv(0xA0, enc_int(grace_authns_remaining, 0x81))
+    if error is not None:
+        body += enc_int(int(error), 0x81)
+    return tlv(0x30, body)
+
+
 BIND_RESPONSE = 0x61
 SEARCH_DONE = 0x65
 MODIFY_RESPONSE = 0x67

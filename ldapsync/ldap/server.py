@@ -23,6 +23,7 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.policy import PPolicyResponse
 from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
 from ldapsync.ldap import ber
 from ldapsync.ldap.ber import BERError, enc_message, enc_result, enc_str, tlv
@@ -36,7 +37,8 @@ OID_STARTTLS = "1.3.6.1.4.1.1466.20037"
 OID_PASSWD = "1.3.6.1.4.1.4203.1.11.1"
 OID_WHOAMI = "1.3.6.1.4.1.4203.1.11.3"
 OID_NOTICE_OF_DISCONNECTION = "1.3.6.1.4.1.1466.20036"
-KNOWN_CONTROLS = {OID_PAGED, OID_MANAGE_DSA_IT}
+OID_PPOLICY = "1.3.6.1.4.1.42.2.27.8.5.1"   # password policy request and response (draft-behera)
+KNOWN_CONTROLS = {OID_PAGED, OID_MANAGE_DSA_IT, OID_PPOLICY}
 SCOPES = {0: "base", 1: "one", 2: "sub", 3: "children"}
 MAX_INT = 2**31 - 1  # RFC 4511 maxInt: the bound of message ids, size/time limits and page sizes
 
@@ -167,7 +169,9 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             return
         err = failure.value
         if isinstance(err, LDAPError):
-            self._result(msg.msgid, tag, err.code, err.matched_dn, err.message)
+            info = getattr(err, "ppolicy", None)
+            controls = _ppolicy_controls(info) if info is not None and _wants_ppolicy(msg) else None
+            self._result(msg.msgid, tag, err.code, err.matched_dn, err.message, controls=controls)
         elif isinstance(err, StoreError):
             log.error("LDAP {op} failed: {error}", op=type(msg.op).__name__, error=str(err))
             self._result(msg.msgid, tag, ResultCode.unavailable, message="the directory database is not available; try again")
@@ -189,9 +193,10 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         if req.password is None:
             raise LDAPError(ResultCode.authMethodNotSupported, f"SASL mechanism {req.sasl_mechanism} is not supported; use a simple bind")
         self.actor = ANONYMOUS  # a failed bind leaves the connection anonymous
-        actor = await self.directory.bind(req.dn, req.password)
+        actor, info = await self.directory.bind_with_policy(req.dn, req.password)
         self.actor = actor
-        self._result(msg.msgid, ber.BIND_RESPONSE, ResultCode.success)
+        controls = _ppolicy_controls(info) if _wants_ppolicy(msg) and actor.dn is not None else None
+        self._result(msg.msgid, ber.BIND_RESPONSE, ResultCode.success, controls=controls)
 
     async def handle_SearchRequest(self, msg: ber.Message, op: _Op) -> None:
         req: ber.SearchRequest = msg.op
@@ -305,6 +310,16 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self.tls = True
             return
         raise LDAPError(ResultCode.protocolError, f"unsupported extended operation {req.name}")
+
+
+def _wants_ppolicy(msg: ber.Message) -> bool:
+    return any(c.oid == OID_PPOLICY for c in msg.controls)
+
+
+def _ppolicy_controls(info: PPolicyResponse) -> list[tuple[str, bool, bytes | None]]:
+    value = ber.enc_ppolicy_response(info.time_before_expiration, info.grace_authns_remaining,
+                                     None if info.error is None else int(info.error))
+    return [(OID_PPOLICY, False, value)]
 
 
 def _paged_value(size: int, cookie: bytes) -> bytes:
