@@ -32,6 +32,7 @@ from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
+from ldapsync.store.tables import INDEX_VALUE_MAX
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -172,6 +173,29 @@ def check_page_txn(d: Directory, txn: Txn, plans: Iterable[Plan]) -> None:
         collision_txn(d, txn, p)
 
 
+def maybe_taken_txn(d: Directory, txn: Txn, plans: list[Plan]) -> set[int]:
+    """Indexes of the importable ``plans`` whose object id, uid, mail or DN may already be in the
+    directory: one query per attribute for the whole batch (a round trip per user and attribute
+    is what PostgreSQL pays for); only these need :func:`collision_txn`."""
+    cand = [(i, p) for i, p in enumerate(plans) if p.importable]
+    hit: set[int] = set()
+    for attr, name, value_of in (("o365objectid", "o365ObjectId", lambda p: p.object_id),
+                                 ("uid", "uid", lambda p: p.uid), ("mail", "mail", lambda p: p.mail)):
+        by_value: dict[str, list[int]] = {}
+        for i, p in cand:
+            if value_of(p):
+                by_value.setdefault(_norm(d, name, value_of(p))[:INDEX_VALUE_MAX], []).append(i)
+        if by_value:
+            marks = ",".join("?" * len(by_value))
+            for (value,) in txn.rows(f"SELECT value FROM entry_index WHERE attr = ? AND value IN ({marks})",
+                                     (attr, *by_value)):
+                hit.update(by_value.get(value, ()))
+    norms = {i: d.dn(p.dn).norm for i, p in cand}
+    found = store.get_entries_txn(txn, norms.values())
+    hit.update(i for i, n in norms.items() if n in found)
+    return hit
+
+
 def import_batch_txn(d: Directory, txn: Txn, plans: Iterable[Plan], actor_dn: str) -> list[Plan]:
     """Create the importable ones of ``plans`` in this one transaction, re-checking the
     collisions with the directory and among ``plans``.  Returns copies carrying the outcome; the
@@ -180,8 +204,10 @@ def import_batch_txn(d: Directory, txn: Txn, plans: Iterable[Plan], actor_dn: st
     out = [replace(p) for p in plans]
     w = Write(d, txn, actor_dn, OPERATION)
     taken: dict[tuple[str, str], str] = {}      # (attr, normalized value) → DN made in this batch
-    for p in out:
-        collision_txn(d, txn, p)
+    maybe = maybe_taken_txn(d, txn, out)
+    for i, p in enumerate(out):
+        if i in maybe:
+            collision_txn(d, txn, p)
         if not p.importable:
             continue
         keys = (("uid", _norm(d, "uid", p.uid)), ("mail", _norm(d, "mail", p.mail)))
