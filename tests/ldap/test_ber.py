@@ -367,3 +367,16 @@ def test_lengths_round_trip(n: int) -> None:
     t, s, e = ber.read_header(enc, 0, len(enc))
     assert (t, e - s, e) == (0x04, n, len(enc))
     assert pureber.berDecodeObject(pureber.BERDecoderContext(), enc)[0].value == b"a" * n
+
+
+@pytest.mark.parametrize("args, expected", [
+    # the bytes OpenLDAP's ppolicy overlay sends (create_passcontrol): warning = [0] { [0]|[1] INTEGER }, error = [1] ENUMERATED
+    ((None, None, None), "3000"),
+    ((259199, None, None), "3007a005800303f47f"),
+    ((None, 0, None), "3005a003810100"),
+    ((None, None, 1), "3003810101"),
+    ((None, None, 6), "3003810106"),
+    ((100, 2, 0), "3008a003800164810100"),      # expiry wins over grace, as in OpenLDAP
+])
+def test_ppolicy_response_value(args: tuple, expected: str) -> None:
+    assert ber.enc_ppolicy_response(*args).hex() == expected
