@@ -79,13 +79,19 @@ class DesiredUser:
     held: bool = False                # written as state=held by the mass-disable guard
 
     def to_json(self) -> str:
-        # (dataclasses.asdict deep-copies every field: it was a third of the outbox's cost per write)
-        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__}, separators=(",", ":"), sort_keys=True)
+        # (dataclasses.asdict deep-copies every field: it was a third of the outbox's cost per write;
+        # json.dumps with any non-default option builds a new encoder per call: one, shared, here.
+        # The fields go in sorted order, so the text is what sort_keys=True gave.)
+        return _ENCODER.encode({f: getattr(self, f) for f in _SORTED_FIELDS})
 
     @classmethod
     def from_json(cls, text: str) -> "DesiredUser":
         raw = json.loads(text)
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+_SORTED_FIELDS = tuple(sorted(DesiredUser.__dataclass_fields__))
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def first(attrs: Attrs | None, name: str) -> str | None:

@@ -149,8 +149,11 @@ class OutboxWorker:
         self.retry = retry
         self.clock = clock
         self.stop_grace = stop_grace
+        self.claim_batch = max(1, concurrency // 4)
         self._inflight: dict[str, _Job] = {}
         self._idle_waiters: list[defer.Deferred] = []
+        self._ends: list[tuple[str, Any, defer.Deferred]] = []    # queued completions (group commit)
+        self._ending = False
         self._running = False
         self._draining = False
         self._again = False
@@ -302,7 +305,9 @@ class OutboxWorker:
             while self._running:
                 self._again = False
                 free = self.concurrency - len(self._inflight)
-                if free <= 0 or not await self._connector_ready():
+                # Under load, claim users a few at a time rather than one per finished job:
+                # every claim is a write transaction that LDAP writes wait behind (SQLite).
+                if free <= 0 or (self._inflight and free < self.claim_batch) or not await self._connector_ready():
                     break
                 d = self.d
                 owner, lease, now, exclude = self.owner, self.lease_seconds, self.clock(), list(self._inflight)
@@ -398,17 +403,64 @@ class OutboxWorker:
                 return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
-            if out.object_id:
+            if out.object_id and out.object_id != desired.object_id:
+                # the account id is new to these rows (created or linked now): later rows get it,
+                # and the note of a create in flight is done with
                 q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
                 q.clear_create_sent_txn(txn, job.entry_uuid)
             q.complete_txn(txn, ids)
             return True
-        if not await self.db.run_interaction("o365 outbox complete", finish):
+        if not await self._end("o365 outbox complete", finish):
             self._lease_lost(job, desired, out.what)
             return
         self.delivered += len(ids)
         log.info("Microsoft 365: {upn}: {what} ({n} change(s) in {ms:.0f} ms)", upn=desired.upn or desired.dn,
                  what=out.what, n=len(ids), ms=(time.monotonic() - job.started) * 1000)
+
+    async def _end(self, desc: str, fn: Any) -> Any:
+        """Run ``fn(txn)`` (a job's completion or failure) in a write transaction shared with
+        the other jobs ending meanwhile: one COMMIT for many users under load (group commit),
+        no added wait when idle (the first one goes at once; others gather while it runs)."""
+        d: defer.Deferred = defer.Deferred()
+        self._ends.append((desc, fn, d))
+        if not self._ending:
+            defer.ensureDeferred(self._end_loop()).addErrback(
+                lambda f: log.failure("outbox worker: ending deliveries failed", f))
+        return await d
+
+    async def _end_loop(self) -> None:
+        self._ending = True
+        try:
+            while self._ends:
+                batch, self._ends = self._ends, []
+                if len(batch) == 1:
+                    results: list[Any] = [None]
+                    desc, fn, d = batch[0]
+                    try:
+                        results[0] = await self.db.run_interaction(desc, fn)
+                    except Exception as e:  # noqa: BLE001 - handed to the job
+                        d.errback(e)
+                        continue
+                    d.callback(results[0])
+                    continue
+
+                def run_all(txn: Any, batch: list[tuple[str, Any, defer.Deferred]] = batch) -> list[Any]:
+                    return [fn(txn) for _, fn, _ in batch]
+                try:
+                    results = await self.db.run_interaction(f"o365 outbox: {len(batch)} deliveries ended", run_all)
+                except Exception:  # noqa: BLE001 - one of them failed: each on its own, so the others stand
+                    for desc, fn, d in batch:
+                        try:
+                            r = await self.db.run_interaction(desc, fn)
+                        except Exception as e:  # noqa: BLE001
+                            d.errback(e)
+                        else:
+                            d.callback(r)
+                    continue
+                for (_, _, d), r in zip(batch, results, strict=True):
+                    d.callback(r)
+        finally:
+            self._ending = False
 
     def _lease_lost(self, job: _Job, desired: DesiredUser, what: str) -> None:
         log.warn("Microsoft 365: {upn}: this node's lease on the user's changes expired and another node "
@@ -422,7 +474,7 @@ class OutboxWorker:
                 return False
             q.fail_txn(txn, ids, error, permanent=permanent, next_attempt_at=next_at)
             return True
-        if not await self.db.run_interaction("o365 outbox retry later", run):
+        if not await self._end("o365 outbox retry later", run):
             self._lease_lost(job, DesiredUser.from_json(job.rows[-1].payload), "")
 
     async def _permanent(self, job: _Job, ids: list[int], desired: DesiredUser, error: str) -> None:
@@ -437,7 +489,7 @@ class OutboxWorker:
                 write_user_status_txn(self.d, txn, job.entry_uuid, {
                     "o365SyncState": [SyncState.error.value], "o365LastError": [error[:1000]]})
             return True
-        if not await self.db.run_interaction("o365 outbox error", run):
+        if not await self._end("o365 outbox error", run):
             self._lease_lost(job, desired, "")
 
     # -- Graph ------------------------------------------------------------------------
