@@ -7,6 +7,8 @@ before it needs them, because a clock moved by one test stays moved for the next
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from helpers import ADMIN_DN, PEOPLE, parse_ldif_output, unique, user_ldif
 
@@ -102,6 +104,12 @@ def test_lockout_then_unlock_by_time_and_by_admin(server):
     p = server.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\ndelete: pwdAccountLockedTime\n")
     assert p.returncode == 0, p.stderr
     assert whoami(server, dn, "Lock-Pass-01").returncode == 0
+    # an admin can also lock by hand (for lockout_duration), with the current time
+    offset = float(server.clock_file.read_text()) if server.clock_file.exists() else 0.0
+    locked_at = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + offset - 5))   # the server's "now"
+    p = server.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nadd: pwdAccountLockedTime\npwdAccountLockedTime: {locked_at}\n")
+    assert p.returncode == 0, p.stderr
+    assert whoami(server, dn, "Lock-Pass-01").returncode == 49
 
 
 def test_failures_outside_the_window_do_not_lock(server):
