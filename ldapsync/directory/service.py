@@ -562,6 +562,10 @@ class Directory:
     def describe_policy(self) -> list[str]:
         return describe_policy(self.policy)
 
+    def _stored_match(self, stored: list[str], cleartext: str) -> str | None:
+        pw = cleartext.encode("utf-8", "surrogateescape")
+        return next((h for h in stored if self.hasher.verify(h, pw)), None)
+
     def _matches_any(self, hashes: list[str], passwords: list[bytes]) -> bool:
         return any(self.hasher.verify(h, p) for p in passwords for h in hashes)
 
@@ -948,13 +952,27 @@ class Directory:
         new_hashed = [v for op, at, vals in prepared if at.name == "userPassword" and op in ("add", "replace")
                       for v in vals if self.hasher.is_hashed(v)]
         sets_password = bool(new_clear or new_hashed)
+        deletes_password = any(at.name == "userPassword" and op == "delete" and vals for op, at, vals in prepared)
         snapshot: Attrs | None = None
-        if sets_password:
+        if sets_password or deletes_password:
             snapshot, admin = await self._snapshot(actor, dn)
             if not admin and not (is_self and only_password):
                 raise LDAPError(ResultCode.insufficientAccessRights,
                                 f"{actor.dn} may not modify \"{dn}\": only the directory admin and members of {self.admins_group} may")
-            await self.check_new_passwords(new_clear, new_hashed, snapshot, by_admin=admin, own=is_self)
+            if sets_password:
+                await self.check_new_passwords(new_clear, new_hashed, snapshot, by_admin=admin, own=is_self)
+            if deletes_password and snapshot is not None:
+                # Cleartext values to delete are matched to the stored hashes here, in the hash
+                # pool, so the transaction compares strings only (no argon2 inside it).
+                stored = list(snapshot.get("userPassword", ()))
+                for i, (op, at, vals) in enumerate(prepared):
+                    if at.name == "userPassword" and op == "delete" and vals:
+                        resolved = []
+                        for v in vals:
+                            if v not in stored:
+                                v = await self._in_hash_thread(self._stored_match, stored, v) or v
+                            resolved.append(v)
+                        prepared[i] = (op, at, resolved)
         clear: list[str] = []
         for i, (op, at, vals) in enumerate(prepared):
             if at.name == "userPassword" and op in ("add", "replace"):
@@ -971,8 +989,9 @@ class Directory:
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
             for op, at, vals in prepared:
                 self._apply_mod(attrs, op, at, vals, dn)
-            if sets_password:
+            if sets_password or deletes_password:
                 self._check_unchanged(st.attrs, snapshot)
+            if sets_password:
                 new_pw = [h for h in attrs.get("userPassword", ()) if h not in (st.attrs or {}).get("userPassword", ())]
                 self._apply_values(attrs, self._policy_values_txn(st.attrs or {}, new_pw))
             elif any(at.name == "pwdAccountLockedTime" and op == "delete" for op, at, _ in prepared) \
@@ -1034,7 +1053,8 @@ class Directory:
             for v in vals:
                 n = norm(v)
                 if name == "userPassword":
-                    idx = next((i for i, h in enumerate(keep) if self.hasher.verify(h, v.encode("utf-8", "surrogateescape")) or h == v), None)
+                    # modify() matched cleartext to the stored hash before the transaction
+                    idx = next((i for i, h in enumerate(keep) if h == v), None)
                 else:
                     idx = next((i for i, h in enumerate(keep) if norm(h) == n), None)
                 if idx is None:

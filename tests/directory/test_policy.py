@@ -362,6 +362,9 @@ async def test_modify_and_add_enforce_quality_and_stamp(d):
     assert "3 of" in e.value.message
     with pytest.raises(PolicyError):
         await d.modify(me, dn, [("delete", "userPassword", [b"Eve-Pass-01"]), ("add", "userPassword", [b"Eve-Pass-01"])])
+    with pytest.raises(LDAPError) as e:                      # the old value is matched before the transaction
+        await d.modify(me, dn, [("delete", "userPassword", [b"Not-Eve-01"]), ("add", "userPassword", [b"Eve-Pass-02"])])
+    assert e.value.code == ResultCode.noSuchAttribute
     d.clock.advance(DAY)                                     # type: ignore[attr-defined]
     await d.modify(me, dn, [("delete", "userPassword", [b"Eve-Pass-01"]), ("add", "userPassword", [b"Eve-Pass-02"])])
     a = attrs_of(d, dn)
