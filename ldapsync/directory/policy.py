@@ -31,13 +31,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import IntEnum
 
 from ldapsync.config import PolicyConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.passwords import check_complexity
-
 
 #: The operational attributes the policy keeps on an entry (readable by admins only).
 POLICY_ATTRS = frozenset({"pwdChangedTime", "pwdFailureTime", "pwdAccountLockedTime", "pwdGraceUseTime", "pwdHistory"})
@@ -103,7 +102,7 @@ class PasswordState:
 
 def format_time(t: float, *, micro: bool = False) -> str:
     """Seconds since the epoch → GeneralizedTime (UTC); ``micro`` keeps microseconds (multi-valued attrs)."""
-    dt = datetime.fromtimestamp(t, timezone.utc)
+    dt = datetime.fromtimestamp(t, UTC)
     if micro:
         return dt.strftime("%Y%m%d%H%M%S.%fZ")
     return dt.strftime("%Y%m%d%H%M%SZ")
