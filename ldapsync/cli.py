@@ -35,9 +35,11 @@ def _open_directory(config: Config):  # type: ignore[no-untyped-def]
     d = Directory(config, db)
     if config.office365.enabled:
         # CLI writes go through the same propagation hook as LDAP writes.
+        from ldapsync.selfservice.service import install_activation_hook
         from ldapsync.sync.outbox import install_planner
 
-        install_planner(d)
+        # ...and a user bound without a password gets an activation link (mailed by the server).
+        install_activation_hook(d, install_planner(d))
     return d
 
 
@@ -294,7 +296,12 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
-    from ldapsync.sync.connector import ensure_entries_txn, set_deactivated_txn, unbind_everyone_txn, write_status_txn
+    from ldapsync.sync.connector import (
+        ensure_entries_txn,
+        set_deactivated_txn,
+        unbind_everyone_txn,
+        write_status_txn,
+    )
 
     if not config.office365.enabled:
         raise CLIError("the Microsoft 365 connector is not enabled")
@@ -406,6 +413,63 @@ def cmd_o365_import(config: Config, args: argparse.Namespace) -> int:
     return int(run_async(main))
 
 
+def cmd_user_invite(config: Config, args: argparse.Namespace) -> int:
+    """Queue (or re-send) the activation mail; the running server mails it within seconds."""
+    from ldapsync.selfservice.links import LinkService
+
+    d = _open_directory(config)
+    d.db.create_schema()
+    d.db.start()
+    links = LinkService(d, None)
+
+    async def go(reactor) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+        return [(dn, await links.invite(dn, "ldapsync user invite")) for dn in args.dn]
+
+    try:
+        done = run_async(go)
+    finally:
+        d.db.stop()
+    for dn, to in done:
+        print(f"{dn}: activation link queued for {to} (mailed by the running server; "
+              f"it works for {config.selfservice.activation_ttl / 3600:g} hours; earlier links no longer work)")
+    return 0
+
+
+def cmd_user_invitations(config: Config, args: argparse.Namespace) -> int:
+    """Links not yet used: who, state, sent to, until when, last error."""
+    from ldapsync.selfservice.links import LinkService, human_time
+
+    d = _open_directory(config)
+    d.db.create_schema()
+    d.db.start()
+    links = LinkService(d, None)
+
+    async def go(reactor):  # type: ignore[no-untyped-def]
+        return await links.pending()
+
+    try:
+        rows = run_async(go)
+    finally:
+        d.db.stop()
+    now = links.now()
+    if not rows:
+        print("no pending invitations or reset links")
+        return 0
+    for row, dn in rows:
+        state = row.state
+        if state == "sent" and row.expires_at is not None and row.expires_at <= now:
+            state = "expired"
+        parts = [dn or f"(deleted entry {row.entry_uuid})", row.purpose, state]
+        if row.sent_to:
+            parts.append(f"to {row.sent_to}")
+        if row.expires_at and row.state == "sent":
+            parts.append(f"until {human_time(row.expires_at)}")
+        if row.last_error:
+            parts.append(f"last error: {row.last_error}")
+        print("  ".join(parts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
@@ -420,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     dump = lsub.add_parser("dump", help="write every entry as LDIF (loads back unchanged)")
     dump.add_argument("-o", "--output", help="file to write (default: stdout)")
     dump.set_defaults(func=cmd_ldif_dump)
+    user = sub.add_parser("user", help="activation links for users")
+    usub = user.add_subparsers(dest="user_command", required=True)
+    inv = usub.add_parser("invite", help="mail (again) an activation link to users without a password")
+    inv.add_argument("dn", nargs="+", help="the user's DN")
+    inv.set_defaults(func=cmd_user_invite)
+    usub.add_parser("invitations", help="list activation and reset links not yet used (state, address, expiry)"
+                    ).set_defaults(func=cmd_user_invitations)
     o365 = sub.add_parser("o365", help="the Microsoft 365 connector")
     osub = o365.add_subparsers(dest="o365_command", required=True)
     osub.add_parser("authorize", help="sign in (delegated: device code) or check the app credentials").set_defaults(func=cmd_o365_authorize)

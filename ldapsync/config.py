@@ -242,6 +242,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
         raise ConfigError("[ldap] listen: at least one listener is needed")
+    url = cfg.selfservice.public_url
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
+        raise ConfigError(f'[selfservice] public_url: expected the address users open, like "https://account.example.com", '
+                          f"got {url!r}")
     _validate_policy(cfg.policy)
 
 

@@ -214,6 +214,11 @@ def make_service(config: Config) -> service.MultiService:
             idle_timeout=config.ldap.idle_timeout,
         )
         strports.service(endpoint, factory).setServiceParent(top)
+    # Activation links, the password pages and expiry warnings (after the directory, which
+    # they use; children stop in reverse order).
+    from ldapsync.selfservice.service import SelfServiceService
+
+    SelfServiceService(dirsvc.directory, dirsvc.planner).setServiceParent(top)
     if config.office365.enabled:
         connsvc = ConnectorService(config, dirsvc)
         connsvc.setServiceParent(top)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
+from http.cookiejar import CookieJar
 from typing import Any
 
 SUFFIX = "dc=example,dc=com"
@@ -72,3 +77,69 @@ def wait_for(what: str, fn: Callable[[], Any], timeout: float = 15.0, interval: 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+LINK_RE = re.compile(r"(http://127\.0\.0\.1:\d+/(?:activate|reset)\?token=[A-Za-z0-9_\-]+)")
+
+
+# -- self-service: mails, links and a cookie-keeping HTTP client ---------------------------------
+def mails_to(sink: Any, address: str) -> list[Any]:
+    return [m for m in sink.messages() if address in m.rcpt_to]
+
+
+def wait_mail(sink: Any, address: str, count: int = 1, timeout: float = 30) -> Any:
+    wait_for(f"{count} mail(s) to {address}", lambda: len(mails_to(sink, address)) >= count, timeout)
+    return mails_to(sink, address)[count - 1]
+
+
+def link_in(msg: Any) -> str:
+    m = LINK_RE.search(msg.body())
+    assert m, msg.body()
+    return m.group(1)
+
+
+def whoami(srv: Any, dn: str, password: str) -> Any:
+    return srv.run("ldapwhoami", bind=dn, password=password)
+
+
+def add_user(srv: Any, uid: str, *, alt: str | None = None, bound: bool = False, password: str | None = None) -> str:
+    dn = f"uid={uid},{PEOPLE}"
+    ldif = (f"dn: {dn}\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncUser\nuid: {uid}\ncn: {uid.title()} Person\n"
+            f"sn: Person\ngivenName: {uid.title()}\nmail: {uid}@contoso.com\n")
+    if alt:
+        ldif += f"ldapsyncAltMail: {alt}\n"
+    if bound:
+        ldif += "ldapsyncDirectory: office365\n"
+    if password:
+        ldif += f"userPassword: {password}\n"
+    srv.run("ldapadd", input=ldif, check=True)
+    return dn
+
+
+class Client:
+    """A cookie-keeping HTTP client for what a browser would never send (forged forms)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.jar = CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _NoRedirect())
+
+    def request(self, path: str, data: dict[str, str] | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+        body = urllib.parse.urlencode(data).encode() if data is not None else None
+        req = urllib.request.Request(self.base + path, data=body, headers=headers or {})
+        try:
+            with self.opener.open(req, timeout=20) as r:
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode()
+
+    def csrf(self, path: str) -> str:
+        _, _, page = self.request(path)
+        m = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert m, page
+        return m.group(1)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the test suite needs on a fresh Debian machine and runs it:
 #   system packages (ldap-utils for the real LDAP clients, PostgreSQL, OpenLDAP's slapd as the
-#   reference the bad-input table is checked against and the benchmark compares with),
+#   reference the bad-input table is checked against and the benchmark compares with, Chromium and
+#   chromedriver for the self-service pages),
 #   a PostgreSQL server on 127.0.0.1 with a test role, a virtualenv with ldapsync and its test extras,
 #   then pytest.  Extra arguments go to pytest.
 set -euo pipefail
@@ -12,6 +13,8 @@ command -v ldapsearch >/dev/null 2>&1 || need_pkgs+=(ldap-utils)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql-common)
 [ -x /usr/sbin/slapd ] || need_pkgs+=(slapd)
+[ -x /usr/bin/chromium ] || need_pkgs+=(chromium)            # the self-service pages are tested in it
+[ -x /usr/bin/chromedriver ] || need_pkgs+=(chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "need root to install: ${need_pkgs[*]}" >&2; exit 1; fi
   apt-get update -qq

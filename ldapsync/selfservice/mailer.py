@@ -277,7 +277,10 @@ class Mailer:
                 raise ValueError(f"invalid header name {name!r}")
             del msg[name]
             msg[name] = _no_newlines(str(value), f"header {name}")
-        msg.set_content(text)
+        if text.isascii() and all(len(line) <= 900 for line in text.splitlines()):
+            msg.set_content(text, cte="7bit")    # links stay whole in the raw message
+        else:
+            msg.set_content(text)
         if html is not None:
             msg.add_alternative(html, subtype="html")
             for part in msg.iter_parts():

@@ -76,3 +76,27 @@ o365_outbox = sa.Table(
     sa.Index("ix_o365_outbox_user", "entry_uuid", "id"),
     sa.Index("ix_o365_outbox_due", "state", "next_attempt_at"),
 )
+
+# Self-service one-time links (migration 0003): activation and password-reset
+# e-mails.  Only the SHA-256 of a link's token is stored; see ldapsync/store/links.py.
+selfservice_links = sa.Table(
+    "selfservice_links",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("entry_uuid", sa.String(64), nullable=False),
+    sa.Column("purpose", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    sa.Column("used_at", sa.Float, nullable=True),
+    sa.Column("sent_to", sa.Text, nullable=True),
+    sa.Column("requested_by", sa.Text, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Index("ix_selfservice_links_token", "token_hash", unique=True),
+    sa.Index("ix_selfservice_links_user", "entry_uuid", "purpose"),
+    sa.Index("ix_selfservice_links_due", "state", "next_attempt_at"),
+)

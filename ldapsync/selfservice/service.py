@@ -1,0 +1,175 @@
+"""The self-service part of the twistd service tree: pages, link mails, expiry warnings.
+
+::
+
+    SelfServiceService (MultiService)
+      ├─ the pages on [selfservice] listen   (web.py; none when listen = "")
+      ├─ every few seconds + after COMMIT:   LinkService.send_due   (links.py)
+      └─ every expiry_check_interval:        ExpiryWarner.run_once  (mails "your password expires on …")
+
+``install_activation_hook`` is also called by the CLI, so that a user bound by
+``ldapsync ldif load`` gets an activation link just like one bound over LDAP.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ldapsync.selfservice.links import (
+    OPERATION,
+    ActivationHook,
+    LinkService,
+    first,
+    human_time,
+)
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+log = Logger()
+
+SEND_POLL = 3.0            # seconds: links queued by another process (the CLI, another node)
+SCAN_BATCH = 1000
+
+
+def install_activation_hook(directory: Directory, planner: Any, links: LinkService | None = None) -> LinkService:
+    links = links or LinkService(directory, None)
+    store.register_change_hook(ActivationHook(links, planner))
+    return links
+
+
+class ExpiryWarner:
+    """Mails each user once per password, ``expire_warning`` before it expires."""
+
+    def __init__(self, directory: Directory, links: LinkService) -> None:
+        self.directory = directory
+        self.links = links
+
+    async def run_once(self) -> int:
+        d = self.directory
+        policy = d.policy
+        if not getattr(policy, "max_age", 0) or not getattr(policy, "expire_warning", 0) or self.links.mailer is None:
+            return 0
+        now = self.links.now()
+        due: list[tuple[str, dict[str, list[str]], float]] = []
+        after = ""
+        while True:
+            batch = await d.db.run_interaction("expiry scan", store.all_entries_txn, after, SCAN_BATCH, write=False)
+            if not batch:
+                break
+            after = batch[-1].path
+            for e in batch:
+                attrs = e.attrs
+                if not attrs.get("userPassword") or not first(attrs, "pwdChangedTime"):
+                    continue
+                state = d.password_state(attrs)
+                exp = state.expires_at
+                if exp is None or not (now < exp <= now + policy.expire_warning):
+                    continue
+                if first(attrs, "ldapsyncExpiryWarned") == first(attrs, "pwdChangedTime"):
+                    continue
+                due.append((e.dn_norm, attrs, exp))
+        sent = 0
+        for dn_norm, attrs, exp in due:
+            to = self.links.address_for(attrs, "reset")
+            if not to:
+                continue
+            try:
+                await self.links.mailer.send(to, *self.compose(attrs, exp))  # type: ignore[union-attr]
+            except Exception as e:      # noqa: BLE001 - a bad address must not stop the others
+                log.warn("password-expiry warning for {dn} not sent: {error}", dn=dn_norm, error=str(e))
+                continue
+            await d.db.run_interaction("expiry warned", self._mark_txn, dn_norm, first(attrs, "pwdChangedTime"))
+            sent += 1
+        if sent:
+            log.info("sent {n} password-expiry warning(s)", n=sent)
+        return sent
+
+    def _mark_txn(self, txn: Txn, dn_norm: str, changed: str | None) -> None:
+        from ldapsync.directory.writes import Write
+
+        d = self.directory
+        e = store.get_entry_txn(txn, dn_norm, for_update=True)
+        if e is None or changed is None:
+            return
+        w = Write(d, txn, str(d.admin_dn), OPERATION)
+        if w.set_operational(w._track(e), {"ldapsyncExpiryWarned": [changed]}):
+            w.finish()
+
+    def compose(self, attrs: dict[str, list[str]], expires_at: float) -> tuple[str, str]:
+        base = self.links.config.public_url.rstrip("/")
+        name = first(attrs, "givenName") or first(attrs, "displayName") or first(attrs, "cn") or ""
+        days = max(1, round((expires_at - self.links.now()) / 86400))
+        return (f"Your password expires in {days} day{'s' if days != 1 else ''}",
+                (f"Hello {name},\n\n"
+                 f"The password of your account {first(attrs, 'uid') or ''} expires on {human_time(expires_at)}.\n\n"
+                 f"Choose a new one before then at {base}/signin (sign in, then \"Change your password\").\n"
+                 "The new password is used for Microsoft 365 too.\n\n"
+                 "After it has expired you can still sign in there once to choose a new one.\n"))
+
+
+class SelfServiceService(service.MultiService):
+    def __init__(self, directory: Directory, planner: Any, *, reactor: Any = None) -> None:
+        super().__init__()
+        from ldapsync.graph.crypto import load_or_create_key
+        from ldapsync.selfservice.mailer import Mailer, MailError
+
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.directory = directory
+        cfg = directory.config
+        try:
+            mailer: Any = Mailer(cfg.mail, reactor=reactor, attempts=2)
+        except (MailError, ValueError) as e:
+            log.error("[mail] is not usable, so activation and password mails cannot be sent: {error}", error=str(e))
+            mailer = None
+        self.links = LinkService(directory, mailer)
+        if planner is not None:
+            install_activation_hook(directory, planner, self.links)
+        self.warner = ExpiryWarner(directory, self.links)
+        if cfg.selfservice.listen:
+            from ldapsync.selfservice.web import make_site
+
+            site = make_site(directory, self.links, load_or_create_key(cfg.secrets.key_file))
+            strports.service(cfg.selfservice.listen, site).setServiceParent(self)  # type: ignore[arg-type]
+        self._loops: list[LoopingCall] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for fn, interval in ((self._send, SEND_POLL), (self._warn, self.directory.config.selfservice.expiry_check_interval)):
+            loop = LoopingCall(fn)
+            loop.clock = self.reactor
+            loop.start(interval, now=True).addErrback(lambda f: log.failure("self-service loop stopped", f))
+            self._loops.append(loop)
+        if self.directory.config.selfservice.listen:
+            log.info("self-service pages at {url}", url=self.directory.config.selfservice.public_url)
+
+    def _send(self) -> Any:
+        d = defer.ensureDeferred(self.links.send_due())
+        d.addErrback(lambda f: log.failure("sending self-service links failed", f))
+        return d
+
+    def _warn(self) -> Any:
+        d = defer.ensureDeferred(self.warner.run_once())
+        d.addErrback(lambda f: log.failure("password-expiry warnings failed", f))
+        return d
+
+    def stopService(self) -> Any:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops.clear()
+        if self.links.mailer is not None:
+            self.links.mailer.stop()
+        return super().stopService()
+

@@ -1,0 +1,110 @@
+"""A real headless Chromium (Debian's chromium + chromedriver, driven by Selenium) and its screenshots.
+
+Screenshots are test artefacts: ``$LDAPSYNC_ARTIFACTS/screenshots`` (default
+``tests/artifacts/screenshots``, git-ignored).  A missing browser is an error,
+not a skip: ``tests/setup-and-run.sh`` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = Path(os.environ.get("LDAPSYNC_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
+
+
+class Browser:
+    def __init__(self, driver: Any, shots: Path) -> None:
+        self.driver = driver
+        self.shots = shots
+
+    def get(self, url: str) -> None:
+        self.driver.get(url)
+
+    def fill(self, **fields: str) -> None:
+        from selenium.webdriver.common.by import By
+
+        for name, value in fields.items():
+            el = self.driver.find_element(By.NAME, name)
+            el.clear()
+            el.send_keys(value)
+
+    def submit(self, text: str | None = None) -> None:
+        from selenium.webdriver.common.by import By
+
+        buttons = self.driver.find_elements(By.CSS_SELECTOR, "main form button[type=submit]")
+        if text is not None:
+            buttons = [b for b in buttons if b.text.strip() == text]
+        assert buttons, f"no submit button {text!r} on {self.driver.current_url}"
+        self.click(buttons[0])
+
+    def click(self, element: Any) -> None:
+        """Click and wait until the next page replaced this one."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        old = self.driver.find_element(By.TAG_NAME, "html")
+        element.click()
+        WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
+        WebDriverWait(self.driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+    @property
+    def title(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "h1").text
+
+    @property
+    def text(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.TAG_NAME, "main").text
+
+    def alert(self) -> str:
+        from selenium.webdriver.common.by import By
+
+        found = self.driver.find_elements(By.CSS_SELECTOR, "[role=alert]")
+        return found[0].text if found else ""
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        return path
+
+    def clear_cookies(self) -> None:
+        self.driver.delete_all_cookies()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not Path(exe).exists():
+            raise RuntimeError(f"{exe} is missing: run tests/setup-and-run.sh (it installs chromium and chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--disable-features=PasswordLeakDetection,AutofillServerCommunication",
+                 "--password-store=basic", f"--user-data-dir={profile}", "--window-size=900,1000", "--lang=en-US"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    shots = ARTIFACTS / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        yield Browser(driver, shots)
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
