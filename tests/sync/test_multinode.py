@@ -222,7 +222,8 @@ def test_listener_wakes_on_commit_not_on_rollback_and_reconnects():
         # The listener's connection is killed: it reconnects, wakes once, and hears the next NOTIFY.
         with psycopg.connect(**connect_kwargs(db.engine), autocommit=True) as admin:
             n = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE %s"
-                              " AND pid <> pg_backend_pid()", (f"%LISTEN {NOTIFY_CHANNEL}%",)).rowcount
+                              " AND pid <> pg_backend_pid() AND datname = current_database()",
+                              (f"%LISTEN {NOTIFY_CHANNEL}%",)).rowcount
             assert n == 1
         wait_for("listening again", lambda: listener.connects == 2, 10, 0.05)
         woke.wait(2)
