@@ -470,6 +470,38 @@ def cmd_user_invitations(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
+    """Lift a password-policy lockout (what deleting pwdAccountLockedTime over LDAP does)."""
+    from ldapsync.directory.service import Actor
+
+    d = _open_directory(config)
+    d.db.create_schema()
+    d.db.start()
+    admin = Actor(d.dn(config.admin_dn), True)
+
+    async def go(reactor) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+        out = []
+        for dn in args.dn:
+            got = await d.password_state_of(dn)
+            if got is None:
+                raise LDAPError(ResultCode.noSuchObject, f'no entry "{dn}"')
+            if not got.locked and not got.failures:
+                out.append((dn, "not locked"))
+                continue
+            mods = [("delete", "pwdAccountLockedTime", [])] if got.locked else [("delete", "pwdFailureTime", [])]
+            await d.modify(admin, dn, mods)
+            out.append((dn, "unlocked" if got.locked else f"{got.failures} failed attempt(s) forgotten"))
+        return out
+
+    try:
+        done = run_async(go)
+    finally:
+        d.db.stop()
+    for dn, what in done:
+        print(f"{dn}: {what}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
@@ -484,13 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     dump = lsub.add_parser("dump", help="write every entry as LDIF (loads back unchanged)")
     dump.add_argument("-o", "--output", help="file to write (default: stdout)")
     dump.set_defaults(func=cmd_ldif_dump)
-    user = sub.add_parser("user", help="activation links for users")
+    user = sub.add_parser("user", help="activation links and lockouts of users")
     usub = user.add_subparsers(dest="user_command", required=True)
     inv = usub.add_parser("invite", help="mail (again) an activation link to users without a password")
     inv.add_argument("dn", nargs="+", help="the user's DN")
     inv.set_defaults(func=cmd_user_invite)
     usub.add_parser("invitations", help="list activation and reset links not yet used (state, address, expiry)"
                     ).set_defaults(func=cmd_user_invitations)
+    un = usub.add_parser("unlock", help="lift a password-policy lockout (and forget failed attempts)")
+    un.add_argument("dn", nargs="+", help="the user's DN")
+    un.set_defaults(func=cmd_user_unlock)
     o365 = sub.add_parser("o365", help="the Microsoft 365 connector")
     osub = o365.add_subparsers(dest="o365_command", required=True)
     osub.add_parser("authorize", help="sign in (delegated: device code) or check the app credentials").set_defaults(func=cmd_o365_authorize)

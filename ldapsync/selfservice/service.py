@@ -69,7 +69,7 @@ class ExpiryWarner:
                 attrs = e.attrs
                 if not attrs.get("userPassword") or not first(attrs, "pwdChangedTime"):
                     continue
-                state = d.password_state(attrs)
+                state = d.password_state(attrs, e.dn)      # the admin DN is exempt
                 exp = state.expires_at
                 if exp is None or not (now < exp <= now + policy.expire_warning):
                     continue

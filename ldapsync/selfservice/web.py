@@ -346,7 +346,7 @@ class SelfServicePages(resource.Resource):
         e = await self._entry(s.dn)
         attrs = e.attrs if e else {}
         name = first(attrs, "displayName") or first(attrs, "cn") or s.dn
-        state = self.directory.password_state(attrs)
+        state = self.directory.password_state(attrs, s.dn)
         rows = [("Name", name), ("User name", first(attrs, "uid") or ""), ("E-mail", first(attrs, "mail") or "—")]
         if state.changed_at:
             rows.append(("Password changed", human_time(state.changed_at)))

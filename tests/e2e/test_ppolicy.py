@@ -199,3 +199,20 @@ def test_lockout_until_admin_and_policy_off(make_server):
     assert whoami(srv, dn, "Forever-Pass1").returncode == 0
     # history = 0: the same password may be set again
     assert srv.run("ldappasswd", "-a", "Forever-Pass1", "-s", "Forever-Pass1", bind=dn, password="Forever-Pass1").returncode == 0
+
+
+def test_cli_user_unlock(server):
+    dn = new_user(server)
+    for _ in range(3):
+        assert whoami(server, dn, "Wrong-Pass-9").returncode == 49
+    assert whoami(server, dn, "Initial-Pass1").returncode == 49          # locked
+    p = server.cli("user", "unlock", dn)
+    assert p.returncode == 0 and p.stdout.decode().strip() == f"{dn}: unlocked", p
+    assert "pwdAccountLockedTime" not in pwd_attrs(server, dn) and "pwdFailureTime" not in pwd_attrs(server, dn)
+    assert whoami(server, dn, "Initial-Pass1").returncode == 0
+    assert whoami(server, dn, "Wrong-Pass-9").returncode == 49
+    p = server.cli("user", "unlock", dn)
+    assert p.stdout.decode().strip() == f"{dn}: 1 failed attempt(s) forgotten"
+    assert server.cli("user", "unlock", dn).stdout.decode().strip() == f"{dn}: not locked"
+    p = server.cli("user", "unlock", f"uid=nobody,{PEOPLE}")
+    assert p.returncode == 1 and b"no entry" in p.stderr
