@@ -147,3 +147,29 @@ smtp = "tcp:127.0.0.1:{free_port()}"
     assert msg.message["Subject"] == "Activate your account"
     assert "sent" in srv.cli("user", "invitations").stdout.decode()
     assert not [m for m in smtp_sink.messages() if any("gone" in r for r in m.rcpt_to)]
+
+
+@pytest.mark.e2e
+def test_https_deployment_cookies_and_per_address_limit(make_server: Any) -> None:
+    """Behind a TLS proxy (public_url https://): Secure cookies and HSTS; the per-address limit."""
+    srv = make_server("sqlite", """
+[selfservice]
+public_url = "https://account.example.com"
+rate_limit_address = 3
+""")
+    c = Client(srv.web_url)
+    status, headers, page = c.request("/signin")
+    assert status == 200 and "Secure" in headers["set-cookie"] and "HttpOnly" in headers["set-cookie"]
+    assert headers["strict-transport-security"].startswith("max-age=")
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    # A Secure cookie is not sent back over plain HTTP by a client: hand it over as the proxy would.
+    cookie = re.search(r"ls_csrf=([^;]+)", headers["set-cookie"]).group(1)  # type: ignore[union-attr]
+    origin = {"Origin": "https://account.example.com", "Cookie": f"ls_csrf={cookie}"}
+    codes = [c.request("/forgot", {"username": unique("x"), "csrf": token}, headers=origin)[0] for _ in range(4)]
+    assert codes == [200, 200, 200, 429], codes
+    status, headers, page = c.request("/forgot", {"username": "y", "csrf": token}, headers=origin)
+    assert status == 429 and int(headers["retry-after"]) > 0 and "Too many attempts" in page
+    # The page's own origin differs from public_url here, so a browser's POST is refused: the
+    # server only accepts forms coming from the address users are given.
+    assert c.request("/forgot", {"username": "y", "csrf": token},
+                     headers={"Origin": srv.web_url, "Cookie": f"ls_csrf={cookie}"})[0] == 403
