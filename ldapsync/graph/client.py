@@ -160,15 +160,26 @@ class WritePacer:
         self._pause_until = 0.0
         self._factor = 1.0
         self._factor_until = 0.0
+        self._share = 1.0
 
     @property
     def factor(self) -> float:
         return self._factor if self._clock.seconds() < self._factor_until else 1.0
 
     @property
+    def share(self) -> float:
+        """This process's part of the budget (1/n with n nodes writing for the same app)."""
+        return self._share
+
+    def set_share(self, share: float) -> None:
+        """Use ``share`` of the budget from now on: its rate and, through the same time tolerance,
+        its burst; several nodes of one deployment together then stay within the app's budget."""
+        self._share = min(1.0, max(0.01, share))
+
+    @property
     def rate(self) -> float:
         """Current writes per second."""
-        return self.policy.rate * self.factor
+        return self.policy.rate * self.factor * self._share
 
     def reserve(self, writes: int) -> float:
         now = self._clock.seconds()

@@ -18,6 +18,8 @@ a user is a lease on its *head* row (its oldest row, whatever its state)::
     fail_txn:          attempts+1, next_attempt_at, last_error  (transient)
                        or state='error'                         (permanent)
     release_lease_txn: give the head back without changing anything (connector not usable)
+    heartbeat_txn:     each worker node's "I am delivering" in ``meta`` (PostgreSQL, several nodes):
+                       the nodes split Graph's write budget by how many of them are live
 
 Rows added while a user is being worked on have higher ids and stay: after
 the claimed rows are deleted, the oldest of them is the new head and is due.
@@ -249,3 +251,40 @@ def create_was_sent_txn(txn: Txn, entry_uuid: str) -> bool:
 
 def clear_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
     txn.run("DELETE FROM meta WHERE key = ?", (_create_key(entry_uuid),))
+
+
+# -- worker nodes (shared write budget) ------------------------------------------------------------
+# Graph's write budget is per app and tenant, so the nodes of one deployment share it.  Each node
+# delivering notes a heartbeat in ``meta`` (key prefix below, value its clock) every few seconds and
+# paces itself to budget / (live nodes).  Liveness is judged by the reader (the value changed
+# lately, by its own clock), so clock skew between machines does not matter.
+
+NODE_KEY_PREFIX = "o365.node."
+
+
+def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_before: float) -> dict[str, str]:
+    """Note (``alive``) or withdraw this node's heartbeat; return every node's heartbeat value.
+
+    Heartbeats older than ``forget_before`` (by their writer's clock: a node gone for long) are
+    deleted."""
+    from ldapsync.store.entries import set_meta_txn
+
+    key = NODE_KEY_PREFIX + owner
+    if alive:
+        set_meta_txn(txn, key, repr(float(now)))
+    else:
+        txn.run("DELETE FROM meta WHERE key = ?", (key,))
+    out: dict[str, str] = {}
+    stale = []
+    for k, v in txn.rows("SELECT key, value FROM meta WHERE key LIKE ?", (NODE_KEY_PREFIX + "%",)):
+        try:
+            old = float(v) < forget_before
+        except ValueError:
+            old = True
+        if old and k != key:
+            stale.append(k)
+        else:
+            out[k[len(NODE_KEY_PREFIX):]] = v
+    for k in stale:
+        txn.run("DELETE FROM meta WHERE key = ?", (k,))
+    return out

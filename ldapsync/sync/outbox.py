@@ -57,6 +57,9 @@ TAG_CN = "Provisioning - Office 365"
 OUTBOX_COLUMNS = "entry_uuid, created_at, operation, payload, secret, state, attempts, next_attempt_at"
 # Attributes whose change matters to Microsoft 365 (besides binding and passwords).
 RELEVANT = ("uid", "mail", "cn", "displayName", "givenName", "sn")
+# ... and the Graph properties each one feeds (DesiredUser.changed).
+GRAPH_PROPS = {"uid": ("mailNickname",), "mail": ("userPrincipalName", "mail"), "cn": ("displayName",),
+               "displayName": ("displayName",), "givenName": ("givenName",), "sn": ("surname",)}
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class DesiredUser:
     has_password: bool = False        # the directory holds a usable password for the user
     reason: str = ""                  # bind | rebind | update | password | unbind | delete (human-readable)
     held: bool = False                # written as state=held by the mass-disable guard
+    # reason "update" only: the Graph properties this change touched (None: not known, e.g. rows
+    # written before this field existed).  Lets the worker PATCH them without reading the account
+    # first: the rows of a user still queued are every change since its last delivery.
+    changed: tuple[str, ...] | None = None
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: it was a third of the outbox's cost per write;
@@ -87,6 +94,8 @@ class DesiredUser:
     @classmethod
     def from_json(cls, text: str) -> "DesiredUser":
         raw = json.loads(text)
+        if raw.get("changed") is not None:
+            raw["changed"] = tuple(raw["changed"])
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
 
 
@@ -197,10 +206,13 @@ class OutboxPlanner:
             reason = "bind"
         elif secret is not None:
             reason = "password"
-        elif any((old or {}).get(a) != new.get(a) for a in RELEVANT) or ch.kind == "rename":
-            reason = "update"
         else:
-            return None            # e.g. only memberOf of another group or o365* status changed
+            old = old or {}
+            changed = [a for a in RELEVANT if old.get(a) != new.get(a)]
+            if not changed and ch.kind != "rename":
+                return None        # e.g. only memberOf of another group or o365* status changed
+            props = tuple(dict.fromkeys(p for a in changed for p in GRAPH_PROPS[a]))
+            return replace(desired, reason="update", changed=props), None
         return replace(desired, reason=reason), secret
 
     def _check_mail(self, txn: Txn, desired: DesiredUser, old: Attrs | None) -> None:

@@ -65,6 +65,26 @@ log = Logger()
 USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
                "accountEnabled", "passwordPolicies", "usageLocation")
 NO_EXPIRY = "DisablePasswordExpiration"
+NOT_CLEARABLE = frozenset({"displayName", "mailNickname", "userPrincipalName", "mail"})   # Graph refuses null
+
+
+def _wanted(desired: DesiredUser) -> dict[str, Any]:
+    """The Graph properties the directory masters (names, mail), as it says now."""
+    return {"displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
+            "mailNickname": desired.mail_nickname, "userPrincipalName": desired.upn, "mail": desired.mail}
+
+
+def _known_changes(payloads: list[DesiredUser]) -> tuple[str, ...] | None:
+    """The Graph properties a user's queued rows changed, if all are plain updates that say so.
+
+    Rows are deleted only once delivered, so the queued rows are every change since the
+    last delivery: their union is all a PATCH has to carry.  None: read the account and diff."""
+    out: dict[str, None] = {}
+    for p in payloads:
+        if p.reason != "update" or p.changed is None:
+            return None
+        out.update(dict.fromkeys(p.changed))
+    return tuple(out)
 
 
 class PermanentError(Exception):
@@ -135,7 +155,7 @@ class OutboxWorker:
     def __init__(self, directory: Directory, connector: Any, *, reactor: Any, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
                  node_id: str | None = None, retry: RetryPolicy = RetryPolicy(), clock: Any = time.time,
-                 stop_grace: float = 5.0) -> None:
+                 stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0) -> None:
         self.d = directory
         self.db = directory.db
         self.config = directory.config.office365
@@ -165,6 +185,11 @@ class OutboxWorker:
         self._paused_until = 0.0
         self._waiting_logged = False
         self.delivered = 0
+        # several nodes (PostgreSQL): heartbeats in meta, the write budget split between live nodes
+        self.heartbeat_interval = heartbeat_interval
+        self.node_ttl = node_ttl
+        self._beats: dict[str, tuple[str, float]] = {}   # node → (its last heartbeat value, when it changed, our clock)
+        self.live_nodes = 1
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -177,6 +202,8 @@ class OutboxWorker:
         self._running = True
         jobs: list[tuple[float, Any]] = [(self.poll_interval, self.wake), (self.lease_seconds / 3, self._renew),
                                          (self.depth_interval, self._depth)]
+        if self.db.is_postgres:
+            jobs.append((self.heartbeat_interval, self._heartbeat))
         for interval, job in jobs:
             loop = task.LoopingCall(_guarded, job)
             loop.clock = self.reactor
@@ -236,6 +263,12 @@ class OutboxWorker:
                 if job.deferred is not None:
                     job.deferred.cancel()
             await self._wait_idle(2.0)
+        if self.db.is_postgres:
+            try:
+                await self.db.run_interaction("o365 worker: heartbeat withdrawn", q.heartbeat_txn, self.owner,
+                                              self.clock(), alive=False, forget_before=0.0)
+            except Exception:  # noqa: BLE001 - it expires instead
+                log.failure("Microsoft 365 outbox: could not withdraw this node's heartbeat (it expires)")
         try:
             n = await self.db.run_interaction("o365 outbox: give leases back", q.release_leases_txn, self.owner)
         except Exception:  # noqa: BLE001 - the database is going away too: the leases expire instead
@@ -251,6 +284,9 @@ class OutboxWorker:
         if self._draining:
             self._again = True
             return
+        free = self.concurrency - len(self._inflight)
+        if free <= 0 or (self._inflight and free < self.claim_batch):
+            return      # _drain would claim nothing; the next delivery to end wakes it (_done)
         if self._scheduled is None or not self._scheduled.active():
             self._scheduled = self.reactor.callLater(0, self._kick)
 
@@ -343,6 +379,37 @@ class OutboxWorker:
             until = self.clock() + self.lease_seconds
             await self.db.run_interaction("o365 outbox lease renewal", q.renew_leases_txn, self.owner, users, until)
 
+    async def _heartbeat(self) -> None:
+        """Several nodes: note that this one delivers, count the live ones, pace to our share.
+
+        Graph's write budget is per app and tenant: n nodes each at budget/n stay within it.
+        A node counts while its heartbeat keeps changing (judged by our clock: no skew issue);
+        one that stopped or died drops out after ``node_ttl`` and the others speed up again.
+        A node that has just appeared paces at its share at once; the others follow within
+        one ``heartbeat_interval``."""
+        if not self._running:
+            return
+        mem = getattr(self.connector, "state", None)
+        alive = getattr(mem, "value", mem) == "active" and self._entry_state == "active"
+        now = self.clock()
+        beats = await self.db.run_interaction("o365 worker heartbeat", q.heartbeat_txn, self.owner, now,
+                                              alive=alive, forget_before=now - 3600.0)
+        mono = time.monotonic()
+        seen: dict[str, tuple[str, float]] = {}
+        for node, value in beats.items():
+            prev = self._beats.get(node)
+            seen[node] = prev if prev is not None and prev[0] == value else (value, mono)
+        self._beats = seen
+        live = sum(1 for node, (_, at) in seen.items() if node == self.owner or mono - at <= self.node_ttl)
+        live = max(1, live if alive else live + 1)
+        if live != self.live_nodes:
+            log.info("Microsoft 365 outbox: {n} node(s) deliver; this one paces its Graph writes to 1/{n} "
+                     "of the write budget", n=live)
+        self.live_nodes = live
+        pacer = getattr(getattr(self.connector, "client", None), "pacer", None)
+        if pacer is not None and hasattr(pacer, "set_share"):
+            pacer.set_share(1.0 / live)
+
     async def _depth(self) -> None:
         from ldapsync.sync.connector import write_status_txn
 
@@ -363,9 +430,10 @@ class OutboxWorker:
         attempts = max(r.attempts for r in rows)
         from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
         try:
+            payloads = [desired] if len(rows) == 1 else [DesiredUser.from_json(r.payload) for r in rows]
             # "bind" among the coalesced rows: the user became bound (again) in this batch.
-            rebind = any(DesiredUser.from_json(r.payload).reason == "bind" for r in rows)
-            out = await self._apply(desired, secret, job.entry, rebind=rebind)
+            rebind = any(p.reason == "bind" for p in payloads)
+            out = await self._apply(desired, secret, job.entry, rebind=rebind, changed=_known_changes(payloads))
         except (AuthError, Unauthorized) as e:
             # The connector cannot sign in: everyone waits (nothing is dropped); the connector shows why.
             transient = isinstance(e, AuthError) and e.transient
@@ -497,7 +565,7 @@ class OutboxWorker:
         return self.connector.box.decrypt(bytes.fromhex(secret_hex)).decode("utf-8")
 
     async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
-                     rebind: bool = False) -> Outcome:
+                     rebind: bool = False, changed: tuple[str, ...] | None = None) -> Outcome:
         attrs = entry.attrs if entry is not None else {}
         object_id = next(iter(attrs.get("o365ObjectId") or ()), None) or desired.object_id
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
@@ -505,7 +573,33 @@ class OutboxWorker:
             prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
         if not desired.bound:
             return await self._unbind(desired, object_id, has_entry=entry is not None)
+        if (changed is not None and object_id and not secret and not rebind and desired.upn
+                and attrs.get("o365ObjectId") and attrs.get("o365SyncedAt") and not attrs.get("o365LastError")):
+            # Only name/mail changes to an account we have delivered to before, the last time
+            # without an error: PATCH what changed, no GET to diff (half the Graph round trips).
+            return await self._update_known(desired, object_id, changed)
         return await self._bind(desired, secret, object_id, prev_state)
+
+    async def _update_known(self, desired: DesiredUser, object_id: str, changed: tuple[str, ...]) -> Outcome:
+        """PATCH the properties the queued updates touched, with the directory's values now.
+
+        Drift made elsewhere (the portal) is the reconciler's business, as with the diff."""
+        from ldapsync.graph.errors import NotFound
+
+        want = _wanted(desired)
+        patch = {k: want[k] for k in changed if k in want and (want[k] or k not in NOT_CLEARABLE)}
+        if not patch:
+            return Outcome(self._synced(object_id), object_id, "updated: nothing Microsoft 365 holds changed")
+        try:
+            await self.connector.client.update_user(object_id, patch)
+        except NotFound:
+            raise self._gone(object_id) from None
+        return Outcome(self._synced(object_id), object_id, "updated: " + ", ".join(sorted(patch)))
+
+    @staticmethod
+    def _gone(object_id: str) -> PermanentError:
+        return PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
+                              "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it")
 
     async def _unbind(self, desired: DesiredUser, object_id: str | None, *, has_entry: bool) -> Outcome:
         from ldapsync.graph.errors import NotFound
@@ -569,8 +663,7 @@ class OutboxWorker:
             try:
                 user = await client.get_user(object_id, USER_SELECT)
             except NotFound:
-                raise PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
-                                     "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it") from None
+                raise self._gone(object_id) from None
         else:
             user = await client.find_user_by_upn(desired.upn, USER_SELECT)
             if user is not None:
@@ -639,10 +732,8 @@ class OutboxWorker:
 
     def _diff(self, user: dict[str, Any], desired: DesiredUser) -> dict[str, Any]:
         patch: dict[str, Any] = {}
-        want = {"displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
-                "mailNickname": desired.mail_nickname, "userPrincipalName": desired.upn, "mail": desired.mail}
-        for key, value in want.items():
-            if key in ("displayName", "mailNickname", "userPrincipalName", "mail") and not value:
+        for key, value in _wanted(desired).items():
+            if key in NOT_CLEARABLE and not value:
                 continue                                  # cannot be cleared in Graph
             if (user.get(key) or None) != (value or None):
                 patch[key] = value

@@ -470,6 +470,26 @@ def test_default_pacing_fits_any_window_from_15_s(budget: int, window: float) ->
     assert (len(times) - 8) / times[-1] == pytest.approx(19.0, rel=0.01)
 
 
+def test_two_pacers_at_half_share_together_fit_the_budget() -> None:
+    """Two nodes of one deployment (one app, one budget) each pace to 1/2 of it: together their
+    writes keep every 15 s and 150 s window within Graph's budget, at 95% of its rate."""
+    clock = task.Clock()
+    pacers = [WritePacer(clock, PacingPolicy()) for _ in range(2)]
+    for p in pacers:
+        p.set_share(0.5)
+        assert p.share == 0.5 and p.rate == pytest.approx(9.5)
+    times = sorted(t for p in pacers for t in [p.reserve(1) for _ in range(1500)])   # a shared backlog
+    for short in (15.0, 150.0):
+        worst = max(sum(1 for u in times if t <= u < t + short) for t in times)
+        assert worst <= 0.98 * short * 20
+    assert (len(times) - 8) / times[-1] == pytest.approx(19.0, rel=0.01)
+    assert times[:8] == [0.0] * 8 and times[8] > 0          # the burst is split too (4 + 4)
+    pacers[0].set_share(1.0)                                  # the other node is gone: full rate again
+    assert pacers[0].rate == pytest.approx(19.0)
+    pacers[0].set_share(0.0)
+    assert pacers[0].share == 0.01                            # never stops altogether
+
+
 def test_pacer_reads_are_not_paced_but_respect_pause() -> None:
     clock = task.Clock()
     pacer = WritePacer(clock, PacingPolicy(writes_per_window=3, window=10, burst=1))

@@ -489,3 +489,48 @@ def test_the_reconciler_runs_on_one_node_at_a_time(make_cluster, fake_tenant):
     assert sa + sb >= 3, f"the nodes hardly collided ({sa}+{sb} skipped turns): the test proves little"
     overlaps = [(x, y) for x in pa for y in pb if x[0] < y[1] - 0.2 and y[0] < x[1] - 0.2]
     assert not overlaps, f"passes of both nodes overlapped: {overlaps[:5]}"
+
+
+def test_two_nodes_share_the_write_budget(make_cluster, fake_tenant):
+    """Graph's write budget is per app and tenant: two nodes each pacing to 95% of it would
+    overrun it twice over.  They heartbeat in ``meta`` and each paces to 1/2 of it, so a shared
+    backlog drains at ~19 writes/s in all with (almost) no 429s.  The fake counts the budget
+    over 15 s (300 writes, Graph's 20 writes/s), so an overrun shows within seconds."""
+    a, b = make_cluster(2, cluster_config(fake_tenant))
+    wait_active(a)
+    wait_active(b)
+    for srv in (a, b):
+        wait_for(f"{srv.url} sees two nodes", lambda srv=srv: "2 node(s) deliver" in srv.log.read_text(), 30)
+    fake_tenant.admin.configure_throttling(enabled=True, writes=300, window=15.0)
+    fake_tenant.admin.reset_throttling()
+    fake_tenant.admin.clear_requests()
+    prefix = unique("bg")
+    uids = [f"{prefix}x{i:03d}" for i in range(240)]
+    streams = ["".join(add_ldif(u) for u in uids[n::2]) + "".join(modify_ldif(u, 1) for u in uids[n::2])
+               for n in range(2)]
+    threads = [threading.Thread(target=srv.run, args=("ldapmodify",), kwargs={"input": text, "check": True})
+               for srv, text in zip((a, b), streams)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 180, 0.5)
+    drain = time.monotonic() - t0
+
+    reqs = fake_tenant.admin.requests(kind="graph")
+    writes = sorted(r["time"] for r in reqs if r["method"] in ("POST", "PATCH") and 200 <= r["status"] < 300)
+    throttled = [r for r in reqs if r["status"] == 429]
+    span = writes[-1] - writes[0]
+    rate = (len(writes) - 1) / span if span > 0 else 0.0
+    worst = max(sum(1 for u in writes if t <= u < t + 15.0) for t in writes)
+    print(f"{len(writes)} writes in {span:.1f}s = {rate:.1f}/s (drain {drain:.1f}s), most in 15 s: {worst}, "
+          f"429s: {len(throttled)} of {len(reqs)} requests")
+    assert len(writes) >= len(uids), "fewer writes than accounts created"
+    assert len(throttled) <= 0.01 * len(reqs), f"{len(throttled)} 429s of {len(reqs)} requests"
+    assert worst <= 300
+    assert rate >= 12.0, f"the nodes together wrote only {rate:.1f}/s of the 20/s budget"
+    for srv in (a, b):
+        mine = [upn for upn, _ in deliveries(srv) if upn.startswith(prefix)]
+        assert len(mine) >= 20, f"node {srv.url} delivered for only {len(mine)} user(s)"
+    check_tenant_matches_directory(fake_tenant, a, prefix, uids)

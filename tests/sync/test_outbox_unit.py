@@ -108,6 +108,34 @@ def test_irrelevant_changes_queue_nothing(d):
     assert len(rows(d)) == n + 1 and rows(d)[-1][1] == "update"
 
 
+def test_update_rows_name_the_graph_properties_they_change(d):
+    """What lets the worker PATCH an update without reading the account first."""
+    add_user(d, "gus", bound=True, password="Secret-Pass-1")
+    assert DesiredUser.from_json(rows(d)[-1][2]).changed is None            # a bind: read and diff
+    dn = d.dn(f"uid=gus,{PEOPLE}")
+    write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "sn": ["New"], "givenName": ["G"]}))
+    assert DesiredUser.from_json(rows(d)[-1][2]).changed == ("givenName", "surname")
+    write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "mail": ["gus2@contoso.com"], "cn": ["Gus"]}))
+    last = DesiredUser.from_json(rows(d)[-1][2])
+    assert last.reason == "update" and last.changed == ("userPrincipalName", "mail", "displayName")
+    assert DesiredUser.from_json(last.to_json()) == last                      # a tuple again after JSON
+    old = last.to_json().replace(',"changed":["userPrincipalName","mail","displayName"]', "")
+    assert '"changed"' not in old and DesiredUser.from_json(old).changed is None   # rows from before the field
+
+
+def test_node_heartbeats_come_and_go(d):
+    from ldapsync.store import outbox as q
+
+    beat = lambda owner, now, alive=True, forget=0.0: d.db.run_sync(  # noqa: E731
+        "hb", q.heartbeat_txn, owner, now, alive=alive, forget_before=forget)
+    assert beat("a", 100.0) == {"a": "100.0"}
+    assert beat("b", 101.0) == {"a": "100.0", "b": "101.0"}
+    assert beat("a", 103.0) == {"a": "103.0", "b": "101.0"}
+    assert beat("b", 104.0, alive=False) == {"a": "103.0"}                # a clean stop withdraws
+    beat("c", 50.0)
+    assert beat("a", 4000.0, forget=3000.0) == {"a": "4000.0"}           # long gone: forgotten
+
+
 def test_mass_unbind_is_held_and_deactivate_queues_nothing(d):
     for u in ("e1", "e2", "e3"):
         add_user(d, u, bound=True)

@@ -176,14 +176,17 @@ def test_tag_bind_without_password_then_updates_password_unbind_rebind(srv, tena
     u = wait_tenant(tenant, upn, lambda u: u["accountEnabled"] is True)
     assert u["passwordProfile"]["forceChangePasswordNextSignIn"] is False
 
-    # names → PATCH of the names only
-    n_before = len(graph_requests(tenant, "PATCH"))
+    # names → PATCH of the names only, without reading the account first (it was synced)
+    wait_entry_state(srv, uid, "synced")
+    n_before, n_get = len(graph_requests(tenant, "PATCH")), len(graph_requests(tenant, "GET", oid))
     modify(srv, uid, "replace: givenName\ngivenName: Renamed\n-\nreplace: sn\nsn: Person\n-\n"
                      "replace: displayName\ndisplayName: Renamed Person\n", check=True)
     u = wait_tenant(tenant, upn, lambda u: u["displayName"] == "Renamed Person")
     assert u["givenName"] == "Renamed" and u["surname"] == "Person"
     patches = graph_requests(tenant, "PATCH")[n_before:]
     assert len(patches) == 1 and set(patches[0]["body"]) == {"givenName", "surname", "displayName"}
+    assert len(graph_requests(tenant, "GET", oid)) == n_get
+    wait_entry_state(srv, uid, "synced")
 
     # mail local part → UPN + mail
     upn2 = f"{uid}.new@{DOMAIN}"
@@ -234,6 +237,23 @@ def test_unbind_by_value_and_by_delete(srv, tenant):
         wait_for("revoked", lambda u=u: graph_requests(tenant, "POST", f"{u['id']}/revokeSignInSessions"))
     wait_entry_state(srv, a, "disabled")
     assert tenant_user(tenant, ub["id"]) is not None        # never deleted
+
+
+def test_update_of_an_account_deleted_in_microsoft_365_lands_on_the_entry(srv, tenant):
+    """The update PATCHes without a GET first; Graph's 404 still shows as an error, not a retry loop."""
+    uid = unique()
+    upn = f"{uid}@{DOMAIN}"
+    # linked to an existing account (one this client did not just create: no 404 replication retries)
+    existing = tenant.admin.add_user(upn=upn, display_name="Imported Person", enabled=True)
+    srv.run("ldapadd", input=person(uid, password=PASSWORD, bound=True), check=True)
+    oid = wait_entry_state(srv, uid, "synced")["o365ObjectId"][0]
+    assert oid == existing["id"]
+    tenant.admin.delete_user(key=oid)
+    modify(srv, uid, "replace: sn\nsn: Gone\n", check=True)
+    e = wait_entry_state(srv, uid, "error")
+    assert "deleted in Microsoft 365" in e["o365LastError"][0]
+    assert [r[3] for r in outbox_rows(srv) if r[1] == e["entryUUID"][0]] in (["error"], [])
+    assert tenant_user(tenant, upn) is None                  # not recreated behind the admin's back
 
 
 def test_existing_upn_is_linked_not_duplicated(srv, tenant):
