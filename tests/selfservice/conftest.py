@@ -54,7 +54,7 @@ class Browser:
         old = self.driver.find_element(By.TAG_NAME, "html")
         element.click()
         WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
-        WebDriverWait(self.driver, 20).until(lambda d: d.execute_script("return document.readyState") == "complete")
+        WebDriverWait(self.driver, 20).until(lambda d: d.find_elements(By.TAG_NAME, "h1"))
 
     @property
     def title(self) -> str:
@@ -85,6 +85,16 @@ class Browser:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    yield from _browser(tmp_path_factory, javascript=True)
+
+
+@pytest.fixture(scope="module")
+def browser_nojs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """The same Chromium with JavaScript switched off (the pages must not need it)."""
+    yield from _browser(tmp_path_factory, javascript=False)
+
+
+def _browser(tmp_path_factory: pytest.TempPathFactory, *, javascript: bool) -> Iterator[Browser]:
     for exe in (CHROMIUM, CHROMEDRIVER):
         if not Path(exe).exists():
             raise RuntimeError(f"{exe} is missing: run tests/setup-and-run.sh (it installs chromium and chromium-driver)")
@@ -99,6 +109,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
                  "--disable-dev-shm-usage", "--disable-features=PasswordLeakDetection,AutofillServerCommunication",
                  "--password-store=basic", f"--user-data-dir={profile}", "--window-size=900,1000", "--lang=en-US"):
         opts.add_argument(flag)
+    if not javascript:
+        opts.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
     shots = ARTIFACTS / "screenshots"

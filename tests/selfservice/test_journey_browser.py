@@ -325,3 +325,36 @@ def test_forms_refuse_forged_requests_and_floods(srv: Any) -> None:
     assert c.request("/nope")[0] == 404
     assert c.request("/account", {"csrf": token})[0] == 303      # not signed in
     assert c.request("/activate?token=%00%ff")[0] == 404
+
+
+def test_activation_without_javascript_using_only_the_keyboard(srv: Any, sink: Any, browser_nojs: Any) -> None:
+    """No JavaScript, no mouse: Tab between the labelled fields and Enter to submit."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    b = browser_nojs
+    b.get("data:text/html,<title>off</title><script>document.title='on'</script>")
+    assert b.driver.title == "off"                                # page scripts really do not run
+    uid = unique("keys")
+    dn = add_user(srv, uid, alt=f"{uid}@home.example")
+    assert srv.cli("user", "invite", dn).returncode == 0
+    b.get(link_in(wait_mail(sink, f"{uid}@home.example")))
+    assert b.title == "Activate your account"
+    # Every input has a label pointing at it, and the page declares its language.
+    assert b.driver.find_element(By.TAG_NAME, "html").get_attribute("lang") == "en"
+    for inp in b.driver.find_elements(By.CSS_SELECTOR, "main input:not([type=hidden]):not([hidden])"):
+        assert b.driver.find_elements(By.CSS_SELECTOR, f"label[for='{inp.get_attribute('id')}']"), inp.get_attribute("name")
+    focused = b.driver.switch_to.active_element                      # autofocus: the new-password field
+    assert focused.get_attribute("name") == "new"
+    focused.send_keys(GOOD, Keys.TAB)
+    second = b.driver.switch_to.active_element
+    assert second.get_attribute("name") == "confirm"
+    old = b.driver.find_element(By.TAG_NAME, "html")
+    second.send_keys(GOOD, Keys.ENTER)
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(b.driver, 20).until(expected_conditions.staleness_of(old))
+    WebDriverWait(b.driver, 20).until(lambda d: d.find_elements(By.TAG_NAME, "h1"))
+    assert b.title == "Your account is active"
+    assert whoami(srv, dn, GOOD).returncode == 0

@@ -173,3 +173,36 @@ rate_limit_address = 3
     # server only accepts forms coming from the address users are given.
     assert c.request("/forgot", {"username": "y", "csrf": token},
                      headers={"Origin": srv.web_url, "Cookie": f"ls_csrf={cookie}"})[0] == 403
+
+
+@pytest.mark.e2e
+def test_two_nodes_mail_each_link_once_and_share_sessions(make_cluster: Any, smtp_sink: Any) -> None:
+    """Two server processes on one PostgreSQL database: a queued link is mailed by exactly one node,
+    a link mailed by one node works on the other, and either node accepts the other's session."""
+    import time
+
+    a, b = make_cluster(2, f'[mail]\nsmtp = "{smtp_sink.endpoint}"\n')
+    uids = [unique("pair") for _ in range(6)]
+    dns = [add_user(a, uid) for uid in uids]
+    for dn in dns:
+        assert a.cli("user", "invite", dn).returncode == 0
+    for uid in uids:
+        wait_mail(smtp_sink, f"{uid}@contoso.com")
+    time.sleep(4)                                       # both nodes have polled the queue since
+    for uid in uids:
+        assert len([m for m in smtp_sink.messages() if f"{uid}@contoso.com" in m.rcpt_to]) == 1, uid
+    both = "\n".join(srv.log.read_text() for srv in (a, b))
+    assert both.count("activate link mailed") >= len(uids)
+    # Mailed by whichever node; used on node b.
+    link = link_in(wait_mail(smtp_sink, f"{uids[0]}@contoso.com"))
+    token = link.split("token=")[1]
+    c = Client(b.web_url)
+    csrf = c.csrf("/activate?token=" + token)
+    status, _, page = c.request("/activate", {"token": token, "new": GOOD, "confirm": GOOD, "csrf": csrf})
+    assert status == 200 and "Your account is active" in page
+    # Sign in on b; the session cookie works on a (same [secrets] key).
+    status, headers, _ = c.request("/signin", {"username": uids[0], "password": GOOD, "csrf": c.csrf("/signin")})
+    assert status == 303 and headers["location"] == "/account"
+    session = re.search(r"ls_session=([^;]+)", headers["set-cookie"]).group(1)  # type: ignore[union-attr]
+    status, _, page = Client(a.web_url).request("/account", headers={"Cookie": f"ls_session={session}"})
+    assert status == 200 and uids[0] in page and "Password expires" in page
