@@ -116,6 +116,8 @@ database = "{self.db}"
 listen = ["tcp:0:interface=127.0.0.1"]
 [admin]
 password_file = "{pw}"
+[selfservice]
+listen = ""                       # no pages: benchmarks must not take port 8080
 [secrets]
 key_file = "{self.work / 'secret.key'}"
 {office365_config(self.fake.info)}""")

@@ -304,6 +304,8 @@ database = "{self.database}"
 listen = ["tcp:{self.port}:interface={HOST}"]
 [admin]
 password_file = "{pw}"
+[selfservice]
+listen = ""                       # no pages: benchmarks must not take port 8080
 """
         )
 
