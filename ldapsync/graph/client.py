@@ -10,7 +10,8 @@ One request::
 
     pacer.acquire(writes)          token bucket: 95% of 3,000 writes / 150 s / app (configurable),
        │                           slowed while Graph reports x-ms-throttle-limit-percentage > 1,
-       │                           paused for everyone after a 429's Retry-After
+       │                           paused for everyone after a 429's Retry-After;
+       │                           × share (1/n with n nodes of one deployment: sync/worker.py)
     token_provider.get_token()     (MSAL in a thread; memoised)
        │
     treq ──▶ Graph                 timeout on the whole exchange (headers + body)

@@ -16,7 +16,8 @@ transaction) and holds no SQL of its own (``ldapsync/store/outbox.py``).
                                         │            (one task per user, at most N in flight)
                                         ▼
                _apply: the newest DesiredUser + the newest queued password (coalescing)
-                 bound ─▶ id known? GET ─▶ PATCH what differs (+ passwordProfile, accountEnabled)
+                 bound ─▶ only updates, last delivery fine? PATCH the properties the rows name (no GET)
+                       └▶ id known? GET ─▶ PATCH what differs (+ passwordProfile, accountEnabled)
                        └▶ unknown:  UPN exists? link (soft match) : POST /users
                  unbound / deleted ─▶ PATCH accountEnabled false ─▶ POST revokeSignInSessions
                                         │
@@ -31,6 +32,9 @@ Completing or failing rows first checks that this node still holds the user's le
 that stalled past ``outbox_lease`` leaves the rows to whoever re-claimed them).  A clean
 shutdown lets deliveries in flight finish (``stop_grace``, then cancels them) and gives the
 node's leases back, so another node takes those users over at once.
+
+Several nodes (PostgreSQL) share Graph's write budget (per app and tenant): each node delivering
+heartbeats in ``meta`` every ``heartbeat_interval`` and paces its client to 1/(live nodes) of it.
 
 Per user, rows are handled oldest first and all together: the newest payload is
 the user's complete desired state, so applying it is applying every older row.
