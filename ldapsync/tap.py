@@ -6,10 +6,13 @@ The tree is a MultiService: the database first, the LDAP listeners after it
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
 from twisted.internet import ssl
 from twisted.logger import Logger
 from twisted.python import usage
@@ -17,6 +20,31 @@ from twisted.python import usage
 from ldapsync.config import Config, ConfigError, load_config
 
 log = Logger()
+
+
+class Listener(StreamServerEndpointService):
+    """A listening port whose failure to listen stops the server with one clear line, not a traceback."""
+
+    def __init__(self, description: str, factory: Any, config_key: str) -> None:
+        from twisted.internet import endpoints, reactor
+
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.config_key = config_key
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            sys.stderr.write(f"ldapsync: cannot listen on {self.description!r} ({self.config_key}): {reason}; "
+                             "is another server using that port?\n")
+            sys.stderr.flush()
+            # The database's thread pools are already running (they are not daemon threads), so
+            # SystemExit would leave a half-started process behind: end it here.  Nothing is lost:
+            # every transaction so far has committed.
+            os._exit(1)
 
 
 class Options(usage.Options):
@@ -213,7 +241,7 @@ def make_service(config: Config) -> service.MultiService:
             is_tls_listener=endpoint.startswith("ssl:"),
             idle_timeout=config.ldap.idle_timeout,
         )
-        strports.service(endpoint, factory).setServiceParent(top)
+        Listener(endpoint, factory, "[ldap] listen").setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which
     # they use; children stop in reverse order).
     from ldapsync.selfservice.service import SelfServiceService

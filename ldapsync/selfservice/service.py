@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -141,7 +141,9 @@ class SelfServiceService(service.MultiService):
             from ldapsync.selfservice.web import make_site
 
             site = make_site(directory, self.links, load_or_create_key(cfg.secrets.key_file))
-            strports.service(cfg.selfservice.listen, site).setServiceParent(self)  # type: ignore[arg-type]
+            from ldapsync.tap import Listener
+
+            Listener(cfg.selfservice.listen, site, "[selfservice] listen").setServiceParent(self)
         self._loops: list[LoopingCall] = []
 
     def startService(self) -> None:

@@ -306,6 +306,8 @@ database = "sqlite:///{self.db_path}"
 listen = ["tcp:{self.port}:interface={HOST}"]
 [admin]
 password_file = "{pw}"
+[selfservice]
+listen = ""                       # no pages: benchmarks must not take port 8080
 [secrets]
 key_file = "{self.dir / 'secret.key'}"
 {o365}"""

@@ -206,3 +206,22 @@ def test_two_nodes_mail_each_link_once_and_share_sessions(make_cluster: Any, smt
     session = re.search(r"ls_session=([^;]+)", headers["set-cookie"]).group(1)  # type: ignore[union-attr]
     status, _, page = Client(a.web_url).request("/account", headers={"Cookie": f"ls_session={session}"})
     assert status == 200 and uids[0] in page and "Password expires" in page
+
+
+@pytest.mark.e2e
+def test_a_busy_port_stops_the_server_with_one_clear_line(make_server: Any) -> None:
+    import socket
+    import subprocess
+
+    from conftest import BIN  # type: ignore[import-not-found]
+
+    srv = make_server("sqlite", start=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", srv.web_port))
+        busy.listen()
+        p = subprocess.run([str(BIN / "twistd"), "-n", "--pidfile=", "ldapsync", "--config", str(srv.config_path)],
+                           cwd=srv.workdir, capture_output=True, text=True, timeout=60)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert f"cannot listen on 'tcp:{srv.web_port}:interface=127.0.0.1' ([selfservice] listen): Address already in use" in out
+    assert "Traceback" not in out
