@@ -27,6 +27,7 @@ from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, ChangeSet, EntryChange, StoredEntry
+from ldapsync.store.tables import INDEX_VALUE_MAX
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -320,6 +321,10 @@ class Write:
         if d.nested_groups:
             self._recompute_nested(affected)
             return
+        # Groups that already list the new entries: one query for all of them (bulk adds).
+        added = set(added_norms)
+        short = [n for n in added if len(n) < INDEX_VALUE_MAX]
+        listed = store.groups_listing_txn(self.txn, [a.lower() for a in GROUP_ATTRS], short) if short else {}
         for norm in affected:
             st = self._staged.get(norm)
             if st is None:
@@ -334,9 +339,12 @@ class Write:
             keep = [v for v in current if d.dn_norm_or_none(v) not in drop]
             have = {d.dn_norm_or_none(v) for v in keep}
             add = addto.get(norm, {})
-            if norm in added_norms:
-                for attr in GROUP_ATTRS:
-                    for g in store.entries_with_value_txn(self.txn, attr.lower(), norm):
+            if norm in added:
+                if len(norm) < INDEX_VALUE_MAX:
+                    for gnorm, gdn in listed.get(norm, ()):
+                        add.setdefault(gnorm, gdn)
+                else:
+                    for g in self._groups_of(norm):
                         add.setdefault(g.dn_norm, g.dn)
             for gnorm, gdn in add.items():
                 if gnorm not in have:

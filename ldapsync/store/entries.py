@@ -163,6 +163,23 @@ def entries_with_value_txn(txn: Txn, attr: str, value: str, *, for_update: bool 
     return [_row(r) for r in rows]
 
 
+def groups_listing_txn(txn: Txn, attrs: Sequence[str], values: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    """For each value (a member's normalized DN): the (dn_norm, dn) of entries whose index lists it
+    under one of ``attrs``.  One query per 500 values instead of one per value and attribute (adds
+    in bulk: ldif load, import).  Values must be shorter than INDEX_VALUE_MAX."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for i in range(0, len(values), 500):
+        chunk = list(values[i:i + 500])
+        rows = txn.rows(
+            "SELECT ei.value, e.dn_norm, e.dn FROM entry_index ei JOIN entries e ON e.id = ei.entry_id "
+            f"WHERE ei.attr IN {_in(len(attrs))} AND ei.value IN {_in(len(chunk))}",
+            (*attrs, *chunk),
+        )
+        for value, dn_norm, dn in rows:
+            out.setdefault(value, []).append((dn_norm, dn))
+    return out
+
+
 def descendants_txn(txn: Txn, path: str) -> list[StoredEntry]:
     lo, hi = path_range(path)
     return [_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE path > ? AND path < ? ORDER BY path", (lo, hi))]
@@ -295,33 +312,57 @@ def _insert_entry(txn: Txn, dn: str, dn_norm: str, path: str, parent_id: int | N
     return int(txn.run(sql, params).lastrowid)
 
 
+def _insert_entries(txn: Txn, adds: Sequence[EntryChange]) -> None:
+    """Several new entries in a few multi-row INSERTs (bulk adds: a round trip each on PostgreSQL
+    was most of an import's time).  Ids come back with their dn_norm (unique), so the order in
+    which the database returns them does not matter."""
+    for i in range(0, len(adds), 200):
+        chunk = adds[i:i + 200]
+        params: list[Any] = []
+        for ch in chunk:
+            assert ch.new is not None
+            params += [ch.dn, ch.dn_norm, ch.path, ch.parent_id, _dumps(ch.new)]
+        values = ", ".join(["(?, ?, ?, ?, ?)"] * len(chunk))
+        rows = txn.rows(f"INSERT INTO entries (dn, dn_norm, path, parent_id, attrs) VALUES {values} RETURNING id, dn_norm",
+                        params)
+        ids = {dn_norm: int(i) for i, dn_norm in rows}
+        for ch in chunk:
+            ch.entry_id = ids[ch.dn_norm]
+
+
 def write_changes_txn(txn: Txn, changes: Sequence[EntryChange]) -> None:
-    """Store entries and index rows; deletes first (children before parents), then the rest in order."""
+    """Store entries and index rows; deletes first (children before parents), then the rest in order.
+
+    A new entry's ``parent_id`` is fixed when it is staged (its parent is stored already), so the
+    adds can go in one batch; index rows of all entries go in one batch each (delete, insert)."""
     for ch in changes:
         if ch.kind == "delete":
             txn.run("DELETE FROM entry_index WHERE entry_id = ?", (ch.entry_id,))
             txn.run("DELETE FROM entries WHERE id = ?", (ch.entry_id,))
+    adds = [ch for ch in changes if ch.kind == "add"]
+    if len(adds) > 1:
+        _insert_entries(txn, adds)
+    index_del: list[tuple[int, str, str]] = []
+    index_add: list[tuple[int, str, str]] = []
     for ch in changes:
         if ch.kind == "delete":
             continue
         assert ch.new is not None
         if ch.kind == "add":
-            ch.entry_id = _insert_entry(txn, ch.dn, ch.dn_norm, ch.path, ch.parent_id, ch.new)
+            if len(adds) == 1:
+                ch.entry_id = _insert_entry(txn, ch.dn, ch.dn_norm, ch.path, ch.parent_id, ch.new)
         else:
             txn.run(
                 "UPDATE entries SET dn = ?, dn_norm = ?, path = ?, parent_id = ?, attrs = ? WHERE id = ?",
                 (ch.dn, ch.dn_norm, ch.path, ch.parent_id, _dumps(ch.new), ch.entry_id),
             )
-        if ch.index_del:
-            txn.run_many(
-                "DELETE FROM entry_index WHERE entry_id = ? AND attr = ? AND value = ?",
-                [(ch.entry_id, a, v[:INDEX_VALUE_MAX]) for a, v in ch.index_del],
-            )
-        if ch.index_add:
-            txn.run_many(
-                "INSERT INTO entry_index (entry_id, attr, value) VALUES (?, ?, ?)",
-                [(ch.entry_id, a, v[:INDEX_VALUE_MAX]) for a, v in ch.index_add],
-            )
+        assert ch.entry_id is not None
+        index_del += [(ch.entry_id, a, v[:INDEX_VALUE_MAX]) for a, v in ch.index_del]
+        index_add += [(ch.entry_id, a, v[:INDEX_VALUE_MAX]) for a, v in ch.index_add]
+    if index_del:
+        txn.run_many("DELETE FROM entry_index WHERE entry_id = ? AND attr = ? AND value = ?", index_del)
+    if index_add:
+        txn.run_many("INSERT INTO entry_index (entry_id, attr, value) VALUES (?, ?, ?)", index_add)
 
 
 def all_entries_txn(txn: Txn, after_path: str, limit: int) -> list[StoredEntry]:

@@ -169,8 +169,10 @@ def collision_txn(d: Directory, txn: Txn, p: Plan) -> None:
 
 
 def check_page_txn(d: Directory, txn: Txn, plans: Iterable[Plan]) -> None:
-    for p in plans:
-        collision_txn(d, txn, p)
+    """:func:`collision_txn` for a page, asking per user only about those a batch query flags."""
+    plans = list(plans)
+    for i in sorted(maybe_taken_txn(d, txn, plans)):
+        collision_txn(d, txn, plans[i])
 
 
 def maybe_taken_txn(d: Directory, txn: Txn, plans: list[Plan]) -> set[int]:

@@ -76,3 +76,37 @@ def test_load_rejects_bad_entries_with_line_numbers(make_server, tmp_path):
     (tmp_path / "orphan.ldif").write_text(user_ldif("orphan", parent=f"ou=missing,{SUFFIX}"))
     p = srv.cli("ldif", "load", str(tmp_path / "orphan.ldif"))
     assert p.returncode != 0 and b"line 1" in p.stderr and b"parent" in p.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_users_loaded_after_their_groups_get_member_of(make_server, tmp_path, backend):
+    """A group that already lists entries not loaded yet (slapadd order does not matter): when the
+    users arrive, in one batch, each gets memberOf of every group that lists it."""
+    srv = make_server(backend, start=False)
+    assert srv.cli("init").returncode == 0
+    groups = "".join(f"""dn: cn={name},ou=groups,{SUFFIX}
+objectClass: groupOfNames
+cn: {name}
+member: uid=gl0001,{PEOPLE}
+member: uid=gl0003,{PEOPLE}
+
+""" for name in ("alpha", "beta")) + f"""dn: cn=gamma,ou=groups,{SUFFIX}
+objectClass: groupOfUniqueNames
+cn: gamma
+uniqueMember: uid=gl0002,{PEOPLE}
+
+"""
+    (tmp_path / "groups.ldif").write_text(groups)
+    p = srv.cli("ldif", "load", str(tmp_path / "groups.ldif"))
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "users.ldif").write_text(_users(4, "gl"))
+    p = srv.cli("ldif", "load", str(tmp_path / "users.ldif"))
+    assert p.returncode == 0, p.stderr
+    parsed = parse_ldif_output(srv.cli("ldif", "dump").stdout.decode())
+    member_of = {dn.split(",")[0]: sorted(attrs.get("memberOf", [])) for dn, attrs in parsed.items() if dn.startswith("uid=gl")}
+    assert member_of == {
+        "uid=gl0001": [f"cn=alpha,ou=groups,{SUFFIX}", f"cn=beta,ou=groups,{SUFFIX}"],
+        "uid=gl0002": [f"cn=gamma,ou=groups,{SUFFIX}"],
+        "uid=gl0003": [f"cn=alpha,ou=groups,{SUFFIX}", f"cn=beta,ou=groups,{SUFFIX}"],
+        "uid=gl0000": [],
+    }
