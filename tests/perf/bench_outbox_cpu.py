@@ -1,0 +1,113 @@
+"""CPU per LDAP modify inside the directory, with and without the Microsoft 365 outbox (issue 4).
+
+    python tests/perf/bench_outbox_cpu.py [--modifies 3000] [--rounds 3]
+
+The LDAP-level benchmark (``bench_propagation.py --scenarios modify-cost``) swings by ±10% between
+runs on a shared 2-vCPU machine, as much as the effect it measures.  This one takes the network,
+the client and the worker out: one process, a fresh SQLite database, 500 bound users, and
+``Directory.modify`` (replace displayName) awaited one after another — the same code path an
+LDAP modify takes after decoding — timing the process's CPU per modify:
+
+``off``     no change hooks (the connector disabled)
+``outbox``  the outbox planner (one ``o365_outbox`` row per modify, in the same transaction)
+``all``     the planner and the self-service activation hook, as a server with the connector on
+
+Rounds alternate the modes so that drift on the machine hits all of them alike.  Prints a
+``machine`` line, one JSON line per (round, mode) and a summary line with the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_graph  # noqa: E402  (machine_info)
+
+USERS = 500
+
+
+async def measure(mode: str, modifies: int) -> dict:
+    from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig, SecretsConfig
+    from ldapsync.directory.service import Actor, Directory
+    from ldapsync.store import entries as store
+    from ldapsync.store.database import Database
+
+    tmp = Path(tempfile.mkdtemp(prefix="outboxcpu-"))
+    cfg = Config(directory=DirectoryConfig(database=f"sqlite:///{tmp}/x.db"),
+                 secrets=SecretsConfig(key_file=str(tmp / "secret.key")),
+                 passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192),
+                 admin=AdminConfig(password_file=str(tmp / "admin-password")))
+    db = Database(cfg.directory.database)
+    db.create_schema()
+    db.start()
+    d = Directory(cfg, db)
+    d.start()
+    d.bootstrap_sync()
+    hooks_before = list(store._hooks)
+    try:
+        if mode != "off":
+            from ldapsync.sync.outbox import install_planner
+
+            planner = install_planner(d)
+            if mode == "all":
+                from ldapsync.selfservice.service import install_activation_hook
+
+                install_activation_hook(d, planner)
+        admin = Actor(d.dn(cfg.admin_dn), True)
+        for i in range(USERS):
+            await d.add(admin, f"uid=u{i},ou=people,dc=example,dc=com", [
+                ("objectClass", [b"inetOrgPerson", b"ldapsyncUser"]), ("uid", [f"u{i}".encode()]), ("cn", [b"U"]),
+                ("sn", [b"S"]), ("mail", [f"u{i}@example.com".encode()]), ("ldapsyncDirectory", [b"office365"]),
+                ("userPassword", [b"{SSHA}c2FsdGVkc2FsdGVkc2FsdGVkc2FsdA=="])])
+        for i in range(300):                                   # warm-up
+            await d.modify(admin, f"uid=u{i % USERS},ou=people,dc=example,dc=com", [("replace", "displayName", [b"w%d" % i])])
+        c0, t0 = time.process_time(), time.perf_counter()
+        for i in range(modifies):
+            await d.modify(admin, f"uid=u{i % USERS},ou=people,dc=example,dc=com",
+                           [("replace", "displayName", [b"x%d" % i])])
+        c1, t1 = time.process_time(), time.perf_counter()
+    finally:
+        for hook in list(store._hooks):
+            if hook not in hooks_before:
+                store.unregister_change_hook(hook)
+        d.stop()
+        db.stop()
+    return {"mode": mode, "modifies": modifies, "cpu_us_per_modify": round((c1 - c0) / modifies * 1e6, 1),
+            "wall_us_per_modify": round((t1 - t0) / modifies * 1e6, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modifies", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    from twisted.internet import defer, task
+
+    print(json.dumps(bench_graph.machine_info()), flush=True)
+    results: dict[str, list[float]] = {"off": [], "outbox": [], "all": []}
+
+    async def run(reactor: object) -> None:
+        for r in range(args.rounds):
+            for mode in results:
+                line = await measure(mode, args.modifies)
+                line["round"] = r + 1
+                results[mode].append(line["cpu_us_per_modify"])
+                print(json.dumps(line), flush=True)
+        med = {mode: statistics.median(v) for mode, v in results.items()}
+        print(json.dumps({"summary": "median CPU per modify (us)", **med,
+                          "outbox_cost_pct": round(100 * (med["outbox"] / med["off"] - 1), 1),
+                          "all_hooks_cost_pct": round(100 * (med["all"] / med["off"] - 1), 1)}), flush=True)
+
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor)))    # exits the process when done
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
