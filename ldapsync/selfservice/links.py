@@ -253,8 +253,9 @@ class LinkService:
             if e is None:
                 q.mark_failed_txn(txn, link_id, "the entry no longer exists", retry_at=None)
                 return None
-            ttl = self.config.activation_ttl if row.purpose == q.ACTIVATE else self.config.reset_ttl
-            q.issue_txn(txn, link_id, hash_token(token), now + ttl)
+            if row.purpose != q.WELCOME:
+                ttl = self.config.activation_ttl if row.purpose == q.ACTIVATE else self.config.reset_ttl
+                q.issue_txn(txn, link_id, hash_token(token), now + ttl)
             return row, e.attrs
 
         got = await self.directory.db.run_interaction("claim link", claim)
@@ -287,6 +288,9 @@ class LinkService:
         expires = now + ttl
 
         def done(txn: Txn) -> None:
+            if row.purpose == q.WELCOME:
+                q.mark_done_txn(txn, link_id, self.now(), to)
+                return
             if not q.mark_sent_txn(txn, link_id, self.now(), to):
                 return
             if row.purpose == q.ACTIVATE:
@@ -325,6 +329,15 @@ class LinkService:
                     f"{base}/activate?token={token}\n\n"
                     f"The link works once, until {human_time(expires_at)}. {help_line}\n\n"
                     "If you did not expect this message, you can ignore it.\n")
+        elif purpose == q.WELCOME:
+            subject = "Your Microsoft 365 account is ready"
+            text = (f"Hello {name},\n\n"
+                    f"Your Microsoft 365 account {mail or uid} has been created. It uses your usual password "
+                    f"(user name {uid}), but Microsoft 365 does not have it yet.\n\n"
+                    "Sign in once here, and your password goes to Microsoft 365 within a minute:\n\n"
+                    f"{base}/signin\n\n"
+                    "Until then, signing in to Microsoft 365 does not work. Signing in to any company "
+                    "application that uses the directory does the same.\n")
         else:
             subject = "Reset your password"
             text = (f"Hello {name},\n\n"

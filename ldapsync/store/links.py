@@ -33,6 +33,7 @@ LIVE = (QUEUED, SENT, FAILED)
 
 ACTIVATE = "activate"
 RESET = "reset"
+WELCOME = "welcome"     # no link: "sign in once so Microsoft 365 gets your password" (no token)
 
 _COLS = ("id, entry_uuid, purpose, state, token_hash, created_at, expires_at, sent_at, used_at, sent_to, "
          "requested_by, attempts, next_attempt_at, last_error")
@@ -123,6 +124,13 @@ def mark_failed_txn(txn: Txn, link_id: int, error: str, *, retry_at: float | Non
     else:
         txn.run("UPDATE selfservice_links SET token_hash = NULL, last_error = ?, next_attempt_at = ? "
                 "WHERE id = ? AND state = ?", (error[:500], retry_at, link_id, QUEUED))
+
+
+def mark_done_txn(txn: Txn, link_id: int, now: float, sent_to: str) -> bool:
+    """A mail without a link (welcome) was sent: nothing is left to use."""
+    cur = txn.run("UPDATE selfservice_links SET state = ?, sent_at = ?, used_at = ?, sent_to = ?, last_error = NULL "
+                  "WHERE id = ? AND state = ?", (USED, now, now, sent_to, link_id, QUEUED))
+    return bool(cur.rowcount)
 
 
 def find_by_hash_txn(txn: Txn, token_hash: str) -> LinkRow | None:

@@ -56,6 +56,7 @@ from twisted.logger import Logger
 
 from ldapsync.directory.passwords import generate_password
 from ldapsync.directory.writes import now_generalized
+from ldapsync.store import links as links_q
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.outbox import DesiredUser
@@ -117,6 +118,9 @@ class Outcome:
     status: Status | None          # None: no entry to write to (deleted)
     object_id: str | None = None
     what: str = ""
+    # Created with sign-in blocked although the user has a directory password (only its hash):
+    # mail the user to sign in once (self-service), which hands the password to Microsoft 365.
+    welcome: bool = False
 
 
 @dataclass
@@ -475,6 +479,8 @@ class OutboxWorker:
                 return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
+            if out.welcome:
+                links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
             if out.object_id and out.object_id != desired.object_id:
                 # the account id is new to these rows (created or linked now): later rows get it,
                 # and the note of a create in flight is done with
@@ -694,7 +700,8 @@ class OutboxWorker:
                     # hash): capture it at the user's next bind.
                     return Outcome(self._synced(created["id"], pending=bool(desired.has_password and not secret)),
                                    created["id"],
-                                   "created" + ("" if secret else " (sign-in blocked until a password is set)"))
+                                   "created" + ("" if secret else " (sign-in blocked until a password is set)"),
+                                   welcome=bool(desired.has_password and not secret))
         assert user is not None
         oid = user["id"]
         patch = self._diff(user, desired)

@@ -229,6 +229,30 @@ def test_created_unbound_user_gets_activation_and_account_is_enabled(srv: Any, t
              and tenant.admin.get_user(key=upn)["accountEnabled"] is True, 30)
 
 
+def test_bound_with_only_a_hash_gets_a_welcome_and_sign_in_hands_the_password_over(
+        srv: Any, tenant: Any, sink: Any, browser: Any) -> None:
+    """design.md §4: a user bound while the directory holds only a hash gets a new account with
+    sign-in blocked and a mail; the next self-service sign-in pushes the password and enables it."""
+    uid = unique("hashonly")
+    upn = f"{uid}@contoso.com"
+    dn = add_user(srv, uid, password=GOOD, alt=f"{uid}@home.example")       # active, not bound
+    srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nadd: ldapsyncDirectory\nldapsyncDirectory: office365\n",
+            check=True)
+    msg = wait_mail(sink, f"{uid}@home.example")
+    assert msg.message["Subject"] == "Your Microsoft 365 account is ready"
+    assert "/signin" in msg.body() and "token=" not in msg.body()
+    u = tenant.admin.get_user(key=upn)
+    assert u["accountEnabled"] is False and tenant.admin.password_of(key=upn) != GOOD
+    assert dn not in srv.cli("user", "invitations").stdout.decode()      # nothing left to use
+    browser.clear_cookies()
+    browser.get(srv.web_url + "/signin")
+    browser.fill(username=uid, password=GOOD)
+    browser.submit()
+    assert browser.title == "Your account"
+    wait_for("password handed to Microsoft 365", lambda: tenant.admin.password_of(key=upn) == GOOD
+             and tenant.admin.get_user(key=upn)["accountEnabled"] is True, 30)
+
+
 def test_expired_forged_and_replaced_links(srv: Any, sink: Any, browser: Any) -> None:
     uid = unique("late")
     dn = add_user(srv, uid, alt=f"{uid}@home.example")
