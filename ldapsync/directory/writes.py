@@ -162,7 +162,9 @@ class Write:
         self._pending_moves.append((old_norm, new_dn.norm, str(new_dn)))
 
     # -- finishing -------------------------------------------------------------
-    def _flush(self) -> None:
+    def _flush(self, *, write: bool = True) -> list[EntryChange]:
+        """Turn the touched staged entries into changes and store them (``write=False``: the
+        caller stores the returned changes itself, later in this transaction)."""
         d = self.directory
         changes: list[EntryChange] = []
         for st in self._order:
@@ -199,7 +201,8 @@ class Write:
             if d.is_group(st.attrs) or (old_attrs is not None and d.is_group(old_attrs)):
                 self._group_changes.append((st, self._members(old_attrs) if old_attrs else set(), self._members(st.attrs)))
             changes.append(ch)
-        store.write_changes_txn(self.txn, changes)
+        if write:
+            store.write_changes_txn(self.txn, changes)
         for ch in changes:
             if ch.kind == "delete":
                 continue
@@ -219,6 +222,7 @@ class Write:
             st.old = stored
             if st.kind == "add":
                 st.kind = "modify"
+        return changes
 
     def _members(self, attrs: Attrs | None) -> set[str]:
         if not attrs:
@@ -231,27 +235,63 @@ class Write:
                     out.add(n)
         return out
 
+    def _only_plain_modifies(self) -> bool:
+        """True when this write only modifies existing entries that are not groups, with no
+        rename or delete: then refint and memberOf have nothing to do."""
+        d = self.directory
+        touched = [st for st in self._order if st.touched]
+        return bool(touched) and not self._pending_moves and not self._deleted and not self._group_changes and all(
+            st.kind == "modify" and st.attrs is not None and st.old is not None
+            and not d.is_group(st.attrs) and not d.is_group(st.old.attrs) for st in touched)
+
     def finish(self) -> ChangeSet:
-        # Entries added now that existing groups already list get their memberOf.
-        added = [st for st in self._order if st.kind == "add" and st.attrs is not None]
-        self._flush()
-        # refint: member values follow renamed and deleted entries (and renamed subtrees).
-        self._refint()
-        self._flush()
-        self._member_of([st.dn.norm for st in added])
-        self._flush()
+        # A plain modify (the common case) is stored once, after the hooks, together with any
+        # status they ask for; anything else is flushed in steps (refint and memberOf need the
+        # stored state).
+        pending: list[EntryChange] | None = None
+        if self._only_plain_modifies():
+            pending = self._flush(write=False)
+        else:
+            # Entries added now that existing groups already list get their memberOf.
+            added = [st for st in self._order if st.kind == "add" and st.attrs is not None]
+            self._flush()
+            # refint: member values follow renamed and deleted entries (and renamed subtrees).
+            self._refint()
+            self._flush()
+            self._member_of([st.dn.norm for st in added])
+            self._flush()
         cs = ChangeSet(self.operation, self.actor_dn, context=dict(self.context))
         cs.changes = list(self._deleted) + [self._all[i] for i in self._all_order if i in self._all]
         store.run_hooks_txn(self.txn, cs)
         # Hooks may ask for operational status values on the entries they looked at
         # (e.g. o365SyncState: pending); they are stored in this same transaction.
         status: dict[str, dict[str, list[str] | None]] = cs.context.get("status_updates") or {}  # type: ignore[assignment]
-        for norm, values in status.items():
+        later: dict[str, dict[str, list[str] | None]] = {}
+        if pending is not None:
+            unwritten = {ch.dn_norm: ch for ch in pending}
+            for norm, values in status.items():
+                ch = unwritten.get(norm)
+                if ch is None or ch.new is None or any(self.directory.is_indexed(k) for k in values):
+                    later[norm] = values
+                    continue
+                for k, v in values.items():         # into the change about to be stored: one UPDATE
+                    if v:
+                        ch.new[k] = list(v)
+                    else:
+                        ch.new.pop(k, None)
+                st = self._staged[norm]
+                assert st.old is not None
+                st.old = StoredEntry(st.old.id, st.old.dn, st.old.dn_norm, st.old.path, st.old.parent_id,
+                                     {k: list(v) for k, v in ch.new.items()})
+            store.write_changes_txn(self.txn, pending)
+        else:
+            later = status
+        for norm, values in later.items():
             st = self._staged.get(norm)
             if st is None or st.attrs is None:
                 continue
             self.set_operational(st, values)
-        if status:
+        if later:
             self._flush()
         return cs
 

@@ -186,3 +186,45 @@ def test_nested_groups(tmp_path):
     e = d.db.run_sync("get", store.get_entry_txn, d.dn(f"uid=n1,ou=people,{SUFFIX}").norm, write=False)
     assert sorted(e.attrs["memberOf"]) == [f"cn=inner,ou=groups,{SUFFIX}", f"cn=outer,ou=groups,{SUFFIX}"]
     d.db.stop()
+
+
+def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory):
+    """A plain modify is stored once, after the hooks, with the status values they asked for; a
+    status on an indexed attribute takes the second flush, so its index rows are right too."""
+    d = directory
+    person(d, "stat")
+    norm = d.dn(f"uid=stat,ou=people,{SUFFIX}").norm
+
+    def hook(txn, cs):
+        if cs.operation == "modify":
+            cs.context["status_updates"] = {c.dn_norm: {"o365SyncState": ["pending"], "o365ObjectId": ["obj-1"]}
+                                            for c in cs.changes}
+
+    def modify(txn):
+        w = Write(d, txn, "cn=admin," + SUFFIX, "modify")
+        st = w.require(d.dn(f"uid=stat,ou=people,{SUFFIX}"))
+        w.update(st, {**st.attrs, "sn": ["Changed"]})
+        return w.finish()
+
+    store.register_change_hook(hook)
+    try:
+        cs = d.db.run_sync("m", modify)
+    finally:
+        store.unregister_change_hook(hook)
+    assert [c.kind for c in cs.changes] == ["modify"]
+    e = d.db.run_sync("get", store.get_entry_txn, norm, write=False)
+    assert e.attrs["sn"] == ["Changed"] and e.attrs["o365SyncState"] == ["pending"] and e.attrs["o365ObjectId"] == ["obj-1"]
+    assert find(d, F.Eq("o365ObjectId", "obj-1")) == {f"uid=stat,ou=people,{SUFFIX}"}
+    assert find(d, F.Eq("sn", "Changed")) >= {f"uid=stat,ou=people,{SUFFIX}"}
+
+    # Only the non-indexed status: no second flush, and the value is there.
+    def hook2(txn, cs):
+        cs.context["status_updates"] = {c.dn_norm: {"o365SyncState": None} for c in cs.changes}
+
+    store.register_change_hook(hook2)
+    try:
+        d.db.run_sync("m", modify)
+    finally:
+        store.unregister_change_hook(hook2)
+    e = d.db.run_sync("get", store.get_entry_txn, norm, write=False)
+    assert "o365SyncState" not in e.attrs and e.attrs["o365ObjectId"] == ["obj-1"]
