@@ -39,14 +39,41 @@ class Browser:
     def submit(self, text: str | None = None) -> None:
         from selenium.webdriver.common.by import By
 
-        buttons = self.driver.find_elements(By.CSS_SELECTOR, "main form button[type=submit]")
-        if text is not None:
-            buttons = [b for b in buttons if b.text.strip() == text]
-        assert buttons, f"no submit button {text!r} on {self.driver.current_url}"
-        self.click(buttons[0])
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+
+        self.settle()
+        for attempt in range(3):
+            buttons = self.driver.find_elements(By.CSS_SELECTOR, "main form button[type=submit]")
+            if text is not None:
+                buttons = [b for b in buttons if b.text.strip() == text]
+            assert buttons, f"no submit button {text!r} on {self.driver.current_url}"
+            try:
+                self.click(buttons[0])
+                return
+            except (StaleElementReferenceException, WebDriverException) as e:
+                # the page was still being replaced when the button was found ("Node with given
+                # id does not belong to the document"): find it again on the settled page
+                if attempt == 2 or "does not belong to the document" not in str(e) and \
+                        not isinstance(e, StaleElementReferenceException):
+                    raise
+                self.settle()
+
+    def settle(self) -> None:
+        """Wait until the current page has finished loading."""
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def loaded(d: Any) -> bool:
+            try:
+                return d.execute_script("return document.readyState") == "complete"
+            except WebDriverException:                 # page scripts off: fall back to the heading
+                return bool(d.find_elements(By.TAG_NAME, "h1"))
+
+        WebDriverWait(self.driver, 20).until(loaded)
 
     def click(self, element: Any) -> None:
-        """Click and wait until the next page replaced this one."""
+        """Click and wait until the next page replaced this one and finished loading."""
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support import expected_conditions
         from selenium.webdriver.support.ui import WebDriverWait
@@ -55,6 +82,7 @@ class Browser:
         element.click()
         WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
         WebDriverWait(self.driver, 20).until(lambda d: d.find_elements(By.TAG_NAME, "h1"))
+        self.settle()
 
     @property
     def title(self) -> str:
