@@ -75,12 +75,29 @@ class Browser:
     def click(self, element: Any) -> None:
         """Click and wait until the next page replaced this one and finished loading."""
         from selenium.webdriver.common.by import By
-        from selenium.webdriver.support import expected_conditions
-        from selenium.webdriver.support.ui import WebDriverWait
 
         old = self.driver.find_element(By.TAG_NAME, "html")
         element.click()
-        WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
+        self.wait_replaced(old)
+
+    def wait_replaced(self, old: Any) -> None:
+        """Wait until ``old`` (the previous page's <html>) is gone and the new page has loaded."""
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        def gone(_: Any) -> bool:
+            try:
+                old.is_enabled()
+                return False
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as e:       # Chrome, mid-navigation: the node's document is gone
+                if "does not belong to the document" in str(e):
+                    return True
+                raise
+
+        WebDriverWait(self.driver, 20).until(gone)
         WebDriverWait(self.driver, 20).until(lambda d: d.find_elements(By.TAG_NAME, "h1"))
         self.settle()
 

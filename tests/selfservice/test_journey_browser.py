@@ -375,10 +375,6 @@ def test_activation_without_javascript_using_only_the_keyboard(srv: Any, sink: A
     assert second.get_attribute("name") == "confirm"
     old = b.driver.find_element(By.TAG_NAME, "html")
     second.send_keys(GOOD, Keys.ENTER)
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    WebDriverWait(b.driver, 20).until(expected_conditions.staleness_of(old))
-    WebDriverWait(b.driver, 20).until(lambda d: d.find_elements(By.TAG_NAME, "h1"))
+    b.wait_replaced(old)
     assert b.title == "Your account is active"
     assert whoami(srv, dn, GOOD).returncode == 0
