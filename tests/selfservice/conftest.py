@@ -37,9 +37,11 @@ class Browser:
             el.send_keys(value)
 
     def submit(self, text: str | None = None) -> None:
+        from selenium.common.exceptions import (
+            StaleElementReferenceException,
+            WebDriverException,
+        )
         from selenium.webdriver.common.by import By
-
-        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
         self.settle()
         for attempt in range(3):
@@ -82,7 +84,10 @@ class Browser:
 
     def wait_replaced(self, old: Any) -> None:
         """Wait until ``old`` (the previous page's <html>) is gone and the new page has loaded."""
-        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+        from selenium.common.exceptions import (
+            StaleElementReferenceException,
+            WebDriverException,
+        )
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
