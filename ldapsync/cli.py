@@ -413,23 +413,26 @@ def cmd_o365_import(config: Config, args: argparse.Namespace) -> int:
     return int(run_async(main))
 
 
+def _with_directory(config: Config, fn):  # type: ignore[no-untyped-def]
+    """Run ``await fn(directory)`` on a started directory (its thread pools), then stop it."""
+    d = _open_directory(config)
+    d.db.create_schema()
+    d.db.start()
+    try:
+        return run_async(lambda reactor: fn(d))
+    finally:
+        d.db.stop()
+
+
 def cmd_user_invite(config: Config, args: argparse.Namespace) -> int:
     """Queue (or re-send) the activation mail; the running server mails it within seconds."""
     from ldapsync.selfservice.links import LinkService
 
-    d = _open_directory(config)
-    d.db.create_schema()
-    d.db.start()
-    links = LinkService(d, None)
-
-    async def go(reactor) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    async def go(d) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+        links = LinkService(d, None)
         return [(dn, await links.invite(dn, "ldapsync user invite")) for dn in args.dn]
 
-    try:
-        done = run_async(go)
-    finally:
-        d.db.stop()
-    for dn, to in done:
+    for dn, to in _with_directory(config, go):
         print(f"{dn}: activation link queued for {to} (mailed by the running server; "
               f"it works for {config.selfservice.activation_ttl / 3600:g} hours; earlier links no longer work)")
     return 0
@@ -439,19 +442,11 @@ def cmd_user_invitations(config: Config, args: argparse.Namespace) -> int:
     """Links not yet used: who, state, sent to, until when, last error."""
     from ldapsync.selfservice.links import LinkService, human_time
 
-    d = _open_directory(config)
-    d.db.create_schema()
-    d.db.start()
-    links = LinkService(d, None)
+    async def go(d):  # type: ignore[no-untyped-def]
+        links = LinkService(d, None)
+        return await links.pending(), links.now()
 
-    async def go(reactor):  # type: ignore[no-untyped-def]
-        return await links.pending()
-
-    try:
-        rows = run_async(go)
-    finally:
-        d.db.stop()
-    now = links.now()
+    rows, now = _with_directory(config, go)
     if not rows:
         print("no pending invitations or reset links")
         return 0
@@ -474,12 +469,8 @@ def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
     """Lift a password-policy lockout (what deleting pwdAccountLockedTime over LDAP does)."""
     from ldapsync.directory.service import Actor
 
-    d = _open_directory(config)
-    d.db.create_schema()
-    d.db.start()
-    admin = Actor(d.dn(config.admin_dn), True)
-
-    async def go(reactor) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    async def go(d) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+        admin = Actor(d.dn(config.admin_dn), True)
         out = []
         for dn in args.dn:
             got = await d.password_state_of(dn)
@@ -493,11 +484,7 @@ def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
             out.append((dn, "unlocked" if got.locked else f"{got.failures} failed attempt(s) forgotten"))
         return out
 
-    try:
-        done = run_async(go)
-    finally:
-        d.db.stop()
-    for dn, what in done:
+    for dn, what in _with_directory(config, go):
         print(f"{dn}: {what}")
     return 0
 

@@ -391,6 +391,11 @@ class SinkProcess:
 @pytest.fixture
 def smtp_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkProcess]:
     """A real SMTP server on loopback that writes what it receives to a maildir."""
+    yield from run_smtp_sink(tmp_path_factory)
+
+
+def run_smtp_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkProcess]:
+    """Start a sink process, yield it, stop it (for fixtures of any scope)."""
     d = tmp_path_factory.mktemp("mail")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ldapsync.testing.smtp_sink", "--port", str(port), "--maildir", str(d)],

@@ -40,6 +40,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, ChangeSet, StoredEntry
+from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -112,19 +113,13 @@ class LinkService:
         return float(self.clock.now())
 
     def entry_by_uuid_txn(self, txn: Txn, entry_uuid: str) -> StoredEntry | None:
-        from ldapsync.sync.status import entry_by_uuid_txn
-
         return entry_by_uuid_txn(self.directory, txn, entry_uuid)
 
-    def address_for(self, attrs: Attrs, purpose: str) -> str | None:
-        """Activation goes to the alternate address when the entry has one (the new Microsoft 365
-        mailbox cannot be read before the password exists); resets go to both when both exist."""
+    def address_for(self, attrs: Attrs) -> str | None:
+        """Link mails go to the alternate address when the entry has one (a new Microsoft 365
+        mailbox cannot be read before the password exists, nor a forgotten one's), else to mail."""
         alt_attr = self.config.alternate_mail_attribute
-        alt = first(attrs, alt_attr) if alt_attr else None
-        mail = first(attrs, "mail")
-        if purpose == q.ACTIVATE:
-            return alt or mail
-        return alt or mail
+        return (first(attrs, alt_attr) if alt_attr else None) or first(attrs, "mail")
 
     def find_login_txn(self, txn: Txn, login: str) -> StoredEntry | None:
         """The one person whose uid or mail is ``login`` (None when none or ambiguous)."""
@@ -169,7 +164,7 @@ class LinkService:
                 raise LDAPError(ResultCode.unwillingToPerform,
                                 f'"{dn}" already has a password (it is active); the user can use the '
                                 "forgotten-password page instead")
-            to = self.address_for(e.attrs, q.ACTIVATE)
+            to = self.address_for(e.attrs)
             if not to:
                 alt = self.config.alternate_mail_attribute
                 raise LDAPError(ResultCode.unwillingToPerform,
@@ -185,7 +180,7 @@ class LinkService:
 
         def run(txn: Txn) -> bool:
             e = self.find_login_txn(txn, login)
-            if e is None or not self.address_for(e.attrs, q.RESET):
+            if e is None or not self.address_for(e.attrs):
                 return False
             purpose = q.RESET if e.attrs.get("userPassword") else q.ACTIVATE
             if q.recent_count_txn(txn, first(e.attrs, "entryUUID") or "", purpose, self.now() - 3600) >= RESETS_PER_HOUR:
@@ -262,7 +257,7 @@ class LinkService:
         if got is None:
             return 0
         row, attrs = got
-        to = self.address_for(attrs, row.purpose)
+        to = self.address_for(attrs)
         ttl = self.config.activation_ttl if row.purpose == q.ACTIVATE else self.config.reset_ttl
         error: str | None = None
         permanent = False
@@ -294,23 +289,12 @@ class LinkService:
             if not q.mark_sent_txn(txn, link_id, self.now(), to):
                 return
             if row.purpose == q.ACTIVATE:
-                self._set_entry_txn(txn, row.entry_uuid, {"ldapsyncActivationExpires": [generalized(expires)]})
+                write_user_status_txn(self.directory, txn, row.entry_uuid,
+                                      {"ldapsyncActivationExpires": [generalized(expires)]}, OPERATION)
 
         await self.directory.db.run_interaction("link sent", done)
         log.info("{purpose} link mailed for {uuid} to {to}", purpose=row.purpose, uuid=row.entry_uuid, to=to)
         return 1
-
-    def _set_entry_txn(self, txn: Txn, entry_uuid: str, values: dict[str, list[str] | None]) -> None:
-        from ldapsync.directory.writes import Write
-
-        e = self.entry_by_uuid_txn(txn, entry_uuid)
-        if e is None:
-            return
-        d = self.directory
-        w = Write(d, txn, str(d.admin_dn), OPERATION)
-        st = w._track(store.get_entry_txn(txn, e.dn_norm, for_update=True) or e)
-        if w.set_operational(st, values):
-            w.finish()
 
     def compose(self, purpose: str, attrs: Attrs, token: str, expires_at: float) -> tuple[str, str]:
         base = self.config.public_url.rstrip("/")

@@ -28,7 +28,7 @@ from ldapsync.selfservice.links import (
     human_time,
 )
 from ldapsync.store import entries as store
-from ldapsync.store.database import Txn
+from ldapsync.sync.status import write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -75,33 +75,24 @@ class ExpiryWarner:
                     continue
                 if first(attrs, "ldapsyncExpiryWarned") == first(attrs, "pwdChangedTime"):
                     continue
-                due.append((e.dn_norm, attrs, exp))
+                due.append((e.dn, attrs, exp))
         sent = 0
-        for dn_norm, attrs, exp in due:
-            to = self.links.address_for(attrs, "reset")
+        for dn, attrs, exp in due:
+            to = self.links.address_for(attrs)
             if not to:
                 continue
             try:
                 await self.links.mailer.send(to, *self.compose(attrs, exp))  # type: ignore[union-attr]
             except Exception as e:      # noqa: BLE001 - a bad address must not stop the others
-                log.warn("password-expiry warning for {dn} not sent: {error}", dn=dn_norm, error=str(e))
+                log.warn("password-expiry warning for {dn} not sent: {error}", dn=dn, error=str(e))
                 continue
-            await d.db.run_interaction("expiry warned", self._mark_txn, dn_norm, first(attrs, "pwdChangedTime"))
+            warned = {"ldapsyncExpiryWarned": [first(attrs, "pwdChangedTime") or ""]}
+            await d.db.run_interaction("expiry warned", lambda txn, a=attrs, v=warned: write_user_status_txn(
+                d, txn, first(a, "entryUUID") or "", v, OPERATION))
             sent += 1
         if sent:
             log.info("sent {n} password-expiry warning(s)", n=sent)
         return sent
-
-    def _mark_txn(self, txn: Txn, dn_norm: str, changed: str | None) -> None:
-        from ldapsync.directory.writes import Write
-
-        d = self.directory
-        e = store.get_entry_txn(txn, dn_norm, for_update=True)
-        if e is None or changed is None:
-            return
-        w = Write(d, txn, str(d.admin_dn), OPERATION)
-        if w.set_operational(w._track(e), {"ldapsyncExpiryWarned": [changed]}):
-            w.finish()
 
     def compose(self, attrs: dict[str, list[str]], expires_at: float) -> tuple[str, str]:
         base = self.links.config.public_url.rstrip("/")

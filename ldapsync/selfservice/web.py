@@ -266,9 +266,7 @@ class SelfServicePages(resource.Resource):
                 f"<body><header>Your account</header><main><h1>{esc(title)}</h1>{body}</main></body></html>\n")
 
     def rules(self) -> str:
-        from ldapsync.directory.policy import describe_policy
-
-        items = "".join(f"<li>{esc(r)}</li>" for r in describe_policy(self.directory.policy))
+        items = "".join(f"<li>{esc(r)}</li>" for r in self.directory.describe_policy())
         return f'<div id="rules"><p>Your new password needs:</p><ul>{items}</ul></div>'
 
     @staticmethod

@@ -40,12 +40,14 @@ def entry_by_uuid_txn(d: Directory, txn: Txn, entry_uuid: str) -> StoredEntry | 
     return None
 
 
-def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[str, list[str] | None]) -> bool:
-    """Set (list) or remove (None) status attributes on the user; False when the entry is gone."""
+def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[str, list[str] | None],
+                          operation: str = STATUS_OPERATION) -> bool:
+    """Set (list) or remove (None) status attributes on the user; False when the entry is gone.
+    ``operation`` names the write for the change hooks (the self-service bookkeeping has its own)."""
     e = entry_by_uuid_txn(d, txn, entry_uuid)
     if e is None:
         return False
-    w = Write(d, txn, str(d.admin_dn), STATUS_OPERATION)
+    w = Write(d, txn, str(d.admin_dn), operation)
     fresh = store.get_entry_txn(txn, e.dn_norm, for_update=True) or e
     st = w._track(fresh)
     if w.set_operational(st, values):

@@ -53,21 +53,9 @@ def tenant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    import subprocess
-    import sys
+    from conftest import run_smtp_sink  # type: ignore[import-not-found]
 
-    from conftest import SinkProcess, free_port, wait_port  # type: ignore[import-not-found]
-
-    d = tmp_path_factory.mktemp("mail")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ldapsync.testing.smtp_sink", "--port", str(port), "--maildir", str(d)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-        yield SinkProcess(port, d, proc)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    yield from run_smtp_sink(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
