@@ -317,7 +317,7 @@ def _describe_failure(e: BaseException) -> str:
 
 
 def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 30.0,
-               max_connections: int = 10) -> tuple[Any, Any]:
+               max_connections: int = 24) -> tuple[Any, Any]:
     """An ``Agent`` on a persistent pool; ``ca_bundle`` adds trusted CAs to the public roots."""
     from twisted.internet import ssl
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -365,7 +365,7 @@ class GraphClient:
         pacing: PacingPolicy = PacingPolicy(),
         pacer: WritePacer | None = None,
         random: Any = None,
-        max_connections: int = 10,
+        max_connections: int = 24,
         user_agent: str = "ldapsync",
     ) -> None:
         self._tokens = token_provider

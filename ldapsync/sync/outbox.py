@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -134,7 +134,8 @@ class OutboxPlanner:
         d = self.directory
         return any(d.dn_norm_or_none(v) == self._tag_norm for v in attrs.get("memberOf", ()))
 
-    def desired(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False) -> DesiredUser:
+    def desired(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,
+                changed: tuple[str, ...] | None = None) -> DesiredUser:
         mail = first(attrs, "mail")
         return DesiredUser(
             entry_uuid=first(attrs, "entryUUID") or "",
@@ -150,6 +151,7 @@ class OutboxPlanner:
             deleted=deleted,
             has_password=bool(attrs.get("userPassword")),
             reason=reason,
+            changed=changed,
         )
 
     # -- the hook -------------------------------------------------------------------
@@ -199,28 +201,24 @@ class OutboxPlanner:
         passwords = cleartext.get(ch.dn_norm) or (cleartext.get(ch.old_dn_norm or "") if ch.old_dn_norm else None)
         if not now_bound:
             return self.desired(new, ch.dn, bound=False, reason="unbind"), None
-        desired = self.desired(new, ch.dn, bound=True, reason="update")
-        self._check_mail(txn, desired, old if was else None)
+        self._check_mail(txn, ch.dn, first(new, "mail"), old if was else None)
         secret = self.box.encrypt(passwords[-1].encode("utf-8")).hex() if passwords else None
         if not was:
-            reason = "bind"
-        elif secret is not None:
-            reason = "password"
-        else:
-            old = old or {}
-            changed = [a for a in RELEVANT if old.get(a) != new.get(a)]
-            if not changed and ch.kind != "rename":
-                return None        # e.g. only memberOf of another group or o365* status changed
-            props = tuple(dict.fromkeys(p for a in changed for p in GRAPH_PROPS[a]))
-            return replace(desired, reason="update", changed=props), None
-        return replace(desired, reason=reason), secret
+            return self.desired(new, ch.dn, bound=True, reason="bind"), secret
+        if secret is not None:
+            return self.desired(new, ch.dn, bound=True, reason="password"), secret
+        old = old or {}
+        changed = [a for a in RELEVANT if old.get(a) != new.get(a)]
+        if not changed and ch.kind != "rename":
+            return None        # e.g. only memberOf of another group or o365* status changed
+        props = tuple(dict.fromkeys(p for a in changed for p in GRAPH_PROPS[a]))
+        return self.desired(new, ch.dn, bound=True, reason="update", changed=props), None
 
-    def _check_mail(self, txn: Txn, desired: DesiredUser, old: Attrs | None) -> None:
+    def _check_mail(self, txn: Txn, dn: str, mail: str | None, old: Attrs | None) -> None:
         """A bound user needs a mail address on a domain the tenant has verified."""
-        mail = desired.mail
         if not mail or "@" not in mail:
             raise LDAPError(ResultCode.constraintViolation,
-                            f'"{desired.dn}" is bound to Microsoft 365 and needs a mail address (it becomes the sign-in name)')
+                            f'"{dn}" is bound to Microsoft 365 and needs a mail address (it becomes the sign-in name)')
         if old is not None and first(old, "mail") == mail:
             return
         domain = mail.rsplit("@", 1)[1].lower()
