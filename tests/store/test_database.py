@@ -1,0 +1,135 @@
+"""Database: each thread's own connection, its transactions, and what happens when one fails.
+
+Real SQLite files and a real PostgreSQL server (``LDAPSYNC_TEST_PG_URL``)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
+
+from ldapsync.store.database import Database, StoreError
+
+
+def _open(backend: str, tmp_path):
+    pg = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'd.db'}"
+    else:
+        url, pg = create_pg_database()
+    database = Database(url)
+    database.create_schema()
+    database.run_sync("table", lambda txn: txn.run("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
+    yield database
+    database.stop()
+    if pg:
+        drop_pg_database(pg)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
+    yield from _open(request.param, tmp_path)
+
+
+@pytest.fixture
+def pg_db(tmp_path):
+    yield from _open("postgresql", tmp_path)
+
+
+def values(db: Database) -> list[tuple[int, str]]:
+    return [tuple(r) for r in db.run_sync("read", lambda txn: txn.rows("SELECT k, v FROM t ORDER BY k"), write=False)]
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_failed_transaction_leaves_nothing_and_the_connection_goes_on(db):
+    db.run_sync("one", lambda txn: txn.run("INSERT INTO t VALUES (1, 'a')"))
+
+    def half(txn):
+        txn.run("INSERT INTO t VALUES (2, 'b')")
+        raise Boom
+
+    with pytest.raises(Boom):
+        db.run_sync("half", half)
+    assert values(db) == [(1, "a")]
+    # the same thread's connection: no transaction left open, the next one starts cleanly
+    db.run_sync("two", lambda txn: txn.run("INSERT INTO t VALUES (2, 'c')"))
+    assert values(db) == [(1, "a"), (2, "c")]
+    # a database error inside the transaction: rolled back too, and reported as a StoreError
+    with pytest.raises(StoreError, match="(?i)unique|duplicate"):
+        db.run_sync("dup", lambda txn: txn.run("INSERT INTO t VALUES (1, 'x')"))
+    assert values(db) == [(1, "a"), (2, "c")]
+
+
+def test_each_thread_keeps_one_connection_and_stop_closes_them(db):
+    seen: list[int] = []
+
+    def work():
+        for i in range(20):
+            seen.append(id(db._connection()))
+            db.run_sync("r", lambda txn: txn.rows("SELECT COUNT(*) FROM t"), write=bool(i % 2))
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 3                       # one per thread, reused for every transaction
+    assert len(db._conns) >= 3
+    db.stop()
+    assert not db._conns
+    db.run_sync("after stop", lambda txn: txn.run("INSERT INTO t VALUES (9, 'z')"))   # a new one
+    assert values(db) == [(9, "z")]
+
+
+def test_postgresql_readers_see_one_snapshot_and_writers_the_latest(pg_db):
+    """(SQLite: a read transaction is a WAL snapshot by construction.)"""
+    db = pg_db
+    db.run_sync("one", lambda txn: txn.run("INSERT INTO t VALUES (1, 'a')"))
+    other = threading.Event()
+
+    def read(txn):
+        first = txn.rows("SELECT COUNT(*) FROM t")[0][0]
+        t = threading.Thread(target=lambda: (db.run_sync("w", lambda x: x.run("INSERT INTO t VALUES (2, 'b')")),
+                                             other.set()))
+        t.start()
+        t.join()
+        return first, txn.rows("SELECT COUNT(*) FROM t")[0][0]
+
+    assert db.run_sync("read", read, write=False) == (1, 1)      # REPEATABLE READ
+    assert other.is_set()
+
+    def write(txn):
+        first = txn.rows("SELECT COUNT(*) FROM t")[0][0]
+        t = threading.Thread(target=lambda: db.run_sync("w", lambda x: x.run("INSERT INTO t VALUES (3, 'c')")))
+        t.start()
+        t.join()
+        return first, txn.rows("SELECT COUNT(*) FROM t")[0][0]
+
+    assert db.run_sync("write", write) == (2, 3)                  # READ COMMITTED, on the same thread
+
+
+def test_postgresql_connection_killed_between_transactions_is_replaced(pg_db):
+    import psycopg
+
+    from ldapsync.sync.notify import connect_kwargs
+
+    db = pg_db
+    db.run_sync("one", lambda txn: txn.run("INSERT INTO t VALUES (1, 'a')"))
+    pid = db.run_sync("pid", lambda txn: txn.rows("SELECT pg_backend_pid()"))[0][0]
+    with psycopg.connect(**connect_kwargs(db.engine), autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    db.run_sync("two", lambda txn: txn.run("INSERT INTO t VALUES (2, 'b')"))     # retried on a new connection
+    assert values(db) == [(1, "a"), (2, "b")]
+    assert db.run_sync("pid", lambda txn: txn.rows("SELECT pg_backend_pid()"))[0][0] != pid
+
+
+def test_a_database_that_cannot_be_reached_is_a_store_error(tmp_path):
+    db = Database("postgresql+psycopg://nobody:nothing@127.0.0.1:1/none")
+    try:
+        with pytest.raises(StoreError, match="database error during probe"):
+            db.run_sync("probe", lambda txn: txn.rows("SELECT 1"))
+    finally:
+        db.stop()
