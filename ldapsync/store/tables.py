@@ -73,8 +73,9 @@ o365_outbox = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("lease_owner", sa.String(64), nullable=True),
     sa.Column("lease_until", sa.Float, nullable=True),
+    # The only index (migration 0004 dropped (state, next_attempt_at): each one is another page
+    # in every LDAP write that queues a change; the queries by state scan).
     sa.Index("ix_o365_outbox_user", "entry_uuid", "id"),
-    sa.Index("ix_o365_outbox_due", "state", "next_attempt_at"),
 )
 
 # Self-service one-time links (migration 0003): activation and password-reset

@@ -133,3 +133,31 @@ def test_a_database_that_cannot_be_reached_is_a_store_error(tmp_path):
             db.run_sync("probe", lambda txn: txn.rows("SELECT 1"))
     finally:
         db.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0004_drops_the_outbox_state_index_and_keeps_the_rows(backend, tmp_path):
+    import sqlalchemy as sa
+
+    from ldapsync.store.migrate import upgrade
+
+    pg = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'm.db'}"
+    else:
+        url, pg = create_pg_database()
+    db = Database(url)
+    try:
+        upgrade(db.engine, "0003")
+        db.run_sync("queue", lambda txn: txn.run(
+            "INSERT INTO o365_outbox (entry_uuid, created_at, operation, payload, state, attempts, next_attempt_at)"
+            " VALUES ('u1', 1.0, 'update', '{}', 'ready', 0, 0.0)"))
+        assert "ix_o365_outbox_due" in {i["name"] for i in sa.inspect(db.engine).get_indexes("o365_outbox")}
+        db.create_schema()                                        # to head
+        assert {i["name"] for i in sa.inspect(db.engine).get_indexes("o365_outbox")} == {"ix_o365_outbox_user"}
+        assert db.run_sync("rows", lambda txn: txn.rows("SELECT entry_uuid, state FROM o365_outbox"), write=False) == [
+            ("u1", "ready")]
+    finally:
+        db.stop()
+        if pg:
+            drop_pg_database(pg)
