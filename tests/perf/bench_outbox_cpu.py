@@ -16,12 +16,16 @@ LDAP modify takes after decoding — timing the process's CPU per modify:
 
 Rounds alternate the modes so that drift on the machine hits all of them alike.  Prints a
 ``machine`` line, one JSON line per (round, mode) and a summary line with the medians.
+
+``--instructions`` counts instead of timing: the process under ``valgrind --tool=cachegrind``,
+``off`` vs ``outbox``, instructions per modify (repeatable to ~1% on a noisy machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,7 +39,7 @@ import bench_graph  # noqa: E402  (machine_info)
 USERS = 500
 
 
-async def measure(mode: str, modifies: int) -> dict:
+async def measure(mode: str, modifies: int, warmup: int = 300) -> dict:
     from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig, SecretsConfig
     from ldapsync.directory.service import Actor, Directory
     from ldapsync.store import entries as store
@@ -77,7 +81,7 @@ async def measure(mode: str, modifies: int) -> dict:
                 dn = f"uid=u{i},ou=people,dc=example,dc=com"
                 e = await db.run_interaction("uuid", store.get_entry_txn, d.dn(dn).norm, write=False)
                 entry_uuids[dn] = e.attrs["entryUUID"][0]
-        for i in range(300):                                   # warm-up
+        for i in range(warmup):                                # warm-up
             await d.modify(admin, f"uid=u{i % USERS},ou=people,dc=example,dc=com", [("replace", "displayName", [b"w%d" % i])])
         cpu = wall = 0.0
         for i in range(modifies):
@@ -101,13 +105,63 @@ async def measure(mode: str, modifies: int) -> dict:
             "wall_us_per_modify": round(wall / modifies * 1e6, 1)}
 
 
+def instructions(modes: list[str], low: int, high: int) -> int:
+    """Instructions per modify under ``valgrind --tool=cachegrind`` (user space, this process).
+
+    Each mode runs twice, with ``low`` and ``high`` modifies after the same set-up (every user
+    modified once first, so none writes its first ``pending``); the difference divided by
+    ``high - low`` is one modify's instructions, the set-up cancelled out.  Repeatable to ~1%
+    whatever else the machine does, unlike CPU time.  About two minutes (four valgrind runs, two
+    at a time)."""
+    import re
+    import subprocess
+
+    if not shutil.which("valgrind"):
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    runs = {}
+    for mode in modes:
+        for n in (low, high):
+            cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
+                   sys.executable, __file__, "--one", mode, "--modifies", str(n), "--warmup", str(USERS)]
+            runs[(mode, n)] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if len([p for p in runs.values() if p.poll() is None]) >= 2:
+                next(p for p in runs.values() if p.poll() is None).wait()
+    per: dict[str, float] = {}
+    for (mode, n), p in runs.items():
+        err = p.communicate()[1]
+        m = re.search(r"I\s+refs:\s+([\d,]+)", err)
+        if p.returncode != 0 or not m:
+            print(f"valgrind run {mode}/{n} failed:\n{err[-2000:]}", file=sys.stderr)
+            return 1
+        per[f"{mode}/{n}"] = int(m.group(1).replace(",", ""))
+    out = {m: round((per[f"{m}/{high}"] - per[f"{m}/{low}"]) / (high - low)) for m in modes}
+    line: dict[str, object] = {"summary": "instructions per modify (cachegrind)", **out}
+    if "off" in out:
+        for m in modes:
+            if m != "off":
+                line[f"{m}_extra_instructions"] = out[m] - out["off"]
+                line[f"{m}_cost_pct"] = round(100 * (out[m] / out["off"] - 1), 1)
+    print(json.dumps(line), flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modifies", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per modify under valgrind (off vs outbox) instead of timing CPU")
+    ap.add_argument("--one", help=argparse.SUPPRESS)           # one mode, once (what --instructions runs)
+    ap.add_argument("--warmup", type=int, default=300, help=argparse.SUPPRESS)
     args = ap.parse_args()
     from twisted.internet import defer, task
 
+    if args.instructions:
+        return instructions(["off", "outbox"], 100, 600)
+    if args.one:
+        task.react(lambda reactor: defer.ensureDeferred(measure(args.one, args.modifies, args.warmup)))
+        return 0
     print(json.dumps(bench_graph.machine_info()), flush=True)
     results: dict[str, list[float]] = {"off": [], "outbox": [], "all": [], "all-synced": []}
 
