@@ -12,8 +12,9 @@ anyway) and ``BEGIN IMMEDIATE`` so a write waits for the lock at its start
 instead of failing half-way; PostgreSQL gets a pool of writer threads and
 retries serialization failures and deadlocks.
 
-Each thread keeps one DBAPI connection from the engine's pool for its life
-(:meth:`Database._connection`) and runs BEGIN/COMMIT on it itself: checking a
+Each SQL pool thread (and the main thread) keeps one DBAPI connection from the
+engine's pool for its life (:meth:`Database._connection`; other threads borrow
+one per transaction) and runs BEGIN/COMMIT on it itself: checking a
 connection out of SQLAlchemy's pool and going through its transaction objects
 for every LDAP operation cost ~85 µs, ten times the SQLite transaction itself.
 A PostgreSQL connection found broken is dropped and the transaction retried on
@@ -126,6 +127,10 @@ def _retryable(exc: BaseException, is_postgres: bool) -> bool:
     return "locked" in str(orig) or "busy" in str(orig)
 
 
+# Twisted names pool threads "PoolThread-<pool name>-<n>" (the pools of Database.__init__).
+_OWN_THREADS = ("PoolThread-ldapsync-sql-",)
+
+
 def _broken(raw: Any) -> bool:
     """A PostgreSQL connection that died (server restart, network): drop it and start afresh."""
     return bool(getattr(raw, "closed", False) or getattr(raw, "broken", False))
@@ -182,6 +187,14 @@ class Database:
         self.engine.dispose()
 
     # -- this thread's connection -----------------------------------------
+    @staticmethod
+    def _pinned() -> bool:
+        """Threads that keep a connection: our SQL pools' and the main thread (the CLI).  Any
+        other thread (e.g. MSAL's, saving its token cache) borrows one per transaction, so the
+        engine's pool is never exhausted by threads that come and go."""
+        t = threading.current_thread()
+        return t is threading.main_thread() or t.name.startswith(_OWN_THREADS)
+
     def _connection(self) -> Any:
         """The calling thread's DBAPI connection, taken from the engine's pool once and kept
         (the pool's ``connect`` listener has set SQLite's PRAGMAs on it)."""
@@ -229,15 +242,22 @@ class Database:
         attempt = 0
         while True:
             attempt += 1
-            raw = None
+            raw: Any = None
+            fairy: Any = None
             try:
-                raw = self._connection()
+                if self._pinned():
+                    raw = self._connection()
+                    isolation = self._local.isolation
+                else:                        # a passing thread: borrow a connection for this one
+                    fairy = self.engine.raw_connection()
+                    raw, isolation = fairy.dbapi_connection, "?"
                 if self.is_postgres:
                     # a transaction starts with the first statement; readers see one snapshot
                     level = None if write else "REPEATABLE READ"
-                    if self._local.isolation != level:
+                    if isolation != level:
                         raw.isolation_level = _pg_isolation(level)
-                        self._local.isolation = level
+                        if fairy is None:
+                            self._local.isolation = level
                 else:
                     raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 txn = Txn(raw, self.is_postgres)
@@ -251,12 +271,23 @@ class Database:
             except (OperationalError, DBAPIError, self._dbapi_error) as e:
                 broken = raw is None or (self.is_postgres and _broken(raw))
                 if broken:
-                    self._drop_connection()
+                    if fairy is not None:
+                        with contextlib.suppress(Exception):
+                            fairy.invalidate()
+                        fairy = None
+                    else:
+                        self._drop_connection()
                 if attempt < 5 and (broken or _retryable(e, self.is_postgres)):
                     log.info("retrying {desc} after {error}", desc=desc, error=type(getattr(e, "orig", e)).__name__)
                     time.sleep(0.01 * 2**attempt)
                     continue
                 raise StoreError(f"database error during {desc}: {type(getattr(e, 'orig', e)).__name__}: {getattr(e, 'orig', e)}") from e
+            finally:
+                if fairy is not None:
+                    with contextlib.suppress(Exception):
+                        if self.is_postgres and not write:
+                            raw.isolation_level = None        # back to the pool as it came
+                        fairy.close()
 
     async def run_interaction(self, desc: str, fn: Callable[..., T], *args: Any, write: bool = True, **kw: Any) -> T:
         """Run ``fn(txn, *args)`` in one transaction on a pool thread; await the result.

@@ -161,3 +161,31 @@ def test_migration_0004_drops_the_outbox_state_index_and_keeps_the_rows(backend,
         db.stop()
         if pg:
             drop_pg_database(pg)
+
+
+def test_threads_that_come_and_go_borrow_a_connection_and_give_it_back(db):
+    """Only the SQL pools' threads (and the main thread) keep one: a thread of the reactor's own
+    pool (MSAL saving its token cache) must not hold one of the engine's connections for ever."""
+    import itertools
+
+    before = len(db._conns)
+    keys = itertools.count(1)
+    errors: list[BaseException] = []
+
+    def passing():
+        try:
+            for _ in range(3):
+                k = next(keys)
+                db.run_sync("token cache save", lambda txn, k=k: txn.run("INSERT INTO t VALUES (?, 'x')", (k,)))
+                db.run_sync("token cache load", lambda txn: txn.rows("SELECT COUNT(*) FROM t"), write=False)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=passing, name=f"PoolThread-twisted.internet.reactor-{i}") for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert len(db._conns) == before                  # 40 threads > the engine's 16 connections: none kept
+    assert values(db)[-1][1] == "x" and len(values(db)) == 120
+    assert db.engine.pool.checkedout() == len(db._conns)
