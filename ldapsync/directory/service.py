@@ -343,7 +343,7 @@ class Directory:
         pw = generate_password(20)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(pw + "\n")
+            f.write(pw)         # no newline: `ldapwhoami -y FILE` sends the file's bytes as they are
         return pw, True
 
     def bootstrap_sync(self) -> list[str]:

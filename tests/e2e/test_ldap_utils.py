@@ -42,6 +42,15 @@ def test_subschema_anonymous(server):
     assert sub["ldapSyntaxes"] and sub["matchingRules"]
 
 
+def test_generated_admin_password_file_works_with_dash_y(server):
+    """OpenLDAP's tools send a -y file's bytes verbatim (a trailing newline would be part of the
+    password): the file the server generates holds the password alone."""
+    pw_file = server.workdir / "admin-password"
+    assert pw_file.read_text() == server.admin_password and not server.admin_password.endswith("\n")
+    p = server.run("ldapwhoami", "-D", ADMIN_DN, "-y", str(pw_file), bind=None, check=True)
+    assert p.stdout.strip() == f"dn:{ADMIN_DN}"
+
+
 def test_anonymous_cannot_read_or_write(server):
     p = server.run("ldapsearch", "-LLL", "-b", SUFFIX, "(uid=*)", bind=None)
     assert p.returncode == 50, p.stdout + p.stderr
