@@ -316,8 +316,13 @@ def _describe_failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+# Kept-open HTTPS connections per host: at least the outbox worker's requests in flight (16) plus
+# the reconciler's, or every request beyond it opens (and closes) a TLS connection of its own.
+MAX_CONNECTIONS = 24
+
+
 def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 30.0,
-               max_connections: int = 24) -> tuple[Any, Any]:
+               max_connections: int = MAX_CONNECTIONS) -> tuple[Any, Any]:
     """An ``Agent`` on a persistent pool; ``ca_bundle`` adds trusted CAs to the public roots."""
     from twisted.internet import ssl
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -365,7 +370,7 @@ class GraphClient:
         pacing: PacingPolicy = PacingPolicy(),
         pacer: WritePacer | None = None,
         random: Any = None,
-        max_connections: int = 24,
+        max_connections: int = MAX_CONNECTIONS,
         user_agent: str = "ldapsync",
     ) -> None:
         self._tokens = token_provider

@@ -129,6 +129,7 @@ def _retryable(exc: BaseException, is_postgres: bool) -> bool:
 
 # Twisted names pool threads "PoolThread-<pool name>-<n>" (the pools of Database.__init__).
 _OWN_THREADS = ("PoolThread-ldapsync-sql-",)
+_UNKNOWN = object()          # the isolation level of a borrowed connection: always set
 
 
 def _broken(raw: Any) -> bool:
@@ -187,13 +188,16 @@ class Database:
         self.engine.dispose()
 
     # -- this thread's connection -----------------------------------------
-    @staticmethod
-    def _pinned() -> bool:
+    def _pinned(self) -> bool:
         """Threads that keep a connection: our SQL pools' and the main thread (the CLI).  Any
         other thread (e.g. MSAL's, saving its token cache) borrows one per transaction, so the
-        engine's pool is never exhausted by threads that come and go."""
-        t = threading.current_thread()
-        return t is threading.main_thread() or t.name.startswith(_OWN_THREADS)
+        engine's pool is never exhausted by threads that come and go.  Decided once per thread."""
+        local = self._local
+        pinned = getattr(local, "pinned", None)
+        if pinned is None:
+            t = threading.current_thread()
+            pinned = local.pinned = t is threading.main_thread() or t.name.startswith(_OWN_THREADS)
+        return bool(pinned)
 
     def _connection(self) -> Any:
         """The calling thread's DBAPI connection, taken from the engine's pool once and kept
@@ -244,13 +248,14 @@ class Database:
             attempt += 1
             raw: Any = None
             fairy: Any = None
+            committing = False
             try:
                 if self._pinned():
                     raw = self._connection()
                     isolation = self._local.isolation
                 else:                        # a passing thread: borrow a connection for this one
                     fairy = self.engine.raw_connection()
-                    raw, isolation = fairy.dbapi_connection, "?"
+                    raw, isolation = fairy.dbapi_connection, _UNKNOWN
                 if self.is_postgres:
                     # a transaction starts with the first statement; readers see one snapshot
                     level = None if write else "REPEATABLE READ"
@@ -263,6 +268,7 @@ class Database:
                 txn = Txn(raw, self.is_postgres)
                 try:
                     result = fn(txn, *args, **kw)
+                    committing = True
                     raw.commit()
                 except BaseException:
                     _rollback(raw)            # also after a failed COMMIT (SQLite keeps it open)
@@ -277,7 +283,9 @@ class Database:
                         fairy = None
                     else:
                         self._drop_connection()
-                if attempt < 5 and (broken or _retryable(e, self.is_postgres)):
+                # A connection lost during COMMIT may have committed: running fn again could apply
+                # the write twice, so only a connection lost before it is retried.
+                if attempt < 5 and (_retryable(e, self.is_postgres) or (broken and not committing)):
                     log.info("retrying {desc} after {error}", desc=desc, error=type(getattr(e, "orig", e)).__name__)
                     time.sleep(0.01 * 2**attempt)
                     continue

@@ -4,6 +4,7 @@ Real SQLite files and a real PostgreSQL server (``LDAPSYNC_TEST_PG_URL``)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -12,29 +13,36 @@ from conftest import create_pg_database, drop_pg_database  # type: ignore[import
 from ldapsync.store.database import Database, StoreError
 
 
-def _open(backend: str, tmp_path):
+@contextlib.contextmanager
+def _open(backend: str, tmp_path, *, migrated: bool = True):
+    """A Database on a fresh SQLite file or PostgreSQL database; migrated, with a table ``t``."""
     pg = None
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'd.db'}"
     else:
         url, pg = create_pg_database()
     database = Database(url)
-    database.create_schema()
-    database.run_sync("table", lambda txn: txn.run("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
-    yield database
-    database.stop()
-    if pg:
-        drop_pg_database(pg)
+    try:
+        if migrated:
+            database.create_schema()
+            database.run_sync("table", lambda txn: txn.run("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
+        yield database
+    finally:
+        database.stop()
+        if pg:
+            drop_pg_database(pg)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
-    yield from _open(request.param, tmp_path)
+    with _open(request.param, tmp_path) as database:
+        yield database
 
 
 @pytest.fixture
 def pg_db(tmp_path):
-    yield from _open("postgresql", tmp_path)
+    with _open("postgresql", tmp_path) as database:
+        yield database
 
 
 def values(db: Database) -> list[tuple[int, str]]:
@@ -141,13 +149,7 @@ def test_migration_0004_drops_the_outbox_state_index_and_keeps_the_rows(backend,
 
     from ldapsync.store.migrate import upgrade
 
-    pg = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        url, pg = create_pg_database()
-    db = Database(url)
-    try:
+    with _open(backend, tmp_path, migrated=False) as db:
         upgrade(db.engine, "0003")
         db.run_sync("queue", lambda txn: txn.run(
             "INSERT INTO o365_outbox (entry_uuid, created_at, operation, payload, state, attempts, next_attempt_at)"
@@ -157,10 +159,6 @@ def test_migration_0004_drops_the_outbox_state_index_and_keeps_the_rows(backend,
         assert {i["name"] for i in sa.inspect(db.engine).get_indexes("o365_outbox")} == {"ix_o365_outbox_user"}
         assert db.run_sync("rows", lambda txn: txn.rows("SELECT entry_uuid, state FROM o365_outbox"), write=False) == [
             ("u1", "ready")]
-    finally:
-        db.stop()
-        if pg:
-            drop_pg_database(pg)
 
 
 def test_threads_that_come_and_go_borrow_a_connection_and_give_it_back(db):
