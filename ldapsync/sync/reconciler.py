@@ -19,6 +19,7 @@ taken with SELECT ... FOR UPDATE; a crashed node's lease expires).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = Logger()
 
 META_DELTA_LINK = "o365.delta_link"
+META_RECHECK = "o365.reconcile_recheck"   # object ids a full scan could not judge: looked up next pass
 META_LEASE = "o365.reconciler_lease"
 LEASE_SECONDS = 120.0        # renewed every third of it while a pass runs: a crashed node's lease
                              # stops drift correction on the other nodes for at most this long
@@ -50,6 +52,7 @@ class ReconcileReport:
     drifted: list[str] = field(default_factory=list)     # DNs queued
     deleted: list[str] = field(default_factory=list)     # DNs whose account is gone
     full_scan: bool = False
+    recheck: list[str] = field(default_factory=list)     # linked while the full scan ran: looked up next pass
 
 
 def _norm(v: Any) -> Any:
@@ -162,10 +165,14 @@ class Reconciler:
                     batch = []
             await self._check(batch, report)
             new_link = query.delta_link
+            await self._recheck()
             if report.full_scan:
                 # A full scan lists only users that exist: a linked account missing from it was
                 # deleted in Microsoft 365 (perhaps before any delta link could report it).
                 await self.db.run_interaction("reconcile missing", self._missing_txn, seen, started, report)
+                if report.recheck:
+                    await self.db.run_interaction("reconcile recheck", store.set_meta_txn, META_RECHECK,
+                                                  json.dumps(report.recheck))
         except DeltaExpired:
             log.info("the Microsoft 365 delta link expired; starting a full scan")
             await self.db.run_interaction("delta reset", store.set_meta_txn, META_DELTA_LINK, "")
@@ -226,12 +233,37 @@ class Reconciler:
         ids = [r[0] for r in txn.rows("SELECT entry_id FROM entry_index WHERE attr = ?", ("o365objectid",))]
         for e in store.get_entries_by_id_txn(txn, ids):
             oid = (e.attrs.get("o365ObjectId") or [""])[0].lower()
-            synced_at = (e.attrs.get("o365SyncedAt") or [""])[0]
-            if synced_at >= started:
-                continue           # linked while the scan ran: the scan may simply not list it yet
-            if oid and oid not in seen and self.planner.is_bound(e.attrs) and e.attrs.get("o365SyncState") != ["error"]:
-                gone.append(e)
+            if not oid or oid in seen or not self.planner.is_bound(e.attrs) or e.attrs.get("o365SyncState") == ["error"]:
+                continue
+            if (e.attrs.get("o365SyncedAt") or [""])[0] >= started:
+                # Linked while the scan ran (to the second): the scan may simply not list it yet,
+                # or it was deleted before the scan got there, and the delta link, issued after,
+                # will never say so.  Looked up by id in the next pass.
+                report.recheck.append(oid)
+                continue
+            gone.append(e)
         self._report_deleted_txn(txn, gone, report)
+
+    async def _recheck(self) -> None:
+        """Look up the accounts the last full scan could not judge; report those that are gone."""
+        from ldapsync.graph.errors import NotFound
+
+        raw = await self.db.run_interaction("reconcile recheck", store.get_meta_txn, META_RECHECK, write=False)
+        if not raw:
+            return
+        gone: list[str] = []
+        for oid in json.loads(raw):
+            try:
+                await self.client.get(f"/users/{oid}", {"$select": "id"})
+            except NotFound:
+                gone.append(oid)
+
+        def run(txn: Txn) -> None:
+            entries = [e for oid in gone for e in store.entries_with_value_txn(txn, "o365objectid", oid)[:1]
+                       if self.planner.is_bound(e.attrs) and e.attrs.get("o365SyncState") != ["error"]]
+            self._report_deleted_txn(txn, entries, ReconcileReport())
+            store.set_meta_txn(txn, META_RECHECK, "")
+        await self.db.run_interaction("reconcile recheck", run)
 
     def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
         if not gone:

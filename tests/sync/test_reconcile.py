@@ -10,16 +10,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import base64
+import hashlib
 import os
 
 import pytest
 from conftest import office365_config  # type: ignore[import-not-found]
 from helpers import PEOPLE, unique
-
 from sync.test_worker import (  # type: ignore[import-not-found]
-    DOMAIN, PASSWORD, TAG, entry, modify, person, tenant_user, wait_entry_state, wait_for, wait_tenant,
+    DOMAIN,
+    PASSWORD,
+    TAG,
+    entry,
+    modify,
+    person,
+    tenant_user,
+    wait_entry_state,
+    wait_for,
+    wait_tenant,
 )
 
 pytestmark = pytest.mark.e2e
@@ -94,3 +102,36 @@ def test_password_captured_at_next_bind(env):
     assert fake.admin.password_of(key=upn) == PASSWORD
     assert "o365PasswordPending" not in wait_for("flag cleared", lambda: (lambda x: x if "o365PasswordPending" not in x else None)(entry(srv, uid)))
     assert PASSWORD not in srv.log.read_text()
+
+
+def test_account_deleted_while_a_full_scan_ran_is_reported_in_the_next_pass(make_server, fake_tenant):
+    """A full scan cannot judge a user linked while it ran (to the second): absent from the scan,
+    it may be new or gone, and a deletion before the scan got there is never in a delta after it.
+    Such users are looked up by id in the next pass."""
+    import json
+    import sqlite3
+
+    srv = make_server("sqlite", office365_config(fake_tenant.info, reconcile_interval="3600s"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    uid = unique("r")
+    upn = f"{uid}@{DOMAIN}"
+    srv.run("ldapadd", input=person(uid, password=PASSWORD, bound=True), check=True)
+    wait_entry_state(srv, uid, "synced")
+    # The state such a scan finds: the entry synced at (or after) the second the scan started.
+    con = sqlite3.connect(srv.db_url[len("sqlite:///"):], timeout=30)
+    with con:
+        (eid, attrs), = con.execute("SELECT id, attrs FROM entries WHERE dn_norm LIKE ?", (f"uid={uid},%",))
+        attrs = json.loads(attrs)
+        assert "o365SyncedAt" in attrs, sorted(attrs)
+        attrs["o365SyncedAt"] = ["29991231235959Z"]
+        con.execute("UPDATE entries SET attrs = ? WHERE id = ?", (json.dumps(attrs), eid))
+    con.close()
+    fake_tenant.admin.delete_user(key=upn)
+    p = srv.cli("o365", "reconcile")                      # the first pass: a full scan
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert entry(srv, uid)["o365SyncState"] == ["synced"]   # not judged: it might be new
+    p = srv.cli("o365", "reconcile")                      # a delta pass, which says nothing of it...
+    assert p.returncode == 0, p.stdout + p.stderr
+    e = entry(srv, uid)                                   # ...but the lookup by id does
+    assert e["o365SyncState"] == ["error"] and "deleted in Microsoft 365" in e["o365LastError"][0]
+    assert tenant_user(fake_tenant, upn) is None
