@@ -132,6 +132,34 @@ _OWN_THREADS = ("PoolThread-ldapsync-sql-",)
 _UNKNOWN = object()          # the isolation level of a borrowed connection: always set
 
 
+_SQLITE_WRITER = "PoolThread-ldapsync-sql-write"
+LOCK_WAIT = 30.0             # SQLite: how long a write waits for another process's write lock
+
+
+def _begin_write(raw: Any) -> None:
+    """SQLite ``BEGIN IMMEDIATE`` that waits for another process's write lock (the Microsoft 365
+    worker process, the CLI) in steps of 0.1 to 2 ms.  SQLite's own busy handler sleeps 1, 2,
+    5, 10 ms... between tries: with the worker process writing a few times a second, those
+    oversleeps cost the LDAP writer thread more than the worker's transactions themselves."""
+    import sqlite3
+
+    delay, deadline = 0.0001, 0.0
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + LOCK_WAIT
+            elif now > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.002)
+
+
 def _broken(raw: Any) -> bool:
     """A PostgreSQL connection that died (server restart, network): drop it and start afresh."""
     return bool(getattr(raw, "closed", False) or getattr(raw, "broken", False))
@@ -211,6 +239,10 @@ class Database:
                 local.generation = self._generation
             local.fairy = fairy
             local.isolation = None
+            local.poll_lock = self.is_sqlite and threading.current_thread().name.startswith(_SQLITE_WRITER)
+            if local.poll_lock:
+                raw: Any = fairy.dbapi_connection
+                raw.execute("PRAGMA busy_timeout=0")    # _begin_write waits instead
         return fairy.dbapi_connection
 
     def _drop_connection(self) -> None:
@@ -263,6 +295,8 @@ class Database:
                         raw.isolation_level = _pg_isolation(level)
                         if fairy is None:
                             self._local.isolation = level
+                elif write and fairy is None and self._local.poll_lock:
+                    _begin_write(raw)
                 else:
                     raw.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 txn = Txn(raw, self.is_postgres)

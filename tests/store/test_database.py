@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import pytest
 from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
@@ -187,3 +188,61 @@ def test_threads_that_come_and_go_borrow_a_connection_and_give_it_back(db):
     assert len(db._conns) == before                  # 40 threads > the engine's 16 connections: none kept
     assert values(db)[-1][1] == "x" and len(values(db)) == 120
     assert db.engine.pool.checkedout() == len(db._conns)
+
+
+# -- SQLite: the writer waits for another process's write lock --------------------------------
+
+def _write_on_writer_thread(db: Database, k: int, out: dict) -> threading.Thread:
+    """``db``'s SQL writer thread is a pool thread of this name; it polls for the lock itself."""
+    def run() -> None:
+        try:
+            db._run("w", lambda txn: txn.run("INSERT INTO t VALUES (?, 'w')", (k,)), (), {}, True)
+            out["at"] = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+    t = threading.Thread(target=run, name="PoolThread-ldapsync-sql-write-0")
+    t.start()
+    return t
+
+
+def test_sqlite_writer_takes_the_lock_within_milliseconds_of_its_release(tmp_path):
+    """Another process (here: another connection) holds the write lock; our write waits and takes
+    it right after the release.  SQLite's own busy handler would sleep in steps of up to 50-100 ms
+    by then, which is what made the worker process cost LDAP writes more than its own work."""
+    import sqlite3
+    import statistics
+
+    with _open("sqlite", tmp_path) as db:
+        other = sqlite3.connect(tmp_path / "d.db", isolation_level=None)
+        lags = []
+        for k in range(5):
+            other.execute("BEGIN IMMEDIATE")
+            out: dict = {}
+            t = _write_on_writer_thread(db, k, out)
+            time.sleep(0.25)
+            assert not out, "the write went through while another connection held the lock"
+            released = time.monotonic()
+            other.execute("COMMIT")
+            t.join(10)
+            assert "error" not in out, out
+            lags.append(out["at"] - released)
+        other.close()
+        assert [k for k, _ in values(db)] == [0, 1, 2, 3, 4]
+        assert statistics.median(lags) < 0.015, lags
+
+
+def test_sqlite_writer_gives_up_on_a_lock_held_for_good(tmp_path, monkeypatch):
+    import sqlite3
+
+    from ldapsync.store import database
+
+    monkeypatch.setattr(database, "LOCK_WAIT", 0.2)
+    with _open("sqlite", tmp_path) as db:
+        other = sqlite3.connect(tmp_path / "d.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        out: dict = {}
+        _write_on_writer_thread(db, 1, out).join(30)
+        other.execute("ROLLBACK")
+        other.close()
+        assert isinstance(out.get("error"), StoreError) and "locked" in str(out["error"]), out
+        assert values(db) == []
