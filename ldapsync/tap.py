@@ -52,13 +52,15 @@ class Options(usage.Options):
 
 
 class DirectoryService(service.Service):
-    """Owns the database and the directory; bootstraps the tree at start."""
+    """Owns the database and the directory; bootstraps the tree at start (the LDAP server; the
+    Microsoft 365 worker process, which opens the same database, does not)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, bootstrap: bool = True) -> None:
         from ldapsync.directory.service import Directory
         from ldapsync.store.database import Database
 
         self.config = config
+        self.bootstrap = bootstrap
         self.db = Database(config.directory.database)
         self.directory = Directory(config, self.db)
         self.planner = None
@@ -73,6 +75,8 @@ class DirectoryService(service.Service):
         super().privilegedStartService()
         self.db.start()
         self.directory.start()
+        if not self.bootstrap:
+            return
         generated_before = not _exists(self.config.admin.password_file)
         for line in self.directory.bootstrap_sync():
             log.info("{line}", line=line)
@@ -248,9 +252,11 @@ def make_service(config: Config) -> service.MultiService:
 
     SelfServiceService(dirsvc.directory, dirsvc.planner).setServiceParent(top)
     if config.office365.enabled:
-        connsvc = ConnectorService(config, dirsvc)
-        connsvc.setServiceParent(top)
-        OutboxWorkerService(dirsvc, connsvc).setServiceParent(top)
+        # The connector, the outbox worker and the reconciler run in a child process
+        # (sync/worker_process.py), on another core than LDAP; this process wakes it after COMMIT.
+        from ldapsync.sync.worker_process import WorkerProcessService
+
+        WorkerProcessService(dirsvc).setServiceParent(top)
     return top
 
 

@@ -7,6 +7,7 @@ the PostgreSQL tests loudly rather than skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -251,6 +252,27 @@ hash_memory_kib = 8192
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def pids(self) -> list[int]:
+        """The server's process and its children (the Microsoft 365 worker process)."""
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *child_pids(self.proc.pid)]
+
+    def signal_all(self, sig: int) -> None:
+        """Signal the whole node, e.g. SIGSTOP to freeze it (the worker process is a child)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+
+def child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return out
 
 
 def _make_server(tmp: Path, backend: str, tls_files: tuple[Path, Path, Path], extra_config: str = "") -> tuple[Server, str | None]:

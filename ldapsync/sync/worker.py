@@ -193,6 +193,9 @@ class OutboxWorker:
         self._paused_until = 0.0
         self._waiting_logged = False
         self.delivered = 0
+        # Called when a claim found fewer ready users than it had room for (the worker process
+        # tells the LDAP process it wants a wake at the next COMMIT; until then none are sent).
+        self.caught_up: Any = None
         # several nodes (PostgreSQL): heartbeats in meta, the write budget split between live nodes
         self.heartbeat_interval = heartbeat_interval
         self.node_ttl = node_ttl
@@ -365,6 +368,8 @@ class OutboxWorker:
                     dd.addErrback(self._process_failed)
                     dd.addBoth(self._done, job.entry_uuid)
                 if len(jobs) < free and not self._again:
+                    if self.caught_up is not None:
+                        self.caught_up()       # no more ready rows than free slots: only a wake brings work
                     break
         finally:
             self._draining = False

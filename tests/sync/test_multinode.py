@@ -243,8 +243,8 @@ def test_two_nodes_deliver_a_shared_backlog_exactly_once(make_cluster, fake_tena
     a, b = make_cluster(2, cluster_config(fake_tenant))
     wait_active(a)
     wait_active(b)
-    for srv in (a, b):
-        assert "outbox listener: listening on ldapsync_outbox" in srv.log.read_text()
+    for srv in (a, b):     # the worker process logs it (through the server's log) once connected
+        wait_for(f"{srv.url} listening", lambda srv=srv: "outbox listener: listening on ldapsync_outbox" in srv.log.read_text())
     prefix = unique("mn")
     uids = [f"{prefix}x{i:03d}" for i in range(300)]
     # Graph answers slowly while the changes come in (32 users in flight at most): a backlog
@@ -368,14 +368,14 @@ def test_a_node_that_lost_its_lease_leaves_the_rows_to_the_new_owner(make_cluste
     text = "".join(modify_ldif(u, 1) for u in uids)
     assert a.run("ldapmodify", input=text).returncode == 0
     held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 20, 0.05)
-    a.proc.send_signal(signal.SIGSTOP)
+    a.signal_all(signal.SIGSTOP)                   # the node: its LDAP and its worker process
     try:
         b.start()
         wait_active(b)
         # B takes over A's users once their leases have expired, and works on them (slowly)...
         wait_for("B working on A's users", lambda: set(held) & set(leases_of(b, b.db_url)), 30, 0.05)
     finally:
-        a.proc.send_signal(signal.SIGCONT)         # ...while A's replies arrive
+        a.signal_all(signal.SIGCONT)               # ...while A's replies arrive
     wait_for("A noticed", lambda: "has taken them over" in a.log.read_text(errors="replace"), 30, 0.2)
     fake_tenant.admin.set_latency(seconds=0)
     wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 120, 0.3)

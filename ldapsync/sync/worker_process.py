@@ -1,0 +1,392 @@
+"""The Microsoft 365 side of a server in its own process, supervised by the LDAP server.
+
+Owns the child process's lifecycle (start, wake, stop, restart after a crash) and the child's
+entry point.  What runs in the child is the same code as before: the connector's checks
+(``connector.py``), the outbox worker (``worker.py``), the reconcile loop and, on PostgreSQL,
+the LISTEN thread (``notify.py``).  The LDAP process keeps the directory, the planner (outbox
+rows in the LDAP write's transaction) and the self-service pages.
+
+Why a process: Python runs one thread at a time (the GIL), so in the LDAP process every
+millisecond the worker spends on TLS, JSON, claims, status writes and log lines is one LDAP
+does not get.  Paced to Graph's write budget the worker is light (~4 ms of CPU per PATCH, ~19
+PATCHes a second) and where it runs makes no measurable difference; when it works flat out
+(a drain without pacing, a reconcile scan of thousands of users) it took LDAP's core: modifies
+during an unthrottled drain ran 44-53% below connector-off in one process, 27-39% with the
+worker in its own (tests/perf/bench_propagation.py modify-cost --server-pacing off).
+
+::
+
+    LDAP process (twistd)                              worker process (python -m ldapsync.sync.worker_process)
+    planner: COMMIT ─ call_after(wake) ─▶ "w" on the child's stdin ─▶ worker.wake()
+                      (only if the child said "c": caught up, nothing left to claim; a busy
+                       worker claims again whenever a delivery ends and needs no wake)
+    parent ◀── "c" line on the child's stdout ◀── worker.caught_up (once per "w" received)
+    stopService ──────────────────────────▶ "q" ─▶ graceful stop: deliveries in flight end, leases
+                                                    given back, exit 0 (the parent waits for it)
+    log observer ◀── one JSON line per log event on the child's stdout (stderr: raw lines, as errors)
+    child exits unexpectedly ─▶ logged, started again after a capped backoff
+    parent killed (kill -9) ─▶ the child gets SIGKILL at once (Linux PR_SET_PDEATHSIG; elsewhere
+                               stdin EOF) — the same crash the single process had: leases are
+                               released when the server starts again
+
+SQLite: both processes write the same database file (WAL); a write waits for the other
+process's write lock (``store/database.py: _begin_write``).  PostgreSQL: the child is the node's worker as before (NOTIFY wakes
+it; the node id, from the config, is the same in both processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessExitedAlready
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+
+log = Logger()
+
+WAKE = b"w"
+QUIT = b"q"
+CAUGHT_UP = b"c"              # child → parent, a line of its own: "wake me at the next COMMIT"
+_child_log = Logger(namespace="ldapsync.o365-worker")
+
+
+# -- the LDAP process's side ---------------------------------------------------------------------
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self, owner: WorkerProcessService) -> None:
+        self.owner = owner
+        self._out = b""
+        self._err = b""
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        if b"\n" not in self._out:
+            return
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            if line == CAUGHT_UP:
+                self.owner._caught_up()
+            elif line:
+                _forward(line)
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        if b"\n" not in self._err:
+            return
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            if line.strip():
+                _forward_raw(line)
+
+    def processEnded(self, reason: Any) -> None:
+        for rest, fwd in ((self._out, _forward), (self._err, _forward_raw)):
+            if rest.strip():
+                fwd(rest)
+        self._out = self._err = b""
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        self.ended.callback((code, sig))
+        self.owner._ended(self, code, sig)
+
+
+def _forward(line: bytes) -> None:
+    """One of the child's log events, re-emitted into this process's log (same namespace and level)."""
+    try:
+        ns, level, when, text = json.loads(line)
+        lvl = LogLevel.levelWithName(level)
+    except Exception:  # noqa: BLE001 - not one of ours: show it as it is
+        _forward_raw(line)
+        return
+    # No log_system: the line reads "[namespace#level] text", exactly as when the worker ran in here.
+    globalLogPublisher({"log_namespace": ns, "log_level": lvl, "log_time": when,
+                        "log_format": "{log_child_text}", "log_child_text": text})
+
+
+def _forward_raw(line: bytes) -> None:
+    """A line the child wrote outside its log (an interpreter error before logging began)."""
+    _child_log.error("{log_child_text}", log_child_text=line.decode("utf-8", "replace").rstrip())
+
+
+class WorkerProcessService(service.Service):
+    """Starts the worker process after the connector's entries exist; stops it before the database.
+
+    ``argv`` is the child's command line (tests and benchmarks may name another interpreter);
+    the default runs this module with the server's config file."""
+
+    restart_backoff = (1.0, 30.0)
+    stop_timeout = 20.0           # the child's own grace (deliveries in flight: 5 s) plus giving leases back
+
+    def __init__(self, dirsvc: Any, argv: list[str] | None = None) -> None:
+        self.dirsvc = dirsvc
+        config = dirsvc.config
+        self.argv = argv or [sys.executable, "-m", "ldapsync.sync.worker_process",
+                             "--config", os.path.abspath(config.source)]
+        self.proto: _ChildProtocol | None = None
+        self._hungry = False
+        self._work_since_wake = False
+        self._stdin_fd: int | None = None
+        self._stopping = False
+        self._backoff = self.restart_backoff[0]
+        self._restart_call: Any = None
+        self._started_at = 0.0
+        self.starts = 0
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        super().startService()
+        self.reactor: Any = reactor
+        self._stopping = False
+        planner = self.dirsvc.planner
+        if planner is not None:
+            planner.wake = self.wake
+
+        async def start() -> None:
+            from ldapsync.sync.connector import ensure_entries_txn
+
+            d = self.dirsvc.directory
+            # Here, not in the child: the tag group exists before any LDAP client can look for it.
+            await self.dirsvc.db.run_interaction("connector entries", lambda txn: ensure_entries_txn(d, txn))
+            if not self._stopping:
+                self._spawn()
+        defer.ensureDeferred(start()).addErrback(
+            lambda f: log.failure("Microsoft 365 worker process: could not start", f))
+
+    def _spawn(self) -> None:
+        self._restart_call = None
+        self.proto = _ChildProtocol(self)
+        env = dict(os.environ)
+        env["LDAPSYNC_PARENT_PID"] = str(os.getpid())
+        process = self.reactor.spawnProcess(self.proto, self.argv[0], self.argv, env=env, path=os.getcwd(),
+                                            childFDs={0: "w", 1: "r", 2: "r"})
+        self._stdin_fd = process.pipes[0].fileno()
+        self._hungry = False          # the child's first drain says so when it is
+        self._work_since_wake = True
+        self.starts += 1
+        self._started_at = self.reactor.seconds()
+        log.info("Microsoft 365 worker process started (pid {pid})", pid=self.pid)
+
+    @property
+    def pid(self) -> int | None:
+        t = getattr(self.proto, "transport", None)
+        return getattr(t, "pid", None)
+
+    def wake(self) -> None:
+        """Called after every COMMIT that queued rows.
+
+        A byte goes to the child only when it has said it is caught up (its last claim found
+        fewer ready users than it had room for): a busy worker claims again as each delivery ends
+        and needs no wake.  This runs once per LDAP write of a bound user; a byte per COMMIT cost
+        the LDAP process ~5% of its modify throughput, mostly in taking the GIL back after the
+        write system call."""
+        if self._hungry:
+            self._hungry = False
+            self._write_wake()
+        else:
+            self._work_since_wake = True
+
+    def _caught_up(self) -> None:
+        """The child found nothing more to claim: wake it at the next COMMIT, or now if rows were
+        committed since the last wake (its claim may have run before they were)."""
+        if self._work_since_wake:
+            self._write_wake()
+        else:
+            self._hungry = True
+
+    def _write_wake(self) -> None:
+        self._work_since_wake = False
+        fd = self._stdin_fd
+        if fd is None:
+            return
+        try:
+            os.write(fd, WAKE)       # straight to the non-blocking pipe: no reactor round trip
+        except BlockingIOError:
+            pass                     # the pipe is full of wakes the child has yet to read: it is awake
+        except OSError:
+            self._stdin_fd = None    # the child is gone; _ended takes it from here
+
+    def _ended(self, proto: _ChildProtocol, code: int | None, sig: int | None) -> None:
+        if proto is not self.proto:
+            return
+        self.proto = None
+        self._stdin_fd = None
+        if self._stopping:
+            return
+        how = f"signal {sig}" if sig else f"exit code {code}"
+        if self.reactor.seconds() - self._started_at > 60:
+            self._backoff = self.restart_backoff[0]      # it had been running fine: not a crash loop
+        wait = self._backoff
+        self._backoff = min(self._backoff * 2, self.restart_backoff[1])
+        log.error("Microsoft 365 worker process ended unexpectedly ({how}); starting it again in {wait:g}s "
+                  "(queued changes wait, nothing is lost)", how=how, wait=wait)
+        self._restart_call = self.reactor.callLater(wait, self._spawn)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._stopping = True
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        proto = self.proto
+        if proto is None or self.pid is None:
+            return None
+        pid = self.pid
+        self._stdin_fd = None
+        transport: Any = proto.transport
+        transport.write(QUIT)
+        transport.closeStdin()
+
+        def too_slow() -> None:
+            log.warn("Microsoft 365 worker process (pid {pid}) did not stop in {s:g}s; killing it "
+                     "(its leases expire)", pid=pid, s=self.stop_timeout)
+            with contextlib.suppress(ProcessExitedAlready, OSError):
+                transport.signalProcess("KILL")
+        call = self.reactor.callLater(self.stop_timeout, too_slow)
+
+        def done(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return None
+        return proto.ended.addBoth(done)
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+class _JSONLines:
+    """Log observer: one JSON line per event on fd 1 (read by the parent's ``_forward``)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.out = os.fdopen(os.dup(fd), "w", encoding="utf-8", buffering=1)
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = formatEvent(event)
+        f = event.get("log_failure")
+        if f is not None:
+            text = f"{text}\n{f.getTraceback()}".rstrip()
+        level = event.get("log_level", LogLevel.info)
+        line = json.dumps([event.get("log_namespace", "-"), getattr(level, "name", "info"),
+                           event.get("log_time"), text], ensure_ascii=False)
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        with self.lock:
+            try:
+                self.out.write(line + "\n")
+            except (OSError, ValueError):
+                pass                                  # the parent is gone; PDEATHSIG ends us
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the LDAP process dies, however it dies (Linux)."""
+    parent = int(os.environ.get("LDAPSYNC_PARENT_PID") or 0)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)                 # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if parent and os.getppid() != parent:             # died before prctl took effect
+        os._exit(1)
+
+
+def _read_commands(reactor: Any, on_wake: Any, on_quit: Any) -> None:
+    """A thread blocked on stdin: "w" wakes the worker, "q" or EOF stops (EOF without "q": the
+    parent died without a word, so do the same)."""
+    quit_asked = False
+    while True:
+        try:
+            data = os.read(0, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            if not quit_asked:
+                os._exit(1)
+            return
+        if QUIT in data:
+            quit_asked = True
+            reactor.callFromThread(on_quit)
+        if WAKE in data:
+            reactor.callFromThread(on_wake)
+
+
+def build(config: Any) -> tuple[service.MultiService, Any]:
+    """The child's service tree: database and directory (no bootstrap), connector, worker."""
+    from ldapsync.tap import (
+        ConnectorService,
+        DirectoryService,
+        OrderedMultiService,
+        OutboxWorkerService,
+    )
+
+    top = OrderedMultiService()
+    dirsvc = DirectoryService(config, bootstrap=False)
+    dirsvc.setServiceParent(top)
+    connsvc = ConnectorService(config, dirsvc)
+    connsvc.setServiceParent(top)
+    worksvc = OutboxWorkerService(dirsvc, connsvc)
+    worksvc.setServiceParent(top)
+    return top, worksvc
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from twisted.internet import reactor as _reactor
+    from twisted.logger import globalLogBeginner
+
+    from ldapsync.config import load_config
+
+    ap = argparse.ArgumentParser(description="ldapsync's Microsoft 365 worker (started by the server)")
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the parent, which says "q"
+    out = _JSONLines()
+    observer: Any = out
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    reactor: Any = _reactor
+    config = load_config(args.config)
+    top, worksvc = build(config)
+    stopping: list[bool] = []
+
+    def quit_() -> None:
+        if not stopping:
+            stopping.append(True)
+            reactor.stop()                            # the "before shutdown" trigger stops the tree
+
+    said = [False]           # "caught up" said since the last wake byte: once is enough
+
+    def caught_up() -> None:
+        if not said[0]:
+            said[0] = True
+            out.write_line(CAUGHT_UP.decode())
+
+    def wake() -> None:
+        said[0] = False
+        if worksvc.worker is not None:
+            worksvc.worker.wake()
+
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    # SIGTERM (a service manager stopping the whole group): the graceful stop "q" asks for.
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(quit_))
+    top.privilegedStartService()
+    top.startService()
+    if worksvc.worker is not None:
+        worksvc.worker.caught_up = caught_up
+    threading.Thread(target=_read_commands, args=(reactor, wake, quit_), name="worker-commands",
+                     daemon=True).start()
+    reactor.run(installSignalHandlers=False)
+    os._exit(0)                                       # the database's pool threads are not daemons
+
+
+if __name__ == "__main__":
+    main()
