@@ -367,14 +367,21 @@ key_file = "{self.dir / 'secret.key'}"
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def clear_outbox(self) -> None:
-        """Empty the queue while the server is stopped (modify-cost: each phase starts alike)."""
+    def snapshot(self) -> None:
+        """Keep a copy of the database (server stopped): modify-cost restores it before each phase."""
         con = sqlite3.connect(self.db_path, timeout=10)
         try:
-            with con:
-                con.execute("DELETE FROM o365_outbox")
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             con.close()
+        shutil.copyfile(self.db_path, self.db_path.with_suffix(".snapshot"))
+
+    def restore(self) -> None:
+        """Put the snapshot back (server stopped): every phase starts from the same database, so
+        the table and index growth of earlier phases does not slow the later ones."""
+        for extra in ("-wal", "-shm"):
+            Path(f"{self.db_path}{extra}").unlink(missing_ok=True)
+        shutil.copyfile(self.db_path.with_suffix(".snapshot"), self.db_path)
 
     def outbox(self) -> dict[str, int]:
         """Rows per state, read straight from the SQLite file (read-only, WAL: no writer is blocked)."""
@@ -710,8 +717,7 @@ class Bench:
         """One modify-cost phase on a freshly started server: off | on | paused."""
         s = self.server
         s.stop()
-        if mode != "off":
-            s.clear_outbox()      # every connector phase starts as the first did: nothing queued
+        s.restore()               # the database as after setup: nothing queued, no growth from earlier phases
         s.start(enabled=mode != "off")
         if mode == "off":
             return self._modify_load("connector off")
@@ -730,13 +736,17 @@ class Bench:
 
         The machine's speed drifts by ±10% within a minute (it is shared), as much as the effect
         measured, so one run per mode proves little.  Each round compares phases run back to back;
-        the summary gives each round's cost and their median."""
+        the summary gives each round's cost and their median.  Every phase starts from a copy of
+        the database as it was after setup: without it, each phase ran on the tables the earlier
+        ones had grown, and whichever mode came later in a round looked ~10% slower."""
         a = self.args
         modes = [m for m in a.modify_modes.split(",") if m]
         out: list[dict] = []
         results: dict[str, list[dict]] = {m: [] for m in modes}
         base = {"scenario": "modify-cost", "users": a.users, "conns": a.conns, "duration_s": a.duration,
                 "attribute": "displayName", "pacing": self.server.pacing}
+        self.server.stop()
+        self.server.snapshot()
         for rnd in range(a.rounds):
             order = modes[rnd % len(modes):] + modes[:rnd % len(modes)]
             for mode in order:

@@ -485,17 +485,37 @@ def percentile(sorted_vals, p: float) -> float:
     return sorted_vals[k]
 
 
-def _proc_cpu_s(pid: int | None) -> float | None:
+def _proc_cpu_s(pid: int | None, *, children: bool = True) -> float | None:
+    """CPU seconds of ``pid``, with (``children``) those of its child processes, live or ended:
+    ldapsync's Microsoft 365 worker is a child of the server process."""
     if not pid:
         return None
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         # utime, stime, cutime, cstime are fields 14-17 (1-based); after ')' index 11..14
-        ticks = sum(int(x) for x in fields[11:15])
-        return ticks / os.sysconf("SC_CLK_TCK")
+        ticks = sum(int(x) for x in fields[11:15 if children else 13])
     except (OSError, ValueError, IndexError):
         return None
+    if children:
+        for child in _child_pids(pid):
+            ticks += int((_proc_cpu_s(child, children=True) or 0) * os.sysconf("SC_CLK_TCK"))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _child_pids(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def _machine_busy() -> tuple[int, int]:
@@ -568,15 +588,15 @@ def run_load(
     go.set()
 
     # sample server and machine CPU over the measured window
-    s_cpu0 = s_cpu1 = None
+    s_cpu0 = s_cpu1 = l_cpu0 = l_cpu1 = None
     m0 = m1 = (0, 0)
     if nready:
         t_measure = start_val.value + warmup
         time.sleep(max(0.0, t_measure - time.monotonic()))
-        s_cpu0 = _proc_cpu_s(server_pid)
+        s_cpu0, l_cpu0 = _proc_cpu_s(server_pid), _proc_cpu_s(server_pid, children=False)
         m0 = _machine_busy()
         time.sleep(max(0.0, t_measure + duration - time.monotonic()))
-        s_cpu1 = _proc_cpu_s(server_pid)
+        s_cpu1, l_cpu1 = _proc_cpu_s(server_pid), _proc_cpu_s(server_pid, children=False)
         m1 = _machine_busy()
 
     results: list[WorkerResult] = []
@@ -623,6 +643,10 @@ def run_load(
         out["server_cpu_pct"] = round(100.0 * (s_cpu1 - s_cpu0) / duration, 1)
         if ops:
             out["server_cpu_us_per_op"] = round(1e6 * (s_cpu1 - s_cpu0) / ops, 1)
+    if l_cpu0 is not None and l_cpu1 is not None and s_cpu1 is not None and s_cpu0 is not None:
+        # the server process alone (LDAP) vs its children (ldapsync's Microsoft 365 worker process)
+        out["server_ldap_process_cpu_pct"] = round(100.0 * (l_cpu1 - l_cpu0) / duration, 1)
+        out["server_children_cpu_pct"] = round(100.0 * ((s_cpu1 - s_cpu0) - (l_cpu1 - l_cpu0)) / duration, 1)
     busy = m1[0] - m0[0]
     total = m1[1] - m0[1]
     if total > 0:
