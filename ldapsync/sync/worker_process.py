@@ -11,8 +11,8 @@ millisecond the worker spends on TLS, JSON, claims, status writes and log lines 
 does not get.  Paced to Graph's write budget the worker is light (~4 ms of CPU per PATCH, ~19
 PATCHes a second) and where it runs makes no measurable difference; when it works flat out
 (a drain without pacing, a reconcile scan of thousands of users) it took LDAP's core: modifies
-during an unthrottled drain ran 44-53% below connector-off in one process, 27-39% with the
-worker in its own (tests/perf/bench_propagation.py modify-cost --server-pacing off).
+during an unthrottled drain ran 49-54% below connector-off in one process, 33-36% with the
+worker in its own (tests/perf/bench_propagation.py modify-cost --server-pacing off, 4 rounds).
 
 ::
 
