@@ -1,7 +1,10 @@
 """twistd entry point: ``twistd -n ldapsync [--config FILE]`` → the service tree.
 
 The tree is a MultiService: the database first, the LDAP listeners after it
-(children stop in reverse order, so listeners close before the database).
+(children stop in reverse order, so listeners close before the database), the
+self-service pages, and with ``[office365] enabled`` the Microsoft 365 worker
+process last (``sync/worker_process.py``; it builds its own tree from the
+connector and worker services below and stops first).
 """
 
 from __future__ import annotations
@@ -118,7 +121,8 @@ def starttls_context(config: Config) -> Any:
 
 
 class ConnectorService(service.Service):
-    """The Microsoft 365 connector (only when ``[office365] enabled``); failures never stop LDAP."""
+    """The Microsoft 365 connector (only when ``[office365] enabled``); failures never stop LDAP.
+    Part of the worker process's tree (``sync/worker_process.py: build``), not the LDAP server's."""
 
     def __init__(self, config: Config, dirsvc: DirectoryService) -> None:
         self.config = config
@@ -147,7 +151,9 @@ class ConnectorService(service.Service):
 
 
 class OutboxWorkerService(service.Service):
-    """Drains the Microsoft 365 outbox (``ldapsync/sync/worker.py``); woken by the planner after COMMIT."""
+    """Drains the Microsoft 365 outbox (``ldapsync/sync/worker.py``) and runs the reconcile loop.
+    Part of the worker process's tree (``sync/worker_process.py: build``): woken by the LDAP
+    process's planner after COMMIT through the process's stdin, by NOTIFY on PostgreSQL."""
 
     def __init__(self, dirsvc: DirectoryService, connsvc: ConnectorService) -> None:
         self.dirsvc = dirsvc
