@@ -259,7 +259,8 @@ def make_service(config: Config) -> service.MultiService:
     SelfServiceService(dirsvc.directory, dirsvc.planner).setServiceParent(top)
     if config.office365.enabled:
         # The connector, the outbox worker and the reconciler run in a child process
-        # (sync/worker_process.py), on another core than LDAP; this process wakes it after COMMIT.
+        # (sync/worker_process.py), so their CPU is not taken from LDAP; this process wakes it
+        # after COMMIT.
         from ldapsync.sync.worker_process import WorkerProcessService
 
         WorkerProcessService(dirsvc).setServiceParent(top)

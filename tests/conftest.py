@@ -26,6 +26,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 from helpers import ADMIN_DN, SUFFIX
+from perf.loadgen import child_pids  # the /proc walk the benchmarks use for server CPU
 
 
 def free_port() -> int:
@@ -264,15 +265,6 @@ hash_memory_kib = 8192
         for pid in self.pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-
-
-def child_pids(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    return out
 
 
 def _make_server(tmp: Path, backend: str, tls_files: tuple[Path, Path, Path], extra_config: str = "") -> tuple[Server, str | None]:

@@ -98,14 +98,6 @@ def link_in(msg: Any) -> str:
     return m.group(1)
 
 
-def wait_connector_active(srv: Any, timeout: float = 30.0) -> None:
-    def active() -> bool:
-        p = srv.run("ldapsearch", "-LLL", "-b", f"cn=office365,ou=directories,{SUFFIX}", "-s", "base",
-                    "(objectClass=*)", "o365ConnectorState")
-        return p.returncode == 0 and "o365ConnectorState: active" in p.stdout
-    wait_for(f"connector active on {srv.url}", active, timeout, 0.2)
-
-
 def whoami(srv: Any, dn: str, password: str) -> Any:
     return srv.run("ldapwhoami", bind=dn, password=password)
 

@@ -24,6 +24,7 @@ a new one (what ``pool_pre_ping`` did before).
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -130,9 +131,6 @@ def _retryable(exc: BaseException, is_postgres: bool) -> bool:
 # Twisted names pool threads "PoolThread-<pool name>-<n>" (the pools of Database.__init__).
 _OWN_THREADS = ("PoolThread-ldapsync-sql-",)
 _UNKNOWN = object()          # the isolation level of a borrowed connection: always set
-
-
-_SQLITE_WRITER = "PoolThread-ldapsync-sql-write"
 LOCK_WAIT = 30.0             # SQLite: how long a write waits for another process's write lock
 
 
@@ -141,8 +139,6 @@ def _begin_write(raw: Any) -> None:
     worker process, the CLI) in steps of 0.1 to 2 ms.  SQLite's own busy handler sleeps 1, 2,
     5, 10 ms... between tries: with the worker process writing a few times a second, those
     oversleeps cost the LDAP writer thread more than the worker's transactions themselves."""
-    import sqlite3
-
     delay, deadline = 0.0001, 0.0
     while True:
         try:
@@ -239,7 +235,8 @@ class Database:
                 local.generation = self._generation
             local.fairy = fairy
             local.isolation = None
-            local.poll_lock = self.is_sqlite and threading.current_thread().name.startswith(_SQLITE_WRITER)
+            local.poll_lock = self.is_sqlite and threading.current_thread().name.startswith(
+                f"PoolThread-{self._write_pool.name}")
             if local.poll_lock:
                 raw: Any = fairy.dbapi_connection
                 raw.execute("PRAGMA busy_timeout=0")    # _begin_write waits instead

@@ -203,9 +203,11 @@ class Connector:
         return f"{o.auth} ({o.cloud if not o.authority else 'custom authority'})"
 
     async def start(self) -> None:
+        """Start the periodic check.  The connector entry and the tag group exist already: the LDAP
+        process creates them before it starts the worker process this runs in (and the CLI before
+        it uses a connector)."""
         from twisted.internet.task import LoopingCall
 
-        await self.db.run_interaction("connector entries", lambda txn: ensure_entries_txn(self.d, txn))
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.check_interval, now=True)

@@ -67,10 +67,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
         self.ended: defer.Deferred = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
-        self._out += data
-        if b"\n" not in self._out:
-            return
-        *lines, self._out = self._out.split(b"\n")
+        lines, self._out = _split(self._out + data)
         for line in lines:
             if line == CAUGHT_UP:
                 self.owner._caught_up()
@@ -78,10 +75,7 @@ class _ChildProtocol(protocol.ProcessProtocol):
                 _forward(line)
 
     def errReceived(self, data: bytes) -> None:
-        self._err += data
-        if b"\n" not in self._err:
-            return
-        *lines, self._err = self._err.split(b"\n")
+        lines, self._err = _split(self._err + data)
         for line in lines:
             if line.strip():
                 _forward_raw(line)
@@ -95,6 +89,12 @@ class _ChildProtocol(protocol.ProcessProtocol):
         sig = getattr(reason.value, "signal", None)
         self.ended.callback((code, sig))
         self.owner._ended(self, code, sig)
+
+
+def _split(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The complete lines in ``buf`` and what is left of an unfinished one."""
+    *lines, rest = buf.split(b"\n")
+    return lines, rest
 
 
 def _forward(line: bytes) -> None:
@@ -137,7 +137,6 @@ class WorkerProcessService(service.Service):
         self._backoff = self.restart_backoff[0]
         self._restart_call: Any = None
         self._started_at = 0.0
-        self.starts = 0
 
     def startService(self) -> None:
         from twisted.internet import reactor
@@ -170,7 +169,6 @@ class WorkerProcessService(service.Service):
         self._stdin_fd = process.pipes[0].fileno()
         self._hungry = False          # the child's first drain says so when it is
         self._work_since_wake = True
-        self.starts += 1
         self._started_at = self.reactor.seconds()
         log.info("Microsoft 365 worker process started (pid {pid})", pid=self.pid)
 

@@ -490,6 +490,11 @@ def _proc_cpu_s(pid: int | None, *, children: bool = True) -> float | None:
     ldapsync's Microsoft 365 worker is a child of the server process."""
     if not pid:
         return None
+    ticks = _ticks(pid, children)
+    return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid: int, children: bool) -> int | None:
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -498,12 +503,12 @@ def _proc_cpu_s(pid: int | None, *, children: bool = True) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     if children:
-        for child in _child_pids(pid):
-            ticks += int((_proc_cpu_s(child, children=True) or 0) * os.sysconf("SC_CLK_TCK"))
-    return ticks / os.sysconf("SC_CLK_TCK")
+        ticks += sum(_ticks(child, True) or 0 for child in child_pids(pid))
+    return ticks
 
 
-def _child_pids(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
     out: list[int] = []
     try:
         tasks = os.listdir("/proc/%d/task" % pid)

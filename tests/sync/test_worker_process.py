@@ -16,27 +16,14 @@ import time
 import pytest
 import pytest_twisted
 from conftest import child_pids, office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, add_user, parse_ldif_output, unique, wait_for
-from helpers import wait_connector_active as wait_active
+from helpers import add_user, unique, wait_for
+from sync.test_worker import DOMAIN, PASSWORD, entry, wait_active, wait_tenant  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.e2e
-DOMAIN = "contoso.com"
-PASSWORD = "Corr3ct-Horse-Battery!"
 
 
 def add_bound(srv, uid: str) -> None:
     add_user(srv, uid, bound=True, password=PASSWORD)
-
-
-def entry(srv, uid: str) -> dict[str, list[str]]:
-    dn = f"uid={uid},{PEOPLE}"
-    p = srv.run("ldapsearch", "-LLL", "-b", dn, "-s", "base", "(objectClass=*)", "*", "+")
-    assert p.returncode == 0, p.stderr
-    return parse_ldif_output(p.stdout)[dn]
-
-
-def wait_tenant(fake, upn: str, timeout: float = 15.0) -> dict:
-    return wait_for(f"{upn} in the tenant", lambda: fake.admin.get_user(key=upn), timeout)
 
 
 def alive(pid: int) -> bool:
