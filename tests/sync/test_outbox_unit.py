@@ -13,7 +13,7 @@ from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
 from ldapsync.sync.connector import ensure_entries_txn, write_status_txn
-from ldapsync.sync.outbox import DesiredUser, install_planner
+from ldapsync.sync.outbox import DesiredUser, OutboxPlanner, install_planner
 
 PEOPLE = f"ou=people,{SUFFIX}"
 TAG = f"cn=Provisioning - Office 365,ou=tags,{SUFFIX}"
@@ -121,6 +121,23 @@ def test_update_rows_name_the_graph_properties_they_change(d):
     assert DesiredUser.from_json(last.to_json()) == last                      # a tuple again after JSON
     old = last.to_json().replace(',"changed":["userPrincipalName","mail","displayName"]', "")
     assert '"changed"' not in old and DesiredUser.from_json(old).changed is None   # rows from before the field
+
+
+def test_queued_payload_is_the_desired_users_json(d):
+    """The planner encodes DesiredUser's fields without building it: the text must be the same."""
+    add_user(d, "hal", bound=True, password="Secret-Pass-1")
+    dn = d.dn(f"uid=hal,{PEOPLE}")
+    write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "displayName": ["Hal H"], "givenName": ["Hal"]}))
+    payload = rows(d)[-1][2]
+    planner = OutboxPlanner(d, box=None)
+    entry = d.db.run_sync("e", store.get_entry_txn, dn.norm, write=False)
+    fields = planner.desired_fields(entry.attrs, entry.dn, bound=True, reason="update",
+                                    changed=("displayName", "givenName"))
+    assert list(fields) == sorted(DesiredUser.__dataclass_fields__)      # a new field lands in both
+    assert DesiredUser(**fields).to_json() == payload
+    assert DesiredUser.from_json(payload) == planner.desired(entry.attrs, entry.dn, bound=True, reason="update",
+                                                             changed=("displayName", "givenName"))
+    assert DesiredUser.from_json(payload).display_name == "Hal H"
 
 
 def test_node_heartbeats_come_and_go(d):
