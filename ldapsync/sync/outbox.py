@@ -101,7 +101,6 @@ class DesiredUser:
 
 _SORTED_FIELDS = tuple(sorted(DesiredUser.__dataclass_fields__))
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_UNSEEN = object()
 
 
 def first(attrs: Attrs | None, name: str) -> str | None:
@@ -121,7 +120,6 @@ class OutboxPlanner:
     disable_threshold: int = 500
     clock: Any = time.time
     _tag_norm: str = field(init=False)
-    _norms: dict[str, str | None] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         d = self.directory
@@ -131,50 +129,30 @@ class OutboxPlanner:
     def is_bound(self, attrs: Attrs | None) -> bool:
         if not attrs:
             return False
+        # Loops, not any(genexpr): this runs twice per write of every user, and the generators
+        # cost more than the rest of it.
         for v in attrs.get("ldapsyncDirectory", ()):
             if v.lower() == DIRECTORY_VALUE:
                 return True
-        tag = self._tag_norm
+        d = self.directory
         for v in attrs.get("memberOf", ()):
-            if self._member_of_norm(v) == tag:
+            if d.dn_norm_or_none(v) == self._tag_norm:        # parse_dn caches each DN
                 return True
         return False
-
-    def _member_of_norm(self, value: str) -> str | None:
-        # memberOf values are group DNs as the server wrote them: few distinct ones, each seen on
-        # every write to a member.  Parsing one costs more than the rest of the planner.
-        got = self._norms.get(value, _UNSEEN)
-        if got is _UNSEEN:
-            if len(self._norms) >= 4096:
-                self._norms.clear()
-            got = self._norms[value] = self.directory.dn_norm_or_none(value)
-        return got  # type: ignore[return-value]
 
     def desired_fields(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,
                        changed: tuple[str, ...] | None = None) -> dict[str, Any]:
         """:class:`DesiredUser`'s fields for this entry, in sorted order (a queued row's JSON).
 
         The planner encodes this dict directly: building the frozen dataclass and reading it
-        back field by field was a third of what a queued change cost the LDAP write."""
-        g = attrs.get
-        v = g("mail")
-        mail = v[0] if v else None
-        v = g("displayName") or g("cn")
-        display = v[0] if v else None
-        v = g("givenName")
-        given = v[0] if v else None
-        v = g("entryUUID")
-        uuid = v[0] if v else ""
-        v = g("uid")
-        nick = v[0] if v else None
-        v = g("o365ObjectId")
-        oid = v[0] if v else None
-        v = g("sn")
-        surname = v[0] if v else None
-        return {"bound": bound, "changed": changed, "deleted": deleted, "display_name": display, "dn": dn,
-                "entry_uuid": uuid, "given_name": given, "has_password": bool(g("userPassword")), "held": False,
-                "mail": mail, "mail_nickname": nick, "object_id": oid, "reason": reason, "surname": surname,
-                "upn": mail}
+        back field by field was a quarter of what a queued change cost the LDAP write."""
+        mail = first(attrs, "mail")
+        return {"bound": bound, "changed": changed, "deleted": deleted,
+                "display_name": first(attrs, "displayName") or first(attrs, "cn"), "dn": dn,
+                "entry_uuid": first(attrs, "entryUUID") or "", "given_name": first(attrs, "givenName"),
+                "has_password": bool(attrs.get("userPassword")), "held": False, "mail": mail,
+                "mail_nickname": first(attrs, "uid"), "object_id": first(attrs, "o365ObjectId"),
+                "reason": reason, "surname": first(attrs, "sn"), "upn": mail}
 
     def desired(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,
                 changed: tuple[str, ...] | None = None) -> DesiredUser:
