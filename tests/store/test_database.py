@@ -246,3 +246,70 @@ def test_sqlite_writer_gives_up_on_a_lock_held_for_good(tmp_path, monkeypatch):
         other.close()
         assert isinstance(out.get("error"), StoreError) and "locked" in str(out["error"]), out
         assert values(db) == []
+
+
+# -- SQLite: checkpoints on a thread of their own -----------------------------------------------
+
+def _writes_on_writer_thread(db: Database, keys: range, size: int = 3000) -> None:
+    """Write transactions one after another on a thread named like ``db``'s SQL writer (so its
+    connection is set up as the writer's), each a row of ``size`` bytes: about one WAL frame."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            for k in keys:
+                db._run("w", lambda txn, k=k: txn.run("INSERT INTO t VALUES (?, ?)", (k, "x" * size)), (), {}, True)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+    t = threading.Thread(target=run, name="PoolThread-ldapsync-sql-write-0")
+    t.start()
+    t.join(120)
+    assert not t.is_alive() and "error" not in out, out
+
+
+def _wait(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_sqlite_checkpoints_run_beside_the_writer_not_in_its_commit(tmp_path):
+    """The writer's COMMIT no longer copies the WAL into the database file (it cost LDAP writes a
+    sixth of their time); the checkpoint thread does, soon after."""
+    import shutil
+    import sqlite3
+
+    from ldapsync.store import database
+
+    with _open("sqlite", tmp_path) as db:
+        db.start()
+        assert db._checkpointer is not None
+        _writes_on_writer_thread(db, range(300))
+        writer = next(c for c in db._conns if c.dbapi_connection.execute("PRAGMA busy_timeout").fetchone()[0] == 0)
+        assert writer.dbapi_connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == database.CHECKPOINT_FRAMES
+        # ~300 frames, far below the writer's own threshold: only the checkpoint thread copies them
+        _wait(lambda: db._checkpointer.frames_copied >= 300)
+        time.sleep(0.1)
+        shutil.copy(tmp_path / "d.db", tmp_path / "copy.db")       # the database file alone, no WAL
+        alone = sqlite3.connect(tmp_path / "copy.db")
+        try:
+            assert alone.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 300
+        finally:
+            alone.close()
+
+
+def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path, monkeypatch):
+    """A checkpoint beside a busy writer never copies *everything* (new frames keep coming), and the
+    WAL only starts again from its beginning once everything is copied: the writer's own checkpoint
+    past CHECKPOINT_FRAMES does that last step.  Without it this WAL grew to every frame written."""
+    from ldapsync.store import database
+
+    monkeypatch.setattr(database, "CHECKPOINT_FRAMES", 100)
+    with _open("sqlite", tmp_path) as db:
+        db.start()
+        _writes_on_writer_thread(db, range(2000))
+        frames = ((tmp_path / "d.db-wal").stat().st_size - 32) // (24 + 4096)
+        assert frames < 400, f"the WAL grew to {frames} frames"
+        assert db._checkpointer.passes > 0
+        assert len(values(db)) == 2000
