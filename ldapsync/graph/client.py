@@ -191,6 +191,12 @@ class WritePacer:
             wait = max(wait, self._tat - tolerance - now)
         return wait
 
+    def backlogged(self) -> bool:
+        """Whether a write booked now would have to wait: the budget, not the work, sets the pace."""
+        if not self.policy.enabled:
+            return False
+        return self._tat - self.policy.bucket / self.policy.rate > self._clock.seconds()
+
     async def acquire(self, writes: int) -> None:
         delay = self.reserve(writes)
         if delay > 0:

@@ -490,6 +490,23 @@ def test_two_pacers_at_half_share_together_fit_the_budget() -> None:
     assert pacers[0].share == 0.01                            # never stops altogether
 
 
+def test_pacer_says_when_the_budget_sets_the_pace() -> None:
+    """The worker gathers its completions only while writes queue for the budget."""
+    clock = task.Clock()
+    pacer = WritePacer(clock, PacingPolicy(writes_per_window=30, window=10.0, target=2 / 3, burst=3))   # 2/s
+    assert not pacer.backlogged()
+    assert [pacer.reserve(1) for _ in range(3)] == [0.0, 0.0, 0.0]     # the burst: nobody waits
+    assert not pacer.backlogged()
+    assert pacer.reserve(1) == pytest.approx(0.5)
+    assert pacer.backlogged()                                          # the next one would wait
+    clock.advance(0.5)
+    assert not pacer.backlogged()
+    off = WritePacer(clock, PacingPolicy(enabled=False))            # write_budget = 0
+    for _ in range(100):
+        off.reserve(1)
+    assert not off.backlogged()
+
+
 def test_pacer_reads_are_not_paced_but_respect_pause() -> None:
     clock = task.Clock()
     pacer = WritePacer(clock, PacingPolicy(writes_per_window=3, window=10, burst=1))
