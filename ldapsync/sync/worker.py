@@ -28,6 +28,10 @@ transaction) and holds no SQL of its own (``ldapsync/store/outbox.py``).
      (one transaction)               (Retry-After honoured, capped)           `o365 reconcile --retry-errors`;
                                                                                o365SyncState=error, o365LastError
 
+Deliveries that end together share one completion transaction (``_end``); while the write
+pacer is backlogged they also wait ``end_gather`` (0.25 s) for each other: with SQLite every
+transaction here is a turn of the database's one writer that LDAP writes wait behind.
+
 Completing or failing rows first checks that this node still holds the user's lease (a node
 that stalled past ``outbox_lease`` leaves the rows to whoever re-claimed them).  A clean
 shutdown lets deliveries in flight finish (``stop_grace``, then cancels them) and gives the
