@@ -182,20 +182,24 @@ class WritePacer:
         """Current writes per second."""
         return self.policy.rate * self.factor * self._share
 
+    @property
+    def _tolerance(self) -> float:
+        """How far ahead of now writes may be booked and still go at once (the burst)."""
+        return self.policy.bucket / self.policy.rate
+
     def reserve(self, writes: int) -> float:
         now = self._clock.seconds()
         wait = max(0.0, self._pause_until - now)
         if writes > 0 and self.policy.enabled:
-            tolerance = self.policy.bucket / self.policy.rate
             self._tat = max(self._tat, now) + writes / self.rate
-            wait = max(wait, self._tat - tolerance - now)
+            wait = max(wait, self._tat - self._tolerance - now)
         return wait
 
     def backlogged(self) -> bool:
         """Whether a write booked now would have to wait: the budget, not the work, sets the pace."""
         if not self.policy.enabled:
             return False
-        return self._tat - self.policy.bucket / self.policy.rate > self._clock.seconds()
+        return self._tat - self._tolerance > self._clock.seconds()
 
     async def acquire(self, writes: int) -> None:
         delay = self.reserve(writes)

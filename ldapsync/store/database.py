@@ -30,8 +30,8 @@ on a thread of their own, :class:`Checkpointer`, not in the writer's COMMIT::
                      the few frames left, so the next BEGIN starts the WAL afresh)
 
 SQLite's default, a checkpoint inside the COMMIT that takes the WAL past 1,000
-frames, cost the writer a sixth of its time (copying pages and two fsyncs),
-and every LDAP write waits for that one thread.  The writer keeps a checkpoint
+frames, took 9-10% of the writer thread's time copying pages (py-spy; fsync is
+~0.1 ms on the benchmark machine), and every LDAP write waits for that one thread.  The writer keeps a checkpoint
 of its own past ``CHECKPOINT_FRAMES``: the WAL can only start again from its
 beginning once everything in it has been copied, which a thread running beside
 a busy writer never quite achieves; by then the background thread has copied

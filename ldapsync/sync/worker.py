@@ -426,8 +426,8 @@ class OutboxWorker:
             log.info("Microsoft 365 outbox: {n} node(s) deliver; this one paces its Graph writes to 1/{n} "
                      "of the write budget", n=live)
         self.live_nodes = live
-        pacer = getattr(getattr(self.connector, "client", None), "pacer", None)
-        if pacer is not None and hasattr(pacer, "set_share"):
+        pacer = self._pacer()
+        if pacer is not None:
             pacer.set_share(1.0 / live)
 
     async def _depth(self) -> None:
@@ -520,9 +520,13 @@ class OutboxWorker:
                 lambda f: log.failure("outbox worker: ending deliveries failed", f))
         return await d
 
+    def _pacer(self) -> Any:
+        """The Graph client's write pacer (the connector makes a new client when it re-checks)."""
+        return getattr(getattr(self.connector, "client", None), "pacer", None)
+
     def _paced(self) -> bool:
-        pacer = getattr(getattr(self.connector, "client", None), "pacer", None)
-        return bool(pacer is not None and getattr(pacer, "backlogged", None) and pacer.backlogged())
+        pacer = self._pacer()
+        return pacer is not None and pacer.backlogged()
 
     async def _end_loop(self) -> None:
         self._ending = True

@@ -192,15 +192,17 @@ def test_threads_that_come_and_go_borrow_a_connection_and_give_it_back(db):
 
 # -- SQLite: the writer waits for another process's write lock --------------------------------
 
+WRITER_THREAD = "PoolThread-ldapsync-sql-write-0"    # db's SQL writer thread: it polls for the lock itself
+
 def _write_on_writer_thread(db: Database, k: int, out: dict) -> threading.Thread:
-    """``db``'s SQL writer thread is a pool thread of this name; it polls for the lock itself."""
+    """One write on a thread named like ``db``'s SQL writer (so it waits for the lock as that one does)."""
     def run() -> None:
         try:
             db._run("w", lambda txn: txn.run("INSERT INTO t VALUES (?, 'w')", (k,)), (), {}, True)
             out["at"] = time.monotonic()
         except Exception as e:  # noqa: BLE001 - handed to the test
             out["error"] = e
-    t = threading.Thread(target=run, name="PoolThread-ldapsync-sql-write-0")
+    t = threading.Thread(target=run, name=WRITER_THREAD)
     t.start()
     return t
 
@@ -261,7 +263,7 @@ def _writes_on_writer_thread(db: Database, keys: range, size: int = 3000) -> Non
                 db._run("w", lambda txn, k=k: txn.run("INSERT INTO t VALUES (?, ?)", (k, "x" * size)), (), {}, True)
         except Exception as e:  # noqa: BLE001 - handed to the test
             out["error"] = e
-    t = threading.Thread(target=run, name="PoolThread-ldapsync-sql-write-0")
+    t = threading.Thread(target=run, name=WRITER_THREAD)
     t.start()
     t.join(120)
     assert not t.is_alive() and "error" not in out, out
