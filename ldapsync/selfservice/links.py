@@ -341,7 +341,7 @@ class LinkService:
             raise LinkProblem("unknown")
         if row.state == q.USED:
             raise LinkProblem("used")
-        if row.state != q.SENT:
+        if row.state not in q.USABLE:         # queued: mailed, its "sent" not yet recorded
             raise LinkProblem("revoked")
         if row.expires_at is None or row.expires_at <= self.now():
             raise LinkProblem("expired")

@@ -9,7 +9,9 @@ SQL only: no mail, no HTTP, no tokens in clear.  A link's life::
     issue_txn      token_hash + expires_at set (a fresh token each attempt: a link is only ever
                    valid once it has been mailed)
     mark_sent_txn  state=sent          mark_failed_txn  back to queued later, or failed
-    use_txn        state=used (the password was set in the same transaction)
+    use_txn        state=used (the password was set in the same transaction); a queued link
+                   with its token issued counts as sent: the mail can be read and the link
+                   opened before the sender has recorded it (then mark_sent_txn finds it used)
     revoke_txn     state=revoked (a newer link, or the user got a password another way)
 
 Only the SHA-256 of a token is stored (``token_hash``); the token itself exists
@@ -30,6 +32,7 @@ USED = "used"
 REVOKED = "revoked"
 FAILED = "failed"
 LIVE = (QUEUED, SENT, FAILED)
+USABLE = (QUEUED, SENT)          # with a token_hash: the token was issued for a mail
 
 ACTIVATE = "activate"
 RESET = "reset"
@@ -139,9 +142,9 @@ def find_by_hash_txn(txn: Txn, token_hash: str) -> LinkRow | None:
 
 
 def use_txn(txn: Txn, link_id: int, now: float) -> bool:
-    """Mark a sent link used; False when another request used it first."""
-    cur = txn.run("UPDATE selfservice_links SET state = ?, used_at = ? WHERE id = ? AND state = ?",
-                  (USED, now, link_id, SENT))
+    """Mark a mailed link used; False when another request used it first."""
+    cur = txn.run("UPDATE selfservice_links SET state = ?, used_at = ? WHERE id = ? AND state IN (?, ?) "
+                  "AND token_hash IS NOT NULL", (USED, now, link_id, *USABLE))
     return bool(cur.rowcount)
 
 

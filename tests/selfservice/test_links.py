@@ -66,6 +66,31 @@ def test_only_a_hash_of_the_token_is_stored(tmp_path: Any) -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", hash_token("x" * 43))
 
 
+def test_a_link_opened_before_its_send_is_recorded_works_once(tmp_path: Any) -> None:
+    """The mail can arrive, and its link be opened, before the sender has marked the link sent
+    (CI caught a 410 "replaced" for a fresh link on PostgreSQL): a queued link with its token
+    issued is usable, once, and the late "sent" does not reopen it."""
+    from ldapsync.store import links as q
+    from ldapsync.store.database import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'l.db'}")
+    db.create_schema()
+    try:
+        lid = db.run_sync("queue", q.queue_txn, "uuid-1", q.ACTIVATE, 100.0)
+        db.run_sync("issue", q.issue_txn, lid, "h" * 64, 200.0)
+        row = db.run_sync("find", q.find_by_hash_txn, "h" * 64, write=False)
+        assert row is not None and row.state == q.QUEUED and row.state in q.USABLE
+        assert db.run_sync("use", q.use_txn, lid, 150.0)
+        assert not db.run_sync("use again", q.use_txn, lid, 151.0)
+        assert not db.run_sync("sent, late", q.mark_sent_txn, lid, 152.0, "u@home.example")
+        row = db.run_sync("find", q.find_by_hash_txn, "h" * 64, write=False)
+        assert row is not None and row.state == q.USED
+        other = db.run_sync("queue", q.queue_txn, "uuid-2", q.ACTIVATE, 100.0)
+        assert not db.run_sync("use, no token", q.use_txn, other, 150.0)       # never mailed
+    finally:
+        db.stop()
+
+
 # -- end to end, both databases --------------------------------------------------------------------
 @pytest.mark.e2e
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
