@@ -304,7 +304,7 @@ def test_sqlite_checkpoints_run_beside_the_writer_not_in_its_commit(tmp_path):
 def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path, monkeypatch):
     """A checkpoint beside a busy writer never copies *everything* (new frames keep coming), and the
     WAL only starts again from its beginning once everything is copied: the writer's own checkpoint
-    past CHECKPOINT_FRAMES does that last step.  Without it this WAL grew to every frame written."""
+    past CHECKPOINT_FRAMES does that last step.  Without it this WAL holds every frame written."""
     from ldapsync.store import database
 
     monkeypatch.setattr(database, "CHECKPOINT_FRAMES", 100)
@@ -312,6 +312,10 @@ def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path, monkeypatch):
         db.start()
         _writes_on_writer_thread(db, range(2000))
         frames = ((tmp_path / "d.db-wal").stat().st_size - 32) // (24 + 4096)
-        assert frames < 400, f"the WAL grew to {frames} frames"
+        # Without the writer's own checkpoint every frame written stays in the WAL: ~6,100 here.  With
+        # it the WAL overshoots the limit by however long the checkpoint thread held the checkpoint
+        # lock (the writer's then skips): ~105 frames on a quiet machine, up to 875 with three CPU
+        # hogs beside the test on two cores, so the bound leaves room for a loaded CI machine.
+        assert frames < 2000, f"the WAL grew to {frames} frames"
         assert db._checkpointer.passes > 0
         assert len(values(db)) == 2000
