@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ldapsync.store.database import Txn
 
@@ -65,27 +64,32 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
+def claim_users_sql(is_postgres: bool, excluded: int = 0) -> str:
+    """The claim's SELECT: parameters now, now, *excluded, limit.
+
+    It walks the queue in id order and tests each row with two index probes, stopping at
+    ``limit`` heads.  On PostgreSQL both subqueries end in ``OFFSET 0``, which keeps the planner
+    from turning them into joins: a queue table's statistics are usually from a moment it was
+    nearly empty, and with them the planner read every ready row, hashed them and sorted the
+    heads on each claim (30 ms at 10,000 rows: the database's CPU bounded a single node's drain to
+    ~340 changes/s).  With the fence the plan is the index walk whatever the statistics say."""
+    fence = " OFFSET 0" if is_postgres else ""         # SQLite neither needs nor parses OFFSET without LIMIT
+    skip = f" AND h.entry_uuid NOT IN {_in(excluded)}" if excluded else ""
+    lock = " FOR UPDATE OF h SKIP LOCKED" if is_postgres else ""
+    return ("SELECT h.id, h.entry_uuid FROM o365_outbox h"
+            " WHERE (h.lease_until IS NULL OR h.lease_until < ?)"
+            f" AND NOT EXISTS (SELECT 1 FROM o365_outbox p WHERE p.entry_uuid = h.entry_uuid AND p.id < h.id{fence})"
+            " AND EXISTS (SELECT 1 FROM o365_outbox r WHERE r.entry_uuid = h.entry_uuid"
+            f"             AND r.state = 'ready' AND r.next_attempt_at <= ?{fence})"
+            f"{skip} ORDER BY h.id LIMIT ?{lock}")
+
+
 def claim_users_txn(txn: Txn, owner: str, now: float, lease_seconds: float, limit: int,
                     exclude: Sequence[str] = ()) -> list[str]:
     """Lease up to ``limit`` users with due work; return their entry UUIDs (oldest work first)."""
     if limit <= 0:
         return []
-    params: list[Any] = [now, now]
-    skip = ""
-    if exclude:
-        skip = f" AND h.entry_uuid NOT IN {_in(len(exclude))}"
-        params.extend(exclude)
-    params.append(limit)
-    lock = " FOR UPDATE OF h SKIP LOCKED" if txn.is_postgres else ""
-    rows = txn.rows(
-        "SELECT h.id, h.entry_uuid FROM o365_outbox h"
-        " WHERE (h.lease_until IS NULL OR h.lease_until < ?)"
-        " AND NOT EXISTS (SELECT 1 FROM o365_outbox p WHERE p.entry_uuid = h.entry_uuid AND p.id < h.id)"
-        " AND EXISTS (SELECT 1 FROM o365_outbox r WHERE r.entry_uuid = h.entry_uuid"
-        "             AND r.state = 'ready' AND r.next_attempt_at <= ?)"
-        f"{skip} ORDER BY h.id LIMIT ?{lock}",
-        params,
-    )
+    rows = txn.rows(claim_users_sql(txn.is_postgres, len(exclude)), [now, now, *exclude, limit])
     if not rows:
         return []
     ids = [r[0] for r in rows]
