@@ -12,7 +12,8 @@ transaction) and holds no SQL of its own (``ldapsync/store/outbox.py``).
                                         │ yes
                                         ▼
                    claim_and_load_txn: lease up to N users (head row lease; SKIP LOCKED on PostgreSQL),
-                                       their rows up to the newest non-held one, their entries
+                                       their rows up to the newest non-held one, their entries;
+                                       fast (head ready and due) but full once a second
                                         │            (one task per user, at most N in flight)
                                         ▼
                _apply: the newest DesiredUser + the newest queued password (coalescing)
@@ -150,9 +151,9 @@ def _guarded(fn: Any) -> Any:
 
 
 def _claim_txn(txn: Any, d: Directory, owner: str, now: float, lease: float, limit: int,
-               exclude: list[str]) -> list[_Job]:
+               exclude: list[str], full: bool) -> list[_Job]:
     return [_Job(uuid, rows, entry_by_uuid_txn(d, txn, uuid))
-            for uuid, rows in q.claim_and_load_txn(txn, owner, now, lease, limit, exclude)]
+            for uuid, rows in q.claim_and_load_txn(txn, owner, now, lease, limit, exclude, full=full)]
 
 
 def default_node_id(directory: Directory) -> str:
@@ -182,6 +183,11 @@ class OutboxWorker:
         self.clock = clock
         self.stop_grace = stop_grace
         self.claim_batch = max(1, concurrency // 4)
+        # Claims are fast (users whose oldest row is ready and due) except one at least this
+        # often: users behind a row stopped by an error or held, or backing off, with a newer
+        # change due, wait at most this long (see store/outbox.py: claim_users_sql).
+        self.full_claim_interval = 1.0
+        self._full_claim_at = float("-inf")
         # While Graph's write budget sets the pace, completions gather this long before their
         # write transaction (see _end_loop).
         self.end_gather = 0.25
@@ -365,8 +371,12 @@ class OutboxWorker:
                     break
                 d = self.d
                 owner, lease, now, exclude = self.owner, self.lease_seconds, self.clock(), list(self._inflight)
-
-                jobs = await self.db.run_interaction("o365 outbox claim", _claim_txn, d, owner, now, lease, free, exclude)
+                mono = time.monotonic()
+                full = mono - self._full_claim_at >= self.full_claim_interval
+                if full:
+                    self._full_claim_at = mono
+                jobs = await self.db.run_interaction("o365 outbox claim", _claim_txn, d, owner, now, lease, free, exclude,
+                                                     full)
                 if not self._running:
                     break              # stopped meanwhile: the shutdown gives these leases back
                 for job in jobs:

@@ -10,9 +10,11 @@ whose rows stopped on a permanent error, and disables held by the guard, stay in
 an admin acts, and every claim passes over them.  For each N in ``--parked`` this builds a fresh
 database (SQLite file, or a scratch PostgreSQL database created and dropped on the URL's server)
 with N parked users at the head of the queue and 100 ready users after them, and times
-``--claims`` claims of 16 users (read-only: the claim's SELECT in a write transaction, rolled
-back, so every claim sees the same queue).  On SQLite a claim is a write transaction: LDAP writes
-wait behind it.
+``--claims`` claims of 16 users (each in a write transaction that is rolled back, so every claim
+sees the same queue), for both forms of the claim: ``full`` (users with any ready row that is
+due; the worker runs it at least once a second) and ``fast`` (users whose oldest row is ready and
+due; the worker's usual claim).  On SQLite a claim is a write transaction: LDAP writes wait
+behind it.
 
 Prints a ``machine`` line and one JSON line per N.  A benchmark, not a test.
 """
@@ -44,7 +46,7 @@ class Rollback(Exception):
     """Leaves the claim's transaction without committing its leases."""
 
 
-def measure(url: str, parked: int, kind: str, claims: int) -> dict:
+def measure(url: str, parked: int, kind: str, claims: int, full: bool) -> dict:
     from ldapsync.store import outbox
     from ldapsync.store.database import Database
 
@@ -58,7 +60,7 @@ def measure(url: str, parked: int, kind: str, claims: int) -> dict:
         got: list[str] = []
 
         def claim(txn):
-            got[:] = outbox.claim_users_txn(txn, "bench", now, 60.0, LIMIT)
+            got[:] = outbox.claim_users_txn(txn, "bench", now, 60.0, LIMIT, full=full)
             raise Rollback
 
         for _ in range(claims):
@@ -70,7 +72,7 @@ def measure(url: str, parked: int, kind: str, claims: int) -> dict:
             times.append((time.perf_counter() - t0) * 1000.0)
         if got != [f"ready-{i:04d}" for i in range(LIMIT)]:
             raise RuntimeError(f"the claim took {got[:4]}..., not the first ready users")
-        return {"parked": parked, "kind": kind, "ready_users": READY_USERS, "limit": LIMIT, "claims": claims,
+        return {"claim": "full" if full else "fast", "parked": parked, "kind": kind, "ready_users": READY_USERS, "limit": LIMIT, "claims": claims,
                 "median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3),
                 "max_ms": round(max(times), 3)}
     finally:
@@ -83,17 +85,22 @@ def main(argv=None) -> int:
     ap.add_argument("--parked", default="0,5000,50000", help="comma list: users parked at the head of the queue")
     ap.add_argument("--kind", choices=("error", "held"), default="error")
     ap.add_argument("--claims", type=int, default=9)
+    ap.add_argument("--forms", default="fast,full", help="which claims: fast, full or both")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.parked.split(",") if x.strip()]
     if not sizes or not all(0 <= n <= 500_000 for n in sizes) or not 1 <= args.claims <= 1000:
         ap.error("--parked: numbers 0..500000; --claims 1..1000")
     if args.database != "sqlite" and not args.database.startswith("postgresql"):
         ap.error("--database: sqlite or a postgresql+psycopg:// URL")
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    if not forms or not set(forms) <= {"fast", "full"}:
+        ap.error("--forms: fast, full or fast,full")
     print(json.dumps(bench_graph.machine_info()), flush=True)
-    for n in sizes:
+    for n, form in [(n, f) for n in sizes for f in forms]:
+        full = form == "full"
         if args.database == "sqlite":
             with tempfile.TemporaryDirectory(prefix="claimbench-") as d:
-                line = measure(f"sqlite:///{d}/o.db", n, args.kind, args.claims)
+                line = measure(f"sqlite:///{d}/o.db", n, args.kind, args.claims, full)
             line["database"] = "sqlite"
         else:
             import sqlalchemy as sa
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
                 with admin.connect() as c:
                     c.exec_driver_sql(f'CREATE DATABASE "{name}"')
                 try:
-                    line = measure(args.database.rsplit("/", 1)[0] + "/" + name, n, args.kind, args.claims)
+                    line = measure(args.database.rsplit("/", 1)[0] + "/" + name, n, args.kind, args.claims, full)
                 finally:
                     with admin.connect() as c:
                         c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -43,12 +43,11 @@ def pg_db(tmp_path):
     yield from _open("postgresql", tmp_path)
 
 
-def _claim(db: Database, now: float, limit: int = 10, exclude: tuple[str, ...] = ()) -> list[str]:
-    return db.run_sync("claim", lambda txn: outbox.claim_users_txn(txn, "me", now, 60.0, limit, exclude))
+def _claim(db: Database, now: float, limit: int = 10, exclude: tuple[str, ...] = (), full: bool = True) -> list[str]:
+    return db.run_sync("claim", lambda txn: outbox.claim_users_txn(txn, "me", now, 60.0, limit, exclude, full=full))
 
 
-def test_a_claim_takes_the_oldest_due_unleased_users_once(db):
-    now = time.time()
+def _queue(db: Database, now: float) -> None:
     rows = [                       # (user, state, next_attempt_at, lease_owner, lease_until), ids in this order
         ("A", "ready", 0, None, None),
         ("B", "ready", 0, None, None),
@@ -59,17 +58,39 @@ def test_a_claim_takes_the_oldest_due_unleased_users_once(db):
         ("F", "held", 0, None, None),               # held head, a ready row after it
         ("F", "ready", 0, None, None),
         ("G", "held", 0, None, None),               # only held: waits for `ldapsync o365 release`
+        ("H", "error", 0, None, None),              # stopped by a permanent error...
+        ("H", "ready", 0, None, None),              # ... and changed since: tried again
+        ("I", "error", 0, None, None),              # stopped, not changed since: stays
+        ("J", "ready", now + 30, None, None),       # backing off...
+        ("J", "ready", 0, None, None),              # ... and changed since: the new change is due
     ]
     db.run_sync("rows", lambda txn: txn.run_many(INSERT, rows))
 
-    assert _claim(db, now, exclude=("B",)) == ["A", "E", "F"]
+
+def test_a_claim_takes_the_oldest_due_unleased_users_once(db):
+    now = time.time()
+    _queue(db, now)
+    assert _claim(db, now, exclude=("B",)) == ["A", "E", "F", "H", "J"]
     leases = db.run_sync("leases", lambda txn: txn.rows(
         "SELECT entry_uuid, lease_owner FROM o365_outbox WHERE lease_owner IS NOT NULL ORDER BY id"), write=False)
-    assert [tuple(r) for r in leases] == [("A", "me"), ("D", "other"), ("E", "me"), ("F", "me")]
+    assert [tuple(r) for r in leases] == [("A", "me"), ("D", "other"), ("E", "me"), ("F", "me"), ("H", "me"),
+                                          ("J", "me")]
     assert _claim(db, now) == ["B"]                 # no longer excluded; the others are leased now
     assert _claim(db, now) == []
     assert _claim(db, now + 31) == ["C"]            # its back-off is over (the leases are not)
     assert _claim(db, now, limit=0) == []
+
+
+def test_the_fast_claim_takes_only_users_whose_oldest_row_is_ready_and_due(db):
+    """The worker's usual claim: it does not look behind a head that is held, stopped by an error
+    or backing off (the full claim, at least once a second, takes F, H and J)."""
+    now = time.time()
+    _queue(db, now)
+    assert _claim(db, now, exclude=("B",), full=False) == ["A", "E"]
+    assert _claim(db, now, full=False) == ["B"]
+    assert _claim(db, now, full=False) == []
+    assert _claim(db, now) == ["F", "H", "J"]
+    assert _claim(db, now + 31, full=False) == ["C"]
 
 
 def _plan_nodes(plan: dict) -> list[str]:
@@ -97,10 +118,12 @@ def test_postgresql_claims_walk_the_queue_by_index_even_with_stale_statistics(pg
                 " (SELECT MIN(id) FROM o365_outbox GROUP BY entry_uuid ORDER BY 1 LIMIT 1000)", (now + 60,))
     db.run_sync("fill", fill)
 
-    def explain(txn: Txn) -> list[str]:
-        got = txn.rows("EXPLAIN (FORMAT JSON) " + outbox.claim_users_sql(True), [now, now, 16])[0][0]
+    def explain(txn: Txn, full: bool) -> list[str]:
+        got = txn.rows("EXPLAIN (FORMAT JSON) " + outbox.claim_users_sql(True, full=full), [now, now, 16])[0][0]
         return _plan_nodes((json.loads(got) if isinstance(got, str) else got)[0]["Plan"])
-    nodes = db.run_sync("explain", explain)
-    assert not {"Seq Scan", "Hash", "Aggregate", "Sort", "Hash Join", "Merge Join"} & set(nodes), nodes
-    assert nodes[:3] == ["Limit", "LockRows", "Index Scan"], nodes
-    assert _claim(db, now, limit=16) == [f"user-{i:05d}" for i in range(1000, 1016)]
+    for full in (True, False):
+        nodes = db.run_sync("explain", explain, full)
+        assert not {"Seq Scan", "Hash", "Aggregate", "Sort", "Hash Join", "Merge Join"} & set(nodes), (full, nodes)
+        assert nodes[:3] == ["Limit", "LockRows", "Index Scan"], (full, nodes)
+    assert _claim(db, now, limit=8, full=False) == [f"user-{i:05d}" for i in range(1000, 1008)]
+    assert _claim(db, now, limit=8) == [f"user-{i:05d}" for i in range(1008, 1016)]
