@@ -115,6 +115,28 @@ def drop_pg_database(name: str) -> None:
     eng.dispose()
 
 
+@contextlib.contextmanager
+def fresh_database(backend: str, directory: Path, *, migrated: bool = True) -> Iterator:
+    """A ``Database`` on a fresh SQLite file (``directory/d.db``) or PostgreSQL database, with the
+    schema unless ``migrated=False``; stopped (and the PostgreSQL database dropped) afterwards."""
+    from ldapsync.store.database import Database
+
+    pg = None
+    if backend == "sqlite":
+        url = f"sqlite:///{directory / 'd.db'}"
+    else:
+        url, pg = create_pg_database()
+    database = Database(url)
+    try:
+        if migrated:
+            database.create_schema()
+        yield database
+    finally:
+        database.stop()
+        if pg:
+            drop_pg_database(pg)
+
+
 def split_table(extra: str, table: str) -> tuple[str, str]:
     """(keys of the ``[table]`` table in ``extra``, the rest): the generated config already has
     that table and TOML forbids a second one, so its keys are merged into it."""

@@ -86,20 +86,16 @@ def claim_users_sql(is_postgres: bool, excluded: int = 0, *, full: bool = True) 
     skip = f" AND h.entry_uuid NOT IN {_in(excluded)}" if excluded else ""
     lock = " FOR UPDATE OF h SKIP LOCKED" if is_postgres else ""
     head = f" AND NOT EXISTS (SELECT 1 FROM o365_outbox p WHERE p.entry_uuid = h.entry_uuid AND p.id < h.id{fence})"
-    if not full:
+    if full:           # after the head test: it fails first for the rows that are not heads
+        before, after = "", (" AND EXISTS (SELECT 1 FROM o365_outbox r WHERE r.entry_uuid = h.entry_uuid"
+                             f" AND r.state = 'ready' AND r.next_attempt_at <= ?{fence})")
+    else:              # before it: the row's own columns, no probe
         # "NOT IN (held, error)" is "= ready" (a row is in one of the three states), but PostgreSQL
         # without fresh statistics guesses that few rows are "= ready", and then scanned the whole
         # table and sorted it; "<>" it guesses true for nearly every row, and walks the index.
-        return ("SELECT h.id, h.entry_uuid FROM o365_outbox h"
-                f" WHERE h.state NOT IN ('{HELD}', '{ERROR}') AND (h.lease_until IS NULL OR h.lease_until < ?)"
-                " AND h.next_attempt_at <= ?"
-                f"{head}{skip} ORDER BY h.id LIMIT ?{lock}")
-    return ("SELECT h.id, h.entry_uuid FROM o365_outbox h"
-            " WHERE (h.lease_until IS NULL OR h.lease_until < ?)"
-            f"{head}"
-            " AND EXISTS (SELECT 1 FROM o365_outbox r WHERE r.entry_uuid = h.entry_uuid"
-            f"             AND r.state = 'ready' AND r.next_attempt_at <= ?{fence})"
-            f"{skip} ORDER BY h.id LIMIT ?{lock}")
+        before, after = f" AND h.state NOT IN ('{HELD}', '{ERROR}') AND h.next_attempt_at <= ?", ""
+    return ("SELECT h.id, h.entry_uuid FROM o365_outbox h WHERE (h.lease_until IS NULL OR h.lease_until < ?)"
+            f"{before}{head}{after}{skip} ORDER BY h.id LIMIT ?{lock}")
 
 
 def claim_users_txn(txn: Txn, owner: str, now: float, lease_seconds: float, limit: int,

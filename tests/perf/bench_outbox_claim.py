@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_graph  # machine_info
+from bench_propagation import create_pg_database, drop_pg_database
 
 INSERT = ("INSERT INTO o365_outbox (entry_uuid, created_at, operation, payload, state, next_attempt_at,"
           " lease_owner, lease_until) VALUES (?, 0, 'update', '{}', ?, 0, NULL, NULL)")
@@ -103,20 +102,11 @@ def main(argv=None) -> int:
                 line = measure(f"sqlite:///{d}/o.db", n, args.kind, args.claims, full)
             line["database"] = "sqlite"
         else:
-            import sqlalchemy as sa
-
-            name = f"claimbench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-            admin = sa.create_engine(args.database, isolation_level="AUTOCOMMIT")
+            name, url = create_pg_database(args.database, prefix="claimbench")
             try:
-                with admin.connect() as c:
-                    c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-                try:
-                    line = measure(args.database.rsplit("/", 1)[0] + "/" + name, n, args.kind, args.claims, full)
-                finally:
-                    with admin.connect() as c:
-                        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                line = measure(url, n, args.kind, args.claims, full)
             finally:
-                admin.dispose()
+                drop_pg_database(args.database, name)
             line["database"] = "postgresql"
         print(json.dumps({"scenario": "claim", **line}), flush=True)
     return 0

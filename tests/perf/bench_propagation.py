@@ -471,11 +471,10 @@ class CpuMarks:
     def __init__(self, servers: Server | list[Server], tenant: Tenant):
         self.servers = servers if isinstance(servers, list) else [servers]
         self.tenant = tenant
-        self.pg = any(s.db_url for s in self.servers)
         self.t = time.monotonic()
         self.each = [loadgen._proc_cpu_s(s.pid) for s in self.servers]
         self.s = None if any(g is None for g in self.each) else sum(self.each)
-        self.p = postgres_cpu_s() if self.pg else None
+        self.p = postgres_cpu_s() if any(s.db_url for s in self.servers) else None
         self.f = loadgen._proc_cpu_s(tenant.pid)
         self.m = loadgen._machine_busy()
         self.b = bench_graph.cpu_self()
@@ -836,11 +835,11 @@ class Bench:
 # --------------------------------------------------------------------------
 
 
-def create_pg_database(admin_url: str) -> tuple[str, str]:
+def create_pg_database(admin_url: str, prefix: str = "propbench") -> tuple[str, str]:
     """A scratch database on ``admin_url``'s server: (name, its URL)."""
     import sqlalchemy as sa
 
-    name = f"propbench_{os.getpid()}_{int(time.time())}"
+    name = f"{prefix}_{os.getpid()}_{time.time_ns()}"
     eng = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with eng.connect() as c:

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
+from conftest import fresh_database  # type: ignore[import-not-found]
 
 from ldapsync.store.database import Database, StoreError
 
@@ -17,21 +17,10 @@ from ldapsync.store.database import Database, StoreError
 @contextlib.contextmanager
 def _open(backend: str, tmp_path, *, migrated: bool = True):
     """A Database on a fresh SQLite file or PostgreSQL database; migrated, with a table ``t``."""
-    pg = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'd.db'}"
-    else:
-        url, pg = create_pg_database()
-    database = Database(url)
-    try:
+    with fresh_database(backend, tmp_path, migrated=migrated) as database:
         if migrated:
-            database.create_schema()
             database.run_sync("table", lambda txn: txn.run("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)"))
         yield database
-    finally:
-        database.stop()
-        if pg:
-            drop_pg_database(pg)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
-from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
+from conftest import fresh_database  # type: ignore[import-not-found]
 
 from ldapsync.store import outbox
 from ldapsync.store.database import Database, Txn
@@ -17,30 +16,16 @@ INSERT = ("INSERT INTO o365_outbox (entry_uuid, created_at, operation, payload, 
           " lease_owner, lease_until) VALUES (?, 0, 'update', '{}', ?, ?, ?, ?)")
 
 
-def _open(backend: str, tmp_path) -> Iterator[Database]:
-    pg = None
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'o.db'}"
-    else:
-        url, pg = create_pg_database()
-    database = Database(url)
-    try:
-        database.create_schema()
-        yield database
-    finally:
-        database.stop()
-        if pg:
-            drop_pg_database(pg)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
-    yield from _open(request.param, tmp_path)
+    with fresh_database(request.param, tmp_path) as database:
+        yield database
 
 
 @pytest.fixture
 def pg_db(tmp_path):
-    yield from _open("postgresql", tmp_path)
+    with fresh_database("postgresql", tmp_path) as database:
+        yield database
 
 
 def _claim(db: Database, now: float, limit: int = 10, exclude: tuple[str, ...] = (), full: bool = True) -> list[str]:
