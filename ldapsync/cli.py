@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from ldapsync import __version__
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.ldif import LDIFError, format_header, format_record, parse_ldif
@@ -489,9 +490,22 @@ def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync import demo  # the one command that runs the test doubles (the fake tenant, the SMTP sink)
+
+    return demo.run(args.dir)
+
+
+def cmd_demo_users(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync import demo
+
+    return demo.users(args.dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
+    p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create the database, the base tree and the admin entry").set_defaults(func=cmd_init)
     ldif = sub.add_parser("ldif", help="bulk load and export (like slapadd/slapcat)")
@@ -534,6 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--json", action="store_true", help="one JSON object per user, then {\"summary\": ...} (for scripts)")
     im.add_argument("--include-guests", action="store_true", help="import guest accounts too")
     im.set_defaults(func=cmd_o365_import)
+    demo = sub.add_parser("demo", help="run the server with a fake Microsoft 365 tenant and an SMTP sink (try it out)")
+    demo.add_argument("--dir", help="where the demo keeps its state (default: a new temporary directory)")
+    demo.set_defaults(func=cmd_demo)
+    dsub = demo.add_subparsers(dest="demo_command")
+    du = dsub.add_parser("users", help="list the users the demo's fake Microsoft 365 tenant holds")
+    du.add_argument("--dir", required=True, help="the directory `ldapsync demo` printed")
+    du.set_defaults(func=cmd_demo_users)
     return p
 
 
