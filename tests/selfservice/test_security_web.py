@@ -50,11 +50,10 @@ def sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     yield from run_smtp_sink(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory: pytest.TempPathFactory, tls_files: Any, sink: Any) -> Iterator[Any]:
-    from conftest import _make_server  # type: ignore[import-not-found]
+def _module_server(tmp_path_factory: pytest.TempPathFactory, tls_files: Any, sink: Any, backend: str) -> Iterator[Any]:
+    from conftest import _make_server, drop_pg_database  # type: ignore[import-not-found]
 
-    s, _ = _make_server(tmp_path_factory.mktemp("secweb"), "sqlite", tls_files, f"""
+    s, pg_name = _make_server(tmp_path_factory.mktemp(f"secweb-{backend}"), backend, tls_files, f"""
 [mail]
 smtp = "tcp:127.0.0.1:{sink.port}"
 [selfservice]
@@ -72,6 +71,21 @@ lockout_duration = "10m"
         yield s
     finally:
         s.stop()
+        if pg_name:
+            drop_pg_database(pg_name)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def srv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tls_files: Any,
+        sink: Any) -> Iterator[Any]:
+    """For what the database takes part in (links, sessions, lockout): once per backend."""
+    yield from _module_server(tmp_path_factory, tls_files, sink, request.param)
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory, tls_files: Any, sink: Any) -> Iterator[Any]:
+    """For the HTTP limits (no database involved): SQLite only."""
+    yield from _module_server(tmp_path_factory, tls_files, sink, "sqlite")
 
 
 # -- small raw-HTTP tools (what a browser would never do) ----------------------------------------------
@@ -142,6 +156,39 @@ def post(srv: Any, path: str, fields: dict[str, str], *, cookie: str, headers: d
         conn.close()
 
 
+# -- units -------------------------------------------------------------------------------------------------
+def test_client_address_behind_trusted_proxies() -> None:
+    from ldapsync.selfservice.http_limits import ProxyTrust
+
+    t = ProxyTrust(["127.0.0.1", "10.0.0.0/8", "fd00::/8"])
+    xff = [b"198.51.100.7, 203.0.113.5"]
+    assert t.client("127.0.0.1", xff) == "203.0.113.5"              # right-most, not the client's own claim
+    assert t.client("192.0.2.9", xff) == "192.0.2.9"                # untrusted peer: header ignored
+    assert t.client("127.0.0.1", [b"203.0.113.5", b"10.9.9.9"]) == "203.0.113.5"   # two headers, one ours
+    assert t.client("127.0.0.1", [b"10.1.1.1, 10.2.2.2"]) == "10.1.1.1"            # all ours: the left-most
+    assert t.client("127.0.0.1", [b"[2001:db8::1]:443, fd00::5"]) == "2001:db8::1"
+    assert t.client("127.0.0.1", [b"203.0.113.5:8080"]) == "203.0.113.5"
+    assert t.client("::ffff:127.0.0.1", xff) == "203.0.113.5"
+    assert t.client("127.0.0.1", [b"unknown"]) == "127.0.0.1"         # garbage: never an invented client
+    assert t.client("127.0.0.1", None) == "127.0.0.1"
+    assert ProxyTrust([]).client("127.0.0.1", xff) == "127.0.0.1"   # default: no proxy is trusted
+
+
+def test_bad_selfservice_limits_are_config_errors(tmp_path: Any) -> None:
+    from ldapsync.config import ConfigError, load_config
+
+    cfg = tmp_path / "ldapsync.toml"
+    for body, message in (('trusted_proxies = ["10.0.0.0/8", "proxy.example.com"]', "'proxy.example.com' is not an IP"),
+                          ('request_timeout = "0"', "request_timeout"),
+                          ("max_connections_per_address = 0", "at least 1")):
+        cfg.write_text(f"[selfservice]\n{body}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg)
+    cfg.write_text('[selfservice]\ntrusted_proxies = ["127.0.0.1", "10.0.0.0/8"]\nidle_timeout = "2m"\n')
+    c = load_config(cfg).selfservice
+    assert c.trusted_proxies == ("127.0.0.1", "10.0.0.0/8") and c.idle_timeout == 120
+
+
 # -- /forgot: no link for inactive users -----------------------------------------------------------------
 def test_forgot_mails_nothing_to_an_inactive_uninvited_user(srv: Any, sink: Any) -> None:
     """Having no password is how an inactive user looks: asking /forgot for one must not hand out
@@ -179,7 +226,8 @@ def test_forgot_mails_nothing_to_an_inactive_uninvited_user(srv: Any, sink: Any)
 
 
 # -- bodies limited while they stream ----------------------------------------------------------------------
-def test_chunked_200mb_post_is_refused_early_with_bounded_memory(srv: Any) -> None:
+def test_chunked_200mb_post_is_refused_early_with_bounded_memory(web: Any) -> None:
+    srv = web
     pid = srv.proc.pid
     Client(srv.web_url).request("/signin")                   # warm up: the first page's imports
     before = rss_kib(pid)
@@ -225,10 +273,11 @@ def test_chunked_200mb_post_is_refused_early_with_bounded_memory(srv: Any) -> No
 
 
 # -- slowloris -------------------------------------------------------------------------------------------------
-def test_slow_and_silent_connections_are_closed(srv: Any) -> None:
+def test_slow_and_silent_connections_are_closed(web: Any) -> None:
     """request_timeout = 2s, idle_timeout = 4s: request lines and headers trickled a byte at a
     time, a form trickled, and connections that send nothing are all closed; meanwhile the pages
     answer other clients."""
+    srv = web
     trickle = [connect(srv) for _ in range(40)]
     for s in trickle:
         s.sendall(b"POST /signin HTTP/1.1\r\nHost: 127.0.0.1\r\n")
