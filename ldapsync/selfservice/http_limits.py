@@ -110,6 +110,8 @@ class LimitedChannel(http.HTTPChannel):
     request_timeout = 15.0
     refused = False
     peer_host = ""
+    counted_host: str | None = None       # the address this connection counts against (None: a trusted proxy)
+    uncounted = False                     # already taken off the site's counts
     _request_timer: Any = None
     _linger: Any = None
 
@@ -214,11 +216,11 @@ class LimitedSite(server.Site):
         return channel
 
     def connection_closed(self, channel: LimitedChannel) -> None:
-        if getattr(channel, "_uncounted", False):
+        if channel.uncounted:
             return
-        channel._uncounted = True             # type: ignore[attr-defined]
+        channel.uncounted = True
         self.open_total = max(0, self.open_total - 1)
-        host = getattr(channel, "counted_host", None)
+        host = channel.counted_host
         if host is not None:
             left = self.open_by_address.get(host, 1) - 1
             if left > 0:
