@@ -16,7 +16,8 @@ themselves live elsewhere: passwords and the policy in ``Directory``
 
     GET  /activate?token=…  ─▶ form (name, rules)   POST ─▶ LinkService.use ─▶ "your account is active"
     GET  /reset?token=…     ─▶ the same, for a forgotten password
-    GET  /forgot            ─▶ form                 POST ─▶ LinkService.request_reset (same answer either way)
+    GET  /forgot            ─▶ form                 POST ─▶ LinkService.request_reset, not awaited (same answer,
+                                                             same time, whatever the account)
     GET  /signin            ─▶ form                 POST ─▶ Directory.authenticate ─▶ session cookie ─▶ /account
     GET  /account           ─▶ expiry + change form POST ─▶ Directory.authenticate (counts towards lockout)
                                                              ─▶ Directory.set_password(old_password=…)
@@ -491,7 +492,11 @@ class SelfServicePages(resource.Resource):
             return limited
         if not login:
             return Response(400, self.page("Forgot your password?", self.forgot_form(request, error="Enter your user name or e-mail address.")))
-        await self.links.request_reset(login, f"forgotten-password page from {self.address(request)}")
+        # Not awaited: the answer must not take longer when the account exists (a link is queued)
+        # than when it does not, or its timing would tell what the page does not say.
+        pending = defer.ensureDeferred(self.links.request_reset(login, f"forgotten-password page from "
+                                                                       f"{self.address(request)}"))
+        pending.addErrback(lambda f: log.failure("forgotten-password request failed", f))
         minutes = round(self.cfg.reset_ttl / 60)
         return Response(200, self.page("Check your e-mail", (
             '<p class="ok" role="status">If an account matches what you entered, we have sent a link to its e-mail '
