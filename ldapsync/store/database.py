@@ -52,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -63,6 +63,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ldapsync.store.tables import metadata
+
+if TYPE_CHECKING:
+    from ldapsync.store.group_commit import GroupWriter
 
 T = TypeVar("T")
 _PG_SQL: dict[str, str] = {}
@@ -285,6 +288,12 @@ class Checkpointer:
                     fairy.close()
 
 
+def _from_thread(fn: Callable[..., Any], *args: Any) -> None:
+    from twisted.internet import reactor
+
+    reactor.callFromThread(fn, *args)
+
+
 def _broken(raw: Any) -> bool:
     """A PostgreSQL connection that died (server restart, network): drop it and start afresh."""
     return bool(getattr(raw, "closed", False) or getattr(raw, "broken", False))
@@ -323,6 +332,12 @@ class Database:
         self._checkpointer: Checkpointer | None = None
         if self.is_sqlite and (self.engine.url.database or ":memory:") != ":memory:":
             self._checkpointer = Checkpointer(self.engine.raw_connection)
+        # SQLite's one writer commits the writes queued while it was busy together (store/group_commit.py)
+        self._group: GroupWriter | None = None
+        if self.is_sqlite and writers == 1:
+            from ldapsync.store.group_commit import GroupWriter
+
+            self._group = GroupWriter(self, self._write_pool.callInThread, _from_thread)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -331,6 +346,8 @@ class Database:
             self._write_pool.start()
             if self._checkpointer is not None:
                 self._checkpointer.start()
+            if self._group is not None:
+                self._group.restart()
             self._started = True
 
     def stop(self) -> None:
@@ -473,12 +490,16 @@ class Database:
         """Run ``fn(txn, *args)`` in one transaction on a pool thread; await the result.
 
         ``txn.call_after`` callbacks fire on the reactor thread after COMMIT,
-        before this returns.
+        before this returns.  SQLite writes queued together share one COMMIT, each in a
+        savepoint of its own (``store/group_commit.py``).
         """
         from twisted.internet import reactor
 
-        pool = self._write_pool if write else self._read_pool
-        result, after = await threads.deferToThreadPool(reactor, pool, self._run, desc, fn, args, kw, write)
+        if write and self._group is not None:
+            result, after = await self._group.submit(desc, fn, args, kw)
+        else:
+            pool = self._write_pool if write else self._read_pool
+            result, after = await threads.deferToThreadPool(reactor, pool, self._run, desc, fn, args, kw, write)
         for cb, cb_args in after:
             try:
                 cb(*cb_args)
