@@ -206,6 +206,7 @@ def test_a_queued_password_moved_to_another_users_row_is_not_delivered(make_serv
 
     # Someone with write access to the database copies ann's queued password into bob's row, and
     # cid's row holds a password queued by an earlier version (sealed without associated data).
+    assert mode(srv.workdir / "var" / "secret.key") == 0o600 and mode(srv.workdir / "var") == 0o700
     key = (srv.workdir / "var" / "secret.key").read_bytes()
     legacy = SecretBox(key).encrypt(pw[cid].encode()).hex()
     assert legacy[:2] == "01"
