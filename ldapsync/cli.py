@@ -31,8 +31,9 @@ def _open_directory(config: Config):  # type: ignore[no-untyped-def]
     from ldapsync.store.database import Database
     from ldapsync.tap import _sqlite_dir
 
-    _sqlite_dir(config)
-    db = Database(config.directory.database)
+    for line in _sqlite_dir(config):
+        print(f"ldapsync: warning: {line}", file=sys.stderr)
+    db = Database(config.directory.database, durability=config.directory.durability)
     d = Directory(config, db)
     if config.office365.enabled:
         # CLI writes go through the same propagation hook as LDAP writes.
@@ -54,7 +55,9 @@ def cmd_init(config: Config, args: argparse.Namespace) -> int:
         print(line)
     if not lines:
         print(f"nothing to do: {d.suffix} and {d.admin_dn} exist")
-    print(f"database: {config.directory.database}")
+    from ldapsync.store.database import display_url
+
+    print(f"database: {display_url(config.directory.database)}")
     print(f"admin DN: {config.admin_dn} (password in {config.admin.password_file})")
     return 0
 
@@ -154,7 +157,16 @@ def cmd_ldif_dump(config: Config, args: argparse.Namespace) -> int:
 
     d = _open_directory(config)
     d.db.create_schema()
-    out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")
+    from ldapsync.filemodes import ForeignFileError, open_private_output
+
+    try:     # the dump holds every password hash: 0600, never into another user's file
+        out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open_private_output(args.output)
+    except ForeignFileError as e:
+        d.db.stop()
+        raise CLIError(str(e)) from None
+    except OSError as e:
+        d.db.stop()
+        raise CLIError(f"cannot write {args.output}: {e.strerror}") from None
     n = 0
     try:
         out.write(format_header())

@@ -38,6 +38,9 @@ def parse_duration(value: str | int | float, key: str) -> float:
 class DirectoryConfig:
     suffix: str = "dc=example,dc=com"
     database: str = "sqlite:///var/ldapsync.db"
+    # "full": a write is on disk before it is acknowledged (SQLite synchronous=FULL, PostgreSQL
+    # synchronous_commit on); "normal": faster, but a power loss can undo acknowledged writes.
+    durability: str = "full"
     nested_groups: bool = False
     size_limit: int = 500          # entries per search for non-admins (0 = unlimited)
     time_limit: float = 3600.0     # seconds per search for non-admins
@@ -243,9 +246,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[office365] enabled = true needs tenant and client_id")
     db = cfg.directory.database
     if not (db.startswith("sqlite:") or db.startswith("postgresql")):
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", db)     # never echo a password
         raise ConfigError(
-            f"[directory] database: expected sqlite:///path or postgresql+psycopg://user@host/db, got {db!r}"
+            f"[directory] database: expected sqlite:///path or postgresql+psycopg://user@host/db, got {shown!r}"
         )
+    if cfg.directory.durability not in ("full", "normal"):
+        raise ConfigError(f'[directory] durability: expected "full" (the default: nothing acknowledged is lost '
+                          f'at a power loss) or "normal", got {cfg.directory.durability!r}')
     if bool(cfg.ldap.starttls_cert) != bool(cfg.ldap.starttls_key):
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:

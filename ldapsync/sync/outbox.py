@@ -209,7 +209,7 @@ class OutboxPlanner:
         if not now_bound:
             return self.desired_fields(new, ch.dn, bound=False, reason="unbind"), None
         self._check_mail(txn, ch.dn, first(new, "mail"), old if was else None)
-        secret = self.box.encrypt(passwords[-1].encode("utf-8")).hex() if passwords else None
+        secret = self.box.seal_password(passwords[-1].encode("utf-8"), first(new, "entryUUID") or "").hex() if passwords else None
         if not was:
             return self.desired_fields(new, ch.dn, bound=True, reason="bind"), secret
         if secret is not None:
@@ -237,7 +237,6 @@ class OutboxPlanner:
 
     async def capture_password(self, dn: Any, password: bytes) -> None:
         """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
-        secret = self.box.encrypt(password).hex()
 
         def run(txn: Txn) -> bool:
             from ldapsync.directory.writes import Write
@@ -253,7 +252,8 @@ class OutboxPlanner:
                 return False
             desired = self.desired(attrs, str(dn), bound=True, reason="password")
             txn.run(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (desired.entry_uuid, self.clock(), "password", desired.to_json(), secret, "ready", 0, 0.0))
+                    (desired.entry_uuid, self.clock(), "password", desired.to_json(),
+                     self.box.seal_password(password, desired.entry_uuid).hex(), "ready", 0, 0.0))
             outbox_store.notify_txn(txn)
             return True
 
