@@ -115,10 +115,12 @@ _RULES = {
 # Plan size bounds: SQLite refuses expressions nested deeper than 1,000 ("Expression tree is too
 # large"), and a flat OR/AND of N subqueries is N deep.  Equality items of an OR on one attribute
 # become one IN list; an OR with more other items, or more values than below, scans the scope
-# instead (the predicate decides anyway).  An AND keeps a few of its items' plans.
+# instead (the predicate decides anyway).  An AND keeps a few of its items' plans, and boolean
+# nesting below PLAN_MAX_DEPTH is left to the predicate: at most 8 x (64 + the indexed attributes).
 OR_MAX_OTHER_ITEMS = 64
 OR_MAX_VALUES = 10000
 AND_MAX_ITEMS = 16
+PLAN_MAX_DEPTH = 8
 NOTHING = ("none",)     # the plan of an item that is never True: selects no candidate
 
 
@@ -172,7 +174,7 @@ class FilterCompiler:
     def compile(self, f: Filter, hidden: frozenset[str] = frozenset()) -> tuple[Pred, Any]:
         """(predicate, SQL plan) of ``f``; ``hidden`` holds the canonical names of the attributes
         the requester may not read: every item on them is Undefined."""
-        return self._pred(f, hidden), self._plan(f, hidden)
+        return self._pred(f, hidden), self._plan(f, hidden, 0)
 
     def _pred(self, f: Filter, hidden: frozenset[str] = frozenset()) -> Pred:
         s = self.schema
@@ -368,11 +370,13 @@ class FilterCompiler:
         return _pred
 
     # -- SQL plan ------------------------------------------------------------
-    def _plan(self, f: Filter, hidden: frozenset[str] = frozenset()) -> Any:
+    def _plan(self, f: Filter, hidden: frozenset[str] = frozenset(), depth: int = 0) -> Any:
         """A superset of the entries ``f`` matches, as a plan for the store; None: the scope."""
         s = self.schema
+        if isinstance(f, (And, Or)) and depth >= PLAN_MAX_DEPTH:
+            return None
         if isinstance(f, And):
-            plans = [p for p in (self._plan(x, hidden) for x in f.items) if p is not None]
+            plans = [p for p in (self._plan(x, hidden, depth + 1) for x in f.items) if p is not None]
             if not plans:
                 return None
             if NOTHING in plans:
@@ -380,7 +384,7 @@ class FilterCompiler:
             plans = plans[:AND_MAX_ITEMS]       # fewer items select more: still a superset
             return plans[0] if len(plans) == 1 else ("and", plans)
         if isinstance(f, Or):
-            return self._or_plan([self._plan(x, hidden) for x in f.items])
+            return self._or_plan([self._plan(x, hidden, depth + 1) for x in f.items])
         if isinstance(f, (Not, Ext)):
             return None
         attr = f.attr

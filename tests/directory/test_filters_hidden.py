@@ -92,3 +92,12 @@ def test_a_big_or_is_one_in_list_per_attribute(directory):
     got, plan = find(directory, F.Or(items), HIDDEN_ATTRS)
     assert got == {"uid=bob", "uid=carl"}
     assert plan[0] == "or" and sorted(p[0] for p in plan[1]) == ["eq", "in"]
+
+
+def test_a_deep_wide_filter_still_answers(directory):
+    """30 levels of a 64-way OR of prefixes: flat, the SQL was thousands of terms deep."""
+    inner: F.Filter = F.Eq("uid", "bob")
+    for level in range(30):
+        items = tuple(F.Sub("uid", f"p{level}x{i}", (), None) for i in range(63))
+        inner = F.Or(items + (F.And((F.Sub("cn", "b", (), None), inner)),))
+    assert find(directory, inner, HIDDEN_ATTRS)[0] == {"uid=bob"}
