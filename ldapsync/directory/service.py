@@ -1044,7 +1044,7 @@ class Directory:
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
             for op, at, vals in prepared:
                 self._apply_mod(attrs, op, at, vals, dn)
-            if len(attrs.get("userPassword", ())) > 1:
+            if sets_password and len(attrs.get("userPassword", ())) > 1:
                 # A second value would keep the old password valid beside the new one (and dodge
                 # the history): like slapd's ppolicy, an entry holds one.
                 raise LDAPError(ResultCode.constraintViolation,
