@@ -74,13 +74,37 @@ def _prepare_loaded(d, dn_text: str, raw: list[tuple[str, bytes]], lineno: int):
         vals = attrs.setdefault(at.name, [])
         if not any(d.schema.normalize(at, x) == d.schema.normalize(at, v) for x in vals):
             vals.append(v)
-    # Like slapadd, operational values in the file are kept as given; memberOf
-    # is completed from the groups loaded (a dump therefore loads back unchanged).
+    # Like slapadd, operational values in the file are kept as given, except memberOf:
+    # it is recomputed from the groups' member values (a forged one would grant a
+    # group's rights or bind the user to Microsoft 365), so a dump still loads back unchanged.
     for name in COMPUTED:
         attrs.pop(name, None)
+    attrs.pop("memberOf", None)
+    if len(attrs.get("userPassword", ())) > 1:
+        raise LDAPError(ResultCode.constraintViolation,
+                        f'line {lineno}: "{dn}" has {len(attrs["userPassword"])} userPassword values; an entry holds one')
     structural = d.schema.check_entry(attrs)
     attrs.setdefault("structuralObjectClass", [structural])
     return dn, attrs
+
+
+def _check_uuid_unique(d, txn, seen: dict[str, tuple[int, object]], lineno: int, dn, attrs) -> None:  # type: ignore[no-untyped-def]
+    """entryUUID is unique (outbox, links and Microsoft 365 status key on it): a loaded entry may
+    not take one already stored or given earlier in this batch.  The database's unique index
+    (migration 0005) is the backstop; this names the line."""
+    from ldapsync.store import entries as store
+
+    for value in attrs.get("entryUUID", ()):
+        norm = d.schema.normalize(d.attribute("entryUUID"), value)
+        other = seen.get(norm)
+        if other is not None:
+            raise LDAPError(ResultCode.constraintViolation,
+                            f'line {lineno}: entryUUID {value} of "{dn}" is already used by "{other[1]}" (line {other[0]})')
+        taken = store.entries_with_value_txn(txn, "entryuuid", norm)
+        if taken:
+            raise LDAPError(ResultCode.constraintViolation,
+                            f'line {lineno}: entryUUID {value} of "{dn}" is already used by "{taken[0].dn}"')
+        seen[norm] = (lineno, dn)
 
 
 def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
@@ -102,12 +126,14 @@ def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
         def run(txn):  # type: ignore[no-untyped-def]
             n_loaded = n_skipped = 0
             w = Write(d, txn, config.admin_dn, "load")
+            uuids: dict[str, tuple[int, object]] = {}
             for lineno, dn, attrs in batch:
                 if w.exists(dn):
                     if args.skip_existing:
                         n_skipped += 1
                         continue
                     raise LDAPError(ResultCode.entryAlreadyExists, f'line {lineno}: entry "{dn}" already exists (use --skip-existing to skip it)')
+                _check_uuid_unique(d, txn, uuids, lineno, dn, attrs)
                 parent = None
                 if dn.norm != d.suffix.norm:
                     parent = w.get(dn.parent)
