@@ -104,6 +104,13 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
 
     def timeoutConnection(self) -> None:
         # [ldap] idle_timeout: like slapd's idletimeout, an idle client is disconnected.
+        if self.closing or self.write_blocked:
+            # It has not read what we wrote (not even the notice) for that long: drop it,
+            # or its unread answers would stay in memory for good.
+            log.warn("dropping LDAP connection from {peer}: the client has not read its answers for {s:g}s",
+                     peer=self._peer(), s=self.factory.idle_timeout)
+            self.transport.abortConnection()
+            return
         if self.ops:
             self.resetTimeout()
             return

@@ -154,3 +154,33 @@ def test_wrong_password_flood_from_one_address_does_not_starve_others(make_serve
         s.sendall(bind_req(1, ADMIN_DN, srv.admin_password))
         got, _ = read_until(s, 1, BIND_RESPONSE)
     assert got[0].code == 0
+
+
+def test_two_nodes_share_the_lockout(make_cluster) -> None:
+    """Two nodes on one PostgreSQL database, wrong binds racing on both: the failure count is exact
+    (kept under a row lock), the lock set by either holds on both, and each node verifies at most
+    lockout_failures (only a burst reaching both in the same instant can make it more than that
+    in all)."""
+    nodes = make_cluster(2, SERVER_CONFIG)
+    dn = new_user(nodes[0])
+    errors: list[BaseException] = []
+
+    def attack(port: int, n: int) -> None:
+        try:
+            with connect(port) as s:
+                s.sendall(b"".join(bind_req(i + 1, dn, f"Wrong-{n}-{i}") for i in range(20)))
+                got, closed = read_until(s, 20, BIND_RESPONSE)
+                assert not closed and all(r.code == 49 for r in got), got
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=attack, args=(nodes[n % 2].port, n)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    assert [fresh_bind(node.port, dn, RIGHT) for node in nodes] == [49, 49]
+    verified = [log_count(node.log, f"wrong password for {dn}") for node in nodes]
+    assert all(v <= MAX_FAILURE for v in verified) and sum(verified) >= MAX_FAILURE, verified
+    assert len(failure_times(nodes[0], dn)) == MAX_FAILURE

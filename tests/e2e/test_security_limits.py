@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from helpers import ADMIN_DN, PEOPLE, unique, user_ldif
+from helpers import PEOPLE, unique, user_ldif, wait_for
 from e2e.security_support import (BIND_RESPONSE, NOTICE_OF_DISCONNECTION, SEARCH_DONE, Slapd, bind_req, closed_by_server,
                                   connect, log_count, read_until, rss_kib, run_slapd_ppolicy, search_req, send_quietly,
                                   wait_idle)
@@ -153,3 +153,16 @@ def test_client_that_does_not_read_is_paused(make_server) -> None:
         sender.join(60)
     assert not closed and [r.code for r in got if r.tag == SEARCH_DONE] == [0] * n
     assert grown < 64 * KIB, f"server RSS grew by {grown} KiB while the client did not read"
+
+
+def test_client_that_never_reads_is_dropped_after_idle_timeout(make_server) -> None:
+    """Its answers would otherwise stay in the server's memory for as long as it keeps the socket."""
+    srv = make_server("sqlite", '[ldap]\nidle_timeout = "2s"\n')
+    n = 3000
+    with connect(srv.port) as s:
+        send_quietly(s, b"".join(search_req(i + 1, "cn=Subschema", attrs=("*", "+")) for i in range(n)))
+        wait_for("the server to drop the connection",
+                 lambda: log_count(srv.log, "the client has not read its answers") == 1, timeout=120)
+        got, closed = read_until(s, n, SEARCH_DONE, timeout=120)
+    assert closed and len(got) < n
+    assert srv.run("ldapwhoami").returncode == 0
