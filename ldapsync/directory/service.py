@@ -493,7 +493,7 @@ class Directory:
             if pp.lock_state(cfg, attrs, now)[0]:
                 log.info("bind refused for {dn}: account locked", dn=str(dn))
                 return BindOutcome(None, False, False, True, None, None, None), Admission.PASS
-            if pp.failure_count(cfg, attrs, now) + in_flight >= cfg.lockout_failures:
+            if in_flight and pp.failure_count(cfg, attrs, now) + in_flight >= cfg.lockout_failures:
                 return attrs, Admission.WAIT    # the binds in progress may lock it: wait for their outcome
             return attrs, Admission.TAKE
 
