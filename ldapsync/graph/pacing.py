@@ -13,14 +13,15 @@ tenant-wide limit, a budget smaller than documented.  A pacer that only waits ea
 429s (measured: 50.6% against 40 writes per 10 s).  So:
 
 * **Multiplicative decrease on a 429.**  The first 429 of an episode estimates the rate Graph
-  accepted: the writes accepted since the last episode (at most one ``window`` back, counted from
-  the first of them) over the time from that first write until the ``Retry-After`` ends, which is
-  when Graph would take writes again.  Against a sliding or fixed window this is the budget
-  itself the first time, and about the rate that was being accepted later on.  The rate becomes
-  ``backoff`` (0.85) × the smaller of that estimate and the current rate.  429s answered to
-  requests sent before this one (until the pause ends) belong to the same episode and change
-  nothing more; writes booked but not yet sent wait for the pause and are booked again at the
-  new rate, instead of all going out at the old one.
+  accepted: the writes accepted over the last ``climb_period`` (not before the last episode),
+  from the start of the stretch that filled Graph's window until the ``Retry-After`` ends, which
+  is when Graph takes writes again; or, if higher, the rate that was accepted through a whole climb period since the last
+  episode.  The first time (a burst at the configured rate, then a long Retry-After) that is the
+  budget itself; later, about the rate that was being accepted.  The rate becomes ``backoff``
+  (0.9) × that, and never more than 0.9 × the current rate.  429s answered to requests sent
+  before this one (until the pause ends) belong to the same episode and change nothing more;
+  writes booked but not yet sent wait for the pause and are booked again at the new rate,
+  instead of all going out at the old one.
 * **Additive increase while Graph accepts.**  Each ``climb_period`` (10 s) in which writes are
   accepted with no throttling signal, the rate climbs by ``climb_step`` (1.5%) of the configured
   rate, back up to it: from a fifth of the budget to all of it in about nine minutes.  No
@@ -54,8 +55,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import task
+from twisted.logger import Logger
 
 __all__ = ["PacingPolicy", "WritePacer"]
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -255,20 +259,33 @@ class WritePacer:
 
     def accepted_rate(self, until: float) -> float | None:
         """Writes per second Graph accepted from us over the last ``climb_period`` (not before the
-        last 429 episode), counted from the first of them to ``until``; None if none was accepted."""
+        last 429 episode) up to ``until``: the writes accepted from one of them on, over the time
+        from it to ``until``, for the one that gives the most (the start of the stretch that
+        filled Graph's window: a lone write before an idle spell does not dilute a burst after
+        it).  None if none was accepted."""
         start = max(self._span_start, self._clock.seconds() - self.policy.climb_period)
-        counted = [(t, n) for t, n in self._accepted if t >= start]
-        if not counted:
-            return None
-        return sum(n for _, n in counted) / max(until - counted[0][0], 1e-3)
+        best: float | None = None
+        writes = 0
+        for t, n in reversed(self._accepted):
+            if t < start:
+                break
+            writes += n
+            rate = writes / max(until - t, 1e-3)
+            best = rate if best is None else max(best, rate)
+        return best
 
     def _decrease(self, now: float) -> None:
         if now < self._episode_until:
             return                    # sent before the episode's first 429 was answered
         end = max(self._pause_until, now)
         accepted = self.accepted_rate(end)
+        was = self.rate
         basis = self._factor if accepted is None else max(accepted / self.configured_rate, self._proven)
         self._set_factor(self.policy.backoff * min(basis, self._factor))
+        log.info("Graph throttled our writes: pacing at {rate:.2f} writes/s (was {was:.2f}; Graph accepted "
+                 "{accepted} writes/s), climbing back by {step:.2f} writes/s every {period:g} s without throttling",
+                 rate=self.rate, was=was, accepted="?" if accepted is None else f"{accepted:.2f}",
+                 step=self.policy.climb_step * self.configured_rate, period=self.policy.climb_period)
         self._proven = 0.0
         self._span_start = end
         self._episode_until = end
