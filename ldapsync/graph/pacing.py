@@ -9,8 +9,9 @@ what Graph answers.  :mod:`ldapsync.graph.client` asks it before every request
 Why it learns.  ``write_budget`` says what Graph documents (3,000 writes per 150 s per app and
 tenant), but the budget Graph really gives can be lower: another app writing in the tenant, the
 tenant-wide limit, a budget smaller than documented.  A pacer that only waits each
-``Retry-After`` and comes straight back at the configured rate spends half its attempts on
-429s (measured: 50.6% against 40 writes per 10 s).  So:
+``Retry-After`` and comes straight back at the configured rate spends a quarter to a half of its
+attempts on 429s (issue 14: 50.6%; tests/perf ``--scenarios throttle``, 40 writes per 10 s
+against the default budget: 24%, and 1% with this pacer).  So:
 
 * **Multiplicative decrease on a 429.**  The first 429 of an episode estimates the rate Graph
   accepted: the writes accepted over the last ``climb_period`` (not before the last episode),
