@@ -153,23 +153,35 @@ def test_node_heartbeats_come_and_go(d):
     assert beat("a", 4000.0, forget=3000.0) == {"a": "4000.0"}           # long gone: forgotten
 
 
-def test_mass_unbind_is_held_and_deactivate_queues_nothing(d):
-    for u in ("e1", "e2", "e3"):
+@pytest.mark.parametrize(("n", "state"), [(2, "ready"), (3, "held")], ids=["at-threshold", "one-over"])
+def test_mass_unbind_is_held_and_deactivate_queues_nothing(d, n, state):
+    """The fixture's threshold is 2: exactly 2 disables in one write go out, 3 are held."""
+    users = [f"e{i}" for i in range(n)]
+    for u in users:
         add_user(d, u, bound=True)
     before = len(rows(d))
 
     def unbind_all(w):
-        for u in ("e1", "e2", "e3"):
+        for u in users:
             st = w.get(d.dn(f"uid={u},{PEOPLE}"))
             attrs = dict(st.attrs)
             del attrs["ldapsyncDirectory"]
             w.update(st, attrs)
     write(d, unbind_all)
     new = rows(d)[before:]
-    assert [r[4] for r in new] == ["held"] * 3 and all(not DesiredUser.from_json(r[2]).bound for r in new)
+    assert [r[4] for r in new] == [state] * n and all(not DesiredUser.from_json(r[2]).bound for r in new)
 
     add_user(d, "f1", bound=True)
     before = len(rows(d))
     write(d, lambda w: w.update(st := w.get(d.dn(f"uid=f1,{PEOPLE}")), {k: v for k, v in st.attrs.items() if k != "ldapsyncDirectory"}),
           {"leave_microsoft365_untouched": True})
     assert len(rows(d)) == before
+
+
+def test_guard_threshold_defaults_to_500(tmp_path):
+    """The README's default: a config that does not set disable_threshold holds more than 500."""
+    from ldapsync.config import load_config
+
+    path = tmp_path / "ldapsync.toml"
+    path.write_text('[office365]\nenabled = true\ntenant = "contoso.onmicrosoft.com"\nclient_id = "x"\n')
+    assert load_config(path).office365.disable_threshold == 500
