@@ -95,9 +95,11 @@ class Op:
     expect_rc: int = 0
     text: str = ""
     outcome: str = ""                # filled in by the runner: "ok", "refused 19", "DIVERGED …"
+    state: str = ""                  # the person's state just before the step (Person.state)
+    who: str = ""                    # "p003=uid" just before the step
 
     def line(self, n: int) -> str:
-        out = f"#{n:03d} {self.text}"
+        out = f"#{n:03d} " + (f"{self.who}: " if self.who else "") + self.text + (f" ({self.state})" if self.state else "")
         return out + (f"  [{self.outcome}]" if self.outcome and self.outcome != "ok" else "")
 
 
@@ -173,22 +175,22 @@ class Model:
         if p is None:
             return None
         rc = CONSTRAINT if p.mail.endswith("@" + UNVERIFIED) and not p.bound else 0
-        return Op("bind_direct", p.key, {}, rc, f"{p.key}={p.uid}: add ldapsyncDirectory: office365 ({p.state()})")
+        return Op("bind_direct", p.key, {}, rc, "add ldapsyncDirectory: office365")
 
     def _gen_unbind_direct(self) -> Op | None:
         p = self._pick(lambda p: p.direct)
-        return p and Op("unbind_direct", p.key, {}, 0, f"{p.key}={p.uid}: delete ldapsyncDirectory ({p.state()})")
+        return p and Op("unbind_direct", p.key, {}, 0, "delete ldapsyncDirectory")
 
     def _gen_tag_add(self) -> Op | None:
         p = self._pick(lambda p: not p.tag)
         if p is None:
             return None
         rc = CONSTRAINT if p.mail.endswith("@" + UNVERIFIED) and not p.bound else 0
-        return Op("tag_add", p.key, {}, rc, f"{p.key}={p.uid}: add member to the provisioning tag ({p.state()})")
+        return Op("tag_add", p.key, {}, rc, "add member to the provisioning tag")
 
     def _gen_tag_remove(self) -> Op | None:
         p = self._pick(lambda p: p.tag)
-        return p and Op("tag_remove", p.key, {}, 0, f"{p.key}={p.uid}: remove member from the provisioning tag ({p.state()})")
+        return p and Op("tag_remove", p.key, {}, 0, "remove member from the provisioning tag")
 
     def _gen_names(self) -> Op | None:
         p = self._pick()
@@ -202,15 +204,15 @@ class Model:
             else:
                 changes[attr] = {"givenName": f"Given{n}", "sn": f"Sn{n}", "cn": f"Cn{n} {p.uid}",
                                  "displayName": f"Display {n}"}[attr]
-        text = f"{p.key}={p.uid}: " + ", ".join(f"{a} {'deleted' if v is None else '= ' + repr(v)}" for a, v in changes.items())
-        return Op("names", p.key, {"changes": changes}, 0, text + f" ({p.state()})")
+        text = ", ".join(f"{a} {'deleted' if v is None else '= ' + repr(v)}" for a, v in changes.items())
+        return Op("names", p.key, {"changes": changes}, 0, text)
 
     def _gen_mail_local(self) -> Op | None:
         p = self._pick(lambda p: not p.mail.endswith("@" + UNVERIFIED))
         if p is None:
             return None
         new = f"{self._fresh('m')}@{p.mail.rsplit('@', 1)[1]}"
-        return Op("mail", p.key, {"mail": new}, 0, f"{p.key}={p.uid}: mail {p.mail} -> {new} ({p.state()})")
+        return Op("mail", p.key, {"mail": new}, 0, f"mail -> {new}")
 
     def _gen_mail_domain(self) -> Op | None:
         p = self._pick()
@@ -218,7 +220,7 @@ class Model:
             return None
         domain = self.rng.choice([d for d in VERIFIED if not p.mail.endswith("@" + d)])
         new = f"{p.mail.rsplit('@', 1)[0]}@{domain}"
-        return Op("mail", p.key, {"mail": new}, 0, f"{p.key}={p.uid}: mail {p.mail} -> {new} (other verified domain; {p.state()})")
+        return Op("mail", p.key, {"mail": new}, 0, f"mail -> {new} (other verified domain)")
 
     def _gen_mail_unverified(self) -> Op | None:
         p = self._pick()
@@ -226,7 +228,7 @@ class Model:
             return None
         new = f"{self._fresh('m')}@{UNVERIFIED}"
         rc = CONSTRAINT if p.bound else 0
-        return Op("mail", p.key, {"mail": new}, rc, f"{p.key}={p.uid}: mail -> {new} (unverified domain; {p.state()})")
+        return Op("mail", p.key, {"mail": new}, rc, f"mail -> {new} (unverified domain)")
 
     def _gen_mail_duplicate(self) -> Op | None:
         p = self._pick()
@@ -236,32 +238,32 @@ class Model:
         o = self.rng.choice(others)
         new = o.mail.upper() if self.rng.random() < 0.5 else o.mail
         return Op("mail", p.key, {"mail": new, "duplicate_of": o.key}, CONSTRAINT,
-                  f"{p.key}={p.uid}: mail -> {new} (= {o.key}'s mail: must be refused; {p.state()})")
+                  f"mail -> {new} (= {o.key}'s mail: must be refused)")
 
     def _gen_pw_modify(self) -> Op | None:
         p = self._pick()
         return p and Op("pw_modify", p.key, {"password": self.fresh_password()}, 0,
-                        f"{p.key}={p.uid}: ldapmodify replace userPassword ({p.state()})")
+                        f"ldapmodify replace userPassword")
 
     def _gen_pw_passwd(self) -> Op | None:
         p = self._pick()
         return p and Op("pw_passwd", p.key, {"password": self.fresh_password()}, 0,
-                        f"{p.key}={p.uid}: ldappasswd (Password Modify) ({p.state()})")
+                        f"ldappasswd (Password Modify)")
 
     def _gen_rename(self) -> Op | None:
         p = self._pick()
         if p is None:
             return None
         new = self._fresh("r")
-        return Op("rename", p.key, {"uid": new}, 0, f"{p.key}={p.uid}: modrdn uid={new} ({p.state()})")
+        return Op("rename", p.key, {"uid": new}, 0, f"modrdn uid={new}")
 
     def _gen_delete(self) -> Op | None:
         p = self._pick()
-        return p and Op("delete", p.key, {}, 0, f"{p.key}={p.uid}: ldapdelete ({p.state()})")
+        return p and Op("delete", p.key, {}, 0, "ldapdelete")
 
     def _gen_user_bind(self) -> Op | None:
         p = self._pick(lambda p: p.bound and p.password is not None)
-        return p and Op("user_bind", p.key, {}, 0, f"{p.key}={p.uid}: the user binds (ldapwhoami) with its password ({p.state()})")
+        return p and Op("user_bind", p.key, {}, 0, "the user binds (ldapwhoami) with its password")
 
     def _gen_portal(self) -> Op | None:
         pool = [p for p in self.people.values() if p.ever_bound]
@@ -272,7 +274,7 @@ class Model:
         change = self.rng.choice([{"accountEnabled": True}, {"accountEnabled": False}, {"displayName": f"Portal {n}"},
                                   {"givenName": f"PortalG{n}"}, {"surname": f"PortalS{n}"},
                                   {"accountEnabled": True, "displayName": f"Portal {n}"}])
-        return Op("portal", p.key, {"changes": change}, 0, f"{p.key}={p.uid}: portal edit {change} ({p.state()})")
+        return Op("portal", p.key, {"changes": change}, 0, f"portal edit {change}")
 
     def _gen_fault(self) -> Op | None:
         kind = self.rng.choice(["429", "503", "latency", "outage"])
@@ -295,15 +297,29 @@ class Model:
                 "kill9-worker": "kill -9 the worker process only (the server starts a new one)"}[how]
         return Op("restart", None, {"how": how, "node": node}, 0, f"node {node}: {text}" if self.nodes > 1 else text)
 
+    def expect(self, op: Op) -> int:
+        """The LDAP result the contract gives ``op`` in the current state (0 or constraintViolation)."""
+        if op.person is None or op.person not in self.people:
+            return 0
+        p = self.people[op.person]
+        if op.kind in ("bind_direct", "tag_add"):
+            return CONSTRAINT if p.mail.lower().endswith("@" + UNVERIFIED) and not p.bound else 0
+        if op.kind == "mail":
+            mail = op.args["mail"].lower()
+            if any(o is not p and o.mail.lower() == mail for o in self.living()):
+                return CONSTRAINT
+            return CONSTRAINT if p.bound and mail.endswith("@" + UNVERIFIED) else 0
+        return 0
+
     # -- the directory after an accepted step ----------------------------------------------------
     def apply(self, op: Op) -> None:
         a = op.args
         if op.kind == "add":
-            key = f"p{len(self.people) + 1:03d}"
+            key = a.setdefault("key", f"p{len(self.people) + 1:03d}")     # kept when a trace is replayed
             p = Person(key, a["uid"], a["mail"], a["given"], a["sn"], a["cn"], password=a["password"],
                        pw_known=a["pw"] == "clear", direct=a["bound"], uids={a["uid"].lower()}, mails={a["mail"].lower()})
             op.person = key
-            op.text = op.text.replace("ldapadd ", f"{key}: ldapadd ", 1)
+            op.who = key
             self.people[key] = p
         elif op.person is not None:
             p = self.people[op.person]

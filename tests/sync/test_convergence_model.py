@@ -32,6 +32,8 @@ What runs when:
     LDAPSYNC_CONVERGENCE_PROFILE=full      names | ldap | full (see convergence_model.PROFILES)
     LDAPSYNC_CONVERGENCE_BACKENDS=sqlite   sqlite,postgresql (the single-node test)
     LDAPSYNC_CONVERGENCE_SETTLE=60         seconds the queue may take to drain at the end
+    LDAPSYNC_CONVERGENCE_SHRINK=12         on failure, shrink one user's trace per kind of divergence by
+                                           replaying subsets on fresh servers (at most N replays per kind)
 
   e.g. ``LDAPSYNC_CONVERGENCE_SEEDS=1-3 pytest tests/sync/test_convergence_model.py -k randomized``;
   the two-node variant alone: ``-k cluster_kill9``.
@@ -41,13 +43,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import hashlib
 import json
 import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,7 @@ OPS = int(os.environ.get("LDAPSYNC_CONVERGENCE_OPS", "60"))
 PROFILE = os.environ.get("LDAPSYNC_CONVERGENCE_PROFILE", "full")
 BACKENDS = [b for b in os.environ.get("LDAPSYNC_CONVERGENCE_BACKENDS", "sqlite").split(",") if b]
 SETTLE = float(os.environ.get("LDAPSYNC_CONVERGENCE_SETTLE", "60"))
+SHRINK = int(os.environ.get("LDAPSYNC_CONVERGENCE_SHRINK", "0"))
 GATED = pytest.mark.skipif(not SEEDS, reason="randomized convergence runs only with LDAPSYNC_CONVERGENCE_SEEDS set "
                                              "(today's engine does not meet the issue-14 contract yet)")
 
@@ -102,6 +106,7 @@ class Run:
     divergences: list[Divergence] = field(default_factory=list)
     seen_accounts: set[str] = field(default_factory=set)
     latency_left: int = 0
+    minimal: dict[str, tuple[str, list[str], str]] = field(default_factory=dict)   # kind → (person, shrunk trace, note)
     dead: set[int] = field(default_factory=set)
 
     # -- helpers -----------------------------------------------------------------------------
@@ -136,6 +141,13 @@ class Run:
     # -- running one step ----------------------------------------------------------------------
     def step(self, op: Op) -> None:
         self.ops.append(op)
+        if op.person in self.model.people:
+            p = self.model.people[op.person]  # type: ignore[index]
+            op.who, op.state = f"{p.key}={p.uid}", p.state()
+            if not p.exists and op.kind != "portal":
+                op.outcome = "skipped: entry deleted"
+                return
+        op.expect_rc = self.model.expect(op)
         if self.latency_left:
             self.latency_left -= 1
             if not self.latency_left:
@@ -411,6 +423,9 @@ class Run:
         body: list[str] = []
         for d in self.divergences:
             body.append(f"  [{d.kind}] {d.detail}")
+        for kind, (key, lines, note) in self.minimal.items():
+            body.append(f"\nminimal trace for [{kind}] of {key} ({note}):")
+            body.extend("  " + line for line in lines)
         for key in sorted({d.person for d in self.divergences if d.person}):
             p = m.people[key]
             body.append(f"\ntrace of {key} (now uid={p.uid}, {p.state()}):")
@@ -424,6 +439,7 @@ class Run:
                 "label": label, "seed": m.seed, "profile": m.profile, "ops": len(self.ops),
                 "divergences": [d.__dict__ for d in self.divergences],
                 "traces": {k: self.trace(k) for k in sorted({d.person for d in self.divergences if d.person})},
+                "minimal": self.minimal,
             }, indent=1))
         return "\n".join(head + body)
 
@@ -441,6 +457,56 @@ def run_seed(label: str, nodes: list[Any], fake: Any, seed: int, profile: str, o
     run.settle(settle)
     run.compare()
     return run
+
+
+def replay(label: str, nodes: list[Any], fake: Any, model: Model, ops: list[Op], settle: float) -> Run:
+    """Run a given list of steps (copies of a failed run's) on a fresh deployment."""
+    for n in nodes:
+        wait_active(n)
+    fresh = Model(model.seed, model.profile, prefix=model.prefix, nodes=len(nodes))
+    run = Run(fresh, nodes, fake, nodes[0].workdir)
+    for op in ops:
+        run.step(Op(op.kind, op.person if op.kind != "add" else None, copy.deepcopy(op.args), text=op.text))
+    run.settle(settle)
+    run.compare()
+    return run
+
+
+def shrink(run: Run, key: str, kind: str, fresh_env: Callable[[], tuple[list[Any], Any]], budget: int) -> tuple[list[Op], str]:
+    """Fewest steps (greedy, at most ``budget`` replays) after which ``key`` still shows ``kind``.
+
+    Starts from the person's own steps plus the faults and restarts, drops those, then one step
+    at a time from the end.  Returns (steps, note)."""
+    tried = 0
+
+    def reproduces(ops: list[Op]) -> bool:
+        nonlocal tried
+        tried += 1
+        nodes, fake = fresh_env()
+        try:
+            r = replay("shrink", nodes, fake, run.model, ops, 30.0)
+        finally:
+            for n in nodes:
+                n.stop()
+            fake.stop()
+        return any(d.person == key and d.kind == kind for d in r.divergences)
+
+    mine = [op for op in run.ops if op.person == key or op.person is None]
+    if not reproduces(mine):
+        return mine, "NOT reproduced by this user's steps alone (timing, or another user's steps matter)"
+    globals_ = [op for op in mine if op.person is None]
+    if globals_ and tried < budget:
+        alone = [op for op in mine if op.person is not None]
+        if reproduces(alone):
+            mine = alone
+    i = len(mine) - 1
+    while i >= 0 and tried < budget:
+        if mine[i].kind != "add":
+            trial = mine[:i] + mine[i + 1:]
+            if reproduces(trial):
+                mine = trial
+        i -= 1
+    return mine, f"{tried} replay(s){'' if i < 0 else ', budget spent before the end'}"
 
 
 def _config(fake: Any) -> str:
@@ -462,9 +528,26 @@ def test_names_profile_converges(make_server, fake_tenant):
 @GATED
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", SEEDS or [0])
-def test_convergence_randomized(make_server, fake_tenant, backend, seed):
+def test_convergence_randomized(make_server, fake_tenant, backend, seed, tmp_path):
     srv = make_server(backend, _config(fake_tenant))
     run = run_seed("randomized", [srv], fake_tenant, seed, PROFILE, OPS, SETTLE)
+    if run.divergences and SHRINK:
+        from ldapsync.testing.client import FakeTenantProcess
+
+        def fresh_env() -> tuple[list[Any], Any]:
+            fake = FakeTenantProcess(tmp_path / f"tenant-{secrets.token_hex(3)}", extra_args=["--device-auto-approve"]).start()
+            return [make_server(backend, _config(fake))], fake
+
+        kinds: dict[str, str] = {}          # one user per kind, a different one where there is a choice
+        for d in sorted(run.divergences, key=lambda d: d.person in kinds.values()):
+            if d.person and not d.kind.startswith("ldap-result") and d.kind not in kinds:
+                if d.person in kinds.values() and any(x.kind == d.kind and x.person not in kinds.values()
+                                                      for x in run.divergences):
+                    continue
+                kinds[d.kind] = d.person
+        for kind, key in kinds.items():
+            steps, note = shrink(run, key, kind, fresh_env, SHRINK)
+            run.minimal[kind] = (key, [op.line(n) for n, op in enumerate(steps, 1)], note)
     assert not run.divergences, run.report("randomized")
 
 
