@@ -344,6 +344,11 @@ class Run:
         gone = self.seen_accounts - {u["id"] for u in self.fake.admin.all_users()}
         for oid in sorted(gone):
             self.divergences.append(Divergence(None, "account deleted", f"account {oid} existed and is gone"))
+        passwords = self.model.passwords + [p.password for p in self.model.people.values() if p.password]
+        for n in self.nodes:
+            text = n.log.read_text(errors="replace")
+            if any(pw in text for pw in passwords):
+                self.divergences.append(Divergence(None, "password in the server log", str(n.log)))
         deletes = self.fake.admin.requests(kind="graph", method="DELETE")
         if deletes:
             self.divergences.append(Divergence(None, "account deleted", f"{len(deletes)} DELETE request(s) to Graph"))
