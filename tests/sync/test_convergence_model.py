@@ -263,11 +263,16 @@ class Run:
         op.outcome = "ok"
 
     def _do_kill_node(self, op: Op) -> None:
+        """kill -9 mid-delivery: Graph answers slowly for a moment, so the node holds claims."""
         i = op.args["node"]
         self.accounts()
+        self.fake.admin.set_latency(seconds=2.0)
+        time.sleep(1.0)
         self.nodes[i].signal_all(signal.SIGKILL)
         self.nodes[i].stop(signal.SIGKILL)
         self.dead.add(i)
+        if not self.latency_left:
+            self.fake.admin.set_latency(seconds=0)
         op.outcome = "ok"
 
     # -- the end ----------------------------------------------------------------------------
@@ -401,7 +406,8 @@ class Run:
         if e.get("o365ObjectId") != [acct["id"]]:
             diverge("bound/o365ObjectId", f"o365ObjectId={e.get('o365ObjectId')}, account {acct['id']}")
         if not p.pw_known and e.get("o365PasswordPending") != ["TRUE"]:
-            diverge("bound/o365PasswordPending", f"blocked for want of a password, o365PasswordPending={e.get('o365PasswordPending')}")
+            diverge(f"bound/o365PasswordPending ({'no password' if p.password is None else 'only a hash'})",
+                    f"blocked for want of a password, o365PasswordPending={e.get('o365PasswordPending')}")
 
     # -- reporting ----------------------------------------------------------------------------
     def trace(self, key: str | None) -> list[str]:
@@ -457,7 +463,8 @@ def run_seed(label: str, nodes: list[Any], fake: Any, seed: int, profile: str, o
     run = Run(model, nodes, fake, nodes[0].workdir)
     for i in range(ops):
         if kill_node_at is not None and i == kill_node_at:
-            run.step(Op("kill_node", None, {"node": len(nodes) - 1}, 0, f"node {len(nodes) - 1}: kill -9 (server and worker), stays down"))
+            run.step(Op("kill_node", None, {"node": len(nodes) - 1}, 0,
+                        f"node {len(nodes) - 1}: kill -9 (server and worker) while Graph answers in 2 s, stays down"))
         run.step(model.next_op())
     run.settle(settle)
     run.compare()
