@@ -112,6 +112,7 @@ class Run:
     latency_left: int = 0
     minimal: dict[str, tuple[str, list[str], str]] = field(default_factory=dict)   # kind → (person, shrunk trace, note)
     dead: set[int] = field(default_factory=set)
+    force_node: int | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -119,6 +120,8 @@ class Run:
         return [n for i, n in enumerate(self.nodes) if i not in self.dead]
 
     def srv(self) -> Any:
+        if self.force_node is not None:
+            return self.nodes[self.force_node]
         alive = self.alive
         return alive[self.model.rng.randrange(len(alive))] if len(alive) > 1 else alive[0]
 
@@ -276,6 +279,13 @@ class Run:
         i = op.args["node"]
         self.accounts()
         self.fake.admin.set_latency(seconds=2.0)
+        # a burst of name changes written through the doomed node: its worker claims them at once
+        self.force_node = i
+        bound = [p for p in self.model.living() if p.bound][:5]
+        for p in bound:
+            n = self.model.rng.randrange(1000)
+            self.step(Op("names", p.key, {"changes": {"displayName": f"Burst {n}"}}, 0, f"displayName = 'Burst {n}' (via node {i})"))
+        self.force_node = None
         time.sleep(1.0)
         self.nodes[i].signal_all(signal.SIGKILL)
         self.nodes[i].stop(signal.SIGKILL)
