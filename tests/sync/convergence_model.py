@@ -5,7 +5,8 @@ Owns: ``Person`` (one directory user as the model sees it, stable across renames
 generated step, with the LDAP result the contract expects and a one-line description for the
 trace), ``Model`` (the seeded generator: ``next_op`` picks a step that is valid for the model's
 state; ``apply`` records a step the server accepted) and ``expected`` (the Microsoft 365 account a
-person must have once the queue is empty and a reconcile has run).  No processes, no network.
+person must have once the queue is empty and a reconcile has run), and ``REGRESSIONS`` /
+``scripted`` (the divergences found so far as minimal fixed traces).  No processes, no network.
 
 The contract encoded here (the NEW one, issue 14):
 - a bound user ends with one account: UPN = mail, mail, mailNickname = uid, displayName
@@ -19,6 +20,8 @@ The contract encoded here (the NEW one, issue 14):
   account, blocked (accountEnabled false), never deleted; a never-bound user has none;
 - portal edits of bound and ever-bound users are put back (the model ignores them: the final
   state is the directory's);
+- a successful bind of a bound user hands its password over (capture), even when the bind comes
+  before the worker has delivered the binding;
 - ``mail`` is unique (case-insensitively) among ldapsyncUser entries: a write that would
   duplicate one is refused with constraintViolation (19); a bound user's mail on an unverified
   domain is refused the same way (and so is binding a user whose mail is on one).
