@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import Origin
 from ldapsync.selfservice.links import (
     LinkInfo,
     LinkProblem,
@@ -396,7 +397,8 @@ class SelfServicePages(resource.Resource):
         else:
             try:
                 await self.directory.set_password(Actor(self.directory.dn(s.dn), False), s.dn, new,
-                                                  old_password=current.encode("utf-8"), operation="selfservice-change")
+                                                  old_password=current.encode("utf-8"), operation="selfservice-change",
+                                                  origin=Origin.PAGES)
             except LDAPError as e:
                 error = self.password_error(e, current_check=True)
         if error:

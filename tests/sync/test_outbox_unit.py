@@ -8,12 +8,13 @@ from helpers import SUFFIX
 from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, Office365Config, PasswordsConfig, SecretsConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import Origin, WriteHooks
 from ldapsync.directory.service import Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
 from ldapsync.sync.connector import ensure_entries_txn, write_status_txn
-from ldapsync.sync.outbox import DesiredUser, OutboxPlanner, install_planner
+from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
 
 PEOPLE = f"ou=people,{SUFFIX}"
 TAG = f"cn=Provisioning - Office 365,ou=tags,{SUFFIX}"
@@ -33,21 +34,21 @@ def d(request, tmp_path):
         office365=Office365Config(enabled=True, tenant="contoso.onmicrosoft.com", client_id="x", disable_threshold=2),
         secrets=SecretsConfig(key_file=str(tmp_path / "key")),
     )
-    directory = Directory(cfg, Database(url))
+    hooks: list[WriteHooks] = []
+    directory = Directory(cfg, Database(url), hooks=hooks)
     directory.bootstrap_sync()
-    planner = install_planner(directory)
+    hooks.append(OutboxPlanner.from_config(directory))      # the fixture is the wiring
     directory.db.run_sync("entries", lambda txn: ensure_entries_txn(directory, txn))
     directory.db.run_sync("domains", lambda txn: write_status_txn(directory, txn, {"o365VerifiedDomain": ["contoso.com"]}))
     yield directory
-    store.unregister_change_hook(planner.hook)
     directory.db.stop()
     if pg:
         drop_pg_database(pg)
 
 
-def write(d: Directory, fn, context=None):
+def write(d: Directory, fn, cleartext=None, origin=Origin.LDAP):
     def run(txn):
-        w = Write(d, txn, f"cn=admin,{SUFFIX}", "modify", context=context or {})
+        w = Write(d, txn, f"cn=admin,{SUFFIX}", "modify", origin, cleartext=cleartext or {})
         fn(w)
         return w.finish()
     return d.db.run_sync("w", run)
@@ -61,8 +62,7 @@ def add_user(d, uid, *, bound=False, mail_domain="contoso.com", password=None):
     if password:
         attrs["userPassword"] = [d.hasher.hash(password.encode())]
     dn = d.dn(f"uid={uid},{PEOPLE}")
-    ctx = {"cleartext": {dn.norm: [password]}} if password else {}
-    write(d, lambda w: w.create(dn, attrs, w.get(dn.parent)), ctx)
+    write(d, lambda w: w.create(dn, attrs, w.get(dn.parent)), {dn.norm: [password]} if password else None)
 
 
 def rows(d):
@@ -171,5 +171,5 @@ def test_mass_unbind_is_held_and_deactivate_queues_nothing(d):
     add_user(d, "f1", bound=True)
     before = len(rows(d))
     write(d, lambda w: w.update(st := w.get(d.dn(f"uid=f1,{PEOPLE}")), {k: v for k, v in st.attrs.items() if k != "ldapsyncDirectory"}),
-          {"leave_microsoft365_untouched": True})
+          origin=Origin.DEACTIVATE)
     assert len(rows(d)) == before
