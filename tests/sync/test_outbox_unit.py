@@ -173,3 +173,23 @@ def test_mass_unbind_is_held_and_deactivate_queues_nothing(d):
     write(d, lambda w: w.update(st := w.get(d.dn(f"uid=f1,{PEOPLE}")), {k: v for k, v in st.attrs.items() if k != "ldapsyncDirectory"}),
           origin=Origin.DEACTIVATE)
     assert len(rows(d)) == before
+
+
+def test_hooks_belong_to_their_directory(d, tmp_path):
+    """Hooks are handed to one directory, not registered for the process: a second directory in
+    the same process, built without hooks, queues nothing (with the store's global hook list,
+    the first directory's planner ran inside the second one's writes and queued rows there)."""
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    other = Directory(Config(directory=DirectoryConfig(suffix=SUFFIX, database=url),
+                             admin=AdminConfig(password_file=str(tmp_path / "other-pw")),
+                             passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192)), Database(url))
+    try:
+        other.bootstrap_sync()
+        other.db.run_sync("entries", lambda txn: ensure_entries_txn(other, txn))
+        add_user(other, "iris", bound=True, password="Secret-Pass-1")
+        assert rows(other) == []
+        assert "o365SyncState" not in entry(other, "iris")
+        add_user(d, "ivy", bound=True)                         # the first one's hooks still run
+        assert [r[1] for r in rows(d)] == ["bind"]
+    finally:
+        other.db.stop()
