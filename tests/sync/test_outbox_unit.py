@@ -193,3 +193,18 @@ def test_hooks_belong_to_their_directory(d, tmp_path):
         assert [r[1] for r in rows(d)] == ["bind"]
     finally:
         other.db.stop()
+
+
+def test_the_origin_decides_whether_a_write_reaches_microsoft365(d):
+    """One table (Origin) instead of a skip-list per hook: a name change of a bound user is queued
+    for the origins that reach Microsoft 365 and for no other."""
+    add_user(d, "jo", bound=True)
+    dn = d.dn(f"uid=jo,{PEOPLE}")
+    queued = set()
+    for n, origin in enumerate(Origin):
+        before = len(rows(d))
+        write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "sn": [f"S{n}"]}), origin=origin)
+        if len(rows(d)) > before:
+            queued.add(origin)
+    assert queued == {Origin.LDAP, Origin.PAGES, Origin.CLI, Origin.IMPORT, Origin.POLICY, Origin.LINKS}
+    assert queued == {o for o in Origin if o.reaches_microsoft365}
