@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
+from ldapsync import __version__
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.ldif import LDIFError, format_header, format_record, parse_ldif
@@ -32,8 +33,9 @@ def _open_directory(config: Config):  # type: ignore[no-untyped-def]
     from ldapsync.store.database import Database
     from ldapsync.tap import _sqlite_dir
 
-    _sqlite_dir(config)
-    db = Database(config.directory.database)
+    for line in _sqlite_dir(config):
+        print(f"ldapsync: warning: {line}", file=sys.stderr)
+    db = Database(config.directory.database, durability=config.directory.durability)
     hooks: list[WriteHooks] = []
     d = Directory(config, db, hooks=hooks)
     if config.office365.enabled:
@@ -53,7 +55,9 @@ def cmd_init(config: Config, args: argparse.Namespace) -> int:
         print(line)
     if not lines:
         print(f"nothing to do: {d.suffix} and {d.admin_dn} exist")
-    print(f"database: {config.directory.database}")
+    from ldapsync.store.database import display_url
+
+    print(f"database: {display_url(config.directory.database)}")
     print(f"admin DN: {config.admin_dn} (password in {config.admin.password_file})")
     return 0
 
@@ -70,13 +74,37 @@ def _prepare_loaded(d, dn_text: str, raw: list[tuple[str, bytes]], lineno: int):
         vals = attrs.setdefault(at.name, [])
         if not any(d.schema.normalize(at, x) == d.schema.normalize(at, v) for x in vals):
             vals.append(v)
-    # Like slapadd, operational values in the file are kept as given; memberOf
-    # is completed from the groups loaded (a dump therefore loads back unchanged).
+    # Like slapadd, operational values in the file are kept as given, except memberOf:
+    # it is recomputed from the groups' member values (a forged one would grant a
+    # group's rights or bind the user to Microsoft 365), so a dump still loads back unchanged.
     for name in COMPUTED:
         attrs.pop(name, None)
+    attrs.pop("memberOf", None)
+    if len(attrs.get("userPassword", ())) > 1:
+        raise LDAPError(ResultCode.constraintViolation,
+                        f'line {lineno}: "{dn}" has {len(attrs["userPassword"])} userPassword values; an entry holds one')
     structural = d.schema.check_entry(attrs)
     attrs.setdefault("structuralObjectClass", [structural])
     return dn, attrs
+
+
+def _check_uuid_unique(d, txn, seen: dict[str, tuple[int, object]], lineno: int, dn, attrs) -> None:  # type: ignore[no-untyped-def]
+    """entryUUID is unique (outbox, links and Microsoft 365 status key on it): a loaded entry may
+    not take one already stored or given earlier in this batch.  The database's unique index
+    (migration 0005) is the backstop; this names the line."""
+    from ldapsync.store import entries as store
+
+    for value in attrs.get("entryUUID", ()):
+        norm = d.schema.normalize(d.attribute("entryUUID"), value)
+        other = seen.get(norm)
+        if other is not None:
+            raise LDAPError(ResultCode.constraintViolation,
+                            f'line {lineno}: entryUUID {value} of "{dn}" is already used by "{other[1]}" (line {other[0]})')
+        taken = store.entries_with_value_txn(txn, "entryuuid", norm)
+        if taken:
+            raise LDAPError(ResultCode.constraintViolation,
+                            f'line {lineno}: entryUUID {value} of "{dn}" is already used by "{taken[0].dn}"')
+        seen[norm] = (lineno, dn)
 
 
 def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
@@ -99,12 +127,14 @@ def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
         def run(txn):  # type: ignore[no-untyped-def]
             n_loaded = n_skipped = 0
             w = Write(d, txn, config.admin_dn, "load", Origin.CLI)
+            uuids: dict[str, tuple[int, object]] = {}
             for lineno, dn, attrs in batch:
                 if w.exists(dn):
                     if args.skip_existing:
                         n_skipped += 1
                         continue
                     raise LDAPError(ResultCode.entryAlreadyExists, f'line {lineno}: entry "{dn}" already exists (use --skip-existing to skip it)')
+                _check_uuid_unique(d, txn, uuids, lineno, dn, attrs)
                 parent = None
                 if dn.norm != d.suffix.norm:
                     parent = w.get(dn.parent)
@@ -154,7 +184,16 @@ def cmd_ldif_dump(config: Config, args: argparse.Namespace) -> int:
 
     d = _open_directory(config)
     d.db.create_schema()
-    out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open(args.output, "wb")
+    from ldapsync.filemodes import ForeignFileError, open_private_output
+
+    try:     # the dump holds every password hash: 0600, never into another user's file
+        out: BinaryIO = sys.stdout.buffer if args.output in (None, "-") else open_private_output(args.output)
+    except ForeignFileError as e:
+        d.db.stop()
+        raise CLIError(str(e)) from None
+    except OSError as e:
+        d.db.stop()
+        raise CLIError(f"cannot write {args.output}: {e.strerror}") from None
     n = 0
     try:
         out.write(format_header())
@@ -491,9 +530,22 @@ def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync import demo  # the one command that runs the test doubles (the fake tenant, the SMTP sink)
+
+    return demo.run(args.dir)
+
+
+def cmd_demo_users(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync import demo
+
+    return demo.users(args.dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
+    p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create the database, the base tree and the admin entry").set_defaults(func=cmd_init)
     ldif = sub.add_parser("ldif", help="bulk load and export (like slapadd/slapcat)")
@@ -536,6 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--json", action="store_true", help="one JSON object per user, then {\"summary\": ...} (for scripts)")
     im.add_argument("--include-guests", action="store_true", help="import guest accounts too")
     im.set_defaults(func=cmd_o365_import)
+    demo = sub.add_parser("demo", help="run the server with a fake Microsoft 365 tenant and an SMTP sink (try it out)")
+    demo.add_argument("--dir", help="where the demo keeps its state (default: a new temporary directory)")
+    demo.set_defaults(func=cmd_demo)
+    dsub = demo.add_subparsers(dest="demo_command")
+    du = dsub.add_parser("users", help="list the users the demo's fake Microsoft 365 tenant holds")
+    du.add_argument("--dir", required=True, help="the directory `ldapsync demo` printed")
+    du.set_defaults(func=cmd_demo_users)
     return p
 
 

@@ -8,6 +8,7 @@ directory the server runs in (like OpenLDAP's slapd.conf paths).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -37,6 +38,9 @@ def parse_duration(value: str | int | float, key: str) -> float:
 class DirectoryConfig:
     suffix: str = "dc=example,dc=com"
     database: str = "sqlite:///var/ldapsync.db"
+    # "full": a write is on disk before it is acknowledged (SQLite synchronous=FULL, PostgreSQL
+    # synchronous_commit on); "normal": faster, but a power loss can undo acknowledged writes.
+    durability: str = "full"
     nested_groups: bool = False
     size_limit: int = 500          # entries per search for non-admins (0 = unlimited)
     time_limit: float = 3600.0     # seconds per search for non-admins
@@ -124,6 +128,13 @@ class SelfServiceConfig:
     rate_limit_user: int = 10                # attempts per user (sign-in, change, reset) per window
     rate_limit_address: int = 30             # attempts per client address per window
     expiry_check_interval: float = 3600.0    # how often password-expiry warnings are looked for
+    # Reverse proxies (addresses or CIDR networks) whose X-Forwarded-For names the client; the
+    # right-most address there that is not itself a trusted proxy is the client.  Empty: the TCP peer.
+    trusted_proxies: tuple[str, ...] = ()
+    request_timeout: float = 15.0            # a request (its line, headers and form) must arrive within this
+    idle_timeout: float = 60.0               # a connection with nothing sent for this long is closed
+    max_connections: int = 1000              # open connections to the pages, in total
+    max_connections_per_address: int = 32    # ... and from one address (trusted proxies are not counted)
 
 
 @dataclass(frozen=True)
@@ -178,7 +189,7 @@ _SECTIONS = {
 _DURATIONS = {("office365", "reconcile_interval"), ("office365", "outbox_lease"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
 _DURATIONS |= {("policy", k) for k in ("max_age", "expire_warning", "lockout_duration", "failure_window")}
 _DURATIONS |= {("selfservice", k) for k in ("activation_ttl", "reset_ttl", "session_timeout", "rate_limit_window",
-                                            "expiry_check_interval")}
+                                            "expiry_check_interval", "request_timeout", "idle_timeout")}
 
 
 def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
@@ -235,9 +246,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[office365] enabled = true needs tenant and client_id")
     db = cfg.directory.database
     if not (db.startswith("sqlite:") or db.startswith("postgresql")):
+        shown = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", db)     # never echo a password
         raise ConfigError(
-            f"[directory] database: expected sqlite:///path or postgresql+psycopg://user@host/db, got {db!r}"
+            f"[directory] database: expected sqlite:///path or postgresql+psycopg://user@host/db, got {shown!r}"
         )
+    if cfg.directory.durability not in ("full", "normal"):
+        raise ConfigError(f'[directory] durability: expected "full" (the default: nothing acknowledged is lost '
+                          f'at a power loss) or "normal", got {cfg.directory.durability!r}')
     if bool(cfg.ldap.starttls_cert) != bool(cfg.ldap.starttls_key):
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
@@ -246,7 +261,38 @@ def _validate(cfg: Config) -> None:
     if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
         raise ConfigError(f'[selfservice] public_url: expected the address users open, like "https://account.example.com", '
                           f"got {url!r}")
+    _validate_selfservice(cfg.selfservice)
+    _validate_mail(cfg.mail)
     _validate_policy(cfg.policy)
+
+
+def _validate_selfservice(c: SelfServiceConfig) -> None:
+    for entry in c.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"[selfservice] trusted_proxies: {entry!r} is not an IP address or network "
+                              '(like "127.0.0.1" or "10.0.0.0/8")') from None
+    for key in ("request_timeout", "idle_timeout"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f'[selfservice] {key}: expected a duration like "15s", got {getattr(c, key):g}')
+    if c.max_connections < 1 or c.max_connections_per_address < 1:
+        raise ConfigError("[selfservice] max_connections and max_connections_per_address must be at least 1")
+
+
+def mail_auth_problem(m: MailConfig) -> str | None:
+    """Why ``[mail]`` would send the SMTP password in clear (None when it would not): AUTH only
+    over STARTTLS or an implicit-TLS ``tls:`` endpoint."""
+    if m.username and not m.starttls and not m.smtp.strip().lower().startswith("tls:"):
+        return ("[mail] username is set but the connection is not encrypted: SMTP AUTH would send the "
+                'password in clear. Set starttls = true, or use a "tls:" smtp endpoint (implicit TLS, port 465)')
+    return None
+
+
+def _validate_mail(m: MailConfig) -> None:
+    problem = mail_auth_problem(m)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _validate_policy(p: PolicyConfig) -> None:

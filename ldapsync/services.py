@@ -81,7 +81,7 @@ class DirectoryService(service.Service):
     def __init__(self, config: Config, *, bootstrap: bool = True) -> None:
         self.config = config
         self.bootstrap = bootstrap
-        self.db = Database(config.directory.database)
+        self.db = Database(config.directory.database, durability=config.directory.durability)
         self.hooks: list[WriteHooks] = []
         self.directory = Directory(config, self.db, hooks=self.hooks)
 

@@ -17,26 +17,35 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import ssl
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.services import DirectoryService, Listener, OrderedMultiService, office365_hooks
+
+log = Logger()
 
 
 class Options(usage.Options):
     optParameters = [["config", "c", None, "Configuration file (TOML); default $LDAPSYNC_CONFIG, ./ldapsync.toml or embedded defaults"]]
 
 
-def _sqlite_dir(config: Config) -> None:
-    url = config.directory.database
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        from pathlib import Path
+def _sqlite_dir(config: Config) -> list[str]:
+    """SQLite: the database's directory (0700 when new) and file (0600) before anything opens them;
+    files others can read are tightened (``ldapsync/filemodes.py``).  Warnings for the caller to show."""
+    from ldapsync.filemodes import prepare_sqlite_files, sqlite_path
 
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    elif url.startswith("sqlite:////"):
-        from pathlib import Path
+    path = sqlite_path(config.directory.database)
+    return prepare_sqlite_files(path) if path is not None else []
 
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+def _exposed_secrets(config: Config) -> list[str]:
+    """Warnings for secret files others can read (they are the admin's: not changed)."""
+    from ldapsync.filemodes import tighten
+
+    found = [tighten(config.admin.password_file, holds="the admin password", fix=False),
+             tighten(config.secrets.key_file, holds="the key of the queued passwords and tokens", fix=False)]
+    return [line for line in found if line]
 
 
 def starttls_context(config: Config) -> Any:
@@ -52,7 +61,8 @@ def starttls_context(config: Config) -> Any:
 def make_service(config: Config) -> service.MultiService:
     from ldapsync.ldap.server import LDAPServerFactory
 
-    _sqlite_dir(config)
+    for line in _sqlite_dir(config) + _exposed_secrets(config):
+        log.warn("{line}", line=line)
     top = OrderedMultiService()
     dirsvc = DirectoryService(config)
     dirsvc.setServiceParent(top)

@@ -15,6 +15,7 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql-common)
 [ -x /usr/sbin/slapd ] || need_pkgs+=(slapd)
 [ -x /usr/bin/chromium ] || need_pkgs+=(chromium)            # the self-service pages are tested in it
 [ -x /usr/bin/chromedriver ] || need_pkgs+=(chromium-driver)
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)   # verifies contrib/ldapsync.service
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then echo "need root to install: ${need_pkgs[*]}" >&2; exit 1; fi
   apt-get update -qq

@@ -8,7 +8,8 @@ block alike: a function-local import is still a dependency.  The rules (docs/arc
 - the Graph client knows no database: ``graph/`` does not import ``store/``;
 - an LDAP reply never waits on Microsoft 365: ``ldap/`` and ``directory/`` never import
   ``graph/`` or ``sync/``;
-- production code never imports the fake tenant (``ldapsync.testing``);
+- production code never imports the fake tenant (``ldapsync.testing``), except the explicit demo
+  (``ldapsync/demo.py``), which only the CLI imports;
 - nothing but the CLI imports the wiring (``ldapsync.tap``; the twistd plugin names it by string).
 """
 
@@ -31,6 +32,8 @@ FORBIDDEN = [
 WIRING = "ldapsync.tap"
 WIRING_USERS = {"ldapsync.cli"}
 TESTING = "ldapsync.testing"
+DEMO = "ldapsync.demo"              # `ldapsync demo`: runs the server with the test doubles
+DEMO_USERS = {"ldapsync.cli"}
 
 
 def module_name(path: Path) -> str:
@@ -75,8 +78,10 @@ def violations(files: dict[str, list[tuple[int, str]]]) -> list[str]:
         for line, target in imports:
             rules = [f"{importer} must not import {imported}" for importer, imported in FORBIDDEN
                      if within(mod, importer) and within(target, imported)]
-            if within(target, TESTING) and not within(mod, TESTING):
+            if within(target, TESTING) and not within(mod, TESTING) and mod != DEMO:
                 rules.append("production code never imports the fake tenant")
+            if within(target, DEMO) and mod != DEMO and mod not in DEMO_USERS:
+                rules.append("only the CLI imports the demo (the one user of the test doubles)")
             if within(target, WIRING) and mod != WIRING and mod not in WIRING_USERS:
                 rules.append("only the CLI and the twistd plugin import the wiring")
             for rule in rules:
@@ -101,6 +106,7 @@ def test_the_package_keeps_its_layers() -> None:
     ("ldapsync.directory.service", "from ldapsync.sync import outbox"),
     ("ldapsync.ldap.server", "from ldapsync.graph.client import GraphClient"),
     ("ldapsync.sync.worker", "from ldapsync.testing import tenant"),
+    ("ldapsync.tap", "from ldapsync import demo"),
     ("ldapsync.sync.worker_process", "from ldapsync import tap"),
     ("ldapsync.selfservice.service", "from ldapsync.tap import Listener"),
 ])

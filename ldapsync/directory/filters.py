@@ -11,6 +11,15 @@ below.  :func:`compile_filter` turns it, once per search, into
 
 Every candidate the plan selects is checked with the predicate, so the plan
 only has to be a superset — never exact.
+
+Attributes the requester may not read (``hidden``: userPassword for everyone,
+the password policy state for non-admins) are Undefined in every filter item —
+presence, equality, substring, ordering, approx, extensible with or without an
+attribute name, dnAttributes — and never reach the SQL plan, so no filter can
+probe them (design.md §7).  Substring and ordering assertions on a type without
+that matching rule are Undefined too (RFC 4511 §4.5.1.7), as in slapd.  NOT of
+Undefined stays Undefined (three-valued logic), so ``(!(userPassword=x))``
+matches nothing either.
 """
 
 from __future__ import annotations
@@ -103,6 +112,18 @@ _RULES = {
 }
 
 
+# Plan size bounds: SQLite refuses expressions nested deeper than 1,000 ("Expression tree is too
+# large"), and a flat OR/AND of N subqueries is N deep.  Equality items of an OR on one attribute
+# become one IN list; an OR with more other items, or more values than below, scans the scope
+# instead (the predicate decides anyway).  An AND keeps a few of its items' plans, and boolean
+# nesting below PLAN_MAX_DEPTH is left to the predicate: at most 8 x (64 + the indexed attributes).
+OR_MAX_OTHER_ITEMS = 64
+OR_MAX_VALUES = 10000
+AND_MAX_ITEMS = 16
+PLAN_MAX_DEPTH = 8
+NOTHING = ("none",)     # the plan of an item that is never True: selects no candidate
+
+
 def _tri_and(results: list[bool | None]) -> bool | None:
     if any(r is False for r in results):
         return False
@@ -150,16 +171,18 @@ class FilterCompiler:
         return out
 
     # -- compile -------------------------------------------------------------
-    def compile(self, f: Filter) -> tuple[Pred, Any]:
-        return self._pred(f), self._plan(f)
+    def compile(self, f: Filter, hidden: frozenset[str] = frozenset()) -> tuple[Pred, Any]:
+        """(predicate, SQL plan) of ``f``; ``hidden`` holds the canonical names of the attributes
+        the requester may not read: every item on them is Undefined."""
+        return self._pred(f, hidden), self._plan(f, hidden, 0)
 
-    def _pred(self, f: Filter) -> Pred:
+    def _pred(self, f: Filter, hidden: frozenset[str] = frozenset()) -> Pred:
         s = self.schema
         if isinstance(f, And):
-            preds = [self._pred(x) for x in f.items]
+            preds = [self._pred(x, hidden) for x in f.items]
             return lambda a: _tri_and([p(a) for p in preds])
         if isinstance(f, Or):
-            preds = [self._pred(x) for x in f.items]
+            preds = [self._pred(x, hidden) for x in f.items]
 
             def _or(a: Attrs) -> bool | None:
                 rs = [p(a) for p in preds]
@@ -170,7 +193,7 @@ class FilterCompiler:
                 return False
             return _or
         if isinstance(f, Not):
-            p = self._pred(f.item)
+            p = self._pred(f.item, hidden)
 
             def _not(a: Attrs) -> bool | None:
                 r = p(a)
@@ -182,14 +205,16 @@ class FilterCompiler:
             at = s.attribute(f.attr)
             if at is None:
                 return lambda a: False
-            names = self.names_for(at)
+            if at.name in hidden:
+                return lambda a: None
+            names = self._visible_names(at, hidden)
             return lambda a: any(n in a and len(a[n]) > 0 for n in names)
         if isinstance(f, Ext):
-            return self._ext(f)
+            return self._ext(f, hidden)
         at = s.attribute(f.attr)
-        if at is None:
+        if at is None or at.name in hidden:
             return lambda a: None
-        names = self.names_for(at)
+        names = self._visible_names(at, hidden)
         if isinstance(f, (Eq, Approx)):
             if at.equality is None:
                 return lambda a: None
@@ -210,8 +235,8 @@ class FilterCompiler:
                 return False
             return _eq
         if isinstance(f, (Ge, Le)):
-            if at.ordering is None and at.equality is None:
-                return lambda a: None
+            if at.ordering is None:
+                return lambda a: None       # RFC 4511 §4.5.1.7.3: no ORDERING rule → Undefined
             try:
                 want_key = s.ordering_key(at, f.value)
             except (LDAPError, ValueError):
@@ -229,8 +254,8 @@ class FilterCompiler:
                 return False
             return _ord
         if isinstance(f, Sub):
-            if at.substr is None and at.equality is None:
-                return lambda a: None
+            if at.substr is None:
+                return lambda a: None       # RFC 4511 §4.5.1.7.2: no SUBSTR rule → Undefined
             sn = s.substr_normalize
             try:
                 ini = sn(at, f.initial) if f.initial else None
@@ -268,13 +293,18 @@ class FilterCompiler:
             return _sub
         raise LDAPError(2, f"unsupported filter item {type(f).__name__}")
 
-    def _ext(self, f: Ext) -> Pred:
+    def _visible_names(self, at: AttributeType, hidden: frozenset[str]) -> tuple[str, ...]:
+        """``names_for(at)`` without the hidden ones (a filter on a supertype never sees them)."""
+        names = self.names_for(at)
+        return tuple(n for n in names if n not in hidden) if hidden else names
+
+    def _ext(self, f: Ext, hidden: frozenset[str] = frozenset()) -> Pred:
         s = self.schema
         rule = _RULES.get((f.rule or "").lower()) if f.rule else None
         if f.rule and rule is None:
             return lambda a: None
         at = s.attribute(f.attr) if f.attr else None
-        if f.attr and at is None:
+        if f.attr and (at is None or at.name in hidden):
             return lambda a: None
 
         def norm_with(v: str, attr: AttributeType | None) -> Any:
@@ -308,7 +338,7 @@ class FilterCompiler:
             except (LDAPError, ValueError):
                 return False
 
-        names = self.names_for(at) if at is not None else None
+        names = self._visible_names(at, hidden) if at is not None else None
 
         def _pred(a: Attrs) -> bool | None:
             if names is not None:
@@ -317,6 +347,8 @@ class FilterCompiler:
                         return True
             else:
                 for n, vs in a.items():
+                    if n in hidden:
+                        continue            # never scanned: userPassword, the policy state
                     nat = s.attribute(n)
                     if nat is None or nat.operational:
                         continue
@@ -329,24 +361,30 @@ class FilterCompiler:
                     n, _, v = ava.partition("=")
                     if names is not None and n not in names:
                         continue
-                    if match(v, s.attribute(n)):
+                    nat = s.attribute(n)
+                    if nat is not None and nat.name in hidden:
+                        continue
+                    if match(v, nat):
                         return True
             return False
         return _pred
 
     # -- SQL plan ------------------------------------------------------------
-    def _plan(self, f: Filter) -> Any:
+    def _plan(self, f: Filter, hidden: frozenset[str] = frozenset(), depth: int = 0) -> Any:
+        """A superset of the entries ``f`` matches, as a plan for the store; None: the scope."""
         s = self.schema
+        if isinstance(f, (And, Or)) and depth >= PLAN_MAX_DEPTH:
+            return None
         if isinstance(f, And):
-            plans = [p for p in (self._plan(x) for x in f.items) if p is not None]
+            plans = [p for p in (self._plan(x, hidden, depth + 1) for x in f.items) if p is not None]
             if not plans:
                 return None
+            if NOTHING in plans:
+                return NOTHING
+            plans = plans[:AND_MAX_ITEMS]       # fewer items select more: still a superset
             return plans[0] if len(plans) == 1 else ("and", plans)
         if isinstance(f, Or):
-            plans = [self._plan(x) for x in f.items]
-            if not plans or any(p is None for p in plans):
-                return None
-            return plans[0] if len(plans) == 1 else ("or", plans)
+            return self._or_plan([self._plan(x, hidden, depth + 1) for x in f.items])
         if isinstance(f, (Not, Ext)):
             return None
         attr = f.attr
@@ -354,7 +392,11 @@ class FilterCompiler:
             return None
         at = s.attribute(attr)
         if at is None:
-            return None
+            return NOTHING          # False (presence) or Undefined: never True
+        if at.name in hidden:
+            return NOTHING          # Undefined: never True, and no index of it is ever read
+        if (isinstance(f, (Ge, Le)) and at.ordering is None) or (isinstance(f, Sub) and at.substr is None):
+            return NOTHING
         key = at.name.lower()
         if key not in self.indexed or len(self.names_for(at)) != 1:
             return None
@@ -377,3 +419,34 @@ class FilterCompiler:
         except LDAPError:
             return None
         return None
+
+    @staticmethod
+    def _or_plan(plans: list[Any]) -> Any:
+        """An OR's plan: its equality items grouped per attribute into IN lists (an OR of a
+        thousand terms is a thousand-deep expression otherwise, which SQLite refuses)."""
+        if not plans or any(p is None for p in plans):
+            return None
+        flat: list[Any] = []
+        todo = list(plans)
+        while todo:
+            p = todo.pop()
+            if p[0] == "or":
+                todo.extend(p[1])
+            elif p != NOTHING:
+                flat.append(p)
+        if not flat:
+            return NOTHING
+        values: dict[str, list[str]] = {}
+        others: list[Any] = []
+        for p in flat:
+            if p[0] == "eq":
+                values.setdefault(p[1], []).append(p[2])
+            elif p[0] == "in":
+                values.setdefault(p[1], []).extend(p[2])
+            else:
+                others.append(p)
+        if len(others) > OR_MAX_OTHER_ITEMS or sum(len(v) for v in values.values()) > OR_MAX_VALUES:
+            return None
+        out = [("eq", k, v[0]) if len(v) == 1 else ("in", k, tuple(dict.fromkeys(v))) for k, v in values.items()]
+        out += others
+        return out[0] if len(out) == 1 else ("or", out)

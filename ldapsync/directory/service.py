@@ -8,8 +8,17 @@ change hooks handed in by the wiring: ``ldapsync.directory.hooks``).
 
 Access rules:
 - the admin DN and members of ``cn=admins,ou=groups,<suffix>`` may do everything;
+  membership is the group's ``member`` values (never the member's ``memberOf``,
+  which a loaded file could forge) and is looked up in every operation's own
+  transaction, so a member removed from the group loses its rights at once,
+  also on connections bound before (as slapd's group ACLs);
 - an authenticated user may read the directory (never passwords, nor the
   password policy state) and change its own password;
+- userPassword is never read, compared or matched by a filter, by anyone (a bind
+  is the only way to check a password, and it counts failures); attributes the
+  requester may not read are Undefined in filters (``ldapsync.directory.filters``);
+- an entry holds one userPassword value (like slapd's ppolicy): a second one is
+  refused, so an old password cannot stay valid beside a new one;
 - anonymous clients may bind and read the root DSE and ``cn=Subschema`` only,
   unless ``[ldap] allow_anonymous_read``.
 
@@ -53,8 +62,10 @@ from ldapsync.store.entries import Attrs, StoredEntry
 log = Logger()
 
 SUBSCHEMA_DN = "cn=Subschema"
-HIDDEN_ATTRS = frozenset({"userPassword"})            # never returned to anyone
+HIDDEN_ATTRS = frozenset({"userPassword"})            # never returned to anyone, never in a filter
 ADMIN_ONLY_ATTRS = pp.POLICY_ATTRS                     # password policy state: admins only
+NON_ADMIN_HIDDEN = HIDDEN_ATTRS | ADMIN_ONLY_ATTRS     # what a non-admin's filter cannot see
+ONE_PASSWORD_MESSAGE = "userPassword: an entry holds one password ({n} values given)"
 COMPUTED_OPERATIONAL = ("entryDN", "hasSubordinates", "subschemaSubentry")
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "ldapsynctag"})
 
@@ -72,7 +83,11 @@ SUPPORTED_EXTENSIONS = (
 
 @dataclass(frozen=True)
 class Actor:
-    """Who is asking: ``dn`` None means anonymous."""
+    """Who is asking: ``dn`` None means anonymous.
+
+    ``is_admin`` is what bind saw; access decisions never use it — rights are
+    looked up per operation (:meth:`Directory._is_admin_txn`).
+    """
 
     dn: DN | None = None
     is_admin: bool = False
@@ -178,6 +193,8 @@ class Directory:
             at = self.schema.attribute(a)
             if at is not None:
                 indexed.add(at.name.lower())
+        indexed.add("entryuuid")        # its index rows carry the uniqueness constraint (migration 0005)
+        indexed -= {a.lower() for a in HIDDEN_ATTRS}    # never copied into the index, never probed
         self.indexed = frozenset(indexed)
         self.filters = FilterCompiler(self.schema, self.indexed)
         self._operational: dict[str, bool] = {}
@@ -250,14 +267,39 @@ class Directory:
         return any(oc.lower() in GROUP_CLASSES for oc in attrs.get("objectClass", ()))
 
     def _is_admin_txn(self, txn: Txn, actor: Actor) -> bool:
+        """Does ``actor`` hold admin rights now?  The admin DN, or a member of the admins group
+        by the group's own ``member`` values, read in this transaction (never ``actor.is_admin``,
+        which is what bind saw, nor the actor's ``memberOf``, which a loaded file could forge)."""
         if actor.dn is None:
             return False
         if actor.dn.norm == self.admin_dn.norm:
             return True
-        e = store.get_entry_txn(txn, actor.dn.norm)
-        return e is not None and self._in_admins_group(e.attrs)
+        return self._admins_group_lists_txn(txn, actor.dn.norm)
+
+    def _admins_group_lists_txn(self, txn: Txn, norm: str) -> bool:
+        """``norm`` is in the admins group's member/uniqueMember values (through member groups
+        too with ``nested_groups``, as memberOf would say)."""
+        level = [self.admins_group.norm]
+        seen = set(level)
+        while level and len(seen) <= 10000:
+            groups = [store.get_entry_txn(txn, level[0])] if len(level) == 1 else \
+                list(store.get_entries_txn(txn, level).values())
+            level = []
+            for g in groups:
+                if g is None or not self.is_group(g.attrs):
+                    continue
+                for a in GROUP_ATTRS:
+                    for v in g.attrs.get(a, ()):
+                        m = self.dn_norm_or_none(v)
+                        if m == norm:
+                            return True
+                        if self.nested_groups and m is not None and m not in seen:
+                            seen.add(m)
+                            level.append(m)
+        return False
 
     def _in_admins_group(self, attrs: Attrs) -> bool:
+        """What bind records in ``Actor.is_admin`` (informational: never used for rights)."""
         return any(self.dn_norm_or_none(v) == self.admins_group.norm for v in attrs.get("memberOf", ()))
 
     def _require_admin_txn(self, txn: Txn, actor: Actor, what: str) -> None:
@@ -652,7 +694,7 @@ class Directory:
         attrs.update(self.schema.subschema_values())
         return attrs
 
-    def _select(self, attrs: Attrs, requested: Sequence[str], actor: Actor, types_only: bool,
+    def _select(self, attrs: Attrs, requested: Sequence[str], admin: bool, types_only: bool,
                 extra: Callable[[str], list[str] | None]) -> list[tuple[str, list[str]]]:
         """Project an entry onto the requested attribute list (``*``, ``+``, ``1.1``, names)."""
         want_user = not requested
@@ -674,7 +716,7 @@ class Directory:
         out: dict[str, list[str]] = {}
         operational = self._operational
         for name, values in attrs.items():
-            if name in HIDDEN_ATTRS or (name in ADMIN_ONLY_ATTRS and not actor.is_admin):
+            if name in HIDDEN_ATTRS or (name in ADMIN_ONLY_ATTRS and not admin):
                 continue
             op = operational.get(name)
             if op is None:
@@ -705,22 +747,20 @@ class Directory:
         if actor.dn is None and not self.config.ldap.allow_anonymous_read:
             raise LDAPError(ResultCode.insufficientAccessRights,
                             "anonymous clients may read only the root DSE and cn=Subschema; bind first")
-        pred, plan = self.filters.compile(req.filter)
         uses_dn_attrs = _uses_dn_attributes(req.filter)
-        hide = ADMIN_ONLY_ATTRS if not actor.is_admin else frozenset()
-        size_limit = req.size_limit
-        if not actor.is_admin and self.config.directory.size_limit and req.page_size is None:
-            size_limit = min(size_limit or self.config.directory.size_limit, self.config.directory.size_limit)
-        time_limit = req.time_limit
-        if not actor.is_admin and self.config.directory.time_limit:
-            time_limit = min(time_limit or int(self.config.directory.time_limit), int(self.config.directory.time_limit))
-        deadline = time.monotonic() + time_limit if time_limit else None
+        # Rights are looked up in the first chunk's transaction (per operation, never from bind),
+        # and decide what the filter may see: what the requester may not read is Undefined in it.
+        rights: list[tuple[bool, Any, Any]] = []       # [(admin, predicate, plan)] once known
         want_children = any(r in ("+", "hasSubordinates") or r.lower() == "hassubordinates" for r in req.attributes)
         chunk = 200
         result = SearchResult()
         page_left = req.page_size if req.page_size else None
 
         def run(txn: Txn, after: int, limit: int) -> tuple[list[tuple[int, str, Attrs, bool | None]], int | None, bool]:
+            if not rights:
+                admin = self._is_admin_txn(txn, actor)
+                rights.append((admin, *self.filters.compile(req.filter, HIDDEN_ATTRS if admin else NON_ADMIN_HIDDEN)))
+            _, pred, plan = rights[0]
             rows = store.search_candidates_txn(txn, scope=req.scope, base_norm=base.norm, base_path=base.path_key,
                                                plan=plan, after_id=after, limit=limit)
             if not rows and after == req.page_after and not base.is_root and not store.entry_exists_txn(txn, base.norm):
@@ -731,8 +771,6 @@ class Directory:
             matched_rows = []
             for e in rows:
                 a = e.attrs
-                if hide and not hide.isdisjoint(a):
-                    a = {k: v for k, v in a.items() if k not in hide}   # a filter may not probe them either
                 if uses_dn_attrs:
                     a = dict(a)
                     a["\x00dn_avas"] = [f"{n}={v}" for r in self.dn(e.dn).rdns for n, v in r.avas]
@@ -743,10 +781,21 @@ class Directory:
 
         after = req.page_after
         last_returned = after
+        size_limit = time_limit = 0
+        deadline: float | None = None
         while True:
             if abandoned():
                 return result
             rows, last, more = await self.db.run_interaction("search", run, after, chunk, write=False)
+            admin = rights[0][0]
+            if after == req.page_after:         # the first chunk: the limits follow the rights
+                size_limit = req.size_limit
+                if not admin and self.config.directory.size_limit and req.page_size is None:
+                    size_limit = min(size_limit or self.config.directory.size_limit, self.config.directory.size_limit)
+                time_limit = req.time_limit
+                if not admin and self.config.directory.time_limit:
+                    time_limit = min(time_limit or int(self.config.directory.time_limit), int(self.config.directory.time_limit))
+                deadline = time.monotonic() + time_limit if time_limit else None
             for eid, dn, attrs, has_kids in rows:
                 if page_left is not None and page_left <= 0:
                     result.next_after = last_returned
@@ -765,7 +814,7 @@ class Directory:
                         return None if has_kids is None else ["TRUE" if has_kids else "FALSE"]
                     return None
 
-                result.entries.append((dn, self._select(attrs, req.attributes, actor, req.types_only, extra)))
+                result.entries.append((dn, self._select(attrs, req.attributes, admin, req.types_only, extra)))
                 last_returned = eid
                 if page_left is not None:
                     page_left -= 1
@@ -808,14 +857,17 @@ class Directory:
         if actor.dn is None and not self.config.ldap.allow_anonymous_read:
             raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not compare; bind first")
         at = self.attribute(attr)
-        if (at.name in HIDDEN_ATTRS or at.name in ADMIN_ONLY_ATTRS) and not actor.is_admin:
-            raise LDAPError(ResultCode.insufficientAccessRights, f"{at.name} may not be compared")
+        if at.name in HIDDEN_ATTRS:
+            # Not even for admins: a compare would be a password oracle without lockout.
+            raise LDAPError(ResultCode.insufficientAccessRights,
+                            f"{at.name} may not be compared by anyone; a bind checks a password (and counts failures)")
         if at.equality is None:
             raise LDAPError(ResultCode.inappropriateMatching, f"{at.name} has no equality matching rule")
-        if at.name != "userPassword":
-            self.schema.validate_value(at, _b(value))
+        self.schema.validate_value(at, _b(value))
 
         def run(txn: Txn) -> StoredEntry:
+            if at.name in ADMIN_ONLY_ATTRS and not self._is_admin_txn(txn, actor):
+                raise LDAPError(ResultCode.insufficientAccessRights, f"{at.name} may be compared by admins only")
             e = store.get_entry_txn(txn, dn.norm)
             if e is None:
                 matched = store.existing_ancestor_txn(txn, [a.norm for a in self.ancestors(dn)]) or ""
@@ -829,8 +881,6 @@ class Directory:
             values = e.attrs.get(at.name)
         if not values:
             raise LDAPError(ResultCode.noSuchAttribute, f"{dn} has no {at.name}")
-        if at.name == "userPassword":
-            return bool(await self._in_hash_thread(self._verify_any, values, value))
         want = self.schema.normalize(at, _b(value))
         return any(self.schema.normalize(at, v) == want for v in values)
 
@@ -856,6 +906,8 @@ class Directory:
         attrs["structuralObjectClass"] = [structural]
         self._check_not_suffix_sibling(dn)
         pw_values = attrs.get("userPassword", [])
+        if len(pw_values) > 1:
+            raise LDAPError(ResultCode.constraintViolation, ONE_PASSWORD_MESSAGE.format(n=len(pw_values)))
         if pw_values:
             # add is for admins (checked again in the transaction): pre-hashed values are allowed
             await self.check_new_passwords([v for v in pw_values if not self.hasher.is_hashed(v)],
@@ -955,6 +1007,9 @@ class Directory:
         new_hashed = [v for op, at, vals in prepared if at.name == "userPassword" and op in ("add", "replace")
                       for v in vals if self.hasher.is_hashed(v)]
         sets_password = bool(new_clear or new_hashed)
+        for op, at, vals in prepared:
+            if at.name == "userPassword" and op in ("add", "replace") and len(vals) > 1:
+                raise LDAPError(ResultCode.constraintViolation, ONE_PASSWORD_MESSAGE.format(n=len(vals)))
         deletes_password = any(at.name == "userPassword" and op == "delete" and vals for op, at, vals in prepared)
         snapshot: Attrs | None = None
         if sets_password or deletes_password:
@@ -992,6 +1047,12 @@ class Directory:
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
             for op, at, vals in prepared:
                 self._apply_mod(attrs, op, at, vals, dn)
+            if sets_password and len(attrs.get("userPassword", ())) > 1:
+                # A second value would keep the old password valid beside the new one (and dodge
+                # the history): like slapd's ppolicy, an entry holds one.
+                raise LDAPError(ResultCode.constraintViolation,
+                                f'userPassword: "{dn}" already has a password and an entry holds only one; '
+                                "change it with replace (or ldappasswd), or delete the old value in the same modify")
             if sets_password or deletes_password:
                 self._check_unchanged(st.attrs, snapshot)
             if sets_password:

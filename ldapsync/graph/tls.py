@@ -3,14 +3,19 @@
 ``ca_bundle`` *adds* a trusted CA (a TLS-inspecting proxy, a sovereign-cloud
 gateway, the fake tenant): both MSAL (requests) and the Graph client (treq)
 trust certifi's public roots and every certificate in that file.
+
+Nothing is written to disk: requests (MSAL) gets an ``ssl.SSLContext`` built
+in memory from those certificates (:func:`mount_trust`).  A combined file in
+a shared directory (``/tmp/ldapsync-ca-<hash>.pem``, as before) had a
+predictable name: another local user could plant it first and make MSAL trust
+only their CA.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
+import ssl
 from pathlib import Path
+from typing import Any
 
 _BEGIN = b"-----BEGIN CERTIFICATE-----"
 _END = b"-----END CERTIFICATE-----"
@@ -38,13 +43,36 @@ def trusted_blocks(ca_bundle: str) -> list[bytes]:
     return pem_blocks(public_pem()) + pem_blocks(extra_pem(ca_bundle))
 
 
-def combined_bundle_file(ca_bundle: str) -> str:
-    """A PEM file (cached by content) with certifi's roots plus ``ca_bundle``, for requests' ``verify=``."""
-    data = public_pem() + b"\n" + extra_pem(ca_bundle)
-    name = f"ldapsync-ca-{hashlib.sha256(data).hexdigest()[:16]}.pem"
-    path = Path(tempfile.gettempdir()) / name
-    if not path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return str(path)
+def trust_context(ca_bundle: str) -> ssl.SSLContext:
+    """A client context (hostname check, certificate required) trusting certifi's roots plus
+    ``ca_bundle``, built in memory."""
+    ctx = ssl.create_default_context(cadata=b"".join(trusted_blocks(ca_bundle)).decode("ascii"))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    return ctx
+
+
+def mount_trust(session: Any, ca_bundle: str) -> None:
+    """Make the ``requests.Session`` verify https:// with :func:`trust_context` (no CA file read at
+    connect time; set ``trust_env = False`` too, or REQUESTS_CA_BUNDLE wins: psf/requests#3829)."""
+    from requests.adapters import HTTPAdapter
+
+    ctx = trust_context(ca_bundle)
+
+    class _TrustAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["ssl_context"] = ctx
+            return super().init_poolmanager(*args, **kwargs)
+
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            kwargs["ssl_context"] = ctx
+            return super().proxy_manager_for(proxy, **kwargs)
+
+        def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+            super().cert_verify(conn, url, verify, cert)
+            if verify:            # the context holds the roots: no bundle file on top of them
+                conn.ca_certs = None
+                conn.ca_cert_dir = None
+
+    session.verify = True
+    session.mount("https://", _TrustAdapter())

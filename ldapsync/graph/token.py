@@ -17,7 +17,8 @@ to Graph, no database):
 MSAL is blocking (``requests``), including its constructor (OIDC discovery),
 so every MSAL call runs in a thread pool; ``TokenCacheStore`` methods are
 called from that thread too.  When ``ca_bundle`` is set MSAL gets a
-``requests.Session`` with ``verify=ca_bundle`` and ``trust_env=False`` so that
+``requests.Session`` trusting the public roots plus ``ca_bundle`` (an in-memory
+SSL context, ``graph/tls.py``) and ``trust_env=False`` so that
 ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` cannot override it.  Failures become
 :class:`~ldapsync.graph.errors.AuthError` carrying MSAL's error and
 error_description, never the secret or a token.
@@ -274,11 +275,11 @@ def make_requests_session(ca_bundle: str | None) -> requests.Session | None:
         return None
     import requests
 
-    from ldapsync.graph.tls import combined_bundle_file
+    from ldapsync.graph.tls import mount_trust
 
     s = requests.Session()
     s.trust_env = False
-    s.verify = combined_bundle_file(ca_bundle)
+    mount_trust(s, ca_bundle)       # in memory: no CA file another user could plant
     return s
 
 

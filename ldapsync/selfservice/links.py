@@ -12,7 +12,7 @@ together or not at all.
 
     bind of an inactive user ──▶ ActivationHook.on_change_txn (a write hook: inside the write's transaction)
     `ldapsync user invite DN` ─┐        └─ INSERT selfservice_links (queued)
-    forgotten-password page  ──┴──────────────┐
+    forgotten-password page  ──┴──────────────┐   (active users; inactive ones only with a pending invitation)
                                               ▼
     LinkSender.send_due  (after COMMIT, and every few seconds: rows queued by the CLI)
        claim (lease) ─▶ new token, store sha256 ─▶ COMMIT ─▶ SMTP ─▶ state=sent, ldapsyncActivationExpires
@@ -177,16 +177,32 @@ class LinkService:
 
         return await d.db.run_interaction("invite", run)
 
+    def pending_invitation_txn(self, txn: Txn, entry_uuid: str) -> bool:
+        """Whether the user has an activation link that is still on its way or still works."""
+        now = self.now()
+        return any(row.purpose == q.ACTIVATE and (row.expires_at is None or row.expires_at > now)
+                   for row in q.live_txn(txn, entry_uuid))
+
     async def request_reset(self, login: str, requested_by: str) -> bool:
-        """The forgotten-password form: queue a link if ``login`` names a user (the page says the
-        same either way).  Inactive users get their activation link again instead."""
+        """The forgotten-password form: queue a link if ``login`` names an active user (the page
+        says the same whatever the case).  A user without a password is inactive: only one with a
+        pending invitation gets its activation link again; anyone else gets nothing, since a link
+        would activate an account nobody invited."""
 
         def run(txn: Txn) -> bool:
             e = self.find_login_txn(txn, login)
             if e is None or not self.address_for(e.attrs):
                 return False
-            purpose = q.RESET if e.attrs.get("userPassword") else q.ACTIVATE
-            if q.recent_count_txn(txn, first(e.attrs, "entryUUID") or "", purpose, self.now() - 3600) >= RESETS_PER_HOUR:
+            entry_uuid = first(e.attrs, "entryUUID") or ""
+            if e.attrs.get("userPassword"):
+                purpose = q.RESET
+            elif entry_uuid and self.pending_invitation_txn(txn, entry_uuid):
+                purpose = q.ACTIVATE
+            else:
+                log.info("forgotten-password request for {dn} ignored: the account is inactive and not invited",
+                         dn=e.dn)
+                return False
+            if q.recent_count_txn(txn, entry_uuid, purpose, self.now() - 3600) >= RESETS_PER_HOUR:
                 log.info("forgotten-password request for {dn} ignored: {n} links in the last hour",
                          dn=e.dn, n=RESETS_PER_HOUR)
                 return False

@@ -4,7 +4,8 @@ Owns the ESMTP client side of ldapsync (activation links, password resets, conne
 reminders to ``[mail] admin_address``): one short SMTP session per attempt over the
 ``[mail] smtp`` endpoint string, STARTTLS when ``[mail] starttls = true`` (refusing to send
 if the server does not offer it), AUTH with ``[mail] username`` and the password read from
-``[mail] password_file``, and bounded retries with exponential backoff on transient failures.
+``[mail] password_file`` — only over STARTTLS or a ``tls:`` endpoint: a Mailer that would send
+the password in clear is refused at construction (and the config at load) — and bounded retries with exponential backoff on transient failures.
 
 It must never log a message body (it may hold an activation link) or the SMTP password;
 log lines carry recipients, subject and outcome only.  It knows nothing of the directory
@@ -44,7 +45,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from ldapsync.config import MailConfig
+from ldapsync.config import MailConfig, mail_auth_problem
 
 __all__ = ["MailError", "Mailer"]
 
@@ -244,6 +245,9 @@ class Mailer:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.timeout = timeout
+        problem = mail_auth_problem(config)
+        if problem:
+            raise MailError(problem)
         self._sender = _addr_spec(config.from_, "[mail] from")
         self._host = _endpoint_host(config.smtp) if config.starttls else ""  # the name TLS verifies
         try:

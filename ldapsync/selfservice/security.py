@@ -1,8 +1,11 @@
 """Signed cookies, CSRF tokens and attempt rate limits for the self-service pages.
 
 No state is kept per session on the server: a session is a cookie holding the
-user's DN and its expiry, signed with a key derived from the ``[secrets]`` key
-(HMAC-SHA256), so every node of a multi-node deployment accepts it.  CSRF is
+user's DN, its expiry and a stamp, signed with a key derived from the ``[secrets]``
+key (HMAC-SHA256), so every node of a multi-node deployment accepts it.  The
+stamp is a MAC of what the session is bound to (the user's password hash and
+sign-out generation, see web.py): when either changes, every cookie issued
+before stops working, on every node.  CSRF is
 the signed double-submit pattern: a random ``ls_csrf`` cookie and, in each
 form, ``HMAC(key, "csrf:" + cookie)``; a cross-site page can read neither.
 
@@ -39,16 +42,18 @@ class Session:
     dn: str
     expires: float
     must_change: bool = False     # signed in with an expired password: only a change is allowed
+    stamp: str = ""               # Signer.stamp of the user's state when the session began
 
 
 class Signer:
     def __init__(self, master_key: bytes) -> None:
         self._session_key = derive_key(master_key, "session")
         self._csrf_key = derive_key(master_key, "csrf")
+        self._stamp_key = derive_key(master_key, "session-stamp")
 
     # -- sessions ------------------------------------------------------------------
     def session_cookie(self, s: Session) -> str:
-        body = _b64(json.dumps({"dn": s.dn, "exp": round(s.expires), "chg": s.must_change},
+        body = _b64(json.dumps({"dn": s.dn, "exp": round(s.expires), "chg": s.must_change, "st": s.stamp},
                                separators=(",", ":")).encode())
         mac = _b64(hmac.new(self._session_key, body.encode(), hashlib.sha256).digest())
         return f"{body}.{mac}"
@@ -62,10 +67,18 @@ class Signer:
             return None
         try:
             data = json.loads(_unb64(body))
-            s = Session(str(data["dn"]), float(data["exp"]), bool(data.get("chg")))
+            s = Session(str(data["dn"]), float(data["exp"]), bool(data.get("chg")), str(data.get("st") or ""))
         except (ValueError, KeyError, TypeError):
             return None
         return s if s.expires > now else None
+
+    def stamp(self, dn: str, facts: list[str]) -> str:
+        """A MAC of the facts a session is bound to (never the facts themselves: they include a hash)."""
+        msg = "\0".join([dn.lower(), *facts]).encode("utf-8", "surrogateescape")
+        return _b64(hmac.new(self._stamp_key, msg, hashlib.sha256).digest()[:18])
+
+    def stamp_ok(self, s: Session, facts: list[str]) -> bool:
+        return bool(s.stamp) and hmac.compare_digest(self.stamp(s.dn, facts), s.stamp)
 
     # -- CSRF ----------------------------------------------------------------------
     @staticmethod

@@ -4,7 +4,11 @@ Served by the same twistd process on ``[selfservice] listen``.  Plain HTML forms
 that work without JavaScript; every page is ``no-store`` (some show a
 one-time link's form), framed by no one, and sends no Referer (the link's
 token is in its URL).  Every form carries a CSRF token (see security.py);
-attempts are rate-limited per user and per client address.  The rules
+attempts are rate-limited per user and per client address (the address behind
+a trusted proxy, see http_limits.py, which also limits bodies, time and
+connections).  A session is valid only while the user's password and sign-out
+generation (``ldapsyncSessionGeneration``) are those it was signed with, so a
+new password or a sign-out ends every other session of the user.  The rules
 themselves live elsewhere: passwords and the policy in ``Directory``
 (``authenticate``, ``set_password``), links in ``links.LinkService``.
 
@@ -12,10 +16,12 @@ themselves live elsewhere: passwords and the policy in ``Directory``
 
     GET  /activate?token=…  ─▶ form (name, rules)   POST ─▶ LinkService.use ─▶ "your account is active"
     GET  /reset?token=…     ─▶ the same, for a forgotten password
-    GET  /forgot            ─▶ form                 POST ─▶ LinkService.request_reset (same answer either way)
+    GET  /forgot            ─▶ form                 POST ─▶ LinkService.request_reset, not awaited (same answer,
+                                                             same time, whatever the account)
     GET  /signin            ─▶ form                 POST ─▶ Directory.authenticate ─▶ session cookie ─▶ /account
-    GET  /account           ─▶ expiry + change form POST ─▶ Directory.set_password(old_password=…)
-    POST /signout
+    GET  /account           ─▶ expiry + change form POST ─▶ Directory.authenticate (counts towards lockout)
+                                                             ─▶ Directory.set_password(old_password=…)
+    POST /signout           ─▶ ldapsyncSessionGeneration + 1 (every session of the user ends)
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from twisted.web import resource, server
 
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
+from ldapsync.selfservice.http_limits import MAX_BODY, LimitedSite, ProxyTrust
 from ldapsync.selfservice.links import (
+    OPERATION,
     LinkInfo,
     LinkProblem,
     LinkService,
@@ -41,6 +49,8 @@ from ldapsync.selfservice.links import (
 from ldapsync.selfservice.security import RateLimiter, Session, Signer
 from ldapsync.store import entries as store
 from ldapsync.store import links as q
+from ldapsync.store.database import Txn
+from ldapsync.sync.status import write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -49,7 +59,7 @@ log = Logger()
 
 SESSION_COOKIE = b"ls_session"
 CSRF_COOKIE = b"ls_csrf"
-MAX_BODY = 16 * 1024
+SESSION_GENERATION = "ldapsyncSessionGeneration"
 
 CSS = b"""
 :root { color-scheme: light; }
@@ -129,6 +139,7 @@ class SelfServicePages(resource.Resource):
         self.origin = f"{parts.scheme}://{parts.netloc}".lower()
         self.by_user = RateLimiter(self.cfg.rate_limit_user, self.cfg.rate_limit_window)
         self.by_address = RateLimiter(self.cfg.rate_limit_address, self.cfg.rate_limit_window)
+        self.trust = ProxyTrust(self.cfg.trusted_proxies)
         self.routes: dict[tuple[bytes, str], Callable[[Any], Coroutine[Any, Any, Response]]] = {
             (b"GET", "/"): self.get_root,
             (b"GET", "/style.css"): self.get_css,
@@ -218,10 +229,11 @@ class SelfServicePages(resource.Resource):
             return ""
         return vals[0][:limit * 4].decode("utf-8", "replace")[:limit]
 
-    @staticmethod
-    def address(request: Any) -> str:
+    def address(self, request: Any) -> str:
+        """The client's address: the TCP peer, or behind a trusted proxy the client it names."""
         addr = request.getClientAddress()
-        return getattr(addr, "host", None) or "unknown"
+        peer = getattr(addr, "host", None) or "unknown"
+        return self.trust.client(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"))
 
     def csrf(self, request: Any) -> str:
         """The hidden form field (sets the CSRF cookie when the browser has none yet)."""
@@ -247,14 +259,47 @@ class SelfServicePages(resource.Resource):
                                        f'minute{"s" if minutes != 1 else ""} and try again.</p>'),
                         headers={b"Retry-After": str(int(wait)).encode()})
 
-    def session(self, request: Any) -> Session | None:
+    async def session(self, request: Any) -> Session | None:
+        """The signed-in session, if its cookie is genuine, unexpired and still current: signed with
+        the user's present password and sign-out generation."""
         cookie = request.getCookie(SESSION_COOKIE)
-        return self.signer.read_session(cookie.decode("ascii", "replace") if cookie else None, self.now())
+        s = self.signer.read_session(cookie.decode("ascii", "replace") if cookie else None, self.now())
+        if s is None:
+            return None
+        e = await self._entry(s.dn)
+        if e is None or not self.signer.stamp_ok(s, self.session_facts(e.attrs)):
+            return None
+        return s
 
-    def start_session(self, request: Any, dn: str, must_change: bool = False) -> None:
-        s = Session(dn, self.now() + self.cfg.session_timeout, must_change)
+    @staticmethod
+    def session_facts(attrs: dict[str, list[str]]) -> list[str]:
+        """What a session is bound to: the password (hash) values and the sign-out generation."""
+        return [*sorted(attrs.get("userPassword", ())), first(attrs, SESSION_GENERATION) or "0"]
+
+    async def start_session(self, request: Any, dn: str, must_change: bool = False) -> None:
+        e = await self._entry(dn)
+        facts = self.session_facts(e.attrs if e else {})
+        s = Session(dn, self.now() + self.cfg.session_timeout, must_change, self.signer.stamp(dn, facts))
         request.addCookie(SESSION_COOKIE, self.signer.session_cookie(s).encode(), path=b"/", httpOnly=True,
                           secure=self.secure, sameSite=b"strict")
+
+    async def end_all_sessions(self, dn: str) -> None:
+        """Raise the user's sign-out generation: every session signed before stops working."""
+        d = self.directory
+        norm = d.dn(dn).norm
+
+        def run(txn: Txn) -> None:
+            e = store.get_entry_txn(txn, norm, for_update=True)
+            uuid = first(e.attrs, "entryUUID") if e else None
+            if e is None or not uuid:
+                return
+            try:
+                n = int(first(e.attrs, SESSION_GENERATION) or 0) + 1
+            except ValueError:
+                n = 1
+            write_user_status_txn(d, txn, uuid, {SESSION_GENERATION: [str(n)]}, OPERATION)
+
+        await d.db.run_interaction("sign out", run)
 
     def end_session(self, request: Any) -> None:
         request.addCookie(SESSION_COOKIE, b"", path=b"/", httpOnly=True, secure=self.secure, sameSite=b"strict",
@@ -286,7 +331,7 @@ class SelfServicePages(resource.Resource):
 
     # -- pages --------------------------------------------------------------------------
     async def get_root(self, request: Any) -> Response:
-        return Response(303, b"", location="/account" if self.session(request) else "/signin")
+        return Response(303, b"", location="/account" if await self.session(request) else "/signin")
 
     async def get_favicon(self, request: Any) -> Response:
         return Response(204, b"", content_type=b"image/x-icon")
@@ -305,7 +350,7 @@ class SelfServicePages(resource.Resource):
                 '<p class="hint">New here? Open the link in your activation e-mail to choose your first password.</p></nav>')
 
     async def get_signin(self, request: Any) -> Response:
-        if self.session(request):
+        if await self.session(request):
             return Response(303, b"", location="/account")
         return Response(200, self.page("Sign in", self.signin_form(request)))
 
@@ -329,11 +374,15 @@ class SelfServicePages(resource.Resource):
                                             "Wait a while and try again, or reset your password with “Forgot your password?”.")))
         if not outcome.password_ok:
             return Response(401, self.page("Sign in", self.signin_form(request, error=wrong, login=login)))
-        self.start_session(request, entry.dn, must_change=outcome.expired)
+        await self.start_session(request, entry.dn, must_change=outcome.expired)
         log.info("self-service sign-in by {dn}", dn=entry.dn)
         return Response(303, b"", location="/account")
 
     async def post_signout(self, request: Any) -> Response:
+        s = await self.session(request)
+        if s is not None:
+            await self.end_all_sessions(s.dn)
+            log.info("self-service sign-out by {dn}: all of its sessions ended", dn=s.dn)
         self.end_session(request)
         return Response(303, b"", location="/signin")
 
@@ -372,7 +421,7 @@ class SelfServicePages(resource.Resource):
         return self.page("Your account", notice + info + form + signout)
 
     async def get_account(self, request: Any) -> Response:
-        s = self.session(request)
+        s = await self.session(request)
         if s is None:
             return Response(303, b"", location="/signin")
         return Response(200, await self.account_page(request, s, done=self.arg(request, "changed") == "1"))
@@ -380,7 +429,7 @@ class SelfServicePages(resource.Resource):
     async def post_account(self, request: Any) -> Response:
         from ldapsync.directory.service import Actor
 
-        s = self.session(request)
+        s = await self.session(request)
         if s is None:
             return Response(303, b"", location="/signin")
         limited = self.limited(request, s.dn)
@@ -395,15 +444,24 @@ class SelfServicePages(resource.Resource):
         elif new != confirm:
             error = "The two new passwords are not the same."
         else:
-            try:
-                await self.directory.set_password(Actor(self.directory.dn(s.dn), False), s.dn, new,
-                                                  old_password=current.encode("utf-8"), operation="selfservice-change",
-                                                  origin=Origin.PAGES)
-            except LDAPError as e:
-                error = self.password_error(e, current_check=True)
+            # The current password is checked as a bind checks it: a wrong one counts towards the
+            # lockout, and a locked account cannot change its password here.
+            outcome = await self.directory.authenticate(s.dn, current.encode("utf-8"))
+            if outcome.locked:
+                error = ("Your account is locked after too many failed attempts. Wait a while and try again, "
+                         "or reset your password with “Forgot your password?”.")
+            elif not outcome.password_ok:
+                error = "Your current password is not correct."
+            else:
+                try:
+                    await self.directory.set_password(Actor(self.directory.dn(s.dn), False), s.dn, new,
+                                                      old_password=current.encode("utf-8"),
+                                                      operation="selfservice-change", origin=Origin.PAGES)
+                except LDAPError as e:
+                    error = self.password_error(e, current_check=True)
         if error:
             return Response(422, await self.account_page(request, s, error=error))
-        self.start_session(request, s.dn)            # a normal session again (no longer expired)
+        await self.start_session(request, s.dn)      # the new password voided every session, this one too
         log.info("self-service password change by {dn}", dn=s.dn)
         return Response(303, b"", location="/account?changed=1")
 
@@ -435,7 +493,11 @@ class SelfServicePages(resource.Resource):
             return limited
         if not login:
             return Response(400, self.page("Forgot your password?", self.forgot_form(request, error="Enter your user name or e-mail address.")))
-        await self.links.request_reset(login, f"forgotten-password page from {self.address(request)}")
+        # Not awaited: the answer must not take longer when the account exists (a link is queued)
+        # than when it does not, or its timing would tell what the page does not say.
+        pending = defer.ensureDeferred(self.links.request_reset(login, f"forgotten-password page from "
+                                                                       f"{self.address(request)}"))
+        pending.addErrback(lambda f: log.failure("forgotten-password request failed", f))
         minutes = round(self.cfg.reset_ttl / 60)
         return Response(200, self.page("Check your e-mail", (
             '<p class="ok" role="status">If an account matches what you entered, we have sent a link to its e-mail '
@@ -507,17 +569,23 @@ class SelfServicePages(resource.Resource):
             '<nav><a href="/signin">Go to your account page</a></nav>')))
 
 
-class _Site(server.Site):
-    """A Site whose access log never shows a query string (links carry their token there)."""
+class _Site(LimitedSite):
+    """The pages behind the limits; the access log never shows a query string (links carry their
+    token there) and names the client behind a trusted proxy."""
+
+    pages: SelfServicePages
 
     def log(self, request: Any) -> None:
         path = request.path.decode("utf-8", "replace")
-        log.info("{addr} {method} {path} {code}", addr=SelfServicePages.address(request),
+        log.info("{addr} {method} {path} {code}", addr=self.pages.address(request),
                  method=request.method.decode("ascii", "replace"), path=path, code=request.code)
 
 
 def make_site(directory: Directory, links: LinkService, master_key: bytes) -> server.Site:
     pages = SelfServicePages(directory, links, Signer(master_key))
-    site = _Site(pages)
+    cfg = directory.config.selfservice
+    site = _Site(pages, trust=pages.trust, request_timeout=cfg.request_timeout, idle_timeout=cfg.idle_timeout,
+                 max_connections=cfg.max_connections, max_per_address=cfg.max_connections_per_address)
+    site.pages = pages
     site.displayTracebacks = False
     return site

@@ -7,6 +7,12 @@ thread.  One call is one transaction; functions it runs end in ``_txn`` and
 take the connection first.  Callbacks registered with ``txn.call_after`` run
 on the reactor thread only once the transaction has committed.
 
+``[directory] durability`` (``durability=``): "full" (the default) makes a
+COMMIT durable before it returns -- SQLite ``synchronous=FULL`` (the WAL is
+fsynced at every COMMIT), PostgreSQL ``synchronous_commit`` on; "normal"
+(SQLite ``synchronous=NORMAL``, PostgreSQL ``synchronous_commit = off``) is
+faster but a power loss can roll back writes already acknowledged.
+
 SQLite runs in WAL mode with one writer thread (SQLite allows one writer
 anyway) and ``BEGIN IMMEDIATE`` so a write waits for the lock at its start
 instead of failing half-way; PostgreSQL gets a pool of writer threads and
@@ -46,7 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -57,6 +63,9 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ldapsync.store.tables import metadata
+
+if TYPE_CHECKING:
+    from ldapsync.store.group_commit import GroupWriter
 
 T = TypeVar("T")
 _PG_SQL: dict[str, str] = {}
@@ -107,13 +116,29 @@ class Txn:
         self._after.append((fn, args))
 
 
-def _sqlite_setup(engine: Engine) -> None:
+DURABILITY = ("full", "normal")
+
+
+def display_url(url: str) -> str:
+    """``url`` with its password masked (``***``), for anything printed or logged."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: show nothing that could hold a secret
+        return "<a database URL SQLAlchemy cannot read>"
+
+
+def _sqlite_setup(engine: Engine, durability: str) -> None:
+    # "full": SQLite fsyncs the WAL at every COMMIT, so an acknowledged write (and the Microsoft 365
+    # change it queued) survives a power loss; "normal": only at checkpoints, so the last
+    # transactions before a power loss (not a crash of the process) can be rolled back.
+    synchronous = "FULL" if durability == "full" else "NORMAL"
+
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA cache_size=-65536")
@@ -128,14 +153,33 @@ def _sqlite_setup(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, durability: str = "full") -> Engine:
+    """The engine; ``durability`` is ``[directory] durability`` ("full" or "normal")."""
+    if durability not in DURABILITY:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, not {durability!r}")
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=False)
-        _sqlite_setup(engine)
+        _sqlite_setup(engine, durability)
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    engine = sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+    # "normal", our sessions only: COMMIT returns before the WAL reaches disk; a crash of the
+    # PostgreSQL server can lose the last commits (up to 3 × wal_writer_delay).  "full" keeps the
+    # server's setting (on, or stronger with synchronous replicas) and only turns "off" back on.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            if durability == "normal":
+                cur.execute("SET synchronous_commit = off")
+            else:
+                cur.execute("SHOW synchronous_commit")
+                row = cur.fetchone()
+                if row is not None and row[0] == "off":
+                    cur.execute("SET synchronous_commit = on")
+        dbapi_conn.commit()
+    return engine
 
 
 def _retryable(exc: BaseException, is_postgres: bool) -> bool:
@@ -244,6 +288,12 @@ class Checkpointer:
                     fairy.close()
 
 
+def _from_thread(fn: Callable[..., Any], *args: Any) -> None:
+    from twisted.internet import reactor
+
+    reactor.callFromThread(fn, *args)
+
+
 def _broken(raw: Any) -> bool:
     """A PostgreSQL connection that died (server restart, network): drop it and start afresh."""
     return bool(getattr(raw, "closed", False) or getattr(raw, "broken", False))
@@ -263,9 +313,10 @@ def _pg_isolation(level: str | None) -> Any:
 class Database:
     """The engine plus a read pool and a write pool; see the module docstring."""
 
-    def __init__(self, url: str, *, readers: int = 4, writers: int | None = None) -> None:
+    def __init__(self, url: str, *, readers: int = 4, writers: int | None = None, durability: str = "full") -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.durability = durability
+        self.engine = make_engine(url, durability)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._dbapi_error = self.engine.dialect.loaded_dbapi.Error
@@ -281,6 +332,12 @@ class Database:
         self._checkpointer: Checkpointer | None = None
         if self.is_sqlite and (self.engine.url.database or ":memory:") != ":memory:":
             self._checkpointer = Checkpointer(self.engine.raw_connection)
+        # SQLite's one writer commits the writes queued while it was busy together (store/group_commit.py)
+        self._group: GroupWriter | None = None
+        if self.is_sqlite and writers == 1:
+            from ldapsync.store.group_commit import GroupWriter
+
+            self._group = GroupWriter(self, self._write_pool.callInThread, _from_thread)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -289,6 +346,8 @@ class Database:
             self._write_pool.start()
             if self._checkpointer is not None:
                 self._checkpointer.start()
+            if self._group is not None:
+                self._group.restart()
             self._started = True
 
     def stop(self) -> None:
@@ -431,12 +490,16 @@ class Database:
         """Run ``fn(txn, *args)`` in one transaction on a pool thread; await the result.
 
         ``txn.call_after`` callbacks fire on the reactor thread after COMMIT,
-        before this returns.
+        before this returns.  SQLite writes queued together share one COMMIT, each in a
+        savepoint of its own (``store/group_commit.py``).
         """
         from twisted.internet import reactor
 
-        pool = self._write_pool if write else self._read_pool
-        result, after = await threads.deferToThreadPool(reactor, pool, self._run, desc, fn, args, kw, write)
+        if write and self._group is not None:
+            result, after = await self._group.submit(desc, fn, args, kw)
+        else:
+            pool = self._write_pool if write else self._read_pool
+            result, after = await threads.deferToThreadPool(reactor, pool, self._run, desc, fn, args, kw, write)
         for cb, cb_args in after:
             try:
                 cb(*cb_args)

@@ -181,8 +181,8 @@ def path_range(path_key: str) -> tuple[str, str]:
 
 
 # A SQL plan for a filter is a tree of tuples:
-#   ("eq", attr, value) | ("present", attr) | ("prefix", attr, prefix) |
-#   ("like", attr, pattern) | ("and", [plans]) | ("or", [plans])
+#   ("eq", attr, value) | ("in", attr, values) | ("present", attr) | ("prefix", attr, prefix) |
+#   ("like", attr, pattern) | ("and", [plans]) | ("or", [plans]) | ("none",) (selects nothing)
 Plan = tuple[Any, ...]
 
 
@@ -196,6 +196,12 @@ def _plan_sql(plan: Plan, params: list[Any]) -> str:
     if kind == "eq":
         params += [plan[1], plan[2][:INDEX_VALUE_MAX]]
         return sub + " AND value = ?)"
+    if kind == "in":
+        values = list(dict.fromkeys(v[:INDEX_VALUE_MAX] for v in plan[2]))
+        params += [plan[1], *values]
+        return sub + f" AND value IN {_in(len(values))})"
+    if kind == "none":
+        return "1 = 0"
     if kind == "present":
         params.append(plan[1])
         return sub + ")"

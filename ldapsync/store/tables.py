@@ -8,7 +8,8 @@
 - ``entry_index``: (attribute, normalized value) → entry, for the attributes
   configured as indexed.  Values longer than ``INDEX_VALUE_MAX`` are cut; the
   index only selects candidates and every candidate is checked against the full
-  filter, so a cut value can never produce a wrong answer.
+  filter, so a cut value can never produce a wrong answer.  entryUUID is always
+  indexed, and its rows are unique (``ix_entry_index_uuid``).
 - ``meta``: small key/value settings (e.g. the schema of the index).
 """
 
@@ -46,6 +47,9 @@ entry_index = sa.Table(
     sa.Column("value", CText, nullable=False),
     sa.Index("ix_entry_index_attr_value", "attr", "value", "entry_id"),
     sa.Index("ix_entry_index_entry", "entry_id"),
+    # entryUUID is unique (migration 0005): the directory always indexes it.
+    sa.Index("ix_entry_index_uuid", "value", unique=True,
+             sqlite_where=sa.text("attr = 'entryuuid'"), postgresql_where=sa.text("attr = 'entryuuid'")),
 )
 
 meta = sa.Table(

@@ -223,7 +223,7 @@ class OutboxPlanner:
         if not now_bound:
             return self.desired_fields(new, ch.dn, bound=False, reason="unbind"), None
         self._check_mail(txn, ch.dn, first(new, "mail"), old if was else None)
-        secret = self.box.encrypt(passwords[-1].encode("utf-8")).hex() if passwords else None
+        secret = self.box.seal_password(passwords[-1].encode("utf-8"), first(new, "entryUUID") or "").hex() if passwords else None
         if not was:
             return self.desired_fields(new, ch.dn, bound=True, reason="bind"), secret
         if secret is not None:
@@ -251,7 +251,6 @@ class OutboxPlanner:
 
     async def on_bind(self, dn: DN, password: bytes) -> None:
         """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
-        secret = self.box.encrypt(password).hex()
 
         def run(txn: Txn) -> bool:
             w = Write(self.directory, txn, str(dn), "o365-status", Origin.SYNC_STATUS)
@@ -264,8 +263,9 @@ class OutboxPlanner:
             if not self.is_bound(attrs):
                 return False
             desired = self.desired(attrs, str(dn), bound=True, reason="password")
-            outbox_store.queue_rows_txn(txn, [outbox_store.QueuedRow(desired.entry_uuid, self.clock(), "password",
-                                                                     desired.to_json(), secret)])
+            outbox_store.queue_rows_txn(txn, [outbox_store.QueuedRow(
+                desired.entry_uuid, self.clock(), "password", desired.to_json(),
+                self.box.seal_password(password, desired.entry_uuid).hex())])
             outbox_store.notify_txn(txn)
             return True
 

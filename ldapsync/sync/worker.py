@@ -489,8 +489,8 @@ class OutboxWorker:
             from ldapsync.graph.crypto import DecryptionError
 
             if isinstance(e, DecryptionError):
-                await self._permanent(job, ids, desired, "the queued password cannot be decrypted "
-                                      "([secrets] key_file changed?); set the password again")
+                await self._permanent(job, ids, desired, "the queued password cannot be decrypted (altered row, or "
+                                      "[secrets] key_file changed?); set the password again")
                 return
             log.failure("Microsoft 365: delivery for {upn} failed; will retry", upn=desired.upn)
             await self._fail(job, ids, f"{type(e).__name__}", permanent=False,
@@ -609,8 +609,8 @@ class OutboxWorker:
             self._lease_lost(job, desired, "")
 
     # -- Graph ------------------------------------------------------------------------
-    def _password(self, secret_hex: str) -> str:
-        return self.connector.box.decrypt(bytes.fromhex(secret_hex)).decode("utf-8")
+    def _password(self, secret_hex: str, entry_uuid: str) -> str:
+        return self.connector.box.open_password(bytes.fromhex(secret_hex), entry_uuid).decode("utf-8")
 
     async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
                      rebind: bool = False, changed: tuple[str, ...] | None = None) -> Outcome:
@@ -719,7 +719,7 @@ class OutboxWorker:
                     raise self._conflict(desired.upn)
                 what = "linked to the existing account"
             else:
-                password = self._password(secret) if secret else None
+                password = self._password(secret, desired.entry_uuid) if secret else None
                 # Durably note the attempt first: if the reply is lost, the retry will know the
                 # account it then finds by UPN is ours (see store/outbox.py).
                 await self.db.run_interaction("o365 create sent", q.mark_create_sent_txn, desired.entry_uuid)
@@ -753,7 +753,7 @@ class OutboxWorker:
             delivered_at_create = True
             what = "linked to the account our lost create made"
         if secret:
-            patch["passwordProfile"] = {"password": self._password(secret), "forceChangePasswordNextSignIn": False}
+            patch["passwordProfile"] = {"password": self._password(secret, desired.entry_uuid), "forceChangePasswordNextSignIn": False}
             if user.get("accountEnabled") is False:
                 patch["accountEnabled"] = True
         elif user.get("accountEnabled") is False and prev_state == SyncState.disabled.value and desired.has_password:

@@ -102,7 +102,7 @@ def test_ca_bundle_adds_to_the_public_roots(tmp_path) -> None:
 
     import certifi
 
-    from ldapsync.graph.tls import combined_bundle_file, pem_blocks, trusted_blocks
+    from ldapsync.graph.tls import pem_blocks, trust_context, trusted_blocks
     from ldapsync.graph.token import make_requests_session
 
     import conftest  # type: ignore[import-not-found]
@@ -112,7 +112,22 @@ def test_ca_bundle_adds_to_the_public_roots(tmp_path) -> None:
     public = pem_blocks(Path(certifi.where()).read_bytes())
     blocks = trusted_blocks(str(ca))
     assert blocks[-1] == extra[0] and len(blocks) == len(public) + 1
-    combined = Path(combined_bundle_file(str(ca))).read_bytes()
-    assert extra[0] in combined and public[0] in combined
+    # MSAL's context holds the same certificates, in memory (no CA file another user could plant)
+    loaded = trust_context(str(ca)).get_ca_certs()
+    assert len(loaded) == len(public) + 1
+    assert ((("commonName", "ldapsync test CA"),),) in [c["subject"] for c in loaded]
     s = make_requests_session(str(ca))
-    assert s.trust_env is False and Path(s.verify).read_bytes() == combined
+    assert s.trust_env is False and s.verify is True
+
+
+def test_queued_passwords_are_bound_to_their_user() -> None:
+    box = SecretBox(os.urandom(32))
+    blob = box.seal_password(b"Pass-1234", "uuid-ann")
+    assert blob[:1] == b"\x02" and box.open_password(blob, "uuid-ann") == b"Pass-1234"
+    for forged in (blob, b"\x01" + blob[1:]):        # another user's row; the version byte turned back
+        with pytest.raises(DecryptionError):
+            box.open_password(forged, "uuid-bob")
+    with pytest.raises(DecryptionError):
+        box.decrypt(blob)                             # version 2 needs its associated data
+    # a row queued before version 2 (no associated data) is still delivered after the upgrade
+    assert box.open_password(box.encrypt(b"Old-Pass-1"), "uuid-ann") == b"Old-Pass-1"

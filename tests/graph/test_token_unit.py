@@ -89,12 +89,30 @@ def test_requests_session_ignores_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
     import conftest  # type: ignore[import-not-found]
 
-    ca, _, _ = conftest.make_cert(tmp_path / "tls")
+    import http.server
+    import ssl
+    import threading
+
+    ca, cert, key = conftest.make_cert(tmp_path / "tls")
     s = make_requests_session(str(ca))
-    # ca_bundle adds to the public roots: verify is a combined file holding that CA
-    assert s.trust_env is False and ca.read_bytes().strip() in open(s.verify, "rb").read()
+    assert s.trust_env is False
     settings = s.merge_environment_settings("https://x.test/", {}, None, s.verify, None)
     assert settings["verify"] == s.verify
+    # A real handshake with a server whose certificate only ca_bundle's CA signed: the system
+    # bundle REQUESTS_CA_BUNDLE names does not hold it, so success means the environment lost.
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        assert s.get(f"https://127.0.0.1:{httpd.server_address[1]}/", timeout=10).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError):    # another CA's session refuses it
+            make_requests_session(str(conftest.make_cert(tmp_path / "other")[0])).get(
+                f"https://127.0.0.1:{httpd.server_address[1]}/", timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
     assert make_requests_session(None) is None
     assert isinstance(s, requests.Session)
 

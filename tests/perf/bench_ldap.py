@@ -270,8 +270,10 @@ access to * by users read by * none
 class Ldapsync:
     name = "ldapsync"
 
-    def __init__(self, work: Path, users: int, database: str, cleartext: bool, bin_dir: str | None = None):
+    def __init__(self, work: Path, users: int, database: str, cleartext: bool, bin_dir: str | None = None,
+                 durability: str = "full"):
         self.dir = work / "ldapsync"
+        self.durability = durability
         self.dir.mkdir()
         self.users = users
         self.port = free_port()
@@ -300,6 +302,7 @@ class Ldapsync:
 [directory]
 suffix = "{SUFFIX}"
 database = "{self.database}"
+durability = "{self.durability}"
 [ldap]
 listen = ["tcp:{self.port}:interface={HOST}"]
 [admin]
@@ -465,6 +468,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--repeat", type=int, default=1, help="runs per scenario; the median run (by ops/s) is reported, with all throughputs"
     )
+    ap.add_argument("--durability", choices=("full", "normal"), default="full",
+                    help="ldapsync's [directory] durability (full: fsync at every COMMIT; normal: at checkpoints)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (LDIF, configs, databases, logs)")
     ap.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
@@ -485,7 +490,8 @@ def main(argv=None) -> int:
     if args.server in ("slapd", "both"):
         servers.append(Slapd(work, args.users))
     if args.server in ("ldapsync", "both"):
-        servers.append(Ldapsync(work, args.users, args.db, args.ldapsync_passwords == "cleartext", args.bin_dir))
+        servers.append(Ldapsync(work, args.users, args.db, args.ldapsync_passwords == "cleartext", args.bin_dir,
+                                args.durability))
     slapd_version = Slapd.version() if shutil.which("slapd") or os.path.exists(SLAPD) else "not installed"
     info = machine_info(slapd_version)
     # CPU already busy before we start (other processes on this machine)

@@ -289,13 +289,14 @@ async def test_auth_with_the_right_password(sinks: list[SMTPSink], tls: tuple[Pa
 
 
 @pytest_twisted.ensureDeferred
-async def test_auth_with_a_wrong_password(sinks: list[SMTPSink], tmp_path: Path, log_lines: list[str]) -> None:
-    sink = SMTPSink(credentials={"mailer": "the-right-one"}).start()
+async def test_auth_with_a_wrong_password(sinks: list[SMTPSink], tls: tuple[Path, Path], tmp_path: Path,
+                                          log_lines: list[str]) -> None:
+    sink = SMTPSink(tls_cert=tls[0], tls_key=tls[1], require_tls=True, credentials={"mailer": "the-right-one"}).start()
     sinks.append(sink)
     wrong = tmp_path / "pw"
     wrong.write_text(PASSWORD + "\n")
     clock = task.Clock()
-    m = mailer(sink.endpoint, clock, username="mailer", password_file=str(wrong))
+    m = mailer(sink.endpoint, clock, starttls=True, ca_bundle=str(tls[0]), username="mailer", password_file=str(wrong))
     with pytest.raises(MailError) as ei:
         await m.send("a@example.com", "s", f"{ACTIVATION}\n")
     assert "authentication failed" in str(ei.value) and "535" in str(ei.value)
@@ -309,6 +310,24 @@ async def test_auth_with_a_wrong_password(sinks: list[SMTPSink], tmp_path: Path,
     assert base64.b64encode(PASSWORD.encode()).decode()[:16] not in text
 
 
+def test_auth_without_tls_is_refused_before_any_connection(tmp_path: Path, password_file: Path) -> None:
+    """A username without STARTTLS (or an implicit-TLS tls: endpoint) would send the password in
+    clear: the Mailer refuses to exist, and the server refuses the config at start."""
+    from ldapsync.config import ConfigError, load_config
+
+    with pytest.raises(MailError, match="in clear.*starttls = true"):
+        mailer("tcp:127.0.0.1:25", username="mailer", password_file=str(password_file))
+    mailer("tcp:127.0.0.1:25", starttls=True, username="mailer", password_file=str(password_file))
+    mailer("tls:127.0.0.1:465", username="mailer", password_file=str(password_file))
+    mailer("tcp:127.0.0.1:25")                                      # no AUTH: clear is allowed
+    cfg = tmp_path / "ldapsync.toml"
+    cfg.write_text(f'[mail]\nsmtp = "tcp:smtp.example.com:587"\nusername = "mailer"\npassword_file = "{password_file}"\n')
+    with pytest.raises(ConfigError, match=r"\[mail\] username is set but the connection is not encrypted"):
+        load_config(cfg)
+    cfg.write_text(cfg.read_text() + "starttls = true\n")
+    assert load_config(cfg).mail.starttls
+
+
 @pytest_twisted.ensureDeferred
 async def test_auth_required_by_server_but_not_configured(sinks: list[SMTPSink]) -> None:
     sink = SMTPSink(credentials={"mailer": "x"}).start()
@@ -320,7 +339,7 @@ async def test_auth_required_by_server_but_not_configured(sinks: list[SMTPSink])
 
 @pytest_twisted.ensureDeferred
 async def test_missing_password_file_is_a_clear_error(sink: SMTPSink, tmp_path: Path) -> None:
-    m = mailer(sink.endpoint, username="mailer", password_file=str(tmp_path / "nope"))
+    m = mailer(sink.endpoint, starttls=True, username="mailer", password_file=str(tmp_path / "nope"))
     with pytest.raises(MailError, match="password_file"):
         await m.send("a@example.com", "s", "t")
     assert sink.sessions == 0

@@ -1,0 +1,53 @@
+"""ldapsync.logs: JSON lines parse, carry the fields, and the level filter drops what it should."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import Logger, LogPublisher
+
+from ldapsync import logs
+
+
+def _logger(level: str, fmt: str) -> tuple[Logger, io.StringIO]:
+    out = io.StringIO()
+    pub = LogPublisher(logs.make_observer(level, fmt, out))
+    return Logger(namespace="ldapsync.test", observer=pub), out
+
+
+def test_json_lines_have_time_level_system_message_and_fields() -> None:
+    log, out = _logger("info", "json")
+    log.info("bind of {dn} failed: {reason}", dn="uid=bob,ou=people,dc=example,dc=com", reason="wrong password", code=49)
+    log.warn("connector {state}", state="error", obj=object())
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["level"] == "info" and first["system"] == "ldapsync.test"
+    assert first["message"] == "bind of uid=bob,ou=people,dc=example,dc=com failed: wrong password"
+    assert first["dn"] == "uid=bob,ou=people,dc=example,dc=com" and first["code"] == 49
+    assert first["time"].endswith("+00:00") and "T" in first["time"]
+    assert second["level"] == "warn" and isinstance(second["obj"], str)
+
+
+def test_level_filter() -> None:
+    log, out = _logger("warn", "json")
+    log.debug("debug line")
+    log.info("info line")
+    log.warn("warn line")
+    log.error("error line")
+    assert [json.loads(line)["message"] for line in out.getvalue().splitlines()] == ["warn line", "error line"]
+    log, out = _logger("debug", "text")
+    log.debug("debug line")
+    assert "debug line" in out.getvalue()
+
+
+def test_failure_is_one_line_with_the_traceback() -> None:
+    log, out = _logger("info", "json")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("it broke")
+    (line,) = out.getvalue().splitlines()
+    rec = json.loads(line)
+    assert rec["level"] == "critical" and "ZeroDivisionError" in rec["failure"]
