@@ -57,8 +57,14 @@ class LDAPConfig:
     starttls_cert: str = ""
     starttls_key: str = ""
     allow_anonymous_read: bool = False
-    max_pdu_size: int = 10 * 1024 * 1024
-    idle_timeout: float = 0.0      # 0 = never close idle connections
+    max_pdu_size: int = 10 * 1024 * 1024          # largest request after a successful bind
+    max_pdu_size_anonymous: int = 256 * 1024      # largest request before a bind (slapd's sockbuf_max_incoming)
+    idle_timeout: float = 900.0    # close connections idle this long (0 = never)
+    max_connections: int = 4096                   # open LDAP connections in all (0 = no cap)
+    max_connections_per_address: int = 256       # open LDAP connections from one client address (0 = no cap)
+    max_pending_anonymous: int = 100              # operations in progress per connection before a bind (conn_max_pending)
+    max_pending: int = 1000                       # ... after a successful bind (conn_max_pending_auth)
+    bind_failures_per_address: int = 100          # wrong passwords per minute from one address before its binds are refused (0 = no cap)
 
 
 @dataclass(frozen=True)
@@ -257,6 +263,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
         raise ConfigError("[ldap] listen: at least one listener is needed")
+    for key in ("max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous"):
+        if getattr(cfg.ldap, key) < 1:
+            raise ConfigError(f"[ldap] {key}: expected at least 1, got {getattr(cfg.ldap, key)}")
+    if cfg.ldap.idle_timeout < 0:
+        raise ConfigError(f"[ldap] idle_timeout: expected a duration like \"15m\" or \"0\" (never), got {cfg.ldap.idle_timeout:g}")
     url = cfg.selfservice.public_url
     if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
         raise ConfigError(f'[selfservice] public_url: expected the address users open, like "https://account.example.com", '

@@ -59,7 +59,7 @@ def starttls_context(config: Config) -> Any:
 
 
 def make_service(config: Config) -> service.MultiService:
-    from ldapsync.ldap.server import LDAPServerFactory
+    from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
 
     for line in _sqlite_dir(config) + _exposed_secrets(config):
         log.warn("{line}", line=line)
@@ -67,6 +67,7 @@ def make_service(config: Config) -> service.MultiService:
     dirsvc = DirectoryService(config)
     dirsvc.setServiceParent(top)
     ctx = starttls_context(config)
+    limits = ConnectionLimits(config.ldap.max_connections, config.ldap.max_connections_per_address)
     for endpoint in config.ldap.listen:
         factory = LDAPServerFactory(
             dirsvc.directory,
@@ -74,6 +75,10 @@ def make_service(config: Config) -> service.MultiService:
             starttls_context=ctx,
             is_tls_listener=endpoint.startswith("ssl:"),
             idle_timeout=config.ldap.idle_timeout,
+            max_pdu_size_anonymous=config.ldap.max_pdu_size_anonymous,
+            limits=limits,
+            max_pending=config.ldap.max_pending,
+            max_pending_anonymous=config.ldap.max_pending_anonymous,
         )
         Listener(endpoint, factory, "[ldap] listen").setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which

@@ -107,12 +107,24 @@ def create_pg_database() -> tuple[str, str]:
 
 
 def drop_pg_database(name: str) -> None:
+    """Drop a test database.  WITH (FORCE) cannot end a server process of another role (an
+    autovacuum worker right after a heavy test): that is waited out, with a bound."""
     import sqlalchemy as sa
 
     eng = sa.create_engine(pg_admin_url(), isolation_level="AUTOCOMMIT")
-    with eng.connect() as c:
-        c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    eng.dispose()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with eng.connect() as c:
+                    c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except sa.exc.DBAPIError as e:
+                if "must be a member of the role" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        eng.dispose()
 
 
 @contextlib.contextmanager

@@ -251,6 +251,11 @@ def _recent_failures(cfg: PolicyConfig, attrs: dict[str, list[str]], now: float)
     return keep
 
 
+def failure_count(cfg: PolicyConfig, attrs: dict[str, list[str]], now: float) -> int:
+    """Failed binds that still count towards the lock (what the next failure adds to)."""
+    return len(_recent_failures(cfg, attrs, now))
+
+
 def password_state(cfg: PolicyConfig, attrs: dict[str, list[str]], now: float, *, exempt: bool = False) -> PasswordState:
     exp = expires_at(cfg, attrs, exempt=exempt)
     locked, until = lock_state(cfg, attrs, now) if not exempt else (False, None)

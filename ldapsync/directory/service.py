@@ -47,6 +47,7 @@ import ldapsync
 from ldapsync.clock import Clock, system_clock
 from ldapsync.config import Config, PolicyConfig
 from ldapsync.directory import policy as pp
+from ldapsync.directory.binds import Admission, AddressLimiter, DNGate
 from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.filters import Ext, Filter, FilterCompiler, And, Or, Not
@@ -172,7 +173,7 @@ def _b(v: bytes | str) -> str:
 
 class Directory:
     def __init__(self, config: Config, db: Database, schema: Schema | None = None, *, hash_threads: int = 2,
-                 hooks: Sequence[WriteHooks] = ()) -> None:
+                 hash_queue: int = 256, hooks: Sequence[WriteHooks] = ()) -> None:
         self.config = config
         self.policy: PolicyConfig = config.policy
         self.clock: Clock = system_clock()       # every policy decision asks this (tests move it)
@@ -203,6 +204,10 @@ class Directory:
         self.hooks = hooks
         self._hash_pool = ThreadPool(minthreads=0, maxthreads=hash_threads, name="ldapsync-hash")
         self._hash_pool_started = False
+        self._hash_queue = hash_queue           # bind verifications waiting or running before binds get busy
+        self._hash_pending = 0
+        self._bind_gate: DNGate[Any] = DNGate()
+        self.bind_limiter = AddressLimiter(config.ldap.bind_failures_per_address, slots=hash_threads)
         self._index_types = {self.schema.attribute(a).name: self.schema.attribute(a) for a in indexed if self.schema.attribute(a)}  # type: ignore[union-attr]
 
     def start(self) -> None:
@@ -215,11 +220,19 @@ class Directory:
             self._hash_pool.stop()
             self._hash_pool_started = False
 
-    async def _in_hash_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _in_hash_thread(self, fn: Callable[..., Any], *args: Any, bounded: bool = False) -> Any:
+        """Run ``fn`` in the hash thread pool; ``bounded`` (LDAP binds) refuses with busy when
+        ``hash_queue`` jobs are already waiting or running, so a flood cannot queue without end."""
         from twisted.internet import reactor
 
+        if bounded and self._hash_pending >= self._hash_queue:
+            raise LDAPError(ResultCode.busy, "the server is busy checking passwords; try again shortly")
         self.start()
-        return await threads.deferToThreadPool(reactor, self._hash_pool, fn, *args)
+        self._hash_pending += 1
+        try:
+            return await threads.deferToThreadPool(reactor, self._hash_pool, fn, *args)
+        finally:
+            self._hash_pending -= 1
 
     # -- names ---------------------------------------------------------------
     def dn(self, text: str) -> DN:
@@ -454,12 +467,15 @@ class Directory:
     async def bind(self, dn_text: str, password: bytes) -> Actor:
         return (await self.bind_with_policy(dn_text, password))[0]
 
-    async def bind_with_policy(self, dn_text: str, password: bytes) -> tuple[Actor, PPolicyResponse]:
+    async def bind_with_policy(self, dn_text: str, password: bytes, *, source: str | None = None) -> tuple[Actor, PPolicyResponse]:
         """A simple bind: (actor, what the password policy control says).
 
         Refusals raise :class:`~ldapsync.directory.policy.PolicyError` (an LDAPError)
         whose ``ppolicy`` the protocol edge sends when the client asked for it.  The
         message is the same whether the password was wrong, expired or locked.
+        ``source`` is the client's address: too many wrong passwords from it within
+        a minute get ``busy`` without a look at the password (``[ldap]
+        bind_failures_per_address``, :class:`~ldapsync.directory.binds.AddressLimiter`).
         """
         if not dn_text:
             if password:
@@ -471,12 +487,15 @@ class Directory:
             raise LDAPError(ResultCode.invalidDNSyntax, e.message) from None
         if not password:
             raise LDAPError(ResultCode.unwillingToPerform, "unauthenticated bind (DN with no password) disallowed")
-        out = await self.authenticate(dn_text, password)
+        wait = self.bind_limiter.refused_for(source)
+        if wait:
+            raise LDAPError(ResultCode.busy, f"too many wrong passwords from your address; try again in {wait:.0f} seconds")
+        out = await self.authenticate(dn_text, password, source=source)
         if not out.authenticated or out.actor is None:
             raise PolicyError(ResultCode.invalidCredentials, "invalid credentials", out.ppolicy())
         return out.actor, out.ppolicy()
 
-    async def authenticate(self, dn_text: str, password: bytes) -> BindOutcome:
+    async def authenticate(self, dn_text: str, password: bytes, *, source: str | None = None) -> BindOutcome:
         """Check a password under the policy, as a bind does; policy outcomes are returned, not raised.
 
         Counts a wrong password towards lockout (one write), refuses a locked
@@ -484,6 +503,13 @@ class Directory:
         failures after a success, and hands the cleartext to the bind hooks (the
         Microsoft 365 capture) when the bind succeeds.  An unknown DN, an entry
         without a password or an empty password give a plain failure.
+
+        Lock check, verification and failure recording are atomic per DN: at most
+        ``lockout_failures`` wrong passwords are verified however many binds race
+        (:class:`~ldapsync.directory.binds.DNGate`).  ``source`` (the LDAP client's
+        address) shares the hash threads fairly between addresses, counts wrong
+        passwords per address and bounds the queue (busy when full); without it
+        (the self-service pages, which have their own limits) none of that applies.
         """
         try:
             dn = self.dn(dn_text)
@@ -491,29 +517,63 @@ class Directory:
             return _FAILED
         if not password or dn.is_root:
             return _FAILED
+        cfg = self.policy
+        exempt = dn.norm == self.admin_dn.norm
+        counted = bool(cfg.lockout_failures) and not exempt
 
         def fetch(txn: Txn) -> Attrs | None:
             e = store.get_entry_txn(txn, dn.norm)
             return e.attrs if e is not None else None
 
-        attrs = await self.db.run_interaction("bind", fetch, write=False)
-        if attrs is None or not attrs.get("userPassword"):
-            # No such entry, or an entry without a usable password (an inactive user).
-            return _FAILED
+        async def decide(in_flight: int) -> tuple[Attrs | BindOutcome, Admission]:
+            attrs = await self.db.run_interaction("bind", fetch, write=False)
+            if attrs is None or not attrs.get("userPassword"):
+                # No such entry, or an entry without a usable password (an inactive user).
+                return _FAILED, Admission.PASS
+            if not counted:
+                return attrs, Admission.PASS
+            now = self.clock.now()
+            if pp.lock_state(cfg, attrs, now)[0]:
+                log.info("bind refused for {dn}: account locked", dn=str(dn))
+                return BindOutcome(None, False, False, True, None, None, None), Admission.PASS
+            if in_flight and pp.failure_count(cfg, attrs, now) + in_flight >= cfg.lockout_failures:
+                return attrs, Admission.WAIT    # the binds in progress may lock it: wait for their outcome
+            return attrs, Admission.TAKE
+
+        got, took = await self._bind_gate.enter(dn.norm, decide)
+        if isinstance(got, BindOutcome):
+            return got
+        try:
+            return await self._check_password(dn, got, password, exempt, source)
+        finally:
+            if took:
+                await self._bind_gate.release(dn.norm)
+
+    async def _check_password(self, dn: DN, attrs: Attrs, password: bytes, exempt: bool, source: str | None) -> BindOutcome:
+        """Verify (holding the DN's slot, see :meth:`authenticate`) and record the outcome."""
         cfg = self.policy
-        exempt = dn.norm == self.admin_dn.norm
         is_admin = exempt or self._in_admins_group(attrs)
-        if not exempt and pp.lock_state(cfg, attrs, self.clock.now())[0]:
-            log.info("bind refused for {dn}: account locked", dn=str(dn))
-            return BindOutcome(None, False, False, True, None, None, None)
-        ok = await self._in_hash_thread(self._verify_any, list(attrs["userPassword"]), password)
+        async with self.bind_limiter.slot(source):
+            wait = self.bind_limiter.refused_for(source)    # again: failures may have come in while we waited
+            if wait:
+                raise LDAPError(ResultCode.busy, f"too many wrong passwords from your address; try again in {wait:.0f} seconds")
+            ok = await self._in_hash_thread(self._verify_any, list(attrs["userPassword"]), password,
+                                            bounded=source is not None)
         now = self.clock.now()
         if not ok:
-            locked = False
+            self.bind_limiter.note_failure(source)
+            locked, failures = False, 0
             if not exempt and cfg.lockout_failures:
-                locked = await self._record_bind_failure(dn)
-                if locked:
-                    log.warn("account {dn} locked after {n} failed binds", dn=str(dn), n=cfg.lockout_failures)
+                locked, failures = await self._record_bind_failure(dn)
+            if locked:
+                log.warn("wrong password for {dn} from {source}: account locked after {n} failed binds",
+                         dn=str(dn), source=source or "the self-service pages", n=failures)
+            elif exempt or not cfg.lockout_failures:
+                log.info("wrong password for {dn} from {source} (no lockout for it)",
+                         dn=str(dn), source=source or "the self-service pages")
+            else:
+                log.info("wrong password for {dn} from {source} ({n} of {max} before lockout)",
+                         dn=str(dn), source=source or "the self-service pages", n=failures, max=cfg.lockout_failures)
             return BindOutcome(None, False, False, locked, None, None, None)
         actor = Actor(dn, is_admin)
         exp = pp.expires_at(cfg, attrs, exempt=exempt)
@@ -540,21 +600,25 @@ class Directory:
                     log.failure("bind hook failed for {dn}", dn=str(dn))
         return BindOutcome(actor, True, expired, False, exp, grace, warning)
 
-    async def _record_bind_failure(self, dn: DN) -> bool:
-        """One write: add a pwdFailureTime, lock at lockout_failures.  Returns whether the account is locked."""
+    async def _record_bind_failure(self, dn: DN) -> tuple[bool, int]:
+        """One write: add a pwdFailureTime, lock at lockout_failures.  Returns (locked?, failures counted).
+
+        The entry is read under a row lock in the same transaction, so failures
+        from other processes and nodes are counted, never lost."""
         cfg = self.policy
 
-        def run(txn: Txn) -> bool:
+        def run(txn: Txn) -> tuple[bool, int]:
             w = Write(self, txn, str(dn), "ppolicy", Origin.POLICY)
             st = w.get(dn)
             if st is None or not st.attrs or not st.attrs.get("userPassword"):
-                return False
-            values, locked = pp.values_after_failure(cfg, st.attrs, self.clock.now())
+                return False, 0
+            now = self.clock.now()
+            values, locked = pp.values_after_failure(cfg, st.attrs, now)
             if values and w.set_operational(st, values):
                 w.finish()
-            return locked
+            return locked, len(values.get("pwdFailureTime") or ()) if values else pp.failure_count(cfg, st.attrs, now)
 
-        return bool(await self.db.run_interaction("ppolicy", run))
+        return await self.db.run_interaction("ppolicy", run)
 
     async def _record_bind_success(self, dn: DN, *, grace: bool) -> int | None:
         """One write after a right password: clear failures/expired lock, date an undated password,

@@ -9,9 +9,10 @@ typed exceptions.  Raw treq/Twisted exceptions never leave this module.
 One request::
 
     pacer.acquire(writes)          token bucket: 95% of 3,000 writes / 150 s / app (configurable),
-       │                           slowed while Graph reports x-ms-throttle-limit-percentage > 1,
-       │                           paused for everyone after a 429's Retry-After;
-       │                           × share (1/n with n nodes of one deployment: sync/worker.py)
+       │                           × share (1/n with n nodes of one deployment: sync/worker.py),
+       │                           × the rate Graph really gives, learned from 429s and
+       │                           x-ms-throttle-limit-percentage (graph/pacing.py);
+       │                           paused for everyone after a 429's Retry-After
     token_provider.get_token()     (MSAL in a thread; memoised)
        │
     treq ──▶ Graph                 timeout on the whole exchange (headers + body)
@@ -53,6 +54,7 @@ from ldapsync.graph.errors import (
     error_from_response,
     redact,
 )
+from ldapsync.graph.pacing import PacingPolicy, WritePacer
 
 __all__ = [
     "DEFAULT_USER_SELECT",
@@ -98,138 +100,6 @@ class RetryPolicy:
     not_found_retries: int = 5        # 404 right after a create (replication lag)
     not_found_delay: float = 1.0
     recent_create_window: float = 120.0
-
-
-@dataclass(frozen=True)
-class PacingPolicy:
-    """Client-side budget for directory writes (per app per tenant).
-
-    Writes go out at ``target`` × the budget's rate (``writes_per_window / window``)
-    once ``burst`` writes have gone at once.  Any span of *t* seconds then sees at
-    most ``burst + rate·t`` writes from us, which stays within the budget for every
-    span of at least ``burst / (budget rate − rate)`` seconds.  The default burst
-    keeps that span at half of ``shortest_window``, so the pacing holds whether
-    Graph counts over its documented 150 s or over a shorter sliding window (a
-    scaled test tenant counts 300 writes per 15 s): a big burst (150 writes, i.e.
-    7.5 s of budget) is harmless against a 150 s window but overruns a 15 s one
-    and earns 429s, whose pauses cost more than the burst ever saved.
-    """
-
-    enabled: bool = True
-    writes_per_window: int = 3000
-    window: float = 150.0
-    target: float = 0.95              # steady rate: 95% of the budget (19 writes/s of Graph's 20)
-    burst: int | None = None          # None: sized for shortest_window (8 writes for Graph's budget)
-    shortest_window: float = 15.0
-    # Graph sends x-ms-throttle-limit-percentage (with one decimal) whenever a window is
-    # over 80% used, so at our own 95% it says 0.9 or 1.0: reacting to that would slow us
-    # down for nothing.  Slow down only when it says the limit is exceeded (> 1.0: other
-    # nodes or other apps' writes on top of ours), as well as after a 429.
-    slowdown_threshold: float = 1.05
-    slowdown_target: float = 0.9      # rate factor = target / reported percentage
-    slowdown_period: float = 30.0     # how long a slowdown lasts after the last such header
-    min_factor: float = 0.1
-
-    @property
-    def budget_rate(self) -> float:
-        return max(1e-6, self.writes_per_window / self.window)
-
-    @property
-    def rate(self) -> float:
-        return max(1e-6, self.budget_rate * self.target)
-
-    @property
-    def bucket(self) -> int:
-        """The burst in effect (``burst``, or the default derived from ``shortest_window``)."""
-        if self.burst is not None:
-            return max(1, self.burst)
-        headroom = (self.budget_rate - self.rate) * self.shortest_window / 2
-        return max(1, int(headroom + 0.5))
-
-
-class WritePacer:
-    """A token bucket (GCRA form) for writes, plus a shared pause after a 429.
-
-    ``reserve(n)`` books ``n`` writes and says how long to wait; bookings are
-    FIFO, so concurrent callers are served in order without polling.
-    """
-
-    def __init__(self, clock: Any, policy: PacingPolicy = PacingPolicy()) -> None:
-        self._clock = clock
-        self.policy = policy
-        self._tat = 0.0               # when the bucket would be full again
-        self._pause_until = 0.0
-        self._factor = 1.0
-        self._factor_until = 0.0
-        self._share = 1.0
-
-    @property
-    def factor(self) -> float:
-        return self._factor if self._clock.seconds() < self._factor_until else 1.0
-
-    @property
-    def share(self) -> float:
-        """This process's part of the budget (1/n with n nodes writing for the same app)."""
-        return self._share
-
-    def set_share(self, share: float) -> None:
-        """Use ``share`` of the budget from now on: its rate and, through the same time tolerance,
-        its burst; several nodes of one deployment together then stay within the app's budget."""
-        self._share = min(1.0, max(0.01, share))
-
-    @property
-    def rate(self) -> float:
-        """Current writes per second."""
-        return self.policy.rate * self.factor * self._share
-
-    @property
-    def _tolerance(self) -> float:
-        """How far ahead of now writes may be booked and still go at once (the burst)."""
-        return self.policy.bucket / self.policy.rate
-
-    def reserve(self, writes: int) -> float:
-        now = self._clock.seconds()
-        wait = max(0.0, self._pause_until - now)
-        if writes > 0 and self.policy.enabled:
-            self._tat = max(self._tat, now) + writes / self.rate
-            wait = max(wait, self._tat - self._tolerance - now)
-        return wait
-
-    def backlogged(self) -> bool:
-        """Whether a write booked now would have to wait: the budget, not the work, sets the pace."""
-        if not self.policy.enabled:
-            return False
-        return self._tat - self._tolerance > self._clock.seconds()
-
-    async def acquire(self, writes: int) -> None:
-        delay = self.reserve(writes)
-        if delay > 0:
-            await task.deferLater(self._clock, delay)
-
-    def pause(self, seconds: float) -> None:
-        """Everyone waits ``seconds`` (Graph throttles per app, so all our requests would get 429)."""
-        self._pause_until = max(self._pause_until, self._clock.seconds() + seconds)
-
-    def slow_down(self, factor: float) -> None:
-        now = self._clock.seconds()
-        factor = min(1.0, max(self.policy.min_factor, factor))
-        current = self._factor if now < self._factor_until else 1.0
-        self._factor = min(current, factor)
-        self._factor_until = now + self.policy.slowdown_period
-
-    def observe(self, status: int, headers: Mapping[str, str]) -> None:
-        raw = headers.get("x-ms-throttle-limit-percentage")
-        if raw:
-            try:
-                pct = float(raw)
-            except ValueError:
-                pct = 0.0
-            if pct > 5:                 # tolerate "85" meaning 85 %
-                pct /= 100.0
-            if pct >= self.policy.slowdown_threshold:
-                self.slow_down(self.policy.slowdown_target / pct)
-        if status == 429:
-            self.slow_down(0.5)
 
 
 # --------------------------------------------------------------------------- values
@@ -540,6 +410,7 @@ class GraphClient:
         if headers:
             base_headers.update(headers)
         log_path = self._log_path(url)
+        batch_call = urlsplit(url).path.endswith("/$batch")
 
         attempt = 0
         refreshed = False
@@ -577,7 +448,8 @@ class GraphClient:
                 continue
 
             status = resp.status
-            self.pacer.observe(status, resp.headers)
+            # a $batch's writes are observed item by item (_batch_chunk), not by its outer 200
+            self.pacer.observe(status, resp.headers, 0 if batch_call and 200 <= status < 300 else writes)
             log.debug("Graph {method} {path} -> {status} request-id {request_id} ({elapsed:.3f}s, attempt {attempt})",
                       method=method, path=log_path, status=status, request_id=resp.request_id,
                       elapsed=self._reactor.seconds() - started, attempt=attempt)
@@ -724,7 +596,7 @@ class GraphClient:
                     hdrs = {str(k).lower(): str(v) for k, v in (r.get("headers") or {}).items()}
                     res = BatchResult(ids[i], int(r.get("status") or 0), hdrs, r.get("body"))
                 results[i] = res
-                self.pacer.observe(res.status, res.headers)
+                self.pacer.observe(res.status, res.headers, 1 if items[i].method.upper() in WRITE_METHODS else 0)
                 if res.ok and items[i].method.upper() == "POST" and _is_users_collection(items[i].url) \
                         and isinstance(res.body, dict):
                     self._note_created(res.body.get("id"), res.body.get("userPrincipalName"))

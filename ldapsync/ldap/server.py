@@ -1,9 +1,26 @@
 """The LDAP protocol edge: bytes in, directory calls, result codes out.
 
 One :class:`LDAPConnection` per client.  It frames PDUs (refusing any over
-``[ldap] max_pdu_size``), decodes them (``ldapsync.ldap.ber``), checks
-controls, calls the directory and encodes the answer.  It holds no rules of
-its own: access control, schema and storage live in ``ldapsync.directory``.
+``[ldap] max_pdu_size``, or ``max_pdu_size_anonymous`` before a bind), decodes
+them (``ldapsync.ldap.ber``), checks controls, calls the directory and encodes
+the answer.  It holds no rules of its own: access control, schema and storage
+live in ``ldapsync.directory``.
+
+Limits, like slapd's (all in ``[ldap]``):
+
+- A bind is processed alone (RFC 4511 §4.2.1): it waits for the operations
+  before it, and nothing after it is even decoded until it has been answered,
+  so pipelined binds are taken one at a time and a request after a bind is
+  framed under the PDU limit of the identity the bind established.
+- At most ``max_pending_anonymous`` / ``max_pending`` operations run at once per
+  connection (slapd's ``conn_max_pending`` / ``conn_max_pending_auth``); beyond
+  that the connection stops reading (``pauseProducing``) until some finish, and
+  likewise while the client does not read its answers (the connection is the
+  transport's producer, as slapd stops on a blocked writer).  Unread requests
+  stay in the kernel's socket buffers, not in our memory.
+- ``max_connections`` in all and ``max_connections_per_address`` per client
+  address: a connection beyond them is closed at once (one log line per address
+  a minute); ``idle_timeout`` closes idle connections.
 
 A malformed PDU, a PDU over the size limit or a garbage stream ends that one
 connection with a Notice of Disconnection (RFC 4511 §4.4.1) and one log line;
@@ -13,6 +30,7 @@ errors become ``other`` with a short message and are logged here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +58,7 @@ OID_NOTICE_OF_DISCONNECTION = "1.3.6.1.4.1.1466.20036"
 OID_PPOLICY = "1.3.6.1.4.1.42.2.27.8.5.1"   # password policy request and response (draft-behera)
 KNOWN_CONTROLS = {OID_PAGED, OID_MANAGE_DSA_IT, OID_PPOLICY}
 SCOPES = {0: "base", 1: "one", 2: "sub", 3: "children"}
+REFUSAL_LOG_INTERVAL = 60.0   # seconds between two "refusing connections" lines for one address
 MAX_INT = 2**31 - 1  # RFC 4511 maxInt: the bound of message ids, size/time limits and page sizes
 
 RESPONSE_TAG = {
@@ -61,32 +80,48 @@ class _Op:
 
 
 class LDAPConnection(protocol.Protocol, TimeoutMixin):
-    def __init__(self, factory: "LDAPServerFactory") -> None:
+    def __init__(self, factory: "LDAPServerFactory", address: str) -> None:
         self.factory = factory
         self.directory = factory.directory
+        self.address = address                    # the client's host: connection caps, bind rate limits
         self.buffer = bytearray()
         self.actor: Actor = ANONYMOUS
         self.ops: dict[int, _Op] = {}
         self.tls = factory.is_tls_listener
         self.closing = False
+        self.held: ber.Message | None = None      # a bind waiting for the operations before it
+        self.bind_msgid: int | None = None        # the bind in progress (nothing else is started meanwhile)
+        self.write_blocked = False                # the client does not read: the transport paused us
+        self.read_paused = False                  # we paused the transport (backpressure)
+        self._pumping = False
 
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
-        self.factory.connections += 1
+        self.factory.limits.opened(self.address)
+        self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
             self.setTimeout(self.factory.idle_timeout)
 
     def timeoutConnection(self) -> None:
         # [ldap] idle_timeout: like slapd's idletimeout, an idle client is disconnected.
+        if self.closing or self.write_blocked:
+            # It has not read what we wrote (not even the notice) for that long: drop it,
+            # or its unread answers would stay in memory for good.
+            log.warn("dropping LDAP connection from {peer}: the client has not read its answers for {s:g}s",
+                     peer=self._peer(), s=self.factory.idle_timeout)
+            self.transport.abortConnection()
+            return
         if self.ops:
             self.resetTimeout()
             return
         self._disconnect(ResultCode.unavailable, "connection idle for too long; closed by the server")
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
-        self.factory.connections -= 1
+        self.factory.limits.closed(self.address)
         self.closing = True
         self.setTimeout(None)
+        self.buffer.clear()
+        self.held = None
         for op in self.ops.values():
             op.abandoned = True
 
@@ -96,21 +131,80 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         if self.factory.idle_timeout:
             self.resetTimeout()
         self.buffer += data
+        self._pump()
+
+    # IPushProducer: the transport pauses us while the client does not read what we write.
+    def pauseProducing(self) -> None:
+        self.write_blocked = True
+        self._pump()
+
+    def resumeProducing(self) -> None:
+        self.write_blocked = False
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self.closing = True
+
+    def _max_pending(self) -> int:
+        return self.factory.max_pending if self.actor.dn is not None else self.factory.max_pending_anonymous
+
+    def _blocked(self) -> bool:
+        """Nothing more may start now (the bytes after stay unread)."""
+        return (self.held is not None or self.bind_msgid is not None or self.write_blocked
+                or len(self.ops) >= self._max_pending())
+
+    def _pump(self) -> None:
+        """Start what may start now, in order; stop reading the socket while nothing may."""
+        if self._pumping or self.closing:
+            return
+        self._pumping = True
+        try:
+            while not self.closing:
+                if self.held is not None:
+                    if self.ops:
+                        break                       # the bind waits for the operations before it
+                    msg, self.held = self.held, None
+                    self._dispatch(msg)
+                    continue
+                if self._blocked() or not self.buffer:
+                    break
+                msg = self._next_message()
+                if msg is None:
+                    break
+                if isinstance(msg.op, ber.BindRequest) and self.ops:
+                    self.held = msg
+                    continue
+                self._dispatch(msg)
+        finally:
+            self._pumping = False
+        if self.closing:
+            return
+        pause = self._blocked() and bool(self.buffer)
+        if pause != self.read_paused:
+            self.read_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _next_message(self) -> ber.Message | None:
+        anonymous = self.actor.dn is None
         max_size = self.factory.max_pdu_size
-        while self.buffer and not self.closing:
-            try:
-                n = ber.pdu_length(self.buffer, max_size)
-                if n is None:
-                    return
-                if len(self.buffer) < n:
-                    return
-                pdu = bytes(self.buffer[:n])
-                del self.buffer[:n]
-                msg = ber.decode_message(pdu)
-            except BERError as e:
-                self._disconnect(ResultCode.protocolError, f"malformed request: {e}")
-                return
-            self._dispatch(msg)
+        if anonymous:
+            max_size = min(max_size, self.factory.max_pdu_size_anonymous)
+        try:
+            n = ber.pdu_length(self.buffer, max_size)
+            if n is None or len(self.buffer) < n:
+                return None
+            pdu = bytes(self.buffer[:n])
+            del self.buffer[:n]
+            return ber.decode_message(pdu)
+        except BERError as e:
+            hint = ""
+            if anonymous and "exceeds" in str(e):
+                hint = "; before a bind the limit is [ldap] max_pdu_size_anonymous: bind first"
+            self._disconnect(ResultCode.protocolError, f"malformed request: {e}{hint}")
+            return None
 
     def _peer(self) -> str:
         try:
@@ -127,7 +221,12 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self.transport.write(notice)
         finally:
             self.buffer.clear()
-            self.transport.loseConnection()
+            self._close()
+
+    def _close(self) -> None:
+        # A registered producer keeps the transport open: unregister first.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def send(self, data: bytes) -> None:
         if not self.closing:
@@ -138,7 +237,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         req = msg.op
         if isinstance(req, ber.UnbindRequest):
             self.closing = True
-            self.transport.loseConnection()
+            self._close()
             return
         if isinstance(req, ber.AbandonRequest):
             op = self.ops.get(req.msgid)
@@ -157,12 +256,17 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         handler: Callable[[ber.Message, _Op], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
         op = _Op(msg.msgid)
         self.ops[msg.msgid] = op
+        if isinstance(req, ber.BindRequest):
+            self.bind_msgid = msg.msgid
         d = defer.ensureDeferred(handler(msg, op))
         d.addErrback(self._failed, msg, tag, op)
         d.addBoth(self._done, msg.msgid)
 
     def _done(self, _: Any, msgid: int) -> None:
         self.ops.pop(msgid, None)
+        if msgid == self.bind_msgid:
+            self.bind_msgid = None
+        self._pump()
 
     def _failed(self, failure: Any, msg: ber.Message, tag: int, op: _Op) -> None:
         if op.abandoned or self.closing:
@@ -193,7 +297,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         if req.password is None:
             raise LDAPError(ResultCode.authMethodNotSupported, f"SASL mechanism {req.sasl_mechanism} is not supported; use a simple bind")
         self.actor = ANONYMOUS  # a failed bind leaves the connection anonymous
-        actor, info = await self.directory.bind_with_policy(req.dn, req.password)
+        actor, info = await self.directory.bind_with_policy(req.dn, req.password, source=self.address)
         self.actor = actor
         controls = _ppolicy_controls(info) if _wants_ppolicy(msg) and actor.dn is not None else None
         self._result(msg.msgid, ber.BIND_RESPONSE, ResultCode.success, controls=controls)
@@ -306,7 +410,9 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             if not ITLSTransport.providedBy(self.transport):
                 raise LDAPError(ResultCode.unavailable, "this transport cannot start TLS")
             self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=enc_str(OID_STARTTLS, 0x8A))
+            self.transport.unregisterProducer()      # re-registered through the TLS layer
             self.transport.startTLS(ctx)
+            self.transport.registerProducer(self, True)
             self.tls = True
             return
         raise LDAPError(ResultCode.protocolError, f"unsupported extended operation {req.name}")
@@ -326,15 +432,80 @@ def _paged_value(size: int, cookie: bytes) -> bytes:
     return tlv(0x30, ber.enc_int(size) + enc_str(cookie))
 
 
+class _Refused(protocol.Protocol):
+    """A connection over ``max_connections`` / ``max_connections_per_address``: closed at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+class ConnectionLimits:
+    """Open connections in all and per client address, shared by every LDAP listener of a process."""
+
+    def __init__(self, max_connections: int = 0, max_per_address: int = 0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.clock = clock
+        self.connections = 0
+        self.per_address: dict[str, int] = {}
+        self._refusal_logged: dict[str, float] = {}
+
+    def admit(self, address: str) -> bool:
+        if self.max_connections and self.connections >= self.max_connections:
+            self._refused(address, f"{self.connections} connections are open ([ldap] max_connections)")
+            return False
+        if self.max_per_address and self.per_address.get(address, 0) >= self.max_per_address:
+            self._refused(address, f"{self.per_address[address]} connections from it are open "
+                                   "([ldap] max_connections_per_address)")
+            return False
+        return True
+
+    def opened(self, address: str) -> None:
+        self.connections += 1
+        self.per_address[address] = self.per_address.get(address, 0) + 1
+
+    def closed(self, address: str) -> None:
+        self.connections -= 1
+        left = self.per_address.get(address, 0) - 1
+        if left > 0:
+            self.per_address[address] = left
+        else:
+            self.per_address.pop(address, None)
+
+    def _refused(self, address: str, why: str) -> None:
+        """One log line per address a minute, however many connections are refused."""
+        now = self.clock()
+        if now - self._refusal_logged.get(address, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+            return
+        if len(self._refusal_logged) > 10_000:
+            self._refusal_logged = {a: t for a, t in self._refusal_logged.items() if now - t < REFUSAL_LOG_INTERVAL}
+        self._refusal_logged[address] = now
+        log.warn("refusing LDAP connections from {address}: {why} (logged once a minute per address)",
+                 address=address, why=why)
+
+
 class LDAPServerFactory(protocol.ServerFactory):
     def __init__(self, directory: Directory, *, max_pdu_size: int = 10 * 1024 * 1024,
-                 starttls_context: Any = None, is_tls_listener: bool = False, idle_timeout: float = 0.0) -> None:
+                 starttls_context: Any = None, is_tls_listener: bool = False, idle_timeout: float = 0.0,
+                 max_pdu_size_anonymous: int = 256 * 1024, max_pending: int = 1000, max_pending_anonymous: int = 100,
+                 limits: ConnectionLimits | None = None) -> None:
         self.directory = directory
         self.idle_timeout = idle_timeout
         self.max_pdu_size = max_pdu_size
+        self.max_pdu_size_anonymous = max_pdu_size_anonymous
+        self.max_pending = max_pending
+        self.max_pending_anonymous = max_pending_anonymous
         self.starttls_context = starttls_context
         self.is_tls_listener = is_tls_listener
-        self.connections = 0
+        self.limits = limits or ConnectionLimits()
 
-    def buildProtocol(self, addr: Any) -> LDAPConnection:
-        return LDAPConnection(self)
+    @property
+    def connections(self) -> int:
+        return self.limits.connections
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        address = str(getattr(addr, "host", None) or getattr(addr, "name", None) or "local")
+        if not self.limits.admit(address):
+            return _Refused()
+        return LDAPConnection(self, address)

@@ -42,13 +42,22 @@ class Hook:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def directory(request, tmp_path, hooks):
+    yield from _directory(request.param, tmp_path, hooks, nested_groups=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def nested_directory(request, tmp_path, hooks):
+    yield from _directory(request.param, tmp_path, hooks, nested_groups=True)
+
+
+def _directory(backend: str, tmp_path, hooks: list[WriteHooks], *, nested_groups: bool):
     pg = None
-    if request.param == "sqlite":
+    if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'd.db'}"
     else:
         url, pg = create_pg_database()
     cfg = Config(
-        directory=DirectoryConfig(suffix=SUFFIX, database=url, nested_groups=getattr(request, "nested", False)),
+        directory=DirectoryConfig(suffix=SUFFIX, database=url, nested_groups=nested_groups),
         admin=AdminConfig(password_file=str(tmp_path / "pw")),
         passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192),
     )
@@ -191,18 +200,20 @@ def test_change_hooks_run_in_the_write_transaction(directory, hooks):
     assert e.attrs["sn"] == ["Person"]          # the hook's refusal rolled the change back
 
 
-def test_nested_groups(tmp_path):
-    url = f"sqlite:///{tmp_path / 'n.db'}"
-    cfg = Config(directory=DirectoryConfig(suffix=SUFFIX, database=url, nested_groups=True),
-                 admin=AdminConfig(password_file=str(tmp_path / "pw")))
-    d = Directory(cfg, Database(url))
-    d.bootstrap_sync()
+def _member_of_through_two_groups(d: Directory) -> list[str]:
     person(d, "n1")
     add(d, f"cn=inner,ou=groups,{SUFFIX}", objectClass=["groupOfNames"], cn="inner", member=f"uid=n1,ou=people,{SUFFIX}")
     add(d, f"cn=outer,ou=groups,{SUFFIX}", objectClass=["groupOfNames"], cn="outer", member=f"cn=inner,ou=groups,{SUFFIX}")
     e = d.db.run_sync("get", store.get_entry_txn, d.dn(f"uid=n1,ou=people,{SUFFIX}").norm, write=False)
-    assert sorted(e.attrs["memberOf"]) == [f"cn=inner,ou=groups,{SUFFIX}", f"cn=outer,ou=groups,{SUFFIX}"]
-    d.db.stop()
+    return sorted(e.attrs["memberOf"])
+
+
+def test_nested_groups(nested_directory):
+    assert _member_of_through_two_groups(nested_directory) == [f"cn=inner,ou=groups,{SUFFIX}", f"cn=outer,ou=groups,{SUFFIX}"]
+
+
+def test_groups_are_not_nested_by_default(directory):
+    assert _member_of_through_two_groups(directory) == [f"cn=inner,ou=groups,{SUFFIX}"]
 
 
 def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory, hooks):

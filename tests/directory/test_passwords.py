@@ -6,7 +6,7 @@ import base64
 import hashlib
 import os
 import string
-import warnings
+import sys
 
 import argon2
 import pytest
@@ -19,12 +19,9 @@ from ldapsync.directory.passwords import (
     generate_password,
 )
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        import crypt
-    except ImportError:  # Python 3.13+
-        crypt = None  # type: ignore[assignment]
+# The module the product verifies {CRYPT} with (the standard library's crypt up to 3.12,
+# legacycrypt from 3.13): the tests use the same one, so they run, and do not skip, on 3.13+.
+crypt = passwords._crypt_module
 
 PW = b"correct horse battery staple"
 WRONG = b"correct horse battery stapler"
@@ -157,10 +154,27 @@ def test_salted_digest_needs_salt(hasher: PasswordHasher) -> None:
 
 # --- {CRYPT} --------------------------------------------------------------------
 
-needs_crypt = pytest.mark.skipif(crypt is None, reason="no crypt module")
+def test_crypt_backend_is_loaded() -> None:
+    """A missing backend would turn every {CRYPT} login into a failure: fail loudly instead."""
+    assert crypt is not None, "neither crypt nor legacycrypt importable (legacycrypt is a dependency on 3.13+)"
+    if sys.version_info >= (3, 13):
+        assert crypt.__name__ == "legacycrypt"
 
 
-@needs_crypt
+# Known answers made by another implementation (openssl passwd -6/-5/-1 -salt saltsalt hunter2).
+OPENSSL_CRYPT = [
+    "$6$saltsalt$8iYtNHxjWRl.NF6oNZ5tF.iKFlQREaXBLlSmZKP6dy9l5z3vsooWNW0/GZ6Nej73/TFug6pIPSqbJoCT6dfnj.",
+    "$5$saltsalt$OIdfjX.u4Y3SJ4I2bX8w5BMf1VAUhHABNUirScDzZi3",
+    "$1$saltsalt$ZliGyAN3DciDHEkDboonh/",
+]
+
+
+@pytest.mark.parametrize("encoded", OPENSSL_CRYPT, ids=["sha512", "sha256", "md5"])
+def test_crypt_known_answers(hasher: PasswordHasher, encoded: str) -> None:
+    assert hasher.verify("{CRYPT}" + encoded, b"hunter2")
+    assert not hasher.verify("{CRYPT}" + encoded, b"hunter3")
+
+
 @pytest.mark.parametrize("method", ["METHOD_SHA512", "METHOD_SHA256", "METHOD_MD5", "METHOD_CRYPT"])
 def test_crypt(hasher: PasswordHasher, method: str) -> None:
     m = getattr(crypt, method)
@@ -175,7 +189,6 @@ def test_crypt(hasher: PasswordHasher, method: str) -> None:
     assert hasher.needs_rehash(stored)
 
 
-@needs_crypt
 def test_crypt_prefixes(hasher: PasswordHasher) -> None:
     six = "{CRYPT}" + crypt.crypt("hunter2", "$6$saltsalt$")
     one = "{CRYPT}" + crypt.crypt("hunter2", "$1$saltsalt$")
@@ -185,7 +198,6 @@ def test_crypt_prefixes(hasher: PasswordHasher) -> None:
         assert not hasher.verify(stored, b"hunter3")
 
 
-@needs_crypt
 def test_crypt_bcrypt_if_available(hasher: PasswordHasher) -> None:
     if crypt.METHOD_BLOWFISH not in crypt.methods:
         pytest.skip("no bcrypt in libcrypt")
@@ -200,7 +212,6 @@ def test_crypt_without_backend(hasher: PasswordHasher, monkeypatch: pytest.Monke
     assert not hasher.verify("{CRYPT}$1$saltsalt$q5GZM2VoGHzAxmGbZGF1j.", b"hunter2")
 
 
-@needs_crypt
 def test_crypt_garbage(hasher: PasswordHasher) -> None:
     for stored in ("{CRYPT}", "{CRYPT}x", "{CRYPT}*", "{CRYPT}!", "{CRYPT}$9$nope$", "{CRYPT}$6$"):
         assert not hasher.verify(stored, b"hunter2"), stored

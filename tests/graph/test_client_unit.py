@@ -516,25 +516,7 @@ def test_pacer_reads_are_not_paced_but_respect_pause() -> None:
     assert pacer.reserve(0) == 4
 
 
-def test_pacer_slows_down_on_throttle_percentage_header() -> None:
-    clock = task.Clock()
-    policy = PacingPolicy(writes_per_window=3000, window=150, target=0.9, slowdown_period=30)
-    pacer = WritePacer(clock, policy)
-    assert pacer.rate == pytest.approx(18.0)
-    pacer.observe(200, {"x-ms-throttle-limit-percentage": "0.5"})
-    assert pacer.rate == pytest.approx(18.0)
-    # Graph sends the header (one decimal) from 80% on; our own pacing runs near 95%, so
-    # it says 0.9 or 1.0 all the time: only a budget overrun (someone else is writing
-    # too) slows us down.
-    pacer.observe(200, {"x-ms-throttle-limit-percentage": "0.9"})
-    pacer.observe(200, {"x-ms-throttle-limit-percentage": "1.0"})
-    assert pacer.rate == pytest.approx(18.0)
-    pacer.observe(200, {"x-ms-throttle-limit-percentage": "1.5"})
-    assert pacer.rate == pytest.approx(18.0 * 0.9 / 1.5)
-    pacer.observe(200, {"x-ms-throttle-limit-percentage": "0.99"})     # a milder signal does not undo it
-    assert pacer.rate == pytest.approx(18.0 * 0.6)
-    clock.advance(31)
-    assert pacer.rate == pytest.approx(18.0)
+# The throttle header and 429s lowering the rate (and its slow climb back): tests/graph/test_pacer.py.
 
 
 def test_client_writes_are_paced_and_reads_not() -> None:

@@ -326,14 +326,12 @@ class Bench:
 
     def scaled_pacing(self, enabled: bool) -> Any:
         """The production pacing for a budget of ``--budget`` writes per ``--window`` s: the
-        burst needs no scaling (PacingPolicy sizes it for any window from 15 s on); only the
-        slowdown after a 429 is shortened with the window."""
+        burst needs no scaling (PacingPolicy sizes it for any window from 15 s on), nor does the
+        learned rate's climb after a 429 (a step per 10 s, whatever the window)."""
         from ldapsync.graph.client import PacingPolicy
 
         a = self.args
-        d = PacingPolicy()
-        return PacingPolicy(enabled=enabled, writes_per_window=a.budget, window=a.window,
-                            slowdown_period=d.slowdown_period * a.window / d.window)
+        return PacingPolicy(enabled=enabled, writes_per_window=a.budget, window=a.window)
 
     async def sustained(self, reactor: Any, pacing_on: bool) -> dict:
         from twisted.internet import task
@@ -397,7 +395,7 @@ class Bench:
             "budget_window_s": a.window,
             "budget_writes_per_s": round(budget_rate, 2),
             "pacer": {"rate_writes_per_s": round(policy.rate, 2), "burst": policy.bucket,
-                      "slowdown_period_s": policy.slowdown_period} if pacing_on else None,
+                      "climb_period_s": policy.climb_period} if pacing_on else None,
             "duration_s": duration,
             "windows": a.windows,
             "writes": run.ok,

@@ -2,8 +2,9 @@
 """Propagation benchmark (issue 4): LDAP modify → outbox → worker → Graph, end to end.
 
     python tests/perf/bench_propagation.py [--users 2000] [--backlog 10000]
-        [--scenarios latency,backlog,budget,modify-cost] [--samples 200]
+        [--scenarios latency,backlog,budget,throttle,modify-cost] [--samples 200]
         [--budget 300 --window 15 --windows 3] [--server-pacing production|off]
+        [--throttle-budget 40 --throttle-window 10]
         [--database sqlite|postgresql+psycopg://USER:PW@HOST:PORT/DB] [--nodes N]
 
 Starts the fake Microsoft 365 tenant (``python -m ldapsync.testing.tenant``, its
@@ -18,6 +19,10 @@ are linked, then measures:
                  user's final value; LDAP changes/s and Graph requests/s.
 ``budget``       the same with the fake's write budget enforced (scaled: 600 writes
                  per 30 s = Graph's 20 writes/s): writes/s, ratio to 20/s, 429s.
+``throttle``     the same with the fake giving far less than ``write_budget`` (default
+                 40 writes per 10 s, a fifth of the 20/s the server is configured for:
+                 another app in the tenant, a smaller budget than documented): users
+                 arrived, 429s per write attempt, the share of that real budget used.
 ``modify-cost``  LDAP modify ops/s (raw loadgen, 16 connections) with
                  ``[office365] enabled = false`` vs ``true`` (worker live) vs ``true`` with
                  the tenant stopped, on the same data: ``--rounds`` rounds, the order
@@ -68,7 +73,7 @@ ADMIN_PASSWORD = "bench-admin-secret"
 USER_PASSWORD = "bench-user-secret"
 HOST = "127.0.0.1"
 DOMAIN = "contoso.com"           # a verified domain of the demo tenant
-SCENARIOS = ("latency", "backlog", "budget", "modify-cost")
+SCENARIOS = ("latency", "backlog", "budget", "throttle", "modify-cost")
 GRAPH_BUDGET_PER_S = 20.0        # Graph: 3,000 writes / 150 s per app and tenant
 MAX_DRAIN_S = 1800.0             # hard bound on waiting for a backlog to drain
 
@@ -616,8 +621,10 @@ class Bench:
         admin = self.tenant.admin
         self.run_no += 1
         tag = f"{'BL' if not throttled else 'BU'}{self.run_no}"
+        # throttle: the fake's budget is far below the server's write_budget (which stays at its default)
+        budget, window = (a.throttle_budget, a.throttle_window) if name == "throttle" else (a.budget, a.window)
         if throttled:
-            admin.configure_throttling(enabled=True, writes=a.budget, window=a.window)
+            admin.configure_throttling(enabled=True, writes=budget, window=window)
         else:
             admin.configure_throttling(enabled=False)
         self.wait_outbox_empty(120, f"{name} (before)")
@@ -647,7 +654,7 @@ class Bench:
             f"outbox {queued}; tenant resumed, waiting for the drain")
         # the fake's write window was reset before the pause and nothing was written since:
         # the budget starts empty at the resume
-        timeout = min(MAX_DRAIN_S, 120 + a.backlog / (5.0 if not throttled else 1.0))
+        timeout = min(MAX_DRAIN_S, 120 + a.backlog / (5.0 if not throttled else min(1.0, budget / window / 2)))
         _, left = self.wait_outbox_empty(timeout, name)
         c1 = CpuMarks(self.nodes, self.tenant)
         recs = admin.requests(kind="graph", batch_items=False)
@@ -695,25 +702,25 @@ class Bench:
             "pacing": self.server.pacing,
         }
         if throttled:
-            budget_rate = a.budget / a.window
+            budget_rate = budget / window
             k = a.windows
-            per_window = [0] * max(1, int(drain // a.window) + 1)
+            per_window = [0] * max(1, int(drain // window) + 1)
             for t in ok_writes:
-                per_window[min(len(per_window) - 1, max(0, int((t - t_restore) // a.window)))] += 1
-            full = [n for n in per_window[: int(drain // a.window)]]
+                per_window[min(len(per_window) - 1, max(0, int((t - t_restore) // window)))] += 1
+            full = [n for n in per_window[: int(drain // window)]]
             first_k = sum(per_window[:k]) if len(full) >= k else None
             max_in_window, jj = 0, 0
             for ii, t in enumerate(ok_writes):
-                while ok_writes[jj] <= t - a.window:
+                while ok_writes[jj] <= t - window:
                     jj += 1
                 max_in_window = max(max_in_window, ii - jj + 1)
             line.update({
-                "budget_writes": a.budget,
-                "budget_window_s": a.window,
+                "budget_writes": budget,
+                "budget_window_s": window,
                 "budget_writes_per_s": round(budget_rate, 2),
                 "ratio_to_budget": round(len(ok_writes) / drain / budget_rate, 3),
-                f"writes_per_s_first_{k}_windows": round(first_k / (k * a.window), 2) if first_k is not None else None,
-                f"ratio_to_budget_first_{k}_windows": round(first_k / (k * a.window) / budget_rate, 3) if first_k is not None else None,
+                f"writes_per_s_first_{k}_windows": round(first_k / (k * window), 2) if first_k is not None else None,
+                f"ratio_to_budget_first_{k}_windows": round(first_k / (k * window) / budget_rate, 3) if first_k is not None else None,
                 "full_windows": len(full),
                 "writes_per_window": per_window,
                 "tenant_max_writes_in_any_window": max_in_window,
@@ -721,6 +728,14 @@ class Bench:
                 "ratio_429_of_write_attempts": round(n429 / max(1, len(patches)), 4),
                 "target": ">= 0.9 of 20 writes/s, < 1% of requests answered 429",
             })
+            if name == "throttle":
+                line.update({
+                    "users_arrived": len(arrived),
+                    "write_attempts": len(patches),
+                    "server_write_budget_per_s": round(GRAPH_BUDGET_PER_S, 2),   # the default write_budget
+                    "target": "every user arrives, < 5% of write attempts answered 429, >= 0.9 of the real budget used",
+                    "met": missing == 0 and n429 < 0.05 * max(1, len(patches)) and len(ok_writes) / drain >= 0.9 * budget_rate,
+                })
             if len(full) < k:
                 log(f"WARNING: {name}: the drain lasted {len(full)} full window(s) < {k}; use a larger --backlog")
         else:
@@ -736,6 +751,9 @@ class Bench:
 
     def budget(self) -> dict:
         return self._backlog("budget", throttled=True)
+
+    def throttle(self) -> dict:
+        return self._backlog("throttle", throttled=True)
 
     # -- 4. modify cost
     def _modify_load(self, label: str) -> dict:
@@ -882,6 +900,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=600, help="the fake's write limit in the budget scenario …")
     ap.add_argument("--window", type=float, default=30, help="… per this many seconds (Graph: 3000 per 150)")
     ap.add_argument("--windows", type=int, default=3, help="report writes/s over the first K windows of the drain")
+    ap.add_argument("--throttle-budget", type=int, default=40,
+                    help="the fake's write limit in the throttle scenario (the server keeps write_budget's default) …")
+    ap.add_argument("--throttle-window", type=float, default=10, help="… per this many seconds")
     ap.add_argument("--server-pacing", choices=("production", "off"), default="production",
                     help="off: run the server with GraphClient pacing disabled (diagnostic, not a product setting)")
     ap.add_argument("--rounds", type=int, default=3, help="modify-cost: rounds of the modes, order rotating")
@@ -912,7 +933,8 @@ def main(argv=None) -> int:
         ap.error("--nodes 1..8, and more than one needs --database postgresql+psycopg://...")
     if pg_url is not None and "modify-cost" in wanted:
         ap.error("modify-cost restores a SQLite snapshot before each phase: leave it out with --database postgresql")
-    if not (1 <= args.conns <= 256 and 0 < args.duration <= 600 and 1 <= args.windows <= 20 and args.budget >= 1):
+    if not (1 <= args.conns <= 256 and 0 < args.duration <= 600 and 1 <= args.windows <= 20 and args.budget >= 1
+            and args.throttle_budget >= 1 and args.throttle_window > 0):
         ap.error("--conns 1..256, --duration 0..600, --windows 1..20, --budget >= 1")
 
     work = Path(tempfile.mkdtemp(prefix="propbench-", dir=args.workdir))
@@ -955,6 +977,12 @@ def main(argv=None) -> int:
                           name=f"node{k}")
             nodes.append(node)
             node.start(enabled=True)
+        if len(nodes) > 1:
+            # every node must have seen the others' heartbeats (every 3 s) and taken its share of the
+            # budget before a scenario starts, as in a deployment whose nodes were not all started
+            # in the same second as a backlog: otherwise node 1 drains the first seconds at the
+            # whole budget's rate
+            time.sleep(8)
         linked = tenant.admin.requests(kind="graph", method="GET")
         emit({"scenario": "setup", "users": args.users, "tenant_seed_s": round(t_seed, 2),
               "ldif_load_s": round(t_load, 2), "outbox_rows_after_load": sum(queued.values()),
@@ -977,6 +1005,8 @@ def main(argv=None) -> int:
                     emit({**bench.backlog(), **where})
                 elif sc == "budget":
                     emit({**bench.budget(), **where})
+                elif sc == "throttle":
+                    emit({**bench.throttle(), **where})
                 elif sc == "modify-cost":
                     for line in bench.modify_cost():
                         emit(line)

@@ -4,6 +4,7 @@ plus unit tests of the signed cookies, CSRF tokens and rate limits."""
 from __future__ import annotations
 
 import re
+import signal
 import sqlite3
 from typing import Any
 
@@ -204,8 +205,6 @@ rate_limit_address = 3
 def test_two_nodes_mail_each_link_once_and_share_sessions(make_cluster: Any, smtp_sink: Any) -> None:
     """Two server processes on one PostgreSQL database: a queued link is mailed by exactly one node,
     a link mailed by one node works on the other, and either node accepts the other's session."""
-    import time
-
     a, b = make_cluster(2, f'[mail]\nsmtp = "{smtp_sink.endpoint}"\n')
     uids = [unique("pair") for _ in range(6)]
     dns = [add_user(a, uid) for uid in uids]
@@ -213,7 +212,16 @@ def test_two_nodes_mail_each_link_once_and_share_sessions(make_cluster: Any, smt
         assert a.cli("user", "invite", dn).returncode == 0
     for uid in uids:
         wait_mail(smtp_sink, f"{uid}@contoso.com")
-    time.sleep(4)                                       # both nodes have polled the queue since
+    # "Once" is checked after each node has mailed a link queued after these (so each has claimed
+    # from the queue since): one more invitation while the other node is frozen, for each node.
+    for mailer, frozen in ((b, a), (a, b)):
+        frozen.signal_all(signal.SIGSTOP)
+        try:
+            later = unique("later")
+            assert mailer.cli("user", "invite", add_user(mailer, later)).returncode == 0
+            wait_mail(smtp_sink, f"{later}@contoso.com")
+        finally:
+            frozen.signal_all(signal.SIGCONT)
     for uid in uids:
         assert len([m for m in smtp_sink.messages() if f"{uid}@contoso.com" in m.rcpt_to]) == 1, uid
     both = "\n".join(srv.log.read_text() for srv in (a, b))

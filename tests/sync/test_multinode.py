@@ -19,12 +19,14 @@ process, real ldap-utils.  What must hold:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,26 @@ def write_backlog(nodes, uids: list[str]) -> int:
     return len(uids) * (1 + ROUNDS)
 
 
+def write_rounds(nodes, uids: list[str], rounds: list[int]) -> int:
+    """More modifications (displayName v<round>), user i through node i % len(nodes), the nodes'
+    streams concurrently; returns the number of outbox rows they queue."""
+    errors: list[str] = []
+
+    def run(srv, text: str) -> None:
+        p = srv.run("ldapmodify", input=text)
+        if p.returncode != 0:
+            errors.append(p.stderr[-2000:])
+    threads = [threading.Thread(target=run, args=(srv, "".join(modify_ldif(u, rnd) for rnd in rounds
+                                                               for u in uids[n::len(nodes)])))
+               for n, srv in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return len(uids) * len(rounds)
+
+
 def directory_users(srv, prefix: str) -> dict[str, dict[str, list[str]]]:
     p = srv.run("ldapsearch", "-LLL", "-o", "ldif-wrap=no", "-b", PEOPLE, f"(uid={prefix}*)", "*", "+")
     assert p.returncode == 0, p.stderr
@@ -149,10 +171,17 @@ def check_tenant_matches_directory(tenant, srv, prefix: str, uids: list[str]) ->
     assert not problems, f"{len(problems)} user(s) differ:\n" + "\n".join(problems[:20])
 
 
-def check_patch_order(tenant, prefix: str) -> None:
-    """Per user, the displayName versions PATCHed only ever go forward (coalescing may skip some)."""
+def check_patch_order(tenant, prefix: str, last: int = ROUNDS) -> None:
+    """Per user, the displayName versions PATCHed only ever go forward (coalescing may skip some),
+    and they are there: a user created with an older version than ``last`` was PATCHed up to it."""
     seen: dict[str, list[int]] = defaultdict(list)
     ids = {u["id"]: u["mailNickname"] for u in tenant.admin.all_users() if (u.get("mailNickname") or "").startswith(prefix)}
+    assert ids, f"no account of {prefix}* in the tenant"
+    created: dict[str, int] = {}
+    for r in tenant.admin.requests(kind="graph", method="POST", path=r"/users$"):
+        body = r["body"] or {}
+        if 200 <= r["status"] < 300 and str(body.get("mailNickname", "")).startswith(prefix) and body.get("displayName"):
+            created[body["mailNickname"]] = int(body["displayName"].rsplit(" v", 1)[1])
     for r in tenant.admin.requests(kind="graph", method="PATCH", path=r"/users/"):
         if not 200 <= r["status"] < 300:
             continue
@@ -162,6 +191,24 @@ def check_patch_order(tenant, prefix: str) -> None:
             seen[ids[oid]].append(int(name.rsplit(" v", 1)[1]))
     backwards = {uid: v for uid, v in seen.items() if v != sorted(set(v))}
     assert not backwards, f"PATCHes repeated or out of order: {dict(list(backwards.items())[:10])}"
+    missing = {uid: (created.get(uid), seen.get(uid, [])) for uid in ids.values()
+               if (seen[uid][-1] if seen.get(uid) else created.get(uid)) != last}
+    assert not missing, (f"{len(missing)} user(s) never got version v{last} (created with, PATCHed): "
+                         f"{dict(list(missing.items())[:10])}")
+
+
+@contextlib.contextmanager
+def workers_stopped(nodes: list) -> Iterator[None]:
+    """SIGSTOP the nodes' Microsoft 365 worker processes (children of the LDAP process), SIGCONT after."""
+    pids = [pid for srv in nodes for pid in srv.pids()[1:]]
+    assert len(pids) >= len(nodes), f"no worker process found: {pids}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def cluster_config(tenant, **extra: Any) -> str:
@@ -197,15 +244,13 @@ def test_listener_wakes_on_commit_not_on_rollback_and_reconnects():
     listener = OutboxListener.for_database(db, wake, reactor=_ThreadReactor(), timeout=0.2, backoff=(0.1, 0.5))
     try:
         listener.start()
-        wait_for("listening", lambda: listener.connects == 1, 10, 0.05)
-        assert woke.wait(5)                          # a catch-up wake right after LISTEN
+        wait_for("listening", lambda: listener.connects == 1, 30, 0.05)
+        assert woke.wait(30)                         # a catch-up wake right after LISTEN
         woke.clear()
 
         # A commit elsewhere: woken at once.  notify_txn is the planner's helper.
-        t0 = time.monotonic()
         db.run_sync("test notify", lambda txn: notify_txn(txn))
-        assert woke.wait(5)
-        assert wakes[-1] - t0 < 0.5, wakes[-1] - t0
+        assert woke.wait(30)
         woke.clear()
 
         # Inside a transaction that rolls back: nothing is delivered.
@@ -215,9 +260,16 @@ def test_listener_wakes_on_commit_not_on_rollback_and_reconnects():
         def rolled_back(txn: Txn) -> None:
             notify_txn(txn)
             raise Rollback
+        received = listener.received
         with pytest.raises(Rollback):
             db.run_sync("test rollback", rolled_back)
-        assert not woke.wait(1.0)
+        # PostgreSQL delivers notifications in commit order: once a later commit's NOTIFY
+        # arrived, one from the rolled-back transaction would have arrived before it.
+        db.run_sync("test notify after the rollback", lambda txn: notify_txn(txn))
+        assert woke.wait(30)
+        wait_for("the later NOTIFY counted", lambda: listener.received > received, 30, 0.05)
+        assert listener.received == received + 1, "the rolled-back transaction's NOTIFY was delivered"
+        woke.clear()
 
         # The listener's connection is killed: it reconnects, wakes once, and hears the next NOTIFY.
         with psycopg.connect(**connect_kwargs(db.engine), autocommit=True) as admin:
@@ -225,11 +277,13 @@ def test_listener_wakes_on_commit_not_on_rollback_and_reconnects():
                               " AND pid <> pg_backend_pid() AND datname = current_database()",
                               (f"%LISTEN {NOTIFY_CHANNEL}%",)).rowcount
             assert n == 1
-        wait_for("listening again", lambda: listener.connects == 2, 10, 0.05)
-        woke.wait(2)
+        wait_for("listening again", lambda: listener.connects == 2, 30, 0.05)
+        assert woke.wait(30)                         # the catch-up wake after reconnecting
         woke.clear()
+        received = listener.received
         db.run_sync("test notify", lambda txn: notify_txn(txn))
-        assert woke.wait(5)
+        wait_for("the NOTIFY heard on the new connection", lambda: listener.received > received, 30, 0.05)
+        assert woke.wait(30)
     finally:
         listener.join()
         assert listener._thread is None
@@ -247,18 +301,23 @@ def test_two_nodes_deliver_a_shared_backlog_exactly_once(make_cluster, fake_tena
         wait_for(f"{srv.url} listening", lambda srv=srv: "outbox listener: listening on ldapsync_outbox" in srv.log.read_text())
     prefix = unique("mn")
     uids = [f"{prefix}x{i:03d}" for i in range(300)]
-    # Graph answers slowly while the changes come in (32 users in flight at most): a backlog
-    # builds up in the shared outbox; then it drains at full speed on both nodes.
-    fake_tenant.admin.set_latency(seconds=0.5)
-    rows = write_backlog([a, b], uids)
-    backlog = queued(a.db_url)
+    # The worker processes are stopped while the changes come in: the whole backlog is in the
+    # shared outbox, however slowly the writes went; then both nodes drain it (Graph answering
+    # a little slowly, so neither node can take it all before the other has started).
+    with workers_stopped([a, b]):
+        rows = write_backlog([a, b], uids)
+        backlog = queued(a.db_url)
+        assert backlog == rows, f"{backlog} rows queued for {rows} changes written"
+        fake_tenant.admin.set_latency(seconds=0.2)
+    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 300, 0.5)
+    # Each user's queued changes went out as one POST.  Two more rounds of changes, now with the
+    # workers running, are PATCHes: each user's must arrive in order, up to the last round.
+    rows += write_rounds([a, b], uids, [ROUNDS + 1, ROUNDS + 2])
+    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 300, 0.5)
     fake_tenant.admin.set_latency(seconds=0)
-    print(f"{backlog} of {rows} rows queued at the end of the writes")
-    assert backlog >= 150, f"only {backlog} of {rows} rows were queued at the end of the writes"
-    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 180, 0.5)
 
     check_tenant_matches_directory(fake_tenant, a, prefix, uids)
-    check_patch_order(fake_tenant, prefix)
+    check_patch_order(fake_tenant, prefix, last=ROUNDS + 2)
     done = {srv.url: [(upn, n) for upn, n in deliveries(srv) if upn.startswith(prefix)] for srv in (a, b)}
     total = sum(n for d in done.values() for _, n in d)
     assert total == rows, f"the workers delivered {total} queued changes for {rows} written (double delivery?)"
@@ -291,16 +350,28 @@ def test_kill_9_of_one_node_mid_backlog_the_other_finishes_after_the_lease(make_
         rows = sql(a.db_url, "SELECT entry_uuid, lease_owner FROM o365_outbox WHERE lease_until > :now",
                    {"now": time.time()})
         return [u for u, owner in rows if f"tcp:{a.port}:" in owner]
-    held = wait_for("node A working on users", a_leases, 20, 0.05)
+    held = wait_for("node A working on users", a_leases, 30, 0.05)
     a.stop(signal.SIGKILL)
-    killed = time.time()
     held = sorted(set(held) | set(a_leases()))
     fake_tenant.admin.set_latency(seconds=0)
 
     # B takes them over only once the leases have expired, then finishes the whole backlog.
-    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 180, 0.5)
-    taken_over = time.time() - killed
-    assert taken_over >= lease - 1.5, taken_over
+    # A is dead: the lease ends in the database are final.  B's claim of a held user is seen
+    # (sampled) after it happened, so "seen before the lease ended" means claimed too early.
+    ends = {u: float(t) for u, t, owner in sql(b.db_url, "SELECT entry_uuid, lease_until, lease_owner FROM o365_outbox"
+                                               " WHERE lease_owner IS NOT NULL") if f"tcp:{a.port}:" in owner}
+    seen_by_b: dict[str, float] = {}
+
+    def drained() -> bool:
+        now = time.time()
+        for u, owner in sql(b.db_url, "SELECT entry_uuid, lease_owner FROM o365_outbox WHERE lease_owner IS NOT NULL"):
+            if u in ends and f"tcp:{b.port}:" in owner:
+                seen_by_b.setdefault(u, now)
+        return queued(b.db_url) == 0
+    wait_for("the outbox drained", drained, 300, 0.05)
+    early = {u: round(ends[u] - t, 2) for u, t in seen_by_b.items() if t < ends[u]}
+    assert not early, f"B claimed users of A before their lease ended (seconds early): {early}"
+    assert seen_by_b, "B was never seen holding one of A's users"
     check_tenant_matches_directory(fake_tenant, b, prefix, uids)
     check_patch_order(fake_tenant, prefix)
     by_uuid = {e["entryUUID"][0]: e["mail"][0].lower() for e in directory_users(b, prefix).values()}
@@ -317,7 +388,7 @@ def leases_of(srv, db_url: str) -> list[str]:
 def test_clean_shutdown_gives_the_leases_back_at_once(make_cluster, fake_tenant):
     """SIGTERM: deliveries in flight get a few seconds, the rest are cancelled, and the node's
     leases are released, so the other node takes its users over at once, not after the lease."""
-    lease = 60.0
+    lease = 300.0
     a, b = make_cluster(2, cluster_config(fake_tenant, outbox_lease=f"{lease:g}s"))
     wait_active(a)
     wait_active(b)
@@ -327,20 +398,22 @@ def test_clean_shutdown_gives_the_leases_back_at_once(make_cluster, fake_tenant)
     # flight cannot finish and are cancelled.
     fake_tenant.admin.set_latency(seconds=8.0)
     rows = write_backlog([a, b], uids)
-    held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 20, 0.05)
-    t0 = time.monotonic()
+    held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 30, 0.05)
+    # when A's leases would end had they not been given back (A renews them: read the latest)
+    ends = [float(t) for t, owner in sql(a.db_url, "SELECT lease_until, lease_owner FROM o365_outbox"
+                                         " WHERE lease_owner IS NOT NULL") if f"tcp:{a.port}:" in owner]
+    assert ends, "A's leases ended before the shutdown"
+    proc = a.proc
     a.stop(signal.SIGTERM)
-    stopped_in = time.monotonic() - t0
+    assert proc is not None and proc.returncode != -signal.SIGKILL, "A did not stop on SIGTERM"
     assert leases_of(a, a.db_url) == [], "A left leases behind at a clean shutdown"
     fake_tenant.admin.set_latency(seconds=0)
     text = a.log.read_text(errors="replace")
     assert "cancelling" in text and "lease(s) given back" in text, text[-3000:]
     assert "Traceback" not in text, text[text.index("Traceback") - 2000:][:6000]
-    assert stopped_in < 15, stopped_in
 
-    t1 = time.monotonic()
-    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 120, 0.3)
-    assert time.monotonic() - t1 < lease / 2, "B waited for A's leases to expire"
+    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 240, 0.3)
+    assert time.time() < min(ends), "B waited for A's leases to expire"
     check_tenant_matches_directory(fake_tenant, b, prefix, uids)
     check_patch_order(fake_tenant, prefix)
     by_uuid = {e["entryUUID"][0]: e["mail"][0].lower() for e in directory_users(b, prefix).values()}
@@ -367,7 +440,7 @@ def test_a_node_that_lost_its_lease_leaves_the_rows_to_the_new_owner(make_cluste
     fake_tenant.admin.set_latency(seconds=2.0)
     text = "".join(modify_ldif(u, 1) for u in uids)
     assert a.run("ldapmodify", input=text).returncode == 0
-    held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 20, 0.05)
+    held = wait_for("node A working on users", lambda: leases_of(a, a.db_url), 30, 0.05)
     a.signal_all(signal.SIGSTOP)                   # the node: its LDAP and its worker process
     try:
         b.start()
@@ -378,7 +451,7 @@ def test_a_node_that_lost_its_lease_leaves_the_rows_to_the_new_owner(make_cluste
         a.signal_all(signal.SIGCONT)               # ...while A's replies arrive
     wait_for("A noticed", lambda: "has taken them over" in a.log.read_text(errors="replace"), 30, 0.2)
     fake_tenant.admin.set_latency(seconds=0)
-    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 120, 0.3)
+    wait_for("the outbox drained", lambda: queued(b.db_url) == 0, 240, 0.3)
     rows = 2 * len(uids)
     total = sum(n for srv in (a, b) for upn, n in deliveries(srv) if upn.startswith(prefix))
     assert total == rows, f"{total} changes completed for {rows} written: a node completed rows it no longer owned"
@@ -414,19 +487,33 @@ def test_expired_tokens_mid_run_lose_nothing(make_cluster, fake_tenant):
     wait_active(b)
     prefix = unique("mt")
     uids = [f"{prefix}x{i:03d}" for i in range(200)]
-    fake_tenant.admin.set_latency(seconds=0.3)
-    rows = write_backlog([a, b], uids)
-    # Every token in use is rejected from now on (twice, further apart than one request's round
-    # trip with its token refresh): each request concerned gets one 401, refreshes and goes on.
+    # The whole backlog is queued before the workers run (stopped meanwhile), and Graph answers
+    # slowly: the tokens expire while deliveries are under way, however loaded the machine is.
+    with workers_stopped([a, b]):
+        rows = write_backlog([a, b], uids)
+        fake_tenant.admin.set_latency(seconds=1.0)
+    # Every token in use is rejected from now on (twice, after deliveries went on in between):
+    # each request concerned gets one 401, refreshes and goes on.
+    def all_401s_retried(after_seq: int) -> bool:
+        """Every request refused with 401 since ``after_seq`` was sent again and answered (so a
+        second expiry cannot hit a retry: that would be a real sign-in problem)."""
+        reqs = [r for r in fake_tenant.admin.requests(kind="graph") if r["seq"] > after_seq]
+        key = lambda r: (r["method"], r["path"], repr(r["body"]))  # noqa: E731
+        refused = [r for r in reqs if r["status"] == 401]
+        return bool(refused) and all(any(key(x) == key(r) and x["seq"] > r["seq"] and x["status"] != 401
+                                         for x in reqs) for r in refused)
     expiries = []
     for _ in range(2):
-        time.sleep(0.5)
+        before = queued(a.db_url)
+        wait_for("deliveries under way", lambda: queued(a.db_url) < before, 60, 0.1)
         left = queued(a.db_url)
+        assert left, "the backlog drained before the tokens expired mid-run"
+        seq = max([r["seq"] for r in fake_tenant.admin.requests(kind=None)] or [0])
         fake_tenant.admin.expire_tokens()
         expiries.append(left)
-        time.sleep(1.5)
+        wait_for("the requests refused after the expiry answered on retry", lambda: all_401s_retried(seq), 60, 0.2)
     fake_tenant.admin.set_latency(seconds=0)
-    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 120, 0.5)
+    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 240, 0.5)
     assert all(expiries), f"the backlog drained before the tokens expired mid-run: {expiries}"
     rejected = [r for r in fake_tenant.admin.requests(kind="graph") if r["status"] == 401]
     assert len(rejected) >= 2
@@ -473,20 +560,22 @@ def test_the_reconciler_runs_on_one_node_at_a_time(make_cluster, fake_tenant):
     prefix = unique("mr")
     uids = [f"{prefix}x{i}" for i in range(4)]
     write_backlog([a, b], uids)
-    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 60, 0.3)
+    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 120, 0.3)
     # A slow tenant makes every pass last ~0.8 s of each node's 1 s turn: the nodes collide all the time.
     fake_tenant.admin.set_latency(seconds=0.8)
     drifted = fake_tenant.admin.portal_edit(key=f"{uids[0]}@{DOMAIN}", displayName="Portal Edit")
-    time.sleep(10)
+
+    # Usually one node keeps winning (its turns come just after the other's): that is fine, what
+    # matters is that a node whose turn comes while the other reconciles skips it.  Wait until
+    # there is enough to judge (passes that have not ended yet are left out).
+    def evidence() -> bool:
+        (pa, sa), (pb, sb) = reconcile_passes(a.log), reconcile_passes(b.log)
+        return len(pa) + len(pb) >= 5 and sa + sb >= 3
+    wait_for("5 reconcile passes and 3 turns skipped because the other node held the lease", evidence, 120, 0.5)
     fake_tenant.admin.set_latency(seconds=0)
     wait_for("the portal edit undone", lambda: fake_tenant.admin.get_user(key=drifted["id"])["displayName"]
-             == f"{uids[0]} v{ROUNDS}", 30, 0.3)
-    time.sleep(1.5)                                  # let passes in progress end and be logged
+             == f"{uids[0]} v{ROUNDS}", 60, 0.3)
     (pa, sa), (pb, sb) = reconcile_passes(a.log), reconcile_passes(b.log)
-    # Usually one node keeps winning (its turns come just after the other's): that is fine, what
-    # matters is that a node whose turn comes while the other reconciles skips it.
-    assert len(pa) + len(pb) >= 5, (len(pa), len(pb))
-    assert sa + sb >= 3, f"the nodes hardly collided ({sa}+{sb} skipped turns): the test proves little"
     overlaps = [(x, y) for x in pa for y in pb if x[0] < y[1] - 0.2 and y[0] < x[1] - 0.2]
     assert not overlaps, f"passes of both nodes overlapped: {overlaps[:5]}"
 
@@ -515,7 +604,7 @@ def test_two_nodes_share_the_write_budget(make_cluster, fake_tenant):
         t.start()
     for t in threads:
         t.join()
-    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 180, 0.5)
+    wait_for("the outbox drained", lambda: queued(a.db_url) == 0, 300, 0.5)
     drain = time.monotonic() - t0
 
     reqs = fake_tenant.admin.requests(kind="graph")
@@ -529,7 +618,8 @@ def test_two_nodes_share_the_write_budget(make_cluster, fake_tenant):
     assert len(writes) >= len(uids), "fewer writes than accounts created"
     assert len(throttled) <= 0.01 * len(reqs), f"{len(throttled)} 429s of {len(reqs)} requests"
     assert worst <= 300
-    assert rate >= 12.0, f"the nodes together wrote only {rate:.1f}/s of the 20/s budget"
+    # how close to the budget they get is a figure, not a test: tests/perf/bench_propagation.py
+    # --scenarios budget --nodes 2 measures it
     for srv in (a, b):
         mine = [upn for upn, _ in deliveries(srv) if upn.startswith(prefix)]
         assert len(mine) >= 20, f"node {srv.url} delivered for only {len(mine)} user(s)"

@@ -153,20 +153,23 @@ def test_node_heartbeats_come_and_go(d):
     assert beat("a", 4000.0, forget=3000.0) == {"a": "4000.0"}           # long gone: forgotten
 
 
-def test_mass_unbind_is_held_and_deactivate_queues_nothing(d):
-    for u in ("e1", "e2", "e3"):
+@pytest.mark.parametrize(("n", "state"), [(2, "ready"), (3, "held")], ids=["at-threshold", "one-over"])
+def test_mass_unbind_is_held_and_deactivate_queues_nothing(d, n, state):
+    """The fixture's threshold is 2: exactly 2 disables in one write go out, 3 are held."""
+    users = [f"e{i}" for i in range(n)]
+    for u in users:
         add_user(d, u, bound=True)
     before = len(rows(d))
 
     def unbind_all(w):
-        for u in ("e1", "e2", "e3"):
+        for u in users:
             st = w.get(d.dn(f"uid={u},{PEOPLE}"))
             attrs = dict(st.attrs)
             del attrs["ldapsyncDirectory"]
             w.update(st, attrs)
     write(d, unbind_all)
     new = rows(d)[before:]
-    assert [r[4] for r in new] == ["held"] * 3 and all(not DesiredUser.from_json(r[2]).bound for r in new)
+    assert [r[4] for r in new] == [state] * n and all(not DesiredUser.from_json(r[2]).bound for r in new)
 
     add_user(d, "f1", bound=True)
     before = len(rows(d))
@@ -208,3 +211,12 @@ def test_the_origin_decides_whether_a_write_reaches_microsoft365(d):
             queued.add(origin)
     assert queued == {Origin.LDAP, Origin.PAGES, Origin.CLI, Origin.IMPORT, Origin.POLICY, Origin.LINKS}
     assert queued == {o for o in Origin if o.reaches_microsoft365}
+
+
+def test_guard_threshold_defaults_to_500(tmp_path):
+    """The README's default: a config that does not set disable_threshold holds more than 500."""
+    from ldapsync.config import load_config
+
+    path = tmp_path / "ldapsync.toml"
+    path.write_text('[office365]\nenabled = true\ntenant = "contoso.onmicrosoft.com"\nclient_id = "x"\n')
+    assert load_config(path).office365.disable_threshold == 500
