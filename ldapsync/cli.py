@@ -27,21 +27,21 @@ class CLIError(Exception):
 
 
 def _open_directory(config: Config):  # type: ignore[no-untyped-def]
+    from ldapsync.directory.hooks import WriteHooks
     from ldapsync.directory.service import Directory
+    from ldapsync.services import office365_hooks
     from ldapsync.store.database import Database
     from ldapsync.tap import _sqlite_dir
 
     for line in _sqlite_dir(config):
         print(f"ldapsync: warning: {line}", file=sys.stderr)
     db = Database(config.directory.database, durability=config.directory.durability)
-    d = Directory(config, db)
+    hooks: list[WriteHooks] = []
+    d = Directory(config, db, hooks=hooks)
     if config.office365.enabled:
-        # CLI writes go through the same propagation hook as LDAP writes.
-        from ldapsync.selfservice.service import install_activation_hook
-        from ldapsync.sync.outbox import install_planner
-
-        # ...and a user bound without a password gets an activation link (mailed by the server).
-        install_activation_hook(d, install_planner(d))
+        # CLI writes go through the same write hooks as LDAP writes: the outbox planner, and an
+        # activation link for a user bound without a password (mailed by the server's poll).
+        hooks.extend(office365_hooks(d))
     return d
 
 
@@ -108,6 +108,7 @@ def _check_uuid_unique(d, txn, seen: dict[str, tuple[int, object]], lineno: int,
 
 
 def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.directory.hooks import Origin
     from ldapsync.directory.writes import Write
 
     d = _open_directory(config)
@@ -125,7 +126,7 @@ def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
 
         def run(txn):  # type: ignore[no-untyped-def]
             n_loaded = n_skipped = 0
-            w = Write(d, txn, config.admin_dn, "load")
+            w = Write(d, txn, config.admin_dn, "load", Origin.CLI)
             uuids: dict[str, tuple[int, object]] = {}
             for lineno, dn, attrs in batch:
                 if w.exists(dn):
@@ -506,6 +507,7 @@ def cmd_user_invitations(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
     """Lift a password-policy lockout (what deleting pwdAccountLockedTime over LDAP does)."""
+    from ldapsync.directory.hooks import Origin
     from ldapsync.directory.service import Actor
 
     async def go(d) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
@@ -519,7 +521,7 @@ def cmd_user_unlock(config: Config, args: argparse.Namespace) -> int:
                 out.append((dn, "not locked"))
                 continue
             mods = [("delete", "pwdAccountLockedTime", [])] if got.locked else [("delete", "pwdFailureTime", [])]
-            await d.modify(admin, dn, mods)
+            await d.modify(admin, dn, mods, origin=Origin.CLI)
             out.append((dn, "unlocked" if got.locked else f"{got.failures} failed attempt(s) forgotten"))
         return out
 

@@ -4,7 +4,7 @@ Owns schema checks, access control, password hashing and verification, and
 turning each operation into one :class:`~ldapsync.directory.writes.Write`
 (one SQL transaction).  Knows nothing of BER or sockets (that is
 ``ldapsync.ldap``) and never talks to Microsoft 365 (propagation hangs on the
-change hooks of the store).
+change hooks handed in by the wiring: ``ldapsync.directory.hooks``).
 
 Access rules:
 - the admin DN and members of ``cn=admins,ou=groups,<suffix>`` may do everything;
@@ -51,13 +51,14 @@ from ldapsync.directory.binds import Admission, AddressLimiter, DNGate
 from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.filters import Ext, Filter, FilterCompiler, And, Or, Not
+from ldapsync.directory.hooks import ChangeSet, Origin, WriteHooks
 from ldapsync.directory.passwords import HashParams, PasswordHasher, generate_password
 from ldapsync.directory.policy import PasswordState, PolicyError, PPError, PPolicyResponse, describe_policy
 from ldapsync.directory.schema import AttributeType, Schema
 from ldapsync.directory.writes import GROUP_ATTRS, Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
-from ldapsync.store.entries import Attrs, ChangeSet, StoredEntry
+from ldapsync.store.entries import Attrs, StoredEntry
 
 log = Logger()
 
@@ -172,7 +173,7 @@ def _b(v: bytes | str) -> str:
 
 class Directory:
     def __init__(self, config: Config, db: Database, schema: Schema | None = None, *, hash_threads: int = 2,
-                 hash_queue: int = 256) -> None:
+                 hash_queue: int = 256, hooks: Sequence[WriteHooks] = ()) -> None:
         self.config = config
         self.policy: PolicyConfig = config.policy
         self.clock: Clock = system_clock()       # every policy decision asks this (tests move it)
@@ -198,9 +199,9 @@ class Directory:
         self.indexed = frozenset(indexed)
         self.filters = FilterCompiler(self.schema, self.indexed)
         self._operational: dict[str, bool] = {}
-        # async callables (dn, cleartext password) run after a successful bind of an
-        # entry flagged o365PasswordPending (see ldapsync.sync.outbox)
-        self.bind_hooks: list[Callable[[DN, bytes], Any]] = []
+        # What follows each write and each bind of an entry flagged o365PasswordPending
+        # (ldapsync.directory.hooks): the wiring's sequence, run in its order.
+        self.hooks = hooks
         self._hash_pool = ThreadPool(minthreads=0, maxthreads=hash_threads, name="ldapsync-hash")
         self._hash_pool_started = False
         self._hash_queue = hash_queue           # bind verifications waiting or running before binds get busy
@@ -430,7 +431,7 @@ class Directory:
 
         def txn_fn(txn: Txn) -> list[str]:
             out: list[str] = []
-            w = Write(self, txn, str(self.admin_dn), "init")
+            w = Write(self, txn, str(self.admin_dn), "init", Origin.BOOTSTRAP)
             for dn, attrs in base_entries:
                 if w.get(dn) is None:
                     parent = w.get(dn.parent) if dn.parent is not None and not dn.parent.is_root else None
@@ -592,9 +593,9 @@ class Directory:
         if attrs.get("o365PasswordPending") == ["TRUE"]:
             # Microsoft 365 still lacks this user's password: hand the cleartext to the
             # bind hooks (the outbox) now that we have it.  Ordinary binds cost nothing extra.
-            for hook in self.bind_hooks:
+            for hook in self.hooks:
                 try:
-                    await hook(dn, password)
+                    await hook.on_bind(dn, password)
                 except Exception:
                     log.failure("bind hook failed for {dn}", dn=str(dn))
         return BindOutcome(actor, True, expired, False, exp, grace, warning)
@@ -607,7 +608,7 @@ class Directory:
         cfg = self.policy
 
         def run(txn: Txn) -> tuple[bool, int]:
-            w = Write(self, txn, str(dn), "ppolicy")
+            w = Write(self, txn, str(dn), "ppolicy", Origin.POLICY)
             st = w.get(dn)
             if st is None or not st.attrs or not st.attrs.get("userPassword"):
                 return False, 0
@@ -626,7 +627,7 @@ class Directory:
         exempt = dn.norm == self.admin_dn.norm
 
         def run(txn: Txn) -> int | None:
-            w = Write(self, txn, str(dn), "ppolicy")
+            w = Write(self, txn, str(dn), "ppolicy", Origin.POLICY)
             st = w.get(dn)
             if st is None or not st.attrs:
                 return None
@@ -979,7 +980,7 @@ class Directory:
 
         def run(txn: Txn) -> ChangeSet:
             self._require_admin_txn(txn, actor, "add entries")
-            w = Write(self, txn, actor.dn_str, "add", context={"cleartext": {dn.norm: list(clear.values())}} if clear else {})
+            w = Write(self, txn, actor.dn_str, "add", Origin.LDAP, cleartext={dn.norm: list(clear.values())} if clear else {})
             if w.exists(dn):
                 raise LDAPError(ResultCode.entryAlreadyExists, f'entry "{dn}" already exists')
             parent = None
@@ -1024,7 +1025,7 @@ class Directory:
 
         def run(txn: Txn) -> ChangeSet:
             self._require_admin_txn(txn, actor, "delete entries")
-            w = Write(self, txn, actor.dn_str, "delete")
+            w = Write(self, txn, actor.dn_str, "delete", Origin.LDAP)
             st = w.require(dn)
             assert st.old is not None
             if store.has_children_txn(txn, st.old.id):
@@ -1038,7 +1039,8 @@ class Directory:
         return await self.db.run_interaction("delete", run)
 
     # -- modify ------------------------------------------------------------------
-    async def modify(self, actor: Actor, dn_text: str, mods: Sequence[tuple[str, str, Sequence[bytes]]]) -> ChangeSet:
+    async def modify(self, actor: Actor, dn_text: str, mods: Sequence[tuple[str, str, Sequence[bytes]]], *,
+                     origin: Origin = Origin.LDAP) -> ChangeSet:
         """``mods``: (op, attribute description, values) with op in add|delete|replace|increment."""
         dn = self.dn(dn_text)
         if actor.dn is None:
@@ -1104,7 +1106,7 @@ class Directory:
         def run(txn: Txn) -> ChangeSet:
             if not (is_self and only_password):
                 self._require_admin_txn(txn, actor, f'modify "{dn}"')
-            w = Write(self, txn, actor.dn_str, "modify", context={"cleartext": {dn.norm: clear}} if clear else {})
+            w = Write(self, txn, actor.dn_str, "modify", origin, cleartext={dn.norm: clear} if clear else {})
             st = w.require(dn)
             attrs = {k: list(v) for k, v in (st.attrs or {}).items()}
             for op, at, vals in prepared:
@@ -1238,7 +1240,7 @@ class Directory:
 
         def run(txn: Txn) -> ChangeSet:
             self._require_admin_txn(txn, actor, "rename entries")
-            w = Write(self, txn, actor.dn_str, "modrdn")
+            w = Write(self, txn, actor.dn_str, "modrdn", Origin.LDAP)
             st = w.require(dn)
             assert st.old is not None
             if new_dn.norm != dn.norm and w.exists(new_dn):
@@ -1279,7 +1281,7 @@ class Directory:
             if has_kids:
                 for e in store.descendants_txn(txn, old_path):
                     child_dn = self.dn(e.dn).rebase(dn, new_dn)
-                    cst = w._track(e)
+                    cst = w.track(e)
                     w.rename(cst, child_dn, None, dict(cst.attrs or {}))
                     cst.parent_id = e.parent_id
             return w.finish()
@@ -1302,7 +1304,8 @@ class Directory:
         return generated
 
     async def set_password(self, actor: Actor, target_dn: str, new_password: str, *, old_password: bytes | None = None,
-                           in_txn: Callable[[Txn, StoredEntry], None] | None = None, operation: str = "passwd") -> None:
+                           in_txn: Callable[[Txn, StoredEntry], None] | None = None, operation: str = "passwd",
+                           origin: Origin = Origin.LDAP) -> None:
         """Set ``target_dn``'s password under the policy, in one write transaction.
 
         Allowed to the target itself and to admins.  ``old_password``, when given,
@@ -1312,7 +1315,7 @@ class Directory:
         allowed to admins only.  ``in_txn(txn, entry)`` runs inside the write
         transaction before the entry is updated and may raise LDAPError to abort
         it.  The cleartext goes to the change hooks (the Microsoft 365 outbox) as
-        the write's ``cleartext`` context; ``operation`` names the write.
+        the write's ``cleartext``; ``operation`` names the write, ``origin`` says who makes it.
         """
         if actor.dn is None:
             raise LDAPError(ResultCode.insufficientAccessRights, "anonymous clients may not change passwords; bind first")
@@ -1337,7 +1340,7 @@ class Directory:
         def run(txn: Txn) -> ChangeSet:
             if not is_self and not self._is_admin_txn(txn, actor):
                 raise LDAPError(ResultCode.insufficientAccessRights, f"{actor.dn} may change only its own password")
-            w = Write(self, txn, actor.dn_str, operation, context={"cleartext": {target.norm: [clear]}} if clear else {})
+            w = Write(self, txn, actor.dn_str, operation, origin, cleartext={target.norm: [clear]} if clear else {})
             st = w.require(target)
             assert st.old is not None
             self._check_unchanged(st.attrs, snapshot)

@@ -9,8 +9,13 @@ the CLI — runs inside one transaction as a :class:`Write`:
    order: group ``member`` values follow a renamed or deleted entry (refint),
    and ``memberOf`` on members follows every group change (the memberOf
    overlay, nested when configured);
-3. the combined :class:`~ldapsync.store.entries.ChangeSet` goes to the change
-   hooks (e.g. the Microsoft 365 outbox) in the same transaction.
+3. the combined :class:`~ldapsync.directory.hooks.ChangeSet` goes to the
+   directory's change hooks (``Directory.hooks``, handed in by the wiring: the
+   Microsoft 365 outbox, the activation links) in the same transaction, and the
+   status values they ask for are stored with it.
+
+Every Write names its operation (for logs) and its
+:class:`~ldapsync.directory.hooks.Origin` (which decides what follows it).
 
 Nothing here talks to the network; all of it runs on a database thread.
 """
@@ -24,9 +29,10 @@ from typing import TYPE_CHECKING
 
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, ChangeSet, EntryChange, StoredEntry
+from ldapsync.store.entries import Attrs, EntryChange, StoredEntry
 from ldapsync.store.tables import INDEX_VALUE_MAX
 
 if TYPE_CHECKING:
@@ -61,7 +67,9 @@ class Write:
     txn: Txn
     actor_dn: str
     operation: str
-    context: dict[str, object] = field(default_factory=dict)
+    origin: Origin
+    # The cleartext passwords this write sets, by normalized DN (for the outbox; never stored).
+    cleartext: dict[str, list[str]] = field(default_factory=dict)
     _staged: dict[str, Staged] = field(default_factory=dict)     # by current dn_norm
     _order: list[Staged] = field(default_factory=list)
     _all: dict[int, EntryChange] = field(default_factory=dict)    # merged changes by entry id
@@ -79,9 +87,11 @@ class Write:
         e = store.get_entry_txn(self.txn, dn.norm, for_update=True)
         if e is None:
             return None
-        return self._track(e)
+        return self.track(e)
 
-    def _track(self, e: StoredEntry) -> Staged:
+    def track(self, e: StoredEntry) -> Staged:
+        """Stage an entry the caller has read itself (in this transaction, ``for_update`` when
+        it will change it), e.g. found by an index query; the staged one if it is staged already."""
         st = self._staged.get(e.dn_norm)
         if st is None:
             st = Staged(old=e, dn=self.directory.dn(e.dn), attrs={k: list(v) for k, v in e.attrs.items()}, parent_id=e.parent_id)
@@ -260,13 +270,15 @@ class Write:
             self._flush()
             self._member_of([st.dn.norm for st in added])
             self._flush()
-        cs = ChangeSet(self.operation, self.actor_dn, context=dict(self.context))
-        cs.changes = list(self._deleted) + [self._all[i] for i in self._all_order if i in self._all]
-        store.run_hooks_txn(self.txn, cs)
+        cs = ChangeSet(self.operation, self.actor_dn, self.origin,
+                       list(self._deleted) + [self._all[i] for i in self._all_order if i in self._all],
+                       cleartext=self.cleartext)
+        for hook in self.directory.hooks:
+            hook.on_change_txn(self.txn, cs)
         # Hooks may ask for operational status values on the entries they looked at
         # (e.g. o365SyncState: pending); they are stored in this same transaction.
-        status: dict[str, dict[str, list[str] | None]] = cs.context.get("status_updates") or {}  # type: ignore[assignment]
-        later: dict[str, dict[str, list[str] | None]] = {}
+        status = cs.status_updates
+        later: dict[str, StatusValues] = {}
         if pending is not None:
             unwritten = {ch.dn_norm: ch for ch in pending}
             for norm, values in status.items():
@@ -308,7 +320,7 @@ class Write:
         for old_norm, new_dn in moves.items():
             for attr in GROUP_ATTRS:
                 for e in store.entries_with_value_txn(self.txn, attr.lower(), old_norm, for_update=True):
-                    st = self._staged.get(e.dn_norm) or self._track(e)
+                    st = self._staged.get(e.dn_norm) or self.track(e)
                     if st.attrs is None:
                         continue
                     vals = st.attrs.get(attr, [])
@@ -371,7 +383,7 @@ class Write:
                 e = store.get_entry_txn(self.txn, norm, for_update=True)
                 if e is None:
                     continue
-                st = self._track(e)
+                st = self.track(e)
             if st.attrs is None:
                 continue
             current = st.attrs.get("memberOf", [])
@@ -435,7 +447,7 @@ class Write:
                         visited.add(g.dn_norm)
                         frontier.append(g.dn_norm)
             groups.pop(norm, None)
-            st = self._staged.get(norm) or self._track(e)
+            st = self._staged.get(norm) or self.track(e)
             if st.attrs is None:
                 continue
             current = st.attrs.get("memberOf", [])

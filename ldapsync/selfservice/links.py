@@ -10,7 +10,7 @@ together or not at all.
 
 ::
 
-    bind of an inactive user ──▶ ActivationHook (inside the LDAP write's transaction)
+    bind of an inactive user ──▶ ActivationHook.on_change_txn (a write hook: inside the write's transaction)
     `ldapsync user invite DN` ─┐        └─ INSERT selfservice_links (queued)
     forgotten-password page  ──┴──────────────┐   (active users; inactive ones only with a pending invitation)
                                               ▼
@@ -35,16 +35,19 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from ldapsync.clock import system_clock
+from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.store import entries as store
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, ChangeSet, StoredEntry
+from ldapsync.store.entries import Attrs, StoredEntry
 from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
     from ldapsync.selfservice.mailer import Mailer
+    from ldapsync.sync.outbox import OutboxPlanner
 
 log = Logger()
 
@@ -306,7 +309,7 @@ class LinkService:
                 return
             if row.purpose == q.ACTIVATE:
                 write_user_status_txn(self.directory, txn, row.entry_uuid,
-                                      {"ldapsyncActivationExpires": [generalized(expires)]}, OPERATION)
+                                      {"ldapsyncActivationExpires": [generalized(expires)]}, OPERATION, Origin.LINKS)
 
         await self.directory.db.run_interaction("link sent", done)
         log.info("{purpose} link mailed for {uuid} to {to}", purpose=row.purpose, uuid=row.entry_uuid, to=to)
@@ -391,21 +394,26 @@ class LinkService:
             if row.id != info.link_id or e.dn_norm != dn.norm or not q.use_txn(txn, row.id, self.now()):
                 raise LinkProblem("used")
 
-        await d.set_password(Actor(dn, False), info.dn, new_password, in_txn=consume, operation=f"{purpose}-link")
+        await d.set_password(Actor(dn, False), info.dn, new_password, in_txn=consume, operation=f"{purpose}-link",
+                             origin=Origin.PAGES)
         return info
 
 
 class ActivationHook:
-    """Change hook (inside each LDAP write's transaction): a user who becomes bound to Microsoft
-    365 without a usable password gets an activation link; a user who gets a password any other
-    way no longer needs one (its live activation link is revoked)."""
+    """Write hook (:class:`~ldapsync.directory.hooks.WriteHooks`, inside each write's transaction
+    whose origin queues activation): a user who becomes bound to Microsoft 365 without a usable
+    password gets an activation link; a user who gets a password any other way no longer needs
+    one (its live activation link is revoked)."""
 
-    def __init__(self, links: LinkService, planner: Any) -> None:
+    def __init__(self, links: LinkService, planner: OutboxPlanner) -> None:
         self.links = links
         self.planner = planner
 
-    def __call__(self, txn: Txn, cs: ChangeSet) -> None:
-        if cs.operation in ("o365-status", "connector", "connector-status", "init", OPERATION, "ppolicy"):
+    async def on_bind(self, dn: DN, password: bytes) -> None:
+        """Nothing to do at bind."""
+
+    def on_change_txn(self, txn: Txn, cs: ChangeSet) -> None:
+        if not cs.origin.queues_activation:
             return
         for ch in cs.changes:
             old, new = ch.old, ch.new
@@ -419,8 +427,7 @@ class ActivationHook:
             has_pw = bool(new.get("userPassword"))
             if has_pw and new.get("ldapsyncActivationExpires") and not (old or {}).get("userPassword"):
                 q.revoke_txn(txn, first(new, "entryUUID") or "", q.ACTIVATE)
-                updates: dict[str, dict[str, list[str] | None]] = cs.context.setdefault("status_updates", {})  # type: ignore[assignment]
-                updates.setdefault(ch.dn_norm, {})["ldapsyncActivationExpires"] = None
+                cs.request_status(ch.dn_norm, {"ldapsyncActivationExpires": None})
                 continue
             if (not has_pw and is_person(new) and self.planner.is_bound(new) and not self.planner.is_bound(old)
                     and (first(new, "mail") or first(new, self.links.config.alternate_mail_attribute or "mail"))):

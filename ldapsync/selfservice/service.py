@@ -7,8 +7,12 @@
       ├─ every few seconds + after COMMIT:   LinkService.send_due   (links.py)
       └─ every expiry_check_interval:        ExpiryWarner.run_once  (mails "your password expires on …")
 
-``install_activation_hook`` is also called by the CLI, so that a user bound by
-``ldapsync ldif load`` gets an activation link just like one bound over LDAP.
+The activation hook (``links.py: ActivationHook``) is not installed here: the
+wiring hands it to the directory with the outbox planner
+(``ldapsync/services.py: office365_hooks``), in the server with this service's
+:class:`LinkService` (so a link queued by an LDAP write is mailed right after
+COMMIT) and in the CLI too (so a user bound by ``ldapsync ldif load`` gets an
+activation link just like one bound over LDAP).
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from ldapsync.directory.hooks import Origin
 from ldapsync.selfservice.links import (
     OPERATION,
-    ActivationHook,
     LinkService,
     first,
     human_time,
 )
+from ldapsync.services import Listener
 from ldapsync.store import entries as store
 from ldapsync.sync.status import write_user_status_txn
 
@@ -37,12 +42,6 @@ log = Logger()
 
 SEND_POLL = 3.0            # seconds: links queued by another process (the CLI, another node)
 SCAN_BATCH = 1000
-
-
-def install_activation_hook(directory: Directory, planner: Any, links: LinkService | None = None) -> LinkService:
-    links = links or LinkService(directory, None)
-    store.register_change_hook(ActivationHook(links, planner))
-    return links
 
 
 class ExpiryWarner:
@@ -88,7 +87,7 @@ class ExpiryWarner:
                 continue
             warned = {"ldapsyncExpiryWarned": [first(attrs, "pwdChangedTime") or ""]}
             await d.db.run_interaction("expiry warned", lambda txn, a=attrs, v=warned: write_user_status_txn(
-                d, txn, first(a, "entryUUID") or "", v, OPERATION))
+                d, txn, first(a, "entryUUID") or "", v, OPERATION, Origin.LINKS))
             sent += 1
         if sent:
             log.info("sent {n} password-expiry warning(s)", n=sent)
@@ -107,7 +106,7 @@ class ExpiryWarner:
 
 
 class SelfServiceService(service.MultiService):
-    def __init__(self, directory: Directory, planner: Any, *, reactor: Any = None) -> None:
+    def __init__(self, directory: Directory, *, reactor: Any = None) -> None:
         super().__init__()
         from ldapsync.graph.crypto import load_or_create_key
         from ldapsync.selfservice.mailer import Mailer, MailError
@@ -125,15 +124,11 @@ class SelfServiceService(service.MultiService):
             log.error("[mail] is not usable, so activation and password mails cannot be sent: {error}", error=str(e))
             mailer = None
         self.links = LinkService(directory, mailer)
-        if planner is not None:
-            install_activation_hook(directory, planner, self.links)
         self.warner = ExpiryWarner(directory, self.links)
         if cfg.selfservice.listen:
             from ldapsync.selfservice.web import make_site
 
             site = make_site(directory, self.links, load_or_create_key(cfg.secrets.key_file))
-            from ldapsync.tap import Listener
-
             Listener(cfg.selfservice.listen, site, "[selfservice] listen").setServiceParent(self)
         self._loops: list[LoopingCall] = []
 

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import Origin
 from ldapsync.selfservice.http_limits import MAX_BODY, LimitedSite, ProxyTrust
 from ldapsync.selfservice.links import (
     OPERATION,
@@ -455,7 +456,7 @@ class SelfServicePages(resource.Resource):
                 try:
                     await self.directory.set_password(Actor(self.directory.dn(s.dn), False), s.dn, new,
                                                       old_password=current.encode("utf-8"),
-                                                      operation="selfservice-change")
+                                                      operation="selfservice-change", origin=Origin.PAGES)
                 except LDAPError as e:
                     error = self.password_error(e, current_check=True)
         if error:

@@ -1,20 +1,21 @@
-"""SQL for directory entries: reading, candidate selection, applying a ChangeSet.
+"""SQL for directory entries: reading, candidate selection, storing the changes of a write.
 
 The store knows nothing about LDAP schema or protocol: it stores what the
 directory layer computed (display DN, normalized DN, path key, attributes,
 index rows) and answers index and scope queries.  Every function here runs
 inside a transaction (``*_txn``, ``txn`` first).
 
-A :class:`ChangeSet` is the one description of a write: the directory layer
-builds it, :func:`apply_changeset_txn` stores it (entries, index, and then every
-registered change hook — e.g. the Microsoft 365 outbox — in the same
-transaction).
+The directory layer computes each write as :class:`EntryChange` rows and
+stores them with :func:`write_changes_txn`; what follows a write (the change
+hooks, e.g. the Microsoft 365 outbox) is the directory's business
+(``ldapsync/directory/hooks.py``).  The store keeps no registry and never calls
+out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,33 +53,6 @@ class EntryChange:
     old_dn_norm: str | None = None
     index_add: set[IndexRow] = field(default_factory=set)
     index_del: set[IndexRow] = field(default_factory=set)
-
-
-@dataclass
-class ChangeSet:
-    """Everything one LDAP operation changes, applied in one transaction."""
-
-    operation: str                  # "add", "modify", "delete", "modrdn", "passwd", "load", ...
-    actor_dn: str
-    changes: list[EntryChange] = field(default_factory=list)
-    # Facts a hook may need that the entries alone don't carry, e.g. the
-    # cleartext password the client sent (never stored, never logged).
-    context: dict[str, Any] = field(default_factory=dict)
-
-
-ChangeHook = Callable[[Txn, ChangeSet], None]
-_hooks: list[ChangeHook] = []
-
-
-def register_change_hook(hook: ChangeHook) -> None:
-    """Run ``hook(txn, changeset)`` inside every write transaction, after the entries are stored."""
-    if hook not in _hooks:
-        _hooks.append(hook)
-
-
-def unregister_change_hook(hook: ChangeHook) -> None:
-    if hook in _hooks:
-        _hooks.remove(hook)
 
 
 def _dumps(attrs: Attrs) -> str:
@@ -297,18 +271,6 @@ def entry_exists_txn(txn: Txn, dn_norm: str) -> bool:
 
 
 # -- writing ----------------------------------------------------------------
-
-def apply_changeset_txn(txn: Txn, cs: ChangeSet) -> None:
-    """Store every change of ``cs`` and run the change hooks, all in ``txn``."""
-    write_changes_txn(txn, cs.changes)
-    run_hooks_txn(txn, cs)
-
-
-def run_hooks_txn(txn: Txn, cs: ChangeSet) -> None:
-    """Let every registered hook add its rows (e.g. the outbox) to this transaction."""
-    for hook in list(_hooks):
-        hook(txn, cs)
-
 
 def _insert_entry(txn: Txn, dn: str, dn_norm: str, path: str, parent_id: int | None, attrs: Attrs) -> int:
     sql = "INSERT INTO entries (dn, dn_norm, path, parent_id, attrs) VALUES (?, ?, ?, ?, ?)"

@@ -1,8 +1,8 @@
-"""SQL for the Microsoft 365 outbox (``o365_outbox``): claiming, loading, completing, failing.
+"""SQL for the Microsoft 365 outbox (``o365_outbox``): queueing, claiming, loading, completing, failing.
 
-SQL only: no Graph, no LDAP, no decryption.  The rows are written by the
-planner (``ldapsync/sync/outbox.py``) and drained by the worker
-(``ldapsync/sync/worker.py``).
+SQL only: no Graph, no LDAP, no decryption.  The rows are planned by the
+planner (``ldapsync/sync/outbox.py``; the reconciler's drift rows too), written
+by :func:`queue_rows_txn`, and drained by the worker (``ldapsync/sync/worker.py``).
 
 The unit of work is a *user* (``entry_uuid``), never a single row: a user's
 rows are delivered in order, coalesced, by one worker at a time.  Ownership of
@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ldapsync.store.database import Txn
 
@@ -59,6 +60,34 @@ class OutboxRow:
 
 
 _ROW_COLS = "id, entry_uuid, created_at, operation, payload, secret, state, attempts"
+
+
+class QueuedRow(NamedTuple):
+    """A row to queue (a tuple: the planner builds one per queued change, on the LDAP write's path)."""
+
+    entry_uuid: str
+    created_at: float
+    operation: str                  # why: bind, update, password, unbind, delete, drift
+    payload: str                    # the DesiredUser as JSON
+    secret: str | None = None       # the encrypted password (hex), if any
+    state: str = READY              # or HELD by the mass-disable guard
+
+    def __repr__(self) -> str:        # never show the (encrypted) secret
+        return (f"QueuedRow(entry_uuid={self.entry_uuid!r}, operation={self.operation!r}, state={self.state!r}, "
+                f"secret={'<set>' if self.secret else None})")
+
+
+def queue_rows_txn(txn: Txn, rows: Sequence[QueuedRow]) -> None:
+    """Add ``rows`` to the queue, due now, in one statement.  The caller also calls
+    :func:`notify_txn` and wakes its worker after COMMIT (``txn.call_after``)."""
+    if rows:
+        txn.run_many("INSERT INTO o365_outbox (entry_uuid, created_at, operation, payload, secret, state, "
+                     "attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(*r, 0, 0.0) for r in rows])
+
+
+def has_ready_row_txn(txn: Txn, entry_uuid: str) -> bool:
+    """Whether the user has a change queued and ready (the reconciler leaves it to the worker)."""
+    return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND state = 'ready' LIMIT 1", (entry_uuid,)))
 
 
 def _in(n: int) -> str:

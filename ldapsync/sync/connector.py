@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from ldapsync.directory.dn import DN
+from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
@@ -71,7 +72,7 @@ def generalized(dt: datetime) -> str:
 def ensure_entries_txn(d: "Directory", txn: Txn) -> list[str]:
     """Create the connector entry and the provisioning tag if missing (connector enabled)."""
     done: list[str] = []
-    w = Write(d, txn, str(d.admin_dn), "connector")
+    w = Write(d, txn, str(d.admin_dn), "connector", Origin.CONNECTOR)
     for dn, attrs in (
         (d.dn(f"ou=directories,{d.suffix}"), {"objectClass": ["top", "organizationalUnit"], "ou": ["directories"]}),
         (d.dn(f"ou=tags,{d.suffix}"), {"objectClass": ["top", "organizationalUnit"], "ou": ["tags"]}),
@@ -92,7 +93,7 @@ def ensure_entries_txn(d: "Directory", txn: Txn) -> list[str]:
 
 def write_status_txn(d: "Directory", txn: Txn, values: dict[str, list[str] | None]) -> None:
     """Set (list) or remove (None) operational status attributes on the connector entry."""
-    w = Write(d, txn, str(d.admin_dn), "connector-status")
+    w = Write(d, txn, str(d.admin_dn), "connector-status", Origin.CONNECTOR)
     st = w.get(connector_dn(d))
     if st is None or st.attrs is None:
         return
@@ -117,10 +118,10 @@ def set_deactivated_txn(txn: Txn, value: bool) -> None:
 
 def unbind_everyone_txn(d: "Directory", txn: Txn) -> int:
     """Remove every binding (direct value and tag membership); Microsoft 365 is left untouched."""
-    w = Write(d, txn, str(d.admin_dn), "deactivate", context={"leave_microsoft365_untouched": True})
+    w = Write(d, txn, str(d.admin_dn), "deactivate", Origin.DEACTIVATE)     # leaves Microsoft 365 untouched
     n = 0
     for e in store.entries_with_value_txn(txn, "ldapsyncdirectory", DIRECTORY_VALUE, for_update=True):
-        st = w._track(e)
+        st = w.track(e)
         assert st.attrs is not None
         vals = [v for v in st.attrs.get("ldapsyncDirectory", []) if v.lower() != DIRECTORY_VALUE]
         attrs = dict(st.attrs)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
@@ -204,7 +205,7 @@ def import_batch_txn(d: Directory, txn: Txn, plans: Iterable[Plan], actor_dn: st
     originals are left untouched, so after a failed (rolled back) batch the caller can write
     them again one by one."""
     out = [replace(p) for p in plans]
-    w = Write(d, txn, actor_dn, OPERATION)
+    w = Write(d, txn, actor_dn, OPERATION, Origin.IMPORT)
     taken: dict[tuple[str, str], str] = {}      # (attr, normalized value) → DN made in this batch
     maybe = maybe_taken_txn(d, txn, out)
     for i, p in enumerate(out):
@@ -268,7 +269,7 @@ def import_user_txn(d: Directory, txn: Txn, p: Plan, actor_dn: str) -> Plan:
     if not p.importable:
         return p
     assert p.attrs is not None
-    w = Write(d, txn, actor_dn, OPERATION)
+    w = Write(d, txn, actor_dn, OPERATION, Origin.IMPORT)
     dn = d.dn(p.dn)
     parent = w.get(dn.parent) if dn.parent is not None else None
     if parent is None:

@@ -1,8 +1,10 @@
 """The Microsoft 365 outbox: which directory changes matter, and the rows they leave.
 
-Registered as a store change hook, :class:`OutboxPlanner` runs inside every
-write transaction (``directory/writes.py``), looks at the combined ChangeSet
-and, for each user whose Microsoft 365 state should change, inserts one row
+Handed to the directory as one of its write hooks (``ldapsync/directory/hooks.py``;
+the wiring builds it), :class:`OutboxPlanner` runs inside every write
+transaction whose origin reaches Microsoft 365 (``directory/writes.py``), looks
+at the combined ChangeSet and, for each user whose Microsoft 365 state should
+change, inserts one row
 into ``o365_outbox`` *in that same transaction*.  The worker is woken only
 after COMMIT (``txn.call_after``).  A write that cannot be propagated (a bound
 user's mail on a domain the tenant has not verified) is refused here, which
@@ -10,10 +12,11 @@ rolls the whole LDAP operation back.
 
 ::
 
-    LDAP write ──▶ Write.finish() ──▶ OutboxPlanner.hook(txn, changeset)
+    LDAP write ──▶ Write.finish() ──▶ OutboxPlanner.on_change_txn(txn, changeset)
                                          │  bound before/after? names, mail, uid, password changed?
                                          ├─ refuse: constraintViolation (unverified domain, no mail)
-                                         └─ INSERT o365_outbox (payload = DesiredUser, secret = encrypted password)
+                                         └─ INSERT o365_outbox (store/outbox.py queue_rows_txn;
+                                               payload = DesiredUser, secret = encrypted password)
                                          └─ PostgreSQL: NOTIFY ldapsync_outbox (sent at COMMIT)
                     COMMIT ──▶ call_after(worker.wake); other nodes: LISTEN → wake (sync/notify.py)
 
@@ -36,16 +39,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
+from ldapsync.directory.writes import Write
+from ldapsync.graph.crypto import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, ChangeSet, EntryChange
+from ldapsync.store.entries import Attrs, EntryChange
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -54,7 +62,6 @@ log = Logger()
 
 DIRECTORY_VALUE = "office365"
 TAG_CN = "Provisioning - Office 365"
-OUTBOX_COLUMNS = "entry_uuid, created_at, operation, payload, secret, state, attempts, next_attempt_at"
 # Attributes whose change matters to Microsoft 365 (besides binding and passwords).
 RELEVANT = ("uid", "mail", "cn", "displayName", "givenName", "sn")
 # ... and the Graph properties each one feeds (DesiredUser.changed).
@@ -112,18 +119,27 @@ def first(attrs: Attrs | None, name: str) -> str | None:
 
 @dataclass
 class OutboxPlanner:
-    """The change hook: ChangeSet → outbox rows (see the module docstring)."""
+    """The write hook (:class:`~ldapsync.directory.hooks.WriteHooks`): ChangeSet → outbox rows,
+    and a bind's cleartext → the password row Microsoft 365 is missing (see the module docstring)."""
 
     directory: "Directory"
-    box: Any                                   # ldapsync.graph.crypto.SecretBox (encrypts queued passwords)
-    wake: Any = None                           # called after COMMIT when rows were written
+    box: SecretBox                             # encrypts queued passwords ([secrets] key)
+    wake: Callable[[], None] | None = None     # called after COMMIT when rows were written
     disable_threshold: int = 500
-    clock: Any = time.time
+    clock: Callable[[], float] = time.time
     _tag_norm: str = field(init=False)
 
     def __post_init__(self) -> None:
         d = self.directory
         self._tag_norm = d.dn(f"cn={TAG_CN},ou=tags,{d.suffix}").norm
+
+    @classmethod
+    def from_config(cls, directory: "Directory", wake: Callable[[], None] | None = None) -> "OutboxPlanner":
+        """The planner of a process whose writes propagate ([secrets] key, [office365] threshold);
+        the wiring hands it to the directory as a write hook."""
+        cfg = directory.config
+        return cls(directory, SecretBox(load_or_create_key(cfg.secrets.key_file)), wake,
+                   disable_threshold=cfg.office365.disable_threshold)
 
     # -- binding ------------------------------------------------------------------
     def is_bound(self, attrs: Attrs | None) -> bool:
@@ -160,14 +176,12 @@ class OutboxPlanner:
                                                  changed=changed))
 
     # -- the hook -------------------------------------------------------------------
-    def hook(self, txn: Txn, cs: ChangeSet) -> None:
-        if cs.operation in ("o365-status", "connector", "connector-status", "init"):
+    def on_change_txn(self, txn: Txn, cs: ChangeSet) -> None:
+        if not cs.origin.reaches_microsoft365:
             return
-        if cs.context.get("leave_microsoft365_untouched"):
-            return
-        cleartext: dict[str, list[str]] = cs.context.get("cleartext", {})  # type: ignore[assignment]
+        cleartext = cs.cleartext
         rows: list[tuple[dict[str, Any], str | None]] = []
-        status: dict[str, dict[str, list[str] | None]] = {}
+        status: dict[str, StatusValues] = {}
         for ch in cs.changes:
             row = self._plan(txn, ch, cleartext)
             if row is not None:
@@ -177,16 +191,16 @@ class OutboxPlanner:
                     status[ch.dn_norm] = {"o365SyncState": ["pending"]}
         if not rows:
             return
-        cs.context["status_updates"] = status
+        for norm, values in status.items():
+            cs.request_status(norm, values)
         disables = sum(1 for fields, _ in rows if not fields["bound"])
-        held = disables > self.disable_threshold and not cs.context.get("exempt_from_guard")
+        held = disables > self.disable_threshold
         now = self.clock()
-        params = []
         encode = _ENCODER.encode         # the same text as DesiredUser.to_json()
-        for fields, secret in rows:
-            state = "held" if (held and not fields["bound"]) else "ready"
-            params.append((fields["entry_uuid"], now, fields["reason"], encode(fields), secret, state, 0, 0.0))
-        txn.run_many(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", params)
+        outbox_store.queue_rows_txn(txn, [
+            outbox_store.QueuedRow(fields["entry_uuid"], now, fields["reason"], encode(fields), secret,
+                                   "held" if (held and not fields["bound"]) else "ready")
+            for fields, secret in rows])
         outbox_store.notify_txn(txn)    # PostgreSQL: every node's worker wakes at COMMIT (sync/notify.py)
         if held:
             log.warn("{n} users would be disabled in Microsoft 365 by one {op}: held until an admin runs "
@@ -194,7 +208,7 @@ class OutboxPlanner:
         if self.wake is not None:
             txn.call_after(self.wake)
 
-    def _plan(self, txn: Txn, ch: EntryChange, cleartext: dict[str, list[str]]) -> tuple[dict[str, Any], str | None] | None:
+    def _plan(self, txn: Txn, ch: EntryChange, cleartext: Mapping[str, list[str]]) -> tuple[dict[str, Any], str | None] | None:
         """The row this change queues: (:meth:`desired_fields`, encrypted password), or None."""
         old, new = ch.old, ch.new
         was = self.is_bound(old)
@@ -235,13 +249,11 @@ class OutboxPlanner:
                             f'mail domain "{domain}" is not a verified domain of the Microsoft 365 tenant '
                             f'(verified: {", ".join(sorted(verified))}); verify it in the Microsoft 365 admin centre first')
 
-    async def capture_password(self, dn: Any, password: bytes) -> None:
+    async def on_bind(self, dn: DN, password: bytes) -> None:
         """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
 
         def run(txn: Txn) -> bool:
-            from ldapsync.directory.writes import Write
-
-            w = Write(self.directory, txn, str(dn), "o365-status")
+            w = Write(self.directory, txn, str(dn), "o365-status", Origin.SYNC_STATUS)
             st = w.get(dn)
             if st is None or st.attrs is None or st.attrs.get("o365PasswordPending") != ["TRUE"]:
                 return False
@@ -251,9 +263,9 @@ class OutboxPlanner:
             if not self.is_bound(attrs):
                 return False
             desired = self.desired(attrs, str(dn), bound=True, reason="password")
-            txn.run(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (desired.entry_uuid, self.clock(), "password", desired.to_json(),
-                     self.box.seal_password(password, desired.entry_uuid).hex(), "ready", 0, 0.0))
+            outbox_store.queue_rows_txn(txn, [outbox_store.QueuedRow(
+                desired.entry_uuid, self.clock(), "password", desired.to_json(),
+                self.box.seal_password(password, desired.entry_uuid).hex())])
             outbox_store.notify_txn(txn)
             return True
 
@@ -267,14 +279,3 @@ class OutboxPlanner:
             return set()
         return {v.lower() for v in e.attrs.get("o365VerifiedDomain", ())}
 
-
-def install_planner(directory: "Directory", wake: Any = None) -> OutboxPlanner:
-    """Create the planner (with the [secrets] key) and register it as a change hook of this process."""
-    from ldapsync.graph.crypto import SecretBox, load_or_create_key
-
-    cfg = directory.config
-    planner = OutboxPlanner(directory, SecretBox(load_or_create_key(cfg.secrets.key_file)), wake,
-                            disable_threshold=cfg.office365.disable_threshold)
-    store.register_change_hook(planner.hook)
-    directory.bind_hooks.append(planner.capture_password)
-    return planner

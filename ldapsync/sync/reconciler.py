@@ -27,11 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
-from ldapsync.store.outbox import notify_txn
-from ldapsync.sync.outbox import OUTBOX_COLUMNS, DesiredUser, OutboxPlanner
+from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
+from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -221,10 +222,10 @@ class Reconciler:
             if drift(desired, item):
                 if self._pending_txn(txn, desired.entry_uuid):
                     continue           # already queued: the worker will converge it
-                rows.append((desired.entry_uuid, now, "drift", desired.to_json(), None, "ready", 0, 0.0))
+                rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
                 report.drifted.append(e.dn)
         if rows:
-            txn.run_many(f"INSERT INTO o365_outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            queue_rows_txn(txn, rows)
             notify_txn(txn)
         self._report_deleted_txn(txn, deleted, report)
 
@@ -268,9 +269,9 @@ class Reconciler:
     def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
         if not gone:
             return
-        w = Write(self.d, txn, str(self.d.admin_dn), "o365-status")
+        w = Write(self.d, txn, str(self.d.admin_dn), "o365-status", Origin.SYNC_STATUS)
         for e in gone:
-            w.set_operational(w._track(e), {
+            w.set_operational(w.track(e), {
                 "o365SyncState": ["error"],
                 "o365LastError": ["the account was deleted in Microsoft 365; it is not recreated automatically "
                                   "(unbind and bind the user again to create a new account)"],
@@ -279,4 +280,4 @@ class Reconciler:
         w.finish()
 
     def _pending_txn(self, txn: Txn, entry_uuid: str) -> bool:
-        return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND state = 'ready' LIMIT 1", (entry_uuid,)))
+        return has_ready_row_txn(txn, entry_uuid)

@@ -1,8 +1,8 @@
 """Sync status on each bound user: ``o365ObjectId``, ``o365SyncState``, ``o365SyncedAt``, ``o365LastError``.
 
 Written by the worker through a :class:`~ldapsync.directory.writes.Write`
-with operation ``"o365-status"``, which the outbox planner ignores (so a
-status write never queues more work).  Runs inside the caller's transaction;
+of origin :attr:`~ldapsync.directory.hooks.Origin.SYNC_STATUS`, which the
+outbox planner ignores (so a status write never queues more work).  Runs inside the caller's transaction;
 no network here.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
@@ -41,15 +42,16 @@ def entry_by_uuid_txn(d: Directory, txn: Txn, entry_uuid: str) -> StoredEntry | 
 
 
 def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[str, list[str] | None],
-                          operation: str = STATUS_OPERATION) -> bool:
+                          operation: str = STATUS_OPERATION, origin: Origin = Origin.SYNC_STATUS) -> bool:
     """Set (list) or remove (None) status attributes on the user; False when the entry is gone.
-    ``operation`` names the write for the change hooks (the self-service bookkeeping has its own)."""
+    ``operation`` names the write, ``origin`` says who makes it (the self-service bookkeeping is
+    :attr:`Origin.LINKS`)."""
     e = entry_by_uuid_txn(d, txn, entry_uuid)
     if e is None:
         return False
-    w = Write(d, txn, str(d.admin_dn), operation)
+    w = Write(d, txn, str(d.admin_dn), operation, origin)
     fresh = store.get_entry_txn(txn, e.dn_norm, for_update=True) or e
-    st = w._track(fresh)
+    st = w.track(fresh)
     if w.set_operational(st, values):
         w.finish()
     return True

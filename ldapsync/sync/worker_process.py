@@ -144,9 +144,6 @@ class WorkerProcessService(service.Service):
         super().startService()
         self.reactor: Any = reactor
         self._stopping = False
-        planner = self.dirsvc.planner
-        if planner is not None:
-            planner.wake = self.wake
 
         async def start() -> None:
             from ldapsync.sync.connector import ensure_entries_txn
@@ -317,8 +314,8 @@ def _read_commands(reactor: Any, on_wake: Any, on_quit: Any) -> None:
 
 
 def build(config: Any) -> tuple[service.MultiService, Any]:
-    """The child's service tree: database and directory (no bootstrap), connector, worker."""
-    from ldapsync.tap import (
+    """The child's service tree: database and directory (no bootstrap, no write hooks), connector, worker."""
+    from ldapsync.services import (
         ConnectorService,
         DirectoryService,
         OrderedMultiService,

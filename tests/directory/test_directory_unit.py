@@ -14,23 +14,43 @@ from conftest import create_pg_database, drop_pg_database  # type: ignore[import
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig
 from ldapsync.directory import filters as F
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import ChangeSet, Origin, WriteHooks
 from ldapsync.directory.service import Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def directory(request, tmp_path):
-    yield from _directory(request.param, tmp_path, nested_groups=False)
+@pytest.fixture
+def hooks() -> list[WriteHooks]:
+    """The directory's write hooks: a test that needs one adds it (the fixture is the wiring)."""
+    return []
+
+
+class Hook:
+    """A write hook that calls ``fn(txn, changeset)``."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def on_change_txn(self, txn, cs: ChangeSet) -> None:
+        self.fn(txn, cs)
+
+    async def on_bind(self, dn, password: bytes) -> None:
+        pass
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def nested_directory(request, tmp_path):
-    yield from _directory(request.param, tmp_path, nested_groups=True)
+def directory(request, tmp_path, hooks):
+    yield from _directory(request.param, tmp_path, hooks, nested_groups=False)
 
 
-def _directory(backend: str, tmp_path, *, nested_groups: bool):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def nested_directory(request, tmp_path, hooks):
+    yield from _directory(request.param, tmp_path, hooks, nested_groups=True)
+
+
+def _directory(backend: str, tmp_path, hooks: list[WriteHooks], *, nested_groups: bool):
     pg = None
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'd.db'}"
@@ -42,7 +62,7 @@ def _directory(backend: str, tmp_path, *, nested_groups: bool):
         passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192),
     )
     db = Database(url)
-    d = Directory(cfg, db)
+    d = Directory(cfg, db, hooks=hooks)
     d.bootstrap_sync()
     yield d
     db.stop()
@@ -54,7 +74,7 @@ def add(d: Directory, dn: str, **attrs: list[str] | str) -> None:
     norm = {k: (v if isinstance(v, list) else [v]) for k, v in attrs.items()}
 
     def run(txn):
-        w = Write(d, txn, "cn=admin," + SUFFIX, "add")
+        w = Write(d, txn, "cn=admin," + SUFFIX, "add", Origin.LDAP)
         dn_ = d.dn(dn)
         a = d.convert_attrs([(k, [x.encode() for x in v]) for k, v in norm.items()], for_add=True)
         a["structuralObjectClass"] = [d.schema.check_entry(a)]
@@ -141,7 +161,7 @@ def test_write_is_one_transaction_with_memberof(directory):
 
     # a failing write leaves nothing behind: the group is added, then the txn fails
     def failing(txn):
-        w = Write(d, txn, "cn=admin," + SUFFIX, "add")
+        w = Write(d, txn, "cn=admin," + SUFFIX, "add", Origin.LDAP)
         dn_ = d.dn(f"cn=h,ou=groups,{SUFFIX}")
         a = {"objectClass": ["groupOfNames"], "cn": ["h"], "member": [f"uid=m1,ou=people,{SUFFIX}"]}
         w.create(dn_, a, w.get(dn_.parent))
@@ -155,32 +175,29 @@ def test_write_is_one_transaction_with_memberof(directory):
     assert find(d, F.Eq("cn", "h")) == set()
 
 
-def test_change_hooks_run_in_the_write_transaction(directory):
+def test_change_hooks_run_in_the_write_transaction(directory, hooks):
     d = directory
     seen = []
 
     def hook(txn, cs):
-        seen.append((cs.operation, [(c.kind, c.dn) for c in cs.changes]))
-        if cs.context.get("fail"):
+        seen.append((cs.operation, cs.origin, [(c.kind, c.dn) for c in cs.changes]))
+        if cs.operation == "refused":
             raise LDAPError(ResultCode.unwillingToPerform, "hook refused")
 
-    store.register_change_hook(hook)
-    try:
-        person(d, "hooked")
-        assert seen[-1] == ("add", [("add", f"uid=hooked,ou=people,{SUFFIX}")])
+    hooks.append(Hook(hook))
+    person(d, "hooked")
+    assert seen[-1] == ("add", Origin.LDAP, [("add", f"uid=hooked,ou=people,{SUFFIX}")])
 
-        def run(txn):
-            w = Write(d, txn, "cn=admin," + SUFFIX, "modify", context={"fail": True})
-            st = w.require(d.dn(f"uid=hooked,ou=people,{SUFFIX}"))
-            w.update(st, {**st.attrs, "sn": ["Changed"]})
-            return w.finish()
+    def run(txn):
+        w = Write(d, txn, "cn=admin," + SUFFIX, "refused", Origin.LDAP)
+        st = w.require(d.dn(f"uid=hooked,ou=people,{SUFFIX}"))
+        w.update(st, {**st.attrs, "sn": ["Changed"]})
+        return w.finish()
 
-        with pytest.raises(LDAPError):
-            d.db.run_sync("m", run)
-        e = d.db.run_sync("get", store.get_entry_txn, d.dn(f"uid=hooked,ou=people,{SUFFIX}").norm, write=False)
-        assert e.attrs["sn"] == ["Person"]          # the hook's refusal rolled the change back
-    finally:
-        store.unregister_change_hook(hook)
+    with pytest.raises(LDAPError):
+        d.db.run_sync("m", run)
+    e = d.db.run_sync("get", store.get_entry_txn, d.dn(f"uid=hooked,ou=people,{SUFFIX}").norm, write=False)
+    assert e.attrs["sn"] == ["Person"]          # the hook's refusal rolled the change back
 
 
 def _member_of_through_two_groups(d: Directory) -> list[str]:
@@ -199,7 +216,7 @@ def test_groups_are_not_nested_by_default(directory):
     assert _member_of_through_two_groups(directory) == [f"cn=inner,ou=groups,{SUFFIX}"]
 
 
-def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory):
+def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory, hooks):
     """A plain modify is stored once, after the hooks, with the status values they asked for; a
     status on an indexed attribute takes the second flush, so its index rows are right too."""
     d = directory
@@ -208,20 +225,18 @@ def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory):
 
     def hook(txn, cs):
         if cs.operation == "modify":
-            cs.context["status_updates"] = {c.dn_norm: {"o365SyncState": ["pending"], "o365ObjectId": ["obj-1"]}
-                                            for c in cs.changes}
+            for c in cs.changes:
+                cs.request_status(c.dn_norm, {"o365SyncState": ["pending"], "o365ObjectId": ["obj-1"]})
 
     def modify(txn):
-        w = Write(d, txn, "cn=admin," + SUFFIX, "modify")
+        w = Write(d, txn, "cn=admin," + SUFFIX, "modify", Origin.LDAP)
         st = w.require(d.dn(f"uid=stat,ou=people,{SUFFIX}"))
         w.update(st, {**st.attrs, "sn": ["Changed"]})
         return w.finish()
 
-    store.register_change_hook(hook)
-    try:
-        cs = d.db.run_sync("m", modify)
-    finally:
-        store.unregister_change_hook(hook)
+    hooks.append(Hook(hook))
+    cs = d.db.run_sync("m", modify)
+    hooks.clear()
     assert [c.kind for c in cs.changes] == ["modify"]
     e = d.db.run_sync("get", store.get_entry_txn, norm, write=False)
     assert e.attrs["sn"] == ["Changed"] and e.attrs["o365SyncState"] == ["pending"] and e.attrs["o365ObjectId"] == ["obj-1"]
@@ -230,12 +245,10 @@ def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory):
 
     # Only the non-indexed status: no second flush, and the value is there.
     def hook2(txn, cs):
-        cs.context["status_updates"] = {c.dn_norm: {"o365SyncState": None} for c in cs.changes}
+        for c in cs.changes:
+            cs.request_status(c.dn_norm, {"o365SyncState": None})
 
-    store.register_change_hook(hook2)
-    try:
-        d.db.run_sync("m", modify)
-    finally:
-        store.unregister_change_hook(hook2)
+    hooks.append(Hook(hook2))
+    d.db.run_sync("m", modify)
     e = d.db.run_sync("get", store.get_entry_txn, norm, write=False)
     assert "o365SyncState" not in e.attrs and e.attrs["o365ObjectId"] == ["obj-1"]

@@ -15,6 +15,7 @@ from helpers import SUFFIX
 
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig
 from ldapsync.directory import filters as F
+from ldapsync.directory.hooks import Origin
 from ldapsync.directory.service import HIDDEN_ATTRS, NON_ADMIN_HIDDEN, Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
@@ -33,7 +34,7 @@ def directory(request, tmp_path):
         d.bootstrap_sync()
 
         def run(txn):
-            w = Write(d, txn, "cn=admin," + SUFFIX, "add")
+            w = Write(d, txn, "cn=admin," + SUFFIX, "add", Origin.LDAP)
             for uid in ("bob", "carl"):
                 dn = d.dn(f"uid={uid},ou=people,{SUFFIX}")
                 attrs = {"objectClass": ["inetOrgPerson"], "uid": [uid], "cn": [uid], "sn": ["T"],

@@ -17,6 +17,7 @@ from ldapsync.directory import policy as pp
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.policy import PolicyError, PPError
 from ldapsync.directory.service import Actor, Directory, describe_policy
+from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
@@ -378,7 +379,7 @@ async def test_modify_and_add_enforce_quality_and_stamp(d):
 @pytest_twisted.ensureDeferred
 async def test_undated_password_is_dated_at_first_bind(d):
     def run(txn):
-        w = Write(d, txn, ADMIN, "load")
+        w = Write(d, txn, ADMIN, "load", Origin.CLI)
         dn = d.dn(f"uid=old,{PEOPLE}")
         w.create(dn, {"objectClass": ["inetOrgPerson"], "uid": ["old"], "cn": ["O"], "sn": ["O"],
                       "structuralObjectClass": ["inetOrgPerson"], "userPassword": [d.hasher.hash(b"Old-Pass-01")]},

@@ -53,19 +53,19 @@ async def measure(mode: str, modifies: int, warmup: int = 300) -> dict:
     db = Database(cfg.directory.database)
     db.create_schema()
     db.start()
-    d = Directory(cfg, db)
+    hooks: list = []
+    d = Directory(cfg, db, hooks=hooks)
     d.start()
     d.bootstrap_sync()
-    hooks_before = list(store._hooks)
     try:
-        if mode != "off":
-            from ldapsync.sync.outbox import install_planner
+        if mode.startswith("all"):
+            from ldapsync.services import office365_hooks
 
-            planner = install_planner(d)
-            if mode.startswith("all"):
-                from ldapsync.selfservice.service import install_activation_hook
+            hooks.extend(office365_hooks(d))
+        elif mode != "off":
+            from ldapsync.sync.outbox import OutboxPlanner
 
-                install_activation_hook(d, planner)
+            hooks.append(OutboxPlanner.from_config(d))
         admin = Actor(d.dn(cfg.admin_dn), True)
         for i in range(USERS):
             await d.add(admin, f"uid=u{i},ou=people,dc=example,dc=com", [
@@ -96,9 +96,6 @@ async def measure(mode: str, modifies: int, warmup: int = 300) -> dict:
             cpu += time.process_time() - c0
             wall += time.perf_counter() - t0
     finally:
-        for hook in list(store._hooks):
-            if hook not in hooks_before:
-                store.unregister_change_hook(hook)
         d.stop()
         db.stop()
     return {"mode": mode, "modifies": modifies, "cpu_us_per_modify": round(cpu / modifies * 1e6, 1),

@@ -8,12 +8,13 @@ from helpers import SUFFIX
 from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, Office365Config, PasswordsConfig, SecretsConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.hooks import Origin, WriteHooks
 from ldapsync.directory.service import Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
 from ldapsync.sync.connector import ensure_entries_txn, write_status_txn
-from ldapsync.sync.outbox import DesiredUser, OutboxPlanner, install_planner
+from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
 
 PEOPLE = f"ou=people,{SUFFIX}"
 TAG = f"cn=Provisioning - Office 365,ou=tags,{SUFFIX}"
@@ -33,21 +34,21 @@ def d(request, tmp_path):
         office365=Office365Config(enabled=True, tenant="contoso.onmicrosoft.com", client_id="x", disable_threshold=2),
         secrets=SecretsConfig(key_file=str(tmp_path / "key")),
     )
-    directory = Directory(cfg, Database(url))
+    hooks: list[WriteHooks] = []
+    directory = Directory(cfg, Database(url), hooks=hooks)
     directory.bootstrap_sync()
-    planner = install_planner(directory)
+    hooks.append(OutboxPlanner.from_config(directory))      # the fixture is the wiring
     directory.db.run_sync("entries", lambda txn: ensure_entries_txn(directory, txn))
     directory.db.run_sync("domains", lambda txn: write_status_txn(directory, txn, {"o365VerifiedDomain": ["contoso.com"]}))
     yield directory
-    store.unregister_change_hook(planner.hook)
     directory.db.stop()
     if pg:
         drop_pg_database(pg)
 
 
-def write(d: Directory, fn, context=None):
+def write(d: Directory, fn, cleartext=None, origin=Origin.LDAP):
     def run(txn):
-        w = Write(d, txn, f"cn=admin,{SUFFIX}", "modify", context=context or {})
+        w = Write(d, txn, f"cn=admin,{SUFFIX}", "modify", origin, cleartext=cleartext or {})
         fn(w)
         return w.finish()
     return d.db.run_sync("w", run)
@@ -61,8 +62,7 @@ def add_user(d, uid, *, bound=False, mail_domain="contoso.com", password=None):
     if password:
         attrs["userPassword"] = [d.hasher.hash(password.encode())]
     dn = d.dn(f"uid={uid},{PEOPLE}")
-    ctx = {"cleartext": {dn.norm: [password]}} if password else {}
-    write(d, lambda w: w.create(dn, attrs, w.get(dn.parent)), ctx)
+    write(d, lambda w: w.create(dn, attrs, w.get(dn.parent)), {dn.norm: [password]} if password else None)
 
 
 def rows(d):
@@ -174,8 +174,43 @@ def test_mass_unbind_is_held_and_deactivate_queues_nothing(d, n, state):
     add_user(d, "f1", bound=True)
     before = len(rows(d))
     write(d, lambda w: w.update(st := w.get(d.dn(f"uid=f1,{PEOPLE}")), {k: v for k, v in st.attrs.items() if k != "ldapsyncDirectory"}),
-          {"leave_microsoft365_untouched": True})
+          origin=Origin.DEACTIVATE)
     assert len(rows(d)) == before
+
+
+def test_hooks_belong_to_their_directory(d, tmp_path):
+    """Hooks are handed to one directory, not registered for the process: a second directory in
+    the same process, built without hooks, queues nothing (with the store's global hook list,
+    the first directory's planner ran inside the second one's writes and queued rows there)."""
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    other = Directory(Config(directory=DirectoryConfig(suffix=SUFFIX, database=url),
+                             admin=AdminConfig(password_file=str(tmp_path / "other-pw")),
+                             passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192)), Database(url))
+    try:
+        other.bootstrap_sync()
+        other.db.run_sync("entries", lambda txn: ensure_entries_txn(other, txn))
+        add_user(other, "iris", bound=True, password="Secret-Pass-1")
+        assert rows(other) == []
+        assert "o365SyncState" not in entry(other, "iris")
+        add_user(d, "ivy", bound=True)                         # the first one's hooks still run
+        assert [r[1] for r in rows(d)] == ["bind"]
+    finally:
+        other.db.stop()
+
+
+def test_the_origin_decides_whether_a_write_reaches_microsoft365(d):
+    """One table (Origin) instead of a skip-list per hook: a name change of a bound user is queued
+    for the origins that reach Microsoft 365 and for no other."""
+    add_user(d, "jo", bound=True)
+    dn = d.dn(f"uid=jo,{PEOPLE}")
+    queued = set()
+    for n, origin in enumerate(Origin):
+        before = len(rows(d))
+        write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "sn": [f"S{n}"]}), origin=origin)
+        if len(rows(d)) > before:
+            queued.add(origin)
+    assert queued == {Origin.LDAP, Origin.PAGES, Origin.CLI, Origin.IMPORT, Origin.POLICY, Origin.LINKS}
+    assert queued == {o for o in Origin if o.reaches_microsoft365}
 
 
 def test_guard_threshold_defaults_to_500(tmp_path):

@@ -1,0 +1,226 @@
+"""The Twisted services both processes are built from, and the write hooks a process hands its directory.
+
+Owns the pieces the wiring assembles: the LDAP process's tree (``tap.py:
+make_service``), the Microsoft 365 worker process's tree
+(``sync/worker_process.py: build``) and the CLI (``cli.py``) take them from
+here, so that nothing but the CLI and the twistd plugin imports the wiring.
+
+::
+
+    LDAP process (tap.make_service)          worker process (worker_process.build)
+      DirectoryService  (db, directory, hooks)  DirectoryService(bootstrap=False), no hooks
+      Listener × [ldap] listen                  ConnectorService
+      SelfServiceService (selfservice/)         OutboxWorkerService (worker, LISTEN, reconcile)
+      WorkerProcessService (sync/)
+      hooks = office365_hooks(...)  ([office365] enabled)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from ldapsync.config import Config
+from ldapsync.directory.hooks import WriteHooks
+from ldapsync.directory.service import Directory
+from ldapsync.selfservice.links import ActivationHook, LinkService
+from ldapsync.store.database import Database
+from ldapsync.sync.outbox import OutboxPlanner
+
+log = Logger()
+
+
+def office365_hooks(directory: Directory, *, wake: Callable[[], None] | None = None,
+                    links: LinkService | None = None) -> list[WriteHooks]:
+    """The write hooks of a process whose writes propagate to Microsoft 365, in the order they run:
+    the outbox planner (rows in the write's transaction, ``wake`` after COMMIT), then the
+    activation links (``links``: the server's, which mails right after COMMIT; by default one
+    without a mailer, whose links the server's poll sends)."""
+    planner = OutboxPlanner.from_config(directory, wake)
+    return [planner, ActivationHook(links or LinkService(directory, None), planner)]
+
+
+class Listener(StreamServerEndpointService):
+    """A listening port whose failure to listen stops the server with one clear line, not a traceback."""
+
+    def __init__(self, description: str, factory: Any, config_key: str) -> None:
+        from twisted.internet import endpoints, reactor
+
+        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.config_key = config_key
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            sys.stderr.write(f"ldapsync: cannot listen on {self.description!r} ({self.config_key}): {reason}; "
+                             "is another server using that port?\n")
+            sys.stderr.flush()
+            # The database's thread pools are already running (they are not daemon threads), so
+            # SystemExit would leave a half-started process behind: end it here.  Nothing is lost:
+            # every transaction so far has committed.
+            os._exit(1)
+
+
+class DirectoryService(service.Service):
+    """Owns the database, the directory and the directory's write hooks; bootstraps the tree at
+    start (the LDAP server; the Microsoft 365 worker process, which opens the same database, does
+    not).  ``hooks`` is the list the directory runs (``ldapsync/directory/hooks.py``): the wiring
+    fills it (:func:`office365_hooks`) before the service starts."""
+
+    def __init__(self, config: Config, *, bootstrap: bool = True) -> None:
+        self.config = config
+        self.bootstrap = bootstrap
+        self.db = Database(config.directory.database, durability=config.directory.durability)
+        self.hooks: list[WriteHooks] = []
+        self.directory = Directory(config, self.db, hooks=self.hooks)
+
+    def privilegedStartService(self) -> None:
+        # Runs before the listeners bind their ports (they come after us in
+        # the tree), so no client ever sees a half-initialised directory.
+        super().privilegedStartService()
+        self.db.start()
+        self.directory.start()
+        if not self.bootstrap:
+            return
+        generated_before = not _exists(self.config.admin.password_file)
+        for line in self.directory.bootstrap_sync():
+            log.info("{line}", line=line)
+        if generated_before:
+            log.info("the admin DN is {dn}; its password is in {path}", dn=self.config.admin_dn, path=self.config.admin.password_file)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self.directory.stop()
+        self.db.stop()
+
+
+def _exists(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).exists()
+
+
+class ConnectorService(service.Service):
+    """The Microsoft 365 connector (only when ``[office365] enabled``); failures never stop LDAP.
+    Part of the worker process's tree (``sync/worker_process.py: build``), not the LDAP server's."""
+
+    def __init__(self, config: Config, dirsvc: DirectoryService) -> None:
+        self.config = config
+        self.dirsvc = dirsvc
+        self.connector: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet import defer, reactor
+
+        from ldapsync.sync.connector import Connector
+
+        super().startService()
+        mailer = None
+        if self.config.mail.admin_address:
+            from ldapsync.selfservice.mailer import Mailer
+
+            mailer = Mailer(self.config.mail)
+        self.connector = Connector(self.dirsvc.directory, reactor=reactor, mailer=mailer)
+        d = defer.ensureDeferred(self.connector.start())
+        d.addErrback(lambda f: log.failure("Microsoft 365 connector failed to start", f))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.connector is not None:
+            self.connector.stop()
+
+
+class OutboxWorkerService(service.Service):
+    """Drains the Microsoft 365 outbox (``ldapsync/sync/worker.py``) and runs the reconcile loop.
+    Part of the worker process's tree (``sync/worker_process.py: build``): woken by the LDAP
+    process's planner after COMMIT through the process's stdin, by NOTIFY on PostgreSQL.  Its
+    planner only serves the reconciler (what the directory wants of each user): the worker
+    process makes no write that reaches Microsoft 365, so its directory has no write hooks."""
+
+    def __init__(self, dirsvc: DirectoryService, connsvc: ConnectorService) -> None:
+        self.dirsvc = dirsvc
+        self.connsvc = connsvc
+        self.worker: Any = None
+        self.planner = OutboxPlanner.from_config(dirsvc.directory)
+
+    def startService(self) -> None:
+        from twisted.internet import defer, reactor
+
+        from ldapsync.sync.worker import OutboxWorker
+
+        super().startService()
+        self.worker = OutboxWorker(self.dirsvc.directory, self.connsvc.connector, reactor=reactor,
+                                   lease_seconds=self.dirsvc.config.office365.outbox_lease)
+        d = defer.ensureDeferred(self.worker.start())
+        d.addErrback(lambda f: log.failure("Microsoft 365 outbox worker failed to start", f))
+        # PostgreSQL (several nodes): rows committed by any node wake this worker (sync/notify.py).
+        self.listener: Any = None
+        if self.dirsvc.db.is_postgres:
+            from ldapsync.sync.notify import OutboxListener
+
+            self.listener = OutboxListener.for_database(self.dirsvc.db, self.worker.wake, reactor=reactor)
+            self.listener.start()
+        # Drift: every reconcile_interval, once the connector is active.
+        from twisted.internet.task import LoopingCall
+
+        self.reconcile_loop = LoopingCall(self._reconcile)
+        self.reconcile_loop.clock = reactor
+        self.reconcile_loop.start(self.dirsvc.config.office365.reconcile_interval, now=False)
+
+    def _reconcile(self) -> Any:
+        from twisted.internet import defer
+
+        from ldapsync.sync.connector import ConnectorState
+        from ldapsync.sync.reconciler import Reconciler
+
+        conn = self.connsvc.connector
+        if conn is None or conn.client is None or conn.state != ConnectorState.active:
+            return None
+        rec = Reconciler(self.dirsvc.directory, self.planner, conn.client, wake=self.worker.wake if self.worker else None)
+        d = defer.ensureDeferred(rec.run_once())
+        d.addErrback(lambda f: log.failure("reconcile pass failed", f))
+        return d
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if getattr(self, "reconcile_loop", None) is not None and self.reconcile_loop.running:
+            self.reconcile_loop.stop()
+        from twisted.internet import defer
+
+        waits = []
+        if self.worker is not None:
+            # deliveries in flight finish, then this node's leases are given back (needs the database)
+            waits.append(self.worker.stop())
+        if getattr(self, "listener", None) is not None:
+            waits.append(defer.maybeDeferred(self.listener.stop))
+        return defer.gatherResults(waits, consumeErrors=True) if waits else None
+
+
+class OrderedMultiService(service.MultiService):
+    """Children stop one after another, last started first, each once the previous one's
+    stopService Deferred has fired (twisted's MultiService stops them all at once): the outbox
+    worker gives its leases back before the database it needs is stopped."""
+
+    def stopService(self) -> Any:
+        from twisted.internet import defer
+
+        service.Service.stopService(self)
+
+        async def run() -> None:
+            for svc in reversed(list(self)):
+                try:
+                    await defer.maybeDeferred(svc.stopService)
+                except Exception:  # noqa: BLE001 - one child's failure must not keep the others running
+                    log.failure("stopping {svc} failed", svc=svc)
+        return defer.ensureDeferred(run())
