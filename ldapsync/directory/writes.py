@@ -89,9 +89,20 @@ class Write:
             return None
         return self.track(e)
 
-    def track(self, e: StoredEntry) -> Staged:
-        """Stage an entry the caller has read itself (in this transaction, ``for_update`` when
-        it will change it), e.g. found by an index query; the staged one if it is staged already."""
+    def track(self, e: StoredEntry, *, locked: bool = False) -> Staged:
+        """Stage an entry the caller has read itself, e.g. found by an index query; the staged one
+        if it is staged already.
+
+        Unless the caller read it ``for_update`` (``locked``), on PostgreSQL the entry is read
+        again by its id under a row lock: a write that committed since the caller's read (a
+        rename, say) is then seen and never written back over with the stale copy.  (SQLite's
+        write transactions hold the database's write lock from BEGIN, so nothing commits between.)
+        Raises noSuchObject when the entry was deleted meanwhile."""
+        if self.txn.is_postgres and not locked:
+            fresh = store.get_entries_by_id_txn(self.txn, [e.id], for_update=True)
+            if not fresh:
+                raise LDAPError(ResultCode.noSuchObject, f'no entry "{e.dn}" (deleted meanwhile)')
+            e = fresh[0]
         st = self._staged.get(e.dn_norm)
         if st is None:
             st = Staged(old=e, dn=self.directory.dn(e.dn), attrs={k: list(v) for k, v in e.attrs.items()}, parent_id=e.parent_id)

@@ -92,11 +92,12 @@ def get_entries_txn(txn: Txn, dn_norms: Iterable[str], *, for_update: bool = Fal
     return out
 
 
-def get_entries_by_id_txn(txn: Txn, ids: Sequence[int]) -> list[StoredEntry]:
+def get_entries_by_id_txn(txn: Txn, ids: Sequence[int], *, for_update: bool = False) -> list[StoredEntry]:
     out: list[StoredEntry] = []
     for i in range(0, len(ids), 500):
         part = list(ids[i:i + 500])
-        out.extend(_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE id IN {_in(len(part))}", part))
+        out.extend(_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE id IN {_in(len(part))}"
+                                             + _lock(txn, for_update), part))
     return out
 
 

@@ -121,7 +121,7 @@ def unbind_everyone_txn(d: "Directory", txn: Txn) -> int:
     w = Write(d, txn, str(d.admin_dn), "deactivate", Origin.DEACTIVATE)     # leaves Microsoft 365 untouched
     n = 0
     for e in store.entries_with_value_txn(txn, "ldapsyncdirectory", DIRECTORY_VALUE, for_update=True):
-        st = w.track(e)
+        st = w.track(e, locked=True)
         assert st.attrs is not None
         vals = [v for v in st.attrs.get("ldapsyncDirectory", []) if v.lower() != DIRECTORY_VALUE]
         attrs = dict(st.attrs)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.directory.errors import LDAPError
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
@@ -271,7 +272,11 @@ class Reconciler:
             return
         w = Write(self.d, txn, str(self.d.admin_dn), "o365-status", Origin.SYNC_STATUS)
         for e in gone:
-            w.set_operational(w.track(e), {
+            try:
+                st = w.track(e)
+            except LDAPError:           # deleted from the directory meanwhile: nothing to report on
+                continue
+            w.set_operational(st, {
                 "o365SyncState": ["error"],
                 "o365LastError": ["the account was deleted in Microsoft 365; it is not recreated automatically "
                                   "(unbind and bind the user again to create a new account)"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
@@ -50,8 +51,12 @@ def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[
     if e is None:
         return False
     w = Write(d, txn, str(d.admin_dn), operation, origin)
-    fresh = store.get_entry_txn(txn, e.dn_norm, for_update=True) or e
-    st = w.track(fresh)
+    try:
+        st = w.track(e)       # read again under a lock: never the stale copy (a rename may have committed)
+    except LDAPError as err:
+        if err.code == ResultCode.noSuchObject:
+            return False
+        raise
     if w.set_operational(st, values):
         w.finish()
     return True
