@@ -58,8 +58,8 @@ class Origin(StrEnum):
         """The outbox planner looks at this write: it may queue rows, and refuses a bound user's
         mail on an unverified domain.  Never for the writes that only record Microsoft 365's or the
         connector's state (that would queue work for work done), nor for the bootstrap or a
-        deactivation.  (Policy and link bookkeeping change no Graph property, so they queue nothing;
-        they pass through the planner as they always have.)"""
+        deactivation, nor for policy and link bookkeeping: they change no Graph property, and the
+        planner's checks (a bound user's mail) must never refuse the recording of a failed bind."""
         return self not in _NOT_TO_MICROSOFT365
 
     @property
@@ -69,7 +69,8 @@ class Origin(StrEnum):
         return self not in _NO_ACTIVATION
 
 
-_NOT_TO_MICROSOFT365 = frozenset({Origin.BOOTSTRAP, Origin.CONNECTOR, Origin.DEACTIVATE, Origin.SYNC_STATUS})
+_NOT_TO_MICROSOFT365 = frozenset({Origin.BOOTSTRAP, Origin.CONNECTOR, Origin.DEACTIVATE, Origin.SYNC_STATUS,
+                                  Origin.POLICY, Origin.LINKS})
 _NO_ACTIVATION = frozenset({Origin.BOOTSTRAP, Origin.CONNECTOR, Origin.SYNC_STATUS, Origin.POLICY, Origin.LINKS})
 
 

@@ -209,8 +209,24 @@ def test_the_origin_decides_whether_a_write_reaches_microsoft365(d):
         write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "sn": [f"S{n}"]}), origin=origin)
         if len(rows(d)) > before:
             queued.add(origin)
-    assert queued == {Origin.LDAP, Origin.PAGES, Origin.CLI, Origin.IMPORT, Origin.POLICY, Origin.LINKS}
+    assert queued == {Origin.LDAP, Origin.PAGES, Origin.CLI, Origin.IMPORT}
     assert queued == {o for o in Origin if o.reaches_microsoft365}
+
+
+def test_policy_bookkeeping_of_a_bound_user_without_mail_is_never_refused(d):
+    """Counting a wrong password (ppolicy bookkeeping) must not depend on the outbox planner's
+    checks: a bound user without a usable mail (bound while the connector was off, say) would
+    otherwise have every failed bind's recording refused, and so never be locked out."""
+    dn = d.dn(f"uid=nomail,{PEOPLE}")
+    attrs = {"objectClass": ["inetOrgPerson", "ldapsyncUser"], "uid": ["nomail"], "cn": ["n"], "sn": ["N"],
+             "ldapsyncDirectory": ["office365"]}
+    write(d, lambda w: w.create(dn, attrs, w.get(dn.parent)), origin=Origin.BOOTSTRAP)   # the planner not asked
+    with pytest.raises(LDAPError) as e:
+        write(d, lambda w: w.update(st := w.get(dn), {**st.attrs, "sn": ["M"]}))
+    assert e.value.code == ResultCode.constraintViolation          # an LDAP client's write is refused, as before
+    for origin in (Origin.POLICY, Origin.LINKS):
+        write(d, lambda w: w.set_operational(w.get(dn), {"pwdFailureTime": ["20261207000000Z"]}), origin=origin)
+    assert rows(d) == []
 
 
 def test_guard_threshold_defaults_to_500(tmp_path):
