@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import drop_pg_database, free_port, office365_config  # type: ignore[import-not-found]
-from helpers import ADMIN_DN, SUFFIX, add_user, unique, wait_for
+from helpers import ADMIN_DN, SUFFIX, add_user, unique, wait_for, wait_mail
 from prometheus_client.parser import text_string_to_metric_families
 from sync.test_worker import DOMAIN, PASSWORD, wait_active, wait_tenant  # type: ignore[import-not-found]
 
@@ -129,3 +129,13 @@ def test_metrics_are_off_when_listen_is_empty(make_server: Any) -> None:
     srv = make_server("sqlite", '[metrics]\nlisten = ""\n')
     assert srv.run("ldapwhoami").returncode == 0
     assert not (srv.workdir / "metrics").exists()
+
+
+def test_mails_sent_by_the_server_are_counted(make_server: Any, smtp_sink: Any) -> None:
+    port = free_port()
+    srv = make_server("sqlite", f'[mail]\nsmtp = "{smtp_sink.endpoint}"\n' + metrics_config(port))
+    uid = unique("mail")
+    dn = add_user(srv, uid)
+    assert srv.cli("user", "invite", dn).returncode == 0
+    wait_mail(smtp_sink, f"{uid}@contoso.com")
+    wait_for("the mail counted", lambda: value(scrape(port), "ldapsync_mail_sent_total", result="sent") >= 1, 30)
