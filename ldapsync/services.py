@@ -231,13 +231,13 @@ class OrderedMultiService(service.MultiService):
 
 
 def metrics_directory(config: Config) -> Path:
-    """Where the processes' metrics files go: ``metrics/`` next to the SQLite database, else
-    next to the ``[secrets]`` key file (the server's state directory)."""
+    """Where this node's processes keep their metrics files: ``metrics/`` next to the SQLite
+    database, else ``var/metrics`` under the working directory (the node's state directory; not
+    next to the ``[secrets]`` key, which several nodes may share)."""
     from ldapsync.filemodes import sqlite_path
 
     db = sqlite_path(config.directory.database)
-    base = db.parent if db is not None else Path(config.secrets.key_file).parent
-    return base / "metrics"
+    return (db.parent if db is not None else Path("var")) / "metrics"
 
 
 class DatabaseProbe:

@@ -99,12 +99,10 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.write_blocked = False                # the client does not read: the transport paused us
         self.read_paused = False                  # we paused the transport (backpressure)
         self._pumping = False
-        self.counted = False                      # counted in ldapsync_ldap_connections (metrics)
 
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
         self.factory.limits.opened(self.address)
-        self.counted = True
         metrics.ldap_connection_opened()
         self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
@@ -126,9 +124,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self.factory.limits.closed(self.address)
-        if self.counted:
-            self.counted = False
-            metrics.ldap_connection_closed()
+        metrics.ldap_connection_closed()
         self.closing = True
         self.setTimeout(None)
         self.buffer.clear()

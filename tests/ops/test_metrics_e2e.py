@@ -123,6 +123,7 @@ def test_readyz_says_503_when_the_database_is_gone(make_server: Any) -> None:
     assert doc["ready"] is False and doc["database"] not in ("", "ok")
     assert value(scrape(port), "ldapsync_database_up") == 0
     assert get(port, "/healthz")[0] == 200      # the process itself still answers
+    assert (srv.workdir / "var" / "metrics").is_dir()   # PostgreSQL: under the node's working directory
 
 
 def test_metrics_are_off_when_listen_is_empty(make_server: Any) -> None:
