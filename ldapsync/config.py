@@ -164,6 +164,11 @@ class SecretsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""               # endpoint of /metrics, /healthz, /readyz, e.g. "tcp:9389:interface=127.0.0.1" ("" = off)
+
+
+@dataclass(frozen=True)
 class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     ldap: LDAPConfig = field(default_factory=LDAPConfig)
@@ -174,6 +179,7 @@ class Config:
     selfservice: SelfServiceConfig = field(default_factory=SelfServiceConfig)
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: str = "<embedded defaults>"
 
     @property
@@ -191,6 +197,7 @@ _SECTIONS = {
     "selfservice": SelfServiceConfig,
     "secrets": SecretsConfig,
     "policy": PolicyConfig,
+    "metrics": MetricsConfig,
 }
 _DURATIONS = {("office365", "reconcile_interval"), ("office365", "outbox_lease"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
 _DURATIONS |= {("policy", k) for k in ("max_age", "expire_warning", "lockout_duration", "failure_window")}

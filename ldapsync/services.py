@@ -12,6 +12,7 @@ here, so that nothing but the CLI and the twistd plugin imports the wiring.
       Listener × [ldap] listen                  ConnectorService
       SelfServiceService (selfservice/)         OutboxWorkerService (worker, LISTEN, reconcile)
       WorkerProcessService (sync/)
+      Listener [metrics] listen (DatabaseProbe)
       hooks = office365_hooks(...)  ([office365] enabled)
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +30,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from ldapsync import metrics
 from ldapsync.config import Config
 from ldapsync.directory.hooks import WriteHooks
 from ldapsync.directory.service import Directory
@@ -224,3 +228,58 @@ class OrderedMultiService(service.MultiService):
                 except Exception:  # noqa: BLE001 - one child's failure must not keep the others running
                     log.failure("stopping {svc} failed", svc=svc)
         return defer.ensureDeferred(run())
+
+
+def metrics_directory(config: Config) -> Path:
+    """Where this node's processes keep their metrics files: ``metrics/`` next to the SQLite
+    database, else ``var/metrics`` under the working directory (the node's state directory; not
+    next to the ``[secrets]`` key, which several nodes may share)."""
+    from ldapsync.filemodes import sqlite_path
+
+    db = sqlite_path(config.directory.database)
+    return (db.parent if db is not None else Path("var")) / "metrics"
+
+
+class DatabaseProbe:
+    """What ``/metrics`` and ``/readyz`` read from the database at each request (``metrics.site``):
+    the queue, the connector's state and the bound users by sync state (a scan: cached for
+    ``users_ttl`` seconds).  A database that does not answer gives ``database_ok=False``."""
+
+    def __init__(self, dirsvc: DirectoryService, users_ttl: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.dirsvc = dirsvc
+        self.users_ttl = users_ttl
+        self.clock = clock
+        self._users: dict[str, int] = {}
+        self._users_at: float | None = None
+
+    async def __call__(self) -> metrics.Probe:
+        from ldapsync.store import stats
+        from ldapsync.sync.connector import read_status_txn
+
+        db = self.dirsvc.db
+        config = self.dirsvc.config
+        try:
+            await db.run_interaction("metrics: ping", stats.ping_txn, write=False)
+            queue = await db.run_interaction("metrics: queue", stats.queue_stats_txn, write=False)
+            state = "off"
+            if config.office365.enabled:
+                st = await db.run_interaction("metrics: connector state",
+                                              lambda txn: read_status_txn(self.dirsvc.directory, txn), write=False)
+                state = next(iter(st.get("o365ConnectorState") or ()), "not started")
+            now = self.clock()
+            if self._users_at is None or now - self._users_at >= self.users_ttl:
+                self._users = await db.run_interaction("metrics: users", stats.users_by_sync_state_txn, write=False)
+                self._users_at = now
+        except Exception as e:  # noqa: BLE001 - any database failure means "not ready", said in one line
+            return metrics.Probe(database_ok=False, database_error=_short(e))
+        return metrics.Probe(database_ok=True, connector_state=state, queue_rows=dict(queue.rows_by_state),
+                             oldest_change_age=queue.oldest_created_at, users_by_state=dict(self._users))
+
+
+def _short(e: BaseException) -> str:
+    """One line for /readyz: the error's class and its first line, without connection details."""
+    from ldapsync.graph.errors import redact
+
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return redact(f"{type(e).__name__}: {first}" if first else type(e).__name__)

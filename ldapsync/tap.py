@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from ldapsync.config import Config, ConfigError, load_config
-from ldapsync.services import DirectoryService, Listener, OrderedMultiService, office365_hooks
+from ldapsync.services import DatabaseProbe, DirectoryService, Listener, OrderedMultiService, metrics_directory, office365_hooks
 
 log = Logger()
 
@@ -63,6 +63,11 @@ def make_service(config: Config) -> service.MultiService:
 
     for line in _sqlite_dir(config) + _exposed_secrets(config):
         log.warn("{line}", line=line)
+    if config.metrics.listen:
+        # Before anything counts; the Microsoft 365 worker process inherits the directory.
+        from ldapsync import metrics
+
+        metrics.enable(metrics_directory(config), fresh=True)
     top = OrderedMultiService()
     dirsvc = DirectoryService(config)
     dirsvc.setServiceParent(top)
@@ -97,6 +102,10 @@ def make_service(config: Config) -> service.MultiService:
         procsvc = WorkerProcessService(dirsvc)
         dirsvc.hooks.extend(office365_hooks(dirsvc.directory, wake=procsvc.wake, links=selfsvc.links))
         procsvc.setServiceParent(top)
+    if config.metrics.listen:
+        from ldapsync import metrics
+
+        Listener(config.metrics.listen, metrics.site(DatabaseProbe(dirsvc)), "[metrics] listen").setServiceParent(top)
     return top
 
 

@@ -45,6 +45,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
+from ldapsync import metrics
 from ldapsync.graph.errors import (
     RETRYABLE_STATUSES,
     AuthError,
@@ -370,13 +371,17 @@ class GraphClient:
         d = defer.ensureDeferred(exchange())
         d.addTimeout(self._timeout, self._reactor)
         try:
-            return await d
+            resp = await d
         except defer.TimeoutError:
+            metrics.graph_request(method, "error")
             raise _TransportError(f"no response within {self._timeout:g}s") from None
         except defer.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - connection refused/reset, DNS, TLS, malformed response
+            metrics.graph_request(method, "error")
             raise _TransportError(redact(_describe_failure(e))) from None
+        metrics.graph_request(method, resp.status)
+        return resp
 
     async def request(
         self,

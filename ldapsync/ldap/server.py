@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -40,6 +40,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
+from ldapsync import metrics
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.policy import PPolicyResponse
 from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
@@ -71,12 +72,16 @@ RESPONSE_TAG = {
     ber.CompareRequest: ber.COMPARE_RESPONSE,
     ber.ExtendedRequest: ber.EXTENDED_RESPONSE,
 }
+OPERATION = {ber.BIND_RESPONSE: "bind", ber.SEARCH_DONE: "search", ber.MODIFY_RESPONSE: "modify",
+             ber.ADD_RESPONSE: "add", ber.DEL_RESPONSE: "delete", ber.MODDN_RESPONSE: "modrdn",
+             ber.COMPARE_RESPONSE: "compare", ber.EXTENDED_RESPONSE: "extended"}   # names in metrics
 
 
 @dataclass
 class _Op:
     msgid: int
     abandoned: bool = False
+    started: float = field(default_factory=time.monotonic)   # dispatch time: the operation's latency
 
 
 class LDAPConnection(protocol.Protocol, TimeoutMixin):
@@ -98,6 +103,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
         self.factory.limits.opened(self.address)
+        metrics.ldap_connection_opened()
         self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
             self.setTimeout(self.factory.idle_timeout)
@@ -118,6 +124,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self.factory.limits.closed(self.address)
+        metrics.ldap_connection_closed()
         self.closing = True
         self.setTimeout(None)
         self.buffer.clear()
@@ -287,7 +294,15 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
                 controls: list[tuple[str, bool, bytes | None]] | None = None) -> None:
         if self.closing:
             return
+        self._answered(msgid, tag, code)
         self.send(enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls))
+
+    def _answered(self, msgid: int, tag: int, code: int) -> None:
+        """Every operation's result passes here once (metrics; a no-op while they are off)."""
+        if not metrics.enabled():
+            return
+        op = self.ops.get(msgid)
+        metrics.ldap_operation(OPERATION[tag], _code_name(code), time.monotonic() - op.started if op else 0.0)
 
     # -- operations ----------------------------------------------------------------
     async def handle_BindRequest(self, msg: ber.Message, op: _Op) -> None:
@@ -346,6 +361,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             cookie = str(result.next_after).encode() if result.next_after is not None else b""
             controls = [(OID_PAGED, False, _paged_value(0, cookie))]
         out.append(enc_message(msg.msgid, enc_result(ber.SEARCH_DONE, int(result.code), "", result.message), controls))
+        self._answered(msg.msgid, ber.SEARCH_DONE, result.code)
         self.send(b"".join(out))
 
     async def handle_AddRequest(self, msg: ber.Message, op: _Op) -> None:
@@ -426,6 +442,13 @@ def _ppolicy_controls(info: PPolicyResponse) -> list[tuple[str, bool, bytes | No
     value = ber.enc_ppolicy_response(info.time_before_expiration, info.grace_authns_remaining,
                                      None if info.error is None else int(info.error))
     return [(OID_PPOLICY, False, value)]
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ResultCode(code).name
+    except ValueError:
+        return str(int(code))
 
 
 def _paged_value(size: int, cookie: bytes) -> bytes:

@@ -45,6 +45,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
+from ldapsync import metrics
 from ldapsync.config import MailConfig, mail_auth_problem
 
 __all__ = ["MailError", "Mailer"]
@@ -422,12 +423,15 @@ class Mailer:
                        subject=subject, reason=last.reason, code=last.code)
             if rejected:
                 why += "; also refused: " + ", ".join(rejected)
+            metrics.mail_sent("failed")
             raise MailError(why, code=last.code, transient=last.transient)
         if rejected:
             _log.error("mail ({subject!r}) refused for {rejected}", subject=subject, rejected=", ".join(rejected))
+            metrics.mail_sent("failed")
             raise MailError(f"mail ({subject!r}) refused by the SMTP server for {', '.join(rejected)}",
                             code=None, transient=False)
         _log.info("mail to {to} ({subject!r}) sent", to=shown_to, subject=subject)
+        metrics.mail_sent("sent")
 
     async def _attempt(self, recipients: list[str], data: bytes) -> list[tuple[Any, int, Any]]:
         """One SMTP session; returns the per-recipient (address, code, reply) list."""

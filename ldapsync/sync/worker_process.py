@@ -49,6 +49,8 @@ from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 
+from ldapsync import metrics
+
 log = Logger()
 
 WAKE = b"w"
@@ -65,6 +67,10 @@ class _ChildProtocol(protocol.ProcessProtocol):
         self._out = b""
         self._err = b""
         self.ended: defer.Deferred = defer.Deferred()
+        self.child_pid: int | None = None
+
+    def connectionMade(self) -> None:
+        self.child_pid = getattr(self.transport, "pid", None)
 
     def outReceived(self, data: bytes) -> None:
         lines, self._out = _split(self._out + data)
@@ -85,6 +91,8 @@ class _ChildProtocol(protocol.ProcessProtocol):
             if rest.strip():
                 fwd(rest)
         self._out = self._err = b""
+        if self.child_pid is not None:
+            metrics.process_exited(self.child_pid)     # its live gauges no longer count
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         self.ended.callback((code, sig))
@@ -344,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
     _die_with_parent()
+    metrics.enable_from_environment()                 # count into the server's metrics ([metrics] listen)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the parent, which says "q"
     out = _JSONLines()
     observer: Any = out
