@@ -41,6 +41,7 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.monitor import STATS
 from ldapsync.directory.policy import PPolicyResponse
 from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
 from ldapsync.ldap import ber
@@ -98,6 +99,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
         self.factory.limits.opened(self.address)
+        STATS.opened()
         self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
             self.setTimeout(self.factory.idle_timeout)
@@ -118,6 +120,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self.factory.limits.closed(self.address)
+        STATS.closed()
         self.closing = True
         self.setTimeout(None)
         self.buffer.clear()
@@ -235,6 +238,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
     # -- dispatch ------------------------------------------------------------------
     def _dispatch(self, msg: ber.Message) -> None:
         req = msg.op
+        STATS.op_started(type(req).__name__)
         if isinstance(req, ber.UnbindRequest):
             self.closing = True
             self._close()
@@ -252,6 +256,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             if c.critical and c.oid not in KNOWN_CONTROLS:
                 self._result(msg.msgid, tag, ResultCode.unavailableCriticalExtension,
                              message=f"critical control {c.oid} is not supported")
+                STATS.op_done(type(req).__name__)
                 return
         handler: Callable[[ber.Message, _Op], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
         op = _Op(msg.msgid)
@@ -260,6 +265,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self.bind_msgid = msg.msgid
         d = defer.ensureDeferred(handler(msg, op))
         d.addErrback(self._failed, msg, tag, op)
+        d.addBoth(STATS.op_finished, type(req).__name__)
         d.addBoth(self._done, msg.msgid)
 
     def _done(self, _: Any, msgid: int) -> None:
