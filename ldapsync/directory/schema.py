@@ -147,6 +147,7 @@ DEFAULT_SCHEMA_FILES: tuple[str, ...] = (
     "inetorgperson.schema",
     "nis.schema",
     "ldapsync.schema",
+    "monitor.schema",
 )
 
 USAGES = ("userApplications", "directoryOperation", "distributedOperation", "dSAOperation")
@@ -471,7 +472,7 @@ class Schema:
 
     @classmethod
     def load_default(cls) -> "Schema":
-        """The standard schema set (system, core, cosine, inetorgperson, nis, ldapsync), cached."""
+        """The standard schema set (system, core, cosine, inetorgperson, nis, ldapsync, monitor), cached."""
         if cls._default is None:
             d = cls.default_schema_dir()
             Schema._default = cls.load(d / name for name in DEFAULT_SCHEMA_FILES)

@@ -52,6 +52,7 @@ from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.filters import Ext, Filter, FilterCompiler, And, Or, Not
 from ldapsync.directory.hooks import ChangeSet, Origin, WriteHooks
+from ldapsync.directory.monitor import Monitor
 from ldapsync.directory.passwords import HashParams, PasswordHasher, generate_password
 from ldapsync.directory.policy import PasswordState, PolicyError, PPError, PPolicyResponse, describe_policy
 from ldapsync.directory.schema import AttributeType, Schema
@@ -209,6 +210,7 @@ class Directory:
         self._bind_gate: DNGate[Any] = DNGate()
         self.bind_limiter = AddressLimiter(config.ldap.bind_failures_per_address, slots=hash_threads)
         self._index_types = {self.schema.attribute(a).name: self.schema.attribute(a) for a in indexed if self.schema.attribute(a)}  # type: ignore[union-attr]
+        self.monitor = Monitor(self)            # cn=Monitor, admins only (ldapsync.directory.monitor)
 
     def start(self) -> None:
         if not self._hash_pool_started:
@@ -805,12 +807,14 @@ class Directory:
             raise LDAPError(ResultCode.invalidDNSyntax, e.message) from None
         # Root DSE and subschema are virtual and readable by anyone.
         if base.is_root and req.scope == "base":
-            return self._virtual(self.root_dse(), "", req, actor)
+            return self._virtual(await self.monitor.root_dse(actor, self.root_dse()), "", req, actor)
         if base.norm == self.dn(SUBSCHEMA_DN).norm and req.scope == "base":
             return self._virtual(self.subschema_entry(), SUBSCHEMA_DN, req, actor)
         if actor.dn is None and not self.config.ldap.allow_anonymous_read:
             raise LDAPError(ResultCode.insufficientAccessRights,
                             "anonymous clients may read only the root DSE and cn=Subschema; bind first")
+        if self.monitor.holds(base):
+            return await self.monitor.search(actor, base, req)
         uses_dn_attrs = _uses_dn_attributes(req.filter)
         # Rights are looked up in the first chunk's transaction (per operation, never from bind),
         # and decide what the filter may see: what the requester may not read is Undefined in it.
@@ -928,6 +932,9 @@ class Directory:
         if at.equality is None:
             raise LDAPError(ResultCode.inappropriateMatching, f"{at.name} has no equality matching rule")
         self.schema.validate_value(at, _b(value))
+        want = self.schema.normalize(at, _b(value))
+        if self.monitor.holds(dn):
+            return await self.monitor.compare(actor, dn, at.name, lambda vs: any(self.schema.normalize(at, v) == want for v in vs))
 
         def run(txn: Txn) -> StoredEntry:
             if at.name in ADMIN_ONLY_ATTRS and not self._is_admin_txn(txn, actor):
@@ -945,7 +952,6 @@ class Directory:
             values = e.attrs.get(at.name)
         if not values:
             raise LDAPError(ResultCode.noSuchAttribute, f"{dn} has no {at.name}")
-        want = self.schema.normalize(at, _b(value))
         return any(self.schema.normalize(at, v) == want for v in values)
 
     # -- add -------------------------------------------------------------------

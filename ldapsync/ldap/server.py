@@ -42,6 +42,7 @@ from twisted.logger import Logger
 
 from ldapsync import metrics
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.monitor import STATS
 from ldapsync.directory.policy import PPolicyResponse
 from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
 from ldapsync.ldap import ber
@@ -104,6 +105,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         self.factory.limits.opened(self.address)
         metrics.ldap_connection_opened()
+        STATS.opened()
         self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
             self.setTimeout(self.factory.idle_timeout)
@@ -125,6 +127,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self.factory.limits.closed(self.address)
         metrics.ldap_connection_closed()
+        STATS.closed()
         self.closing = True
         self.setTimeout(None)
         self.buffer.clear()
@@ -242,6 +245,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
     # -- dispatch ------------------------------------------------------------------
     def _dispatch(self, msg: ber.Message) -> None:
         req = msg.op
+        STATS.op_started(type(req).__name__)
         if isinstance(req, ber.UnbindRequest):
             self.closing = True
             self._close()
@@ -259,6 +263,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             if c.critical and c.oid not in KNOWN_CONTROLS:
                 self._result(msg.msgid, tag, ResultCode.unavailableCriticalExtension,
                              message=f"critical control {c.oid} is not supported")
+                STATS.op_done(type(req).__name__)
                 return
         handler: Callable[[ber.Message, _Op], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
         op = _Op(msg.msgid)
@@ -267,6 +272,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self.bind_msgid = msg.msgid
         d = defer.ensureDeferred(handler(msg, op))
         d.addErrback(self._failed, msg, tag, op)
+        d.addBoth(STATS.op_finished, type(req).__name__)
         d.addBoth(self._done, msg.msgid)
 
     def _done(self, _: Any, msgid: int) -> None:
