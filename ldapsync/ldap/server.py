@@ -295,11 +295,15 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self._result(msg.msgid, tag, ResultCode.other, message="internal server error; see the server log")
 
     def _result(self, msgid: int, tag: int, code: int, matched: str = "", message: str = "", extra: bytes = b"",
-                controls: list[tuple[str, bool, bytes | None]] | None = None, entries: bytes = b"") -> None:
+                controls: list[tuple[str, bool, bytes | None]] | None = None, entries: list[bytes] | None = None) -> None:
         """Every operation's result goes out here (a search's entries just before it)."""
         if self.closing:
             return
-        self.send(entries + enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls))
+        done = enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls)
+        if entries:
+            entries.append(done)
+            done = b"".join(entries)
+        self.send(done)
         if self.factory.access:
             self._access(msgid, code)
 
@@ -368,7 +372,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         result = await self.directory.search(self.actor, sreq, lambda: op.abandoned or self.closing)
         if op.abandoned or self.closing:
             return
-        out = b"".join(enc_message(msg.msgid, ber.enc_search_entry(dn, attrs)) for dn, attrs in result.entries)
+        out = [enc_message(msg.msgid, ber.enc_search_entry(dn, attrs)) for dn, attrs in result.entries]
         controls = None
         if page_size is not None:
             cookie = str(result.next_after).encode() if result.next_after is not None else b""
