@@ -169,6 +169,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """[log]: the server's log (``ldapsync/logs.py``)."""
+
+    level: str = "info"                 # debug, info, warn, error or critical
+    format: str = "text"                # "text" (Twisted's lines) or "json" (one object per line)
+    access: bool = False                # one line per LDAP operation and per connection open/close
+    file: str = ""                      # "" = twistd's --logfile (stdout with -n); "-" = stdout
+
+
+@dataclass(frozen=True)
 class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     ldap: LDAPConfig = field(default_factory=LDAPConfig)
@@ -180,6 +190,7 @@ class Config:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     source: str = "<embedded defaults>"
 
     @property
@@ -198,6 +209,7 @@ _SECTIONS = {
     "secrets": SecretsConfig,
     "policy": PolicyConfig,
     "metrics": MetricsConfig,
+    "log": LogConfig,
 }
 _DURATIONS = {("office365", "reconcile_interval"), ("office365", "outbox_lease"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
 _DURATIONS |= {("policy", k) for k in ("max_age", "expire_warning", "lockout_duration", "failure_window")}
@@ -282,6 +294,14 @@ def _validate(cfg: Config) -> None:
     _validate_selfservice(cfg.selfservice)
     _validate_mail(cfg.mail)
     _validate_policy(cfg.policy)
+    _validate_log(cfg.log)
+
+
+def _validate_log(c: LogConfig) -> None:
+    if c.level not in ("debug", "info", "warn", "error", "critical"):
+        raise ConfigError(f'[log] level: expected "debug", "info", "warn", "error" or "critical", got {c.level!r}')
+    if c.format not in ("text", "json"):
+        raise ConfigError(f'[log] format: expected "text" or "json" (one JSON object per line), got {c.format!r}')
 
 
 def _validate_selfservice(c: SelfServiceConfig) -> None:

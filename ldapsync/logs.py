@@ -83,7 +83,13 @@ def output(log_file: str, twistd_logfile: str | None, nodaemon: bool) -> IO[str]
     return logfile.LogFile.fromFullPath(target or "twistd.log")  # type: ignore[return-value]
 
 
+ACCESS = "ldapsync.access"   # the access log's namespace (``[log] access``): written at info whatever the level
+
+
 def make_observer(level: str, fmt: str, out: IO[str]) -> ILogObserver:
-    """The filtered observer for a server process."""
+    """The filtered observer for a server process (the access log passes at info even when
+    ``level`` is higher: asking for it is asking to see it)."""
     base = JSONLinesObserver(out) if fmt == "json" else textFileLogObserver(out)
-    return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    predicate.setLogLevelForNamespace(ACCESS, LogLevel.debug if level == "debug" else LogLevel.info)
+    return FilteringLogObserver(base, [predicate])

@@ -58,6 +58,20 @@ def starttls_context(config: Config) -> Any:
     return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
 
 
+class _Root(OrderedMultiService):
+    """The root service; given the application, it hands twistd the log observer (twistd asks the
+    application for an ``ILogObserver`` before it starts logging, after makeService)."""
+
+    log_observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_observer is not None:
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+
 def make_service(config: Config) -> service.MultiService:
     from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
 
@@ -68,7 +82,7 @@ def make_service(config: Config) -> service.MultiService:
         from ldapsync import metrics
 
         metrics.enable(metrics_directory(config), fresh=True)
-    top = OrderedMultiService()
+    top = _Root()
     dirsvc = DirectoryService(config)
     dirsvc.setServiceParent(top)
     ctx = starttls_context(config)
@@ -84,6 +98,7 @@ def make_service(config: Config) -> service.MultiService:
             limits=limits,
             max_pending=config.ldap.max_pending,
             max_pending_anonymous=config.ldap.max_pending_anonymous,
+            access=config.log.access,
         )
         Listener(endpoint, factory, "[ldap] listen").setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which
@@ -112,7 +127,14 @@ def make_service(config: Config) -> service.MultiService:
 def makeService(options: Options) -> service.MultiService:
     try:
         config = load_config(options["config"])
-        return make_service(config)
+        from ldapsync import logs
+
+        twistd = getattr(options, "parent", None) or {}
+        observer = logs.make_observer(config.log.level, config.log.format,
+                                      logs.output(config.log.file, twistd.get("logfile"), bool(twistd.get("nodaemon"))))
+        top = make_service(config)
+        top.log_observer = observer  # type: ignore[attr-defined]
+        return top
     except (ConfigError, OSError) as e:
         sys.stderr.write(f"ldapsync: {e}\n")
         raise SystemExit(2) from None

@@ -147,6 +147,13 @@ class BindOutcome:
 _FAILED = BindOutcome(None, False, False, False, None, None, None)
 
 
+def _bind_refused(dn: object, source: str | None, reason: str, level: str = "info") -> None:
+    """The log line of a refused bind (a wrong password has its own, counted by the tests): the
+    DN, the client and why — never the password.  ``source`` None: the self-service pages."""
+    getattr(log, level)("bind refused for {dn} from {source}: {reason}", dn=str(dn),
+                        source=source or "the self-service pages", reason=reason)
+
+
 @dataclass
 class SearchRequest:
     base: str
@@ -486,11 +493,14 @@ class Directory:
         try:
             self.dn(dn_text)
         except LDAPError as e:
+            _bind_refused(dn_text, source, f"invalid DN ({e.message})")
             raise LDAPError(ResultCode.invalidDNSyntax, e.message) from None
         if not password:
+            _bind_refused(dn_text, source, "no password (unauthenticated bind)")
             raise LDAPError(ResultCode.unwillingToPerform, "unauthenticated bind (DN with no password) disallowed")
         wait = self.bind_limiter.refused_for(source)
         if wait:
+            _bind_refused(dn_text, source, f"busy: too many wrong passwords from this address (for {wait:.0f}s more)")
             raise LDAPError(ResultCode.busy, f"too many wrong passwords from your address; try again in {wait:.0f} seconds")
         out = await self.authenticate(dn_text, password, source=source)
         if not out.authenticated or out.actor is None:
@@ -515,9 +525,11 @@ class Directory:
         """
         try:
             dn = self.dn(dn_text)
-        except LDAPError:
+        except LDAPError as e:
+            _bind_refused(dn_text, source, f"invalid DN ({e.message})")
             return _FAILED
         if not password or dn.is_root:
+            _bind_refused(dn_text, source, "no password" if not password else "the root DSE cannot bind")
             return _FAILED
         cfg = self.policy
         exempt = dn.norm == self.admin_dn.norm
@@ -531,12 +543,13 @@ class Directory:
             attrs = await self.db.run_interaction("bind", fetch, write=False)
             if attrs is None or not attrs.get("userPassword"):
                 # No such entry, or an entry without a usable password (an inactive user).
+                _bind_refused(dn, source, "no such entry" if attrs is None else "the entry has no password")
                 return _FAILED, Admission.PASS
             if not counted:
                 return attrs, Admission.PASS
             now = self.clock.now()
             if pp.lock_state(cfg, attrs, now)[0]:
-                log.info("bind refused for {dn}: account locked", dn=str(dn))
+                _bind_refused(dn, source, "account locked")
                 return BindOutcome(None, False, False, True, None, None, None), Admission.PASS
             if in_flight and pp.failure_count(cfg, attrs, now) + in_flight >= cfg.lockout_failures:
                 return attrs, Admission.WAIT    # the binds in progress may lock it: wait for their outcome
@@ -558,6 +571,7 @@ class Directory:
         async with self.bind_limiter.slot(source):
             wait = self.bind_limiter.refused_for(source)    # again: failures may have come in while we waited
             if wait:
+                _bind_refused(dn, source, f"busy: too many wrong passwords from this address (for {wait:.0f}s more)")
                 raise LDAPError(ResultCode.busy, f"too many wrong passwords from your address; try again in {wait:.0f} seconds")
             ok = await self._in_hash_thread(self._verify_any, list(attrs["userPassword"]), password,
                                             bounded=source is not None)
@@ -584,7 +598,7 @@ class Directory:
         if expired:
             grace = await self._record_bind_success(dn, grace=True) if pp.grace_remaining(cfg, attrs) > 0 else None
             if grace is None:
-                log.info("bind refused for {dn}: password expired", dn=str(dn))
+                _bind_refused(dn, source, "password expired")
                 return BindOutcome(actor, True, True, False, exp, None, None)
             log.info("grace login for {dn} with an expired password ({n} left)", dn=str(dn), n=grace)
         elif pp.values_after_success(cfg, attrs, now, exempt=exempt):

@@ -209,6 +209,11 @@ def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 3
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
     pool = HTTPConnectionPool(reactor, persistent=True)
+
+    class _QuietFactory(pool._factory):  # type: ignore[name-defined,misc]
+        noisy = False                     # no "Starting/Stopping factory" line per connection
+
+    pool._factory = _QuietFactory
     pool.maxPersistentPerHost = max_connections
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False        # we retry ourselves (and not blindly for POST)
@@ -393,12 +398,14 @@ class GraphClient:
         headers: Mapping[str, str] | None = None,
         writes: int | None = None,
         retry_not_found: bool | None = None,
+        expect_not_found: bool = False,
     ) -> GraphResponse:
         """Send one Graph request with retries; return the 2xx response or raise a GraphError.
 
         ``writes`` is how many directory writes the request costs (default: 1
         for POST/PATCH/PUT/DELETE); ``retry_not_found`` retries a 404 for a
-        while (default: only when the URL names an object created moments ago).
+        while (default: only when the URL names an object created moments ago);
+        ``expect_not_found``: a 404 is an answer (an existence check), logged at debug, not warn.
         """
         method = method.upper()
         url = self.url(path, params)
@@ -494,15 +501,17 @@ class GraphClient:
                 await self._sleep(delay)
                 continue
             err = error_from_response(status, resp.body, resp.headers, retry_after=retry_after)
-            _warn("Graph {method} {path} -> {status} {code} request-id {request_id}",
+            (log.debug if status == 404 and expect_not_found else _warn)(
+                "Graph {method} {path} -> {status} {code} request-id {request_id}",
                      method=method, path=log_path, status=status, code=err.code, request_id=err.request_id)
             raise err
 
     # -- verbs
 
     async def get(self, path: str, params: Mapping[str, Any] | None = None, *,
-                  headers: Mapping[str, str] | None = None) -> Any:
-        return (await self.request("GET", path, params=params, headers=headers)).json()
+                  headers: Mapping[str, str] | None = None, expect_not_found: bool = False) -> Any:
+        return (await self.request("GET", path, params=params, headers=headers,
+                                   expect_not_found=expect_not_found)).json()
 
     async def post(self, path: str, body: Any = None, *, params: Mapping[str, Any] | None = None,
                    headers: Mapping[str, str] | None = None) -> Any:
@@ -647,14 +656,17 @@ class GraphClient:
         self._note_created(user.get("id"), user.get("userPrincipalName") or body.get("userPrincipalName"))
         return user
 
-    async def get_user(self, id_or_upn: str, select: str | Iterable[str] = DEFAULT_USER_SELECT) -> dict[str, Any]:
-        return await self.get(f"/users/{quote(id_or_upn, safe='@')}", {"$select": _select(select)})
+    async def get_user(self, id_or_upn: str, select: str | Iterable[str] = DEFAULT_USER_SELECT, *,
+                       expect_not_found: bool = False) -> dict[str, Any]:
+        """``GET /users/{id}``; ``expect_not_found``: the caller handles NotFound (no warning logged)."""
+        return await self.get(f"/users/{quote(id_or_upn, safe='@')}", {"$select": _select(select)},
+                              expect_not_found=expect_not_found)
 
     async def find_user_by_upn(self, upn: str, select: str | Iterable[str] = DEFAULT_USER_SELECT
                                ) -> dict[str, Any] | None:
         """The user with this UPN, or ``None``."""
         try:
-            return await self.get_user(upn, select)
+            return await self.get_user(upn, select, expect_not_found=True)
         except NotFound:
             return None
 

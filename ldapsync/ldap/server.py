@@ -30,6 +30,7 @@ errors become ``other`` with a short message and are logged here.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ from ldapsync.ldap.ber import BERError, enc_message, enc_result, enc_str, tlv
 from ldapsync.store.database import StoreError
 
 log = Logger()
+access_log = Logger(namespace="ldapsync.access")   # [log] access: written at info whatever [log] level
+_connection_ids = itertools.count(1)
 
 OID_PAGED = "1.2.840.113556.1.4.319"
 OID_MANAGE_DSA_IT = "2.16.840.1.113730.3.4.2"
@@ -82,6 +85,7 @@ OPERATION = {ber.BIND_RESPONSE: "bind", ber.SEARCH_DONE: "search", ber.MODIFY_RE
 class _Op:
     msgid: int
     abandoned: bool = False
+    req: Any = None           # the request: for the access log only
     started: float = field(default_factory=time.monotonic)   # dispatch time: the operation's latency
 
 
@@ -100,12 +104,15 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.write_blocked = False                # the client does not read: the transport paused us
         self.read_paused = False                  # we paused the transport (backpressure)
         self._pumping = False
+        self.id = next(_connection_ids)           # "conn=N" in the access log
 
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
         self.factory.limits.opened(self.address)
         metrics.ldap_connection_opened()
         STATS.opened()
+        if self.factory.access:
+            access_log.info("conn={conn} peer={peer} connection opened", conn=self.id, peer=self._peer())
         self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
             self.setTimeout(self.factory.idle_timeout)
@@ -128,6 +135,8 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.factory.limits.closed(self.address)
         metrics.ldap_connection_closed()
         STATS.closed()
+        if self.factory.access:
+            access_log.info("conn={conn} peer={peer} connection closed", conn=self.id, peer=self._peer())
         self.closing = True
         self.setTimeout(None)
         self.buffer.clear()
@@ -259,15 +268,16 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self._disconnect(ResultCode.protocolError, f"unknown or unsolicited operation (tag 0x{getattr(req, 'tag', 0):02x})")
             return
         tag = RESPONSE_TAG[type(req)]
+        op = _Op(msg.msgid, req=req, started=time.monotonic()) if self.factory.access else _Op(msg.msgid)
+        self.ops[msg.msgid] = op
         for c in msg.controls:
             if c.critical and c.oid not in KNOWN_CONTROLS:
                 self._result(msg.msgid, tag, ResultCode.unavailableCriticalExtension,
                              message=f"critical control {c.oid} is not supported")
                 STATS.op_done(type(req).__name__)
+                del self.ops[msg.msgid]
                 return
         handler: Callable[[ber.Message, _Op], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
-        op = _Op(msg.msgid)
-        self.ops[msg.msgid] = op
         if isinstance(req, ber.BindRequest):
             self.bind_msgid = msg.msgid
         d = defer.ensureDeferred(handler(msg, op))
@@ -297,11 +307,32 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self._result(msg.msgid, tag, ResultCode.other, message="internal server error; see the server log")
 
     def _result(self, msgid: int, tag: int, code: int, matched: str = "", message: str = "", extra: bytes = b"",
-                controls: list[tuple[str, bool, bytes | None]] | None = None) -> None:
+                controls: list[tuple[str, bool, bytes | None]] | None = None, entries: list[bytes] | None = None) -> None:
+        """Every operation's result goes out here (a search's entries just before it)."""
         if self.closing:
             return
         self._answered(msgid, tag, code)
-        self.send(enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls))
+        done = enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls)
+        if entries:
+            entries.append(done)
+            done = b"".join(entries)
+        self.send(done)
+        if self.factory.access:
+            self._access(msgid, code)
+
+    def _access(self, msgid: int, code: int) -> None:
+        """The access log line of one operation (like slapd's stats level), from its result."""
+        op = self.ops.get(msgid)
+        req = op.req if op is not None else None
+        name = _OPERATION_NAMES.get(type(req), "?")
+        dn = str(req.base if isinstance(req, ber.SearchRequest) else getattr(req, "dn", ""))   # never a value
+        extra = {"oid": req.name} if isinstance(req, ber.ExtendedRequest) else {}
+        ms = (time.monotonic() - op.started) * 1000 if op is not None and op.started else 0.0
+        result = ResultCode(code).name if code in ResultCode._value2member_map_ else "unknown"
+        access_log.info('conn={conn} msgid={msgid} peer={peer} {operation} dn="{dn}"{log_oid} result={result}({code}) '
+                        "{duration_ms:.1f}ms", conn=self.id, msgid=msgid, peer=self._peer(), operation=name, dn=dn,
+                        log_oid=f" oid={req.name}" if extra else "", result=result, code=int(code),
+                        duration_ms=round(ms, 3), **extra)
 
     def _answered(self, msgid: int, tag: int, code: int) -> None:
         """Every operation's result passes here once (metrics; a no-op while they are off)."""
@@ -366,9 +397,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         if page_size is not None:
             cookie = str(result.next_after).encode() if result.next_after is not None else b""
             controls = [(OID_PAGED, False, _paged_value(0, cookie))]
-        out.append(enc_message(msg.msgid, enc_result(ber.SEARCH_DONE, int(result.code), "", result.message), controls))
-        self._answered(msg.msgid, ber.SEARCH_DONE, result.code)
-        self.send(b"".join(out))
+        self._result(msg.msgid, ber.SEARCH_DONE, result.code, "", result.message, controls=controls, entries=out)
 
     async def handle_AddRequest(self, msg: ber.Message, op: _Op) -> None:
         req: ber.AddRequest = msg.op
@@ -438,6 +467,11 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             self.tls = True
             return
         raise LDAPError(ResultCode.protocolError, f"unsupported extended operation {req.name}")
+
+
+_OPERATION_NAMES = {ber.BindRequest: "BIND", ber.SearchRequest: "SEARCH", ber.ModifyRequest: "MODIFY",
+                    ber.AddRequest: "ADD", ber.DelRequest: "DELETE", ber.ModifyDNRequest: "MODRDN",
+                    ber.CompareRequest: "COMPARE", ber.ExtendedRequest: "EXTENDED"}
 
 
 def _wants_ppolicy(msg: ber.Message) -> bool:
@@ -515,11 +549,13 @@ class ConnectionLimits:
 
 
 class LDAPServerFactory(protocol.ServerFactory):
+    noisy = False      # no "Starting factory <...>" lines: the port's "starting on N" says it
     def __init__(self, directory: Directory, *, max_pdu_size: int = 10 * 1024 * 1024,
                  starttls_context: Any = None, is_tls_listener: bool = False, idle_timeout: float = 0.0,
                  max_pdu_size_anonymous: int = 256 * 1024, max_pending: int = 1000, max_pending_anonymous: int = 100,
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: ConnectionLimits | None = None, access: bool = False) -> None:
         self.directory = directory
+        self.access = access                      # [log] access: one line per operation
         self.idle_timeout = idle_timeout
         self.max_pdu_size = max_pdu_size
         self.max_pdu_size_anonymous = max_pdu_size_anonymous

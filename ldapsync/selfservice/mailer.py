@@ -113,6 +113,7 @@ class _Sender(smtp.ESMTPSender):
 
 class _SenderFactory(smtp.ESMTPSenderFactory):
     protocol = _Sender
+    noisy = False      # no "Starting factory <...>" line per mail
 
 
 # --------------------------------------------------------------------------- helpers

@@ -574,6 +574,7 @@ class _Site(LimitedSite):
     token there) and names the client behind a trusted proxy."""
 
     pages: SelfServicePages
+    noisy = False      # no "Starting factory <...>" lines (the port's "starting on N" says it)
 
     def log(self, request: Any) -> None:
         path = request.path.decode("utf-8", "replace")

@@ -319,7 +319,7 @@ async def tenant_users(client: Any, *, upns: list[str] | None = None, filter: st
     if upns:
         for upn in upns:
             try:
-                yield await client.get_user(upn, SELECT)
+                yield await client.get_user(upn, SELECT, expect_not_found=True)
             except NotFound:
                 yield {"@notFound": upn}
         return

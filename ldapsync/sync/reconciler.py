@@ -256,7 +256,7 @@ class Reconciler:
         gone: list[str] = []
         for oid in json.loads(raw):
             try:
-                await self.client.get(f"/users/{oid}", {"$select": "id"})
+                await self.client.get(f"/users/{oid}", {"$select": "id"}, expect_not_found=True)
             except NotFound:
                 gone.append(oid)
 

@@ -659,7 +659,7 @@ class OutboxWorker:
             status = None if desired.deleted or not has_entry else cleared
             return Outcome(status, None, "unbound before it was provisioned: nothing to do")
         try:
-            user = await client.get_user(object_id, ("id", "accountEnabled"))
+            user = await client.get_user(object_id, ("id", "accountEnabled"), expect_not_found=True)
         except NotFound:
             user = None
         what = "account already gone from Microsoft 365"

@@ -344,9 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from twisted.internet import reactor as _reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate, globalLogBeginner
 
     from ldapsync.config import load_config
+    from ldapsync.logs import LEVELS
 
     ap = argparse.ArgumentParser(description="ldapsync's Microsoft 365 worker (started by the server)")
     ap.add_argument("--config", required=True)
@@ -354,11 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     _die_with_parent()
     metrics.enable_from_environment()                 # count into the server's metrics ([metrics] listen)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the parent, which says "q"
+    config = load_config(args.config)
     out = _JSONLines()
-    observer: Any = out
+    # [log] level applies here already: what the parent would drop is not sent to it at all.
+    observer: Any = FilteringLogObserver(out, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.log.level])])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor: Any = _reactor
-    config = load_config(args.config)
     top, worksvc = build(config)
     stopping: list[bool] = []
 

@@ -562,3 +562,24 @@ def test_logs_have_no_tokens_or_passwords() -> None:
     text = "\n".join(formatEvent(e) + repr(e) for e in events if e.get("log_namespace", "").startswith("ldapsync"))
     assert "POST" in text and "/users" in text
     assert "tok-" not in text and "Sup3r$ecret" not in text and "Bearer" not in text
+
+
+def test_an_expected_404_is_not_a_warning() -> None:
+    """An existence check (find_user_by_upn) that finds nothing is an answer, logged at debug;
+    an unexpected 404 (get_user) is still a warning."""
+    from twisted.logger import LogLevel
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client, _g, clock, _ = make_client(lambda s: graph_error(404, "Request_ResourceNotFound"))
+        assert drive(clock, client.find_user_by_upn("nobody@contoso.com")) is None
+        def warned() -> list[str]:
+            return [formatEvent(e) for e in events if "-> 404" in formatEvent(e) and e["log_level"] >= LogLevel.warn]
+
+        assert any("-> 404" in formatEvent(e) for e in events) and warned() == []
+        with pytest.raises(NotFound):
+            drive(clock, client.get_user("gone@contoso.com"))
+        assert len(warned()) == 1, warned()
+    finally:
+        globalLogPublisher.removeObserver(events.append)

@@ -51,3 +51,23 @@ def test_failure_is_one_line_with_the_traceback() -> None:
     (line,) = out.getvalue().splitlines()
     rec = json.loads(line)
     assert rec["level"] == "critical" and "ZeroDivisionError" in rec["failure"]
+
+
+def test_log_section_is_validated(tmp_path) -> None:
+    import pytest
+
+    from ldapsync.config import ConfigError, load_config
+
+    cfg = tmp_path / "ldapsync.toml"
+    cfg.write_text('[log]\nlevel = "warn"\nformat = "json"\naccess = true\nfile = "var/ldapsync.log"\n')
+    got = load_config(cfg).log
+    assert (got.level, got.format, got.access, got.file) == ("warn", "json", True, "var/ldapsync.log")
+    assert load_config(None).log.level == "info"
+    for text, message in [('level = "verbose"', '[log] level: expected "debug", "info", "warn", "error" or "critical"'),
+                          ('format = "xml"', '[log] format: expected "text" or "json"'),
+                          ('access = "yes"', "[log] access: expected true or false"),
+                          ('colour = 1', "[log]: unknown key(s) colour")]:
+        cfg.write_text(f"[log]\n{text}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(cfg)
+        assert message in str(e.value), str(e.value)
