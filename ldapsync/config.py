@@ -24,12 +24,14 @@ class ConfigError(Exception):
 def parse_duration(value: str | int | float, key: str) -> float:
     """``"60s"``, ``"5m"``, ``"2h"``, ``"3d"`` or a number of seconds."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration like \"60s\", got {value!r}")
+        raise ConfigError(f"{key}: expected a duration (seconds, or a number with a unit: ms, s, m, h or d, "
+                          f"like \"60s\" or \"90d\"), got {value!r}")
     if isinstance(value, (int, float)):
         return float(value)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", str(value))
     if not m:
-        raise ConfigError(f"{key}: expected a duration like \"60s\", \"5m\" or \"2h\", got {value!r}")
+        raise ConfigError(f"{key}: expected a duration (seconds, or a number with a unit: ms, s, m, h or d, "
+                          f"like \"250ms\", \"60s\", \"5m\", \"2h\", \"90d\"), got {value!r}")
     n = float(m.group(1))
     return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
 

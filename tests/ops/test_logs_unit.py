@@ -71,3 +71,17 @@ def test_log_section_is_validated(tmp_path) -> None:
         with pytest.raises(ConfigError) as e:
             load_config(cfg)
         assert message in str(e.value), str(e.value)
+
+
+def test_a_bad_duration_names_every_unit(tmp_path) -> None:
+    """The README uses "90d": the message must list every unit a duration may have."""
+    import pytest
+
+    from ldapsync.config import ConfigError, load_config
+
+    path = tmp_path / "ldapsync.toml"
+    path.write_text('[policy]\nmax_age = "3 weeks"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "ms, s, m, h or d" in str(e.value), str(e.value)
+    assert "[policy] max_age" in str(e.value) and "'3 weeks'" in str(e.value)
