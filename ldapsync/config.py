@@ -125,7 +125,7 @@ class SelfServiceConfig:
     # The activation / password pages (twisted.web) in the same process; "" turns them off.
     listen: str = "tcp:8080:interface=127.0.0.1"
     # How users reach the pages (the links in e-mails); https:// makes the cookies Secure.
-    public_url: str = "http://127.0.0.1:8080"
+    public_url: str = ""                     # "" = the pages' own address, from listen
     activation_ttl: float = 72 * 3600.0      # an activation link works this long
     reset_ttl: float = 3600.0                # a forgotten-password link works this long
     # Where activation mail goes when the entry has it (the Microsoft 365 mailbox of a new
@@ -143,6 +143,12 @@ class SelfServiceConfig:
     idle_timeout: float = 60.0               # a connection with nothing sent for this long is closed
     max_connections: int = 1000              # open connections to the pages, in total
     max_connections_per_address: int = 32    # ... and from one address (trusted proxies are not counted)
+
+    def __post_init__(self) -> None:
+        # public_url defaults to where the pages listen, so moving them to another port keeps their
+        # forms working (a listen it cannot read is reported by _validate as a public_url to set).
+        if not self.public_url and self.listen:
+            object.__setattr__(self, "public_url", pages_url_from_listen(self.listen))
 
 
 @dataclass(frozen=True)
@@ -290,7 +296,10 @@ def _validate(cfg: Config) -> None:
     if cfg.ldap.idle_timeout < 0:
         raise ConfigError(f"[ldap] idle_timeout: expected a duration like \"15m\" or \"0\" (never), got {cfg.ldap.idle_timeout:g}")
     url = cfg.selfservice.public_url
-    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
+    if cfg.selfservice.listen and not url:
+        raise ConfigError(f"[selfservice] public_url: cannot tell the pages' address from listen = "
+                          f'{cfg.selfservice.listen!r}; set public_url, like "https://account.example.com"')
+    if url and not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", url):
         raise ConfigError(f'[selfservice] public_url: expected the address users open, like "https://account.example.com", '
                           f"got {url!r}")
     _validate_selfservice(cfg.selfservice)
@@ -379,3 +388,22 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     cfg = Config(**sections, source=str(p))
     _validate(cfg)
     return cfg
+
+
+def pages_url_from_listen(listen: str) -> str:
+    """The address of pages served on ``listen`` (a Twisted endpoint), e.g. ``tcp:8080:interface=127.0.0.1``
+    → ``http://127.0.0.1:8080``; ``ssl:…`` → ``https://…``; no interface or a wildcard → 127.0.0.1."""
+    parts = listen.split(":")
+    kind = parts[0].lower() if parts else ""
+    if kind not in ("tcp", "tcp6", "ssl") or len(parts) < 2:
+        return ""
+    port = next((p for p in parts[1:] if p.isdigit()), "") or next(
+        (p.split("=", 1)[1] for p in parts[1:] if p.startswith("port=")), "")
+    host = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("interface=")), "") or "127.0.0.1"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if kind == "ssl" else "http"
+    return f"{scheme}://{host}:{port}" if port else ""
+

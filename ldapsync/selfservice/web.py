@@ -216,6 +216,17 @@ class SelfServicePages(resource.Resource):
             log.info("self-service form refused from {addr}: {why}", addr=self.address(request),
                      why=f"Origin {origin!r} is not {self.origin} ([selfservice] public_url)" if cross_site
                      else "missing or wrong CSRF token")
+            if cross_site:
+                # Most often a setup problem (the pages reached at an address other than public_url):
+                # say so where the person who can fix it will see it, not only in the log.
+                return Response(403, self.page("This page was opened at another address",
+                                               '<p class="error" role="alert">This form was sent from '
+                                               f"{html.escape(origin.decode('latin-1'))}, but these pages are set up "
+                                               f"as {html.escape(self.origin)}. Open "
+                                               f'<a href="{html.escape(self.cfg.public_url)}/signin">'
+                                               f"{html.escape(self.cfg.public_url)}</a> instead. (Administrators: "
+                                               "<code>[selfservice] public_url</code> must be the address users "
+                                               "open.)</p>"))
             return Response(403, self.page("Please try again",
                                            "<p class=\"error\" role=\"alert\">This form had expired or was not sent "
                                            "from this site. Go back, reload the page and try again.</p>"

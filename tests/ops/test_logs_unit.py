@@ -85,3 +85,19 @@ def test_a_bad_duration_names_every_unit(tmp_path) -> None:
         load_config(path)
     assert "ms, s, m, h or d" in str(e.value), str(e.value)
     assert "[policy] max_age" in str(e.value) and "'3 weeks'" in str(e.value)
+
+
+def test_public_url_follows_the_pages_listen_address(tmp_path) -> None:
+    """Moving the pages to another port without setting public_url keeps their forms working: the
+    default is where they listen (it used to stay http://127.0.0.1:8080, and every form failed)."""
+    from ldapsync.config import load_config
+
+    path = tmp_path / "ldapsync.toml"
+    path.write_text('[selfservice]\nlisten = "tcp:9191:interface=127.0.0.2"\n')
+    assert load_config(path).selfservice.public_url == "http://127.0.0.2:9191"
+    path.write_text('[selfservice]\nlisten = "ssl:8443:privateKey=k.pem:certKey=c.pem"\n')
+    assert load_config(path).selfservice.public_url == "https://127.0.0.1:8443"
+    path.write_text('[selfservice]\nlisten = "tcp:9191"\npublic_url = "https://account.example.com"\n')
+    assert load_config(path).selfservice.public_url == "https://account.example.com"
+    path.write_text('[selfservice]\nlisten = ""\n')
+    assert load_config(path).selfservice.public_url == ""

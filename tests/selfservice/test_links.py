@@ -197,8 +197,12 @@ rate_limit_address = 3
     assert status == 429 and int(headers["retry-after"]) > 0 and "Too many attempts" in page
     # The page's own origin differs from public_url here, so a browser's POST is refused: the
     # server only accepts forms coming from the address users are given.
-    assert c.request("/forgot", {"username": "y", "csrf": token},
-                     headers={"Origin": srv.web_url, "Cookie": f"ls_csrf={cookie}"})[0] == 403
+    status, _, page = c.request("/forgot", {"username": "y", "csrf": token},
+                                headers={"Origin": srv.web_url, "Cookie": f"ls_csrf={cookie}"})
+    assert status == 403
+    # ...and the page says why, where the person setting it up looks (not only in the log).
+    assert "opened at another address" in page and "https://account.example.com/signin" in page
+    assert srv.web_url.lower() in page and "[selfservice] public_url" in page
 
 
 @pytest.mark.e2e
