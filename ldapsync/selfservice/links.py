@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from ldapsync.clock import system_clock
+from ldapsync.directory.binding import is_bound
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
@@ -98,6 +99,7 @@ class LinkInfo:
     display_name: str
     mail: str | None
     expires_at: float
+    microsoft365: bool = False      # bound to Microsoft 365 (the page then names the sign-in there)
 
 
 class LinkService:
@@ -325,7 +327,7 @@ class LinkService:
         if purpose == q.ACTIVATE:
             subject = "Activate your account"
             signin = (f" You will sign in to Microsoft 365 as {mail}."
-                      if mail and self.directory.config.office365.enabled else "")
+                      if mail and self.directory.config.office365.enabled and is_bound(self.directory, attrs) else "")
             text = (f"Hello {name},\n\n"
                     f"An account has been set up for you. Your user name is {uid}.{signin}\n\n"
                     "To choose your password and activate the account, open this link:\n\n"
@@ -376,7 +378,8 @@ class LinkService:
             row, e = self._check_txn(txn, token, purpose)
             return LinkInfo(row.id, row.purpose, e.dn, first(e.attrs, "uid") or "",
                             first(e.attrs, "displayName") or first(e.attrs, "cn") or "",
-                            first(e.attrs, "mail"), row.expires_at or 0.0)
+                            first(e.attrs, "mail"), row.expires_at or 0.0,
+                            self.directory.config.office365.enabled and is_bound(self.directory, e.attrs))
 
         return await self.directory.db.run_interaction("link lookup", run, write=False)
 

@@ -519,7 +519,8 @@ class SelfServicePages(resource.Resource):
     def link_form(self, request: Any, info: LinkInfo, token: str, purpose: str, error: str | None = None) -> str:
         who = esc(info.display_name or info.uid)
         intro = (f"<p>Welcome, {who}. Choose the password for your account <strong>{esc(info.uid)}</strong>"
-                 + (f" (you sign in to Microsoft 365 as <strong>{esc(info.mail)}</strong>)" if info.mail else "")
+                 + (f" (you sign in to Microsoft 365 as <strong>{esc(info.mail)}</strong>)"
+                    if info.mail and info.microsoft365 else "")
                  + ".</p>") if purpose == q.ACTIVATE else (
                  f"<p>Choose a new password for <strong>{esc(info.uid)}</strong>.</p>")
         action = "/activate" if purpose == q.ACTIVATE else "/reset"
@@ -573,7 +574,7 @@ class SelfServicePages(resource.Resource):
         log.info("{purpose} link used by {dn}", purpose=purpose, dn=info.dn)
         done_title = "Your account is active" if purpose == q.ACTIVATE else "Your password has been changed"
         m365 = (f" and to Microsoft 365 as <strong>{esc(info.mail)}</strong> (it takes up to a minute to get there)"
-                if info.mail else "")
+                if info.mail and info.microsoft365 else "")
         return Response(200, self.page(done_title, (
             f'<p class="ok" role="status">Your password is set. Sign in with the user name '
             f"<strong>{esc(info.uid)}</strong>{m365}.</p>"

@@ -104,6 +104,7 @@ def test_first_day_journey(srv: Any, tenant: Any, sink: Any, browser: Any) -> No
     msg = wait_mail(sink, private)
     assert msg.message["Subject"] == "Activate your account"
     assert uid in msg.body() and upn in msg.body()
+    assert f"You will sign in to Microsoft 365 as {upn}" in msg.body()        # bound: the promise holds
     link = link_in(msg)
     token = link.split("token=", 1)[1]
     # Pending invitation: visible to the admin as an operational attribute and in the CLI.
@@ -114,7 +115,7 @@ def test_first_day_journey(srv: Any, tenant: Any, sink: Any, browser: Any) -> No
 
     browser.get(link)
     assert browser.title == "Activate your account"
-    assert uid in browser.text and upn in browser.text
+    assert uid in browser.text and upn in browser.text and "Microsoft 365" in browser.text
     assert "At least" in browser.text                         # the rules are shown before typing
     browser.shot("01-activate")
     browser.fill(new="weakpass", confirm="weakpass")
@@ -246,7 +247,12 @@ def test_expired_forged_and_replaced_links(srv: Any, sink: Any, browser: Any) ->
     p = srv.cli("user", "invite", dn)
     assert p.returncode == 0, p.stderr
     assert f"{uid}@home.example" in p.stdout.decode()
-    first_link = link_in(wait_mail(sink, f"{uid}@home.example"))
+    first_mail = wait_mail(sink, f"{uid}@home.example")
+    # Not bound: neither the mail nor the page promises a Microsoft 365 sign-in.
+    assert "Microsoft 365" not in first_mail.body()
+    first_link = link_in(first_mail)
+    browser.get(first_link)
+    assert browser.title == "Activate your account" and "Microsoft 365" not in browser.text
     # Forged: a token that was never issued.
     browser.get(srv.web_url + "/activate?token=" + "A" * 43)
     assert browser.title == "This link is not valid"

@@ -236,3 +236,17 @@ def test_guard_threshold_defaults_to_500(tmp_path):
     path = tmp_path / "ldapsync.toml"
     path.write_text('[office365]\nenabled = true\ntenant = "contoso.onmicrosoft.com"\nclient_id = "x"\n')
     assert load_config(path).office365.disable_threshold == 500
+
+
+def test_the_planners_bound_rule_is_the_directorys(d):
+    """The planner's hot-path is_bound and directory/binding.py's is_bound say the same."""
+    from ldapsync.directory import binding
+
+    planner = next(h for h in d.hooks if isinstance(h, OutboxPlanner))
+    tag = binding.tag_dn(d.suffix)
+    cases = [None, {}, {"ldapsyncDirectory": ["office365"]}, {"ldapsyncDirectory": ["OFFICE365"]},
+             {"ldapsyncDirectory": ["other"]}, {"memberOf": [tag]}, {"memberOf": [tag.upper()]},
+             {"memberOf": [f"cn=staff,ou=groups,{SUFFIX}"]}, {"memberOf": ["not a dn"]}]
+    for attrs in cases:
+        assert planner.is_bound(attrs) == binding.is_bound(d, attrs), attrs
+    assert [binding.is_bound(d, a) for a in cases] == [False, False, True, True, False, True, True, False, False]
