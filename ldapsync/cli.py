@@ -11,6 +11,8 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import BinaryIO
 
 from ldapsync import __version__
@@ -26,13 +28,68 @@ class CLIError(Exception):
     pass
 
 
-def _open_directory(config: Config):  # type: ignore[no-untyped-def]
+TIME_FORMAT = "%Y-%m-%d %H:%M UTC"      # every time the CLI prints, e.g. 2026-12-07 14:03 UTC
+
+
+def show_time(value: datetime | float | str) -> str:
+    """A time in the CLI's one format: a datetime, a Unix time or an LDAP GeneralizedTime
+    (``20261207140300Z``); a string that is none of them is shown as it is."""
+    if isinstance(value, str):
+        try:
+            value = datetime.strptime(value[:14], "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+        except ValueError:
+            return value
+    elif not isinstance(value, datetime):
+        value = datetime.fromtimestamp(value, timezone.utc)
+    return value.astimezone(timezone.utc).strftime(TIME_FORMAT)
+
+
+def _database_missing(config: Config) -> str | None:
+    """Why the CLI must not open the database (it would create an empty one), else None.
+
+    The CLI looks for its config and database exactly as the server does (``--config``,
+    $LDAPSYNC_CONFIG, ./ldapsync.toml, else the embedded defaults; a relative SQLite path is
+    relative to the current directory).  Only ``ldapsync init`` creates a database: a backup job
+    run from the wrong directory must fail, not dump an empty database it has just created."""
+    from ldapsync.filemodes import sqlite_path
+    from ldapsync.store.database import Database, display_url
+
+    url = config.directory.database
+    looked = f'database = "{display_url(url)}" from {config.source}'
+    path = sqlite_path(url)
+    if path is not None:
+        if not Path(path).is_file():
+            return f"no database at {Path(path).absolute()} ({looked}); create it with `ldapsync init`"
+    db = Database(url, durability=config.directory.durability)
+    try:
+        present = db.has_schema()
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials: one line, no traceback
+        return f"cannot open the database {display_url(url)} (from {config.source}): {_first_line(e)}"
+    finally:
+        db.stop()
+    if not present:
+        return f"the database {display_url(url)} holds no ldapsync tables (from {config.source}); create them with `ldapsync init`"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
+
+
+def _open_directory(config: Config, *, create: bool = False):  # type: ignore[no-untyped-def]
+    """The directory on the config's database, with the connector's write hooks when enabled;
+    refuses (CLIError) a database that does not exist yet unless ``create`` (``ldapsync init``)."""
     from ldapsync.directory.hooks import WriteHooks
     from ldapsync.directory.service import Directory
     from ldapsync.services import office365_hooks
     from ldapsync.store.database import Database
     from ldapsync.tap import _sqlite_dir
 
+    if not create:
+        missing = _database_missing(config)
+        if missing:
+            raise CLIError(missing)
     for line in _sqlite_dir(config):
         print(f"ldapsync: warning: {line}", file=sys.stderr)
     db = Database(config.directory.database, durability=config.directory.durability)
@@ -46,16 +103,21 @@ def _open_directory(config: Config):  # type: ignore[no-untyped-def]
 
 
 def cmd_init(config: Config, args: argparse.Namespace) -> int:
-    d = _open_directory(config)
+    from ldapsync.store.database import display_url
+
+    d = _open_directory(config, create=True)
     try:
-        lines = d.bootstrap_sync()
+        if args.empty:       # the tables only: what `ldif load` of a full dump goes into
+            d.db.create_schema()
+            lines = ["the tables are in place; no entry was added (load a dump with `ldapsync ldif load FILE`)"]
+        else:
+            lines = d.bootstrap_sync()
     finally:
         d.db.stop()
     for line in lines:
         print(line)
     if not lines:
         print(f"nothing to do: {d.suffix} and {d.admin_dn} exist")
-    from ldapsync.store.database import display_url
 
     print(f"database: {display_url(config.directory.database)}")
     print(f"admin DN: {config.admin_dn} (password in {config.admin.password_file})")
@@ -111,9 +173,17 @@ def cmd_ldif_load(config: Config, args: argparse.Namespace) -> int:
     from ldapsync.directory.hooks import Origin
     from ldapsync.directory.writes import Write
 
-    d = _open_directory(config)
-    d.db.create_schema()
-    stream: BinaryIO = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    try:
+        stream: BinaryIO = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    except OSError as e:
+        raise CLIError(f"{args.file}: {e.strerror}") from None
+    try:
+        d = _open_directory(config)
+        d.db.create_schema()
+    except BaseException:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+        raise
     loaded = skipped = 0
     started = time.monotonic()
     batch: list[tuple[int, object, dict[str, list[str]]]] = []
@@ -193,7 +263,7 @@ def cmd_ldif_dump(config: Config, args: argparse.Namespace) -> int:
         raise CLIError(str(e)) from None
     except OSError as e:
         d.db.stop()
-        raise CLIError(f"cannot write {args.output}: {e.strerror}") from None
+        raise CLIError(f"{args.output}: {e.strerror}") from None
     n = 0
     try:
         out.write(format_header())
@@ -261,7 +331,7 @@ def _print_check(res) -> int:  # type: ignore[no-untyped-def]
     if res.domains:
         print(f"verified domains: {', '.join(res.domains)}")
     if res.expiry:
-        print(f"credential expires: {res.expiry:%Y-%m-%d %H:%M} UTC")
+        print(f"credential expires: {show_time(res.expiry)}")
     if res.error:
         print(f"problem: {res.error}")
     return 0 if res.state.value == "active" else 1
@@ -311,28 +381,108 @@ def cmd_o365_reactivate(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
+    from ldapsync.store.outbox import queue_counts_txn
     from ldapsync.sync.connector import read_status_txn
+    from ldapsync.sync.users import bound_users_txn, user_counts
 
     if not config.office365.enabled:
         print("Microsoft 365 connector: not enabled ([office365] enabled = false)")
         return 0
     d = _open_directory(config)
     d.db.create_schema()
+
+    def read(txn):  # type: ignore[no-untyped-def]
+        return read_status_txn(d, txn), bound_users_txn(d, txn), queue_counts_txn(txn)
+
     try:
-        st = d.db.run_sync("status", lambda txn: read_status_txn(d, txn), write=False)
+        st, users, queue = d.db.run_sync("status", read, write=False)
     finally:
         d.db.stop()
     if not st:
         print("Microsoft 365 connector: enabled, but the server has not started it yet (no connector entry)")
         return 1
     labels = {"o365ConnectorState": "state", "o365AuthMode": "sign-in", "o365VerifiedDomain": "verified domains",
-              "o365CredentialExpiry": "credential expires", "o365QueueDepth": "queued changes",
+              "o365CredentialExpiry": "credential expires",
               "o365LastSuccess": "last success", "o365LastReconcile": "last reconcile", "o365LastError": "last error"}
+    times = {"o365CredentialExpiry", "o365LastSuccess", "o365LastReconcile"}
     print(f"tenant: {config.office365.tenant}")
     for k, label in labels.items():
         if k in st:
-            print(f"{label}: {', '.join(st[k])}")
+            print(f"{label}: {', '.join(show_time(v) if k in times else v for v in st[k])}")
+    counts = user_counts(users)
+    print(f"bound users: {len(users)} ({counts['synced']} synced, {counts['pending']} pending, "
+          f"{counts['error']} in error, {counts['held']} held, {counts['disabled']} disabled)")
+    print(f"queued changes: {queue.get('ready', 0)} ready, {queue.get('held', 0)} held "
+          f"(`ldapsync o365 release`), {queue.get('error', 0)} stopped by an error (`ldapsync o365 reconcile --retry-errors`)")
+    if counts["error"]:
+        print("users in error: `ldapsync o365 users --state error` lists them with their last error")
     return 0 if st.get("o365ConnectorState") == ["active"] else 1
+
+
+def cmd_o365_users(config: Config, args: argparse.Namespace) -> int:
+    """The bound users, one line each: DN, mail (the userPrincipalName), o365SyncState, last error."""
+    import json
+
+    from ldapsync.sync.users import bound_users_txn
+
+    d = _open_directory(config)
+    try:
+        users = d.db.run_sync("o365 users", lambda txn: bound_users_txn(d, txn), write=False)
+    finally:
+        d.db.stop()
+    if args.state:
+        users = [u for u in users if u.is_in(args.state)]
+    if args.json:
+        for u in users:
+            print(json.dumps({"dn": u.dn, "mail": u.mail, "state": u.state, "held": u.held, "last_error": u.last_error}))
+        return 0
+    if not users:
+        print(f"no bound users{' in state ' + args.state if args.state else ''}")
+        return 0
+    rows = [(u.dn, u.mail or "(no mail)", (u.state or "-") + (" held" if u.held else ""), u.last_error or "") for u in users]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    for dn, mail, state, error in rows:
+        print(f"{dn:<{w0}}  {mail:<{w1}}  {state:<{w2}}  {error}".rstrip())
+    return 0
+
+
+def cmd_o365_bind(config: Config, args: argparse.Namespace) -> int:
+    """``o365 bind|unbind DN...``: add or remove ``ldapsyncDirectory: office365`` through the LDAP
+    modify path (schema, mail-domain check, the outbox row in the same transaction)."""
+    from ldapsync.directory.hooks import Origin
+    from ldapsync.directory.service import Actor
+    from ldapsync.sync.connector import DIRECTORY_VALUE, tag_dn
+
+    if not config.office365.enabled:
+        raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
+    op = "add" if args.bind else "delete"
+
+    async def go(d) -> list[tuple[str, bool, str]]:  # type: ignore[no-untyped-def]
+        admin = Actor(d.dn(config.admin_dn), True)
+        out = []
+        for dn in args.dn:
+            try:
+                await d.modify(admin, dn, [(op, "ldapsyncDirectory", [DIRECTORY_VALUE.encode()])], origin=Origin.CLI)
+            except LDAPError as e:
+                if e.code == ResultCode.attributeOrValueExists:
+                    out.append((dn, True, "already bound"))
+                elif e.code == ResultCode.noSuchAttribute:
+                    out.append((dn, False, f"not bound by ldapsyncDirectory (a member of {tag_dn(d)} is bound "
+                                           "through that group: remove it there)"))
+                else:
+                    out.append((dn, False, f"{e.message or e.code.name} ({e.code.name})"))
+                continue
+            out.append((dn, True, "bound: queued for Microsoft 365" if args.bind
+                        else "unbound: its Microsoft 365 account will be disabled"))
+        return out
+
+    failed = 0
+    for dn, ok, what in _with_directory(config, go):
+        print(f"{dn}: {what}", file=sys.stdout if ok else sys.stderr)
+        failed += not ok
+    return 1 if failed else 0
 
 
 def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
@@ -430,8 +580,6 @@ def cmd_o365_import(config: Config, args: argparse.Namespace) -> int:
     listing = bool(args.list)
     if not listing and not (args.all or args.user or args.filter):
         raise CLIError("choose the users: --all, --user UPN (repeatable) or --filter EXPR (or --list to see them)")
-    if args.user and args.filter:
-        raise CLIError("--user and --filter cannot be combined")
 
     async def main(reactor):  # type: ignore[no-untyped-def]
         conn = _connector(config, reactor)
@@ -480,7 +628,7 @@ def cmd_user_invite(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_user_invitations(config: Config, args: argparse.Namespace) -> int:
     """Links not yet used: who, state, sent to, until when, last error."""
-    from ldapsync.selfservice.links import LinkService, human_time
+    from ldapsync.selfservice.links import LinkService
 
     async def go(d):  # type: ignore[no-untyped-def]
         links = LinkService(d, None)
@@ -498,7 +646,7 @@ def cmd_user_invitations(config: Config, args: argparse.Namespace) -> int:
         if row.sent_to:
             parts.append(f"to {row.sent_to}")
         if row.expires_at and row.state == "sent":
-            parts.append(f"until {human_time(row.expires_at)}")
+            parts.append(f"until {show_time(row.expires_at)}")
         if row.last_error:
             parts.append(f"last error: {row.last_error}")
         print("  ".join(parts))
@@ -542,12 +690,18 @@ def cmd_demo_users(config: Config, args: argparse.Namespace) -> int:
     return demo.users(args.dir)
 
 
+USER_STATES = ("error", "pending", "held", "synced", "disabled")    # ldapsync.sync.users.USER_STATES
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldapsync", description="ldapsync admin commands")
     p.add_argument("--config", "-c", help="config file (default: $LDAPSYNC_CONFIG, ./ldapsync.toml, else embedded defaults)")
     p.add_argument("--version", action="version", version=f"ldapsync {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", help="create the database, the base tree and the admin entry").set_defaults(func=cmd_init)
+    init = sub.add_parser("init", help="create the database, the base tree and the admin entry "
+                          "(the only command that creates a database)")
+    init.add_argument("--empty", action="store_true", help="create the tables only, no entries (to load a full dump into)")
+    init.set_defaults(func=cmd_init)
     ldif = sub.add_parser("ldif", help="bulk load and export (like slapadd/slapcat)")
     lsub = ldif.add_subparsers(dest="ldif_command", required=True)
     load = lsub.add_parser("load", help="load entries from an LDIF file ('-' for stdin)")
@@ -576,14 +730,26 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     de.set_defaults(func=cmd_o365_deactivate)
     osub.add_parser("release", help="deliver the disables held by the mass-disable guard").set_defaults(func=cmd_o365_release)
+    us = osub.add_parser("users", help="list the users bound to Microsoft 365 with their sync state and last error")
+    us.add_argument("--state", choices=USER_STATES, help="only users in this state (held: a change held by the mass-disable guard)")
+    us.add_argument("--json", action="store_true", help="one JSON object per user (for scripts)")
+    us.set_defaults(func=cmd_o365_users)
+    bi = osub.add_parser("bind", help="bind users to Microsoft 365 (adds ldapsyncDirectory: office365, like an LDAP modify)")
+    bi.add_argument("dn", nargs="+", help="the user's DN")
+    bi.set_defaults(func=cmd_o365_bind, bind=True)
+    ub = osub.add_parser("unbind", help="unbind users (removes ldapsyncDirectory: office365; the Microsoft 365 account is disabled)")
+    ub.add_argument("dn", nargs="+", help="the user's DN")
+    ub.set_defaults(func=cmd_o365_bind, bind=False)
     rc = osub.add_parser("reconcile", help="compare Microsoft 365 with the directory and fix drift")
     rc.add_argument("--retry-errors", action="store_true", help="try again the changes stopped by a Graph error")
     rc.set_defaults(func=cmd_o365_reconcile)
     im = osub.add_parser("import", help="list Microsoft 365 users and import them into the directory (inactive, not bound)")
-    im.add_argument("--list", action="store_true", help="only show each user, the username it would get and whether it can be imported")
-    im.add_argument("--all", action="store_true", help="import every importable user")
-    im.add_argument("--user", action="append", metavar="UPN", help="import this user (repeatable)")
-    im.add_argument("--filter", metavar="EXPR", help="only users matching this Graph $filter, e.g. \"startswith(displayName,'A')\"")
+    im.add_argument("--list", action="store_true", help="only show each user (all of them, or those of --user/--filter), "
+                    "the username it would get and whether it can be imported")
+    which = im.add_mutually_exclusive_group()     # one way of choosing the users
+    which.add_argument("--all", action="store_true", help="import every importable user")
+    which.add_argument("--user", action="append", metavar="UPN", help="import this user (repeatable)")
+    which.add_argument("--filter", metavar="EXPR", help="only users matching this Graph $filter, e.g. \"startswith(displayName,'A')\"")
     im.add_argument("--dry-run", action="store_true", help="show what would be imported; write nothing")
     im.add_argument("--json", action="store_true", help="one JSON object per user, then {\"summary\": ...} (for scripts)")
     im.add_argument("--include-guests", action="store_true", help="import guest accounts too")
@@ -601,10 +767,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args.config)
+        try:
+            config = load_config(args.config)
+        except OSError as e:     # unreadable, a directory...: ConfigError covers the missing file
+            raise CLIError(f"config file {e.filename or args.config}: {e.strerror}") from None
         return int(args.func(config, args))
     except (ConfigError, CLIError) as e:
         print(f"ldapsync: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:         # a file the command needs: what and why, not a traceback
+        print(f"ldapsync: {e.filename or 'file'}: {e.strerror or e}", file=sys.stderr)
         return 2
     except LDAPError as e:
         print(f"ldapsync: {e.message or e.code.name} ({e.code.name})", file=sys.stderr)

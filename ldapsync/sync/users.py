@@ -1,0 +1,58 @@
+"""Who is bound to Microsoft 365 and how their sync stands: the read model of ``ldapsync o365 users``
+and of the user counts of ``ldapsync o365 status``.
+
+A user is bound by the value ``office365`` of ``ldapsyncDirectory`` or by membership of the tag
+group (``sync/connector.py`` ``tag_dn``), as ``OutboxPlanner.is_bound`` decides.  Its state is
+its ``o365SyncState`` (pending, synced, error, disabled; ``sync/status.py``), and "held" when a
+change of it waits in the outbox for ``ldapsync o365 release`` (``store/outbox.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ldapsync.store import entries as store
+from ldapsync.store.database import Txn
+from ldapsync.store.outbox import held_users_txn
+from ldapsync.sync.connector import DIRECTORY_VALUE, tag_dn
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+USER_STATES = ("error", "pending", "held", "synced", "disabled")
+
+
+@dataclass(frozen=True)
+class BoundUser:
+    dn: str
+    mail: str | None              # what becomes the userPrincipalName
+    state: str | None             # o365SyncState; None before the planner has seen the user
+    last_error: str | None
+    held: bool                    # a change of it is held by the mass-disable guard
+
+    def is_in(self, state: str) -> bool:
+        return self.held if state == "held" else self.state == state
+
+
+def _first(values: list[str] | None) -> str | None:
+    return values[0] if values else None
+
+
+def bound_users_txn(d: Directory, txn: Txn) -> list[BoundUser]:
+    """Every bound user, sorted by DN."""
+    found = {e.dn_norm: e for e in store.entries_with_value_txn(txn, "ldapsyncdirectory", DIRECTORY_VALUE)}
+    tag = store.get_entry_txn(txn, tag_dn(d).norm)
+    if tag is not None:
+        norms = [n for n in (d.dn_norm_or_none(v) for v in tag.attrs.get("member", ())) if n and n not in found]
+        found.update(store.get_entries_txn(txn, norms))
+    held = held_users_txn(txn)
+    users = [BoundUser(e.dn, _first(e.attrs.get("mail")), _first(e.attrs.get("o365SyncState")),
+                       _first(e.attrs.get("o365LastError")), _first(e.attrs.get("entryUUID")) in held)
+             for e in found.values()]
+    return sorted(users, key=lambda u: u.dn.lower())
+
+
+def user_counts(users: list[BoundUser]) -> dict[str, int]:
+    """Bound users per state (a held user counts as held and in its o365SyncState)."""
+    return {s: sum(1 for u in users if u.is_in(s)) for s in USER_STATES}
