@@ -475,7 +475,7 @@ def cmd_o365_bind(config: Config, args: argparse.Namespace) -> int:
                     out.append((dn, False, f"{e.message or e.code.name} ({e.code.name})"))
                 continue
             out.append((dn, True, "bound: queued for Microsoft 365" if args.bind
-                        else "unbound: its Microsoft 365 account will be disabled"))
+                        else "unbound: its Microsoft 365 account gets sign-in blocked"))
         return out
 
     failed = 0
