@@ -129,8 +129,9 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
         if k in st:
             print(f"{label}: {', '.join(show_time(v) if k in times else v for v in st[k])}")
     counts = user_counts(users)
-    print(f"bound users: {len(users)} ({counts['synced']} synced, {counts['pending']} pending, "
-          f"{counts['error']} in error, {counts['held']} held, {counts['disabled']} disabled)")
+    print(f"bound users: {counts['bound']} ({counts['synced']} synced, {counts['pending']} pending, "
+          f"{counts['error']} in error, {counts['disabled']} disabled)")
+    print(f"users with a change held by the mass-disable guard: {counts['held']}")
     print(f"queued changes: {queue.get('ready', 0)} ready, {queue.get('held', 0)} held "
           f"(`ldapsync o365 release`), {queue.get('error', 0)} stopped by an error (`ldapsync o365 reconcile --retry-errors`)")
     if counts["error"]:
@@ -151,12 +152,14 @@ def cmd_o365_users(config: Config, args: argparse.Namespace) -> int:
         users = [u for u in users if u.is_in(args.state)]
     if args.json:
         for u in users:
-            print(json.dumps({"dn": u.dn, "mail": u.mail, "state": u.state, "held": u.held, "last_error": u.last_error}))
+            print(json.dumps({"dn": u.dn, "mail": u.mail, "state": u.state, "bound": u.bound, "held": u.held,
+                              "last_error": u.last_error}))
         return 0
     if not users:
         print(f"no bound users{' in state ' + args.state if args.state else ''}")
         return 0
-    rows = [(u.dn, u.mail or "(no mail)", (u.state or "-") + (" held" if u.held else ""), u.last_error or "") for u in users]
+    rows = [(u.dn, u.mail or "(no mail)", (u.state or "-") + (" held" if u.held else "") + ("" if u.bound else " (unbound)"),
+             u.last_error or "") for u in users]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     w2 = max(len(r[2]) for r in rows)

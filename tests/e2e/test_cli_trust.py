@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import BIN, office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, unique, user_ldif, wait_for
+from helpers import PEOPLE, SUFFIX, unique, user_ldif, wait_for
 
 pytestmark = pytest.mark.e2e
 DOMAIN = "contoso.com"          # the fake tenant's verified domain
@@ -149,7 +149,8 @@ def test_o365_bind_users_unbind_and_status(make_server, fake_tenant):
 
     p = srv.cli("o365", "status")
     out = p.stdout.decode()
-    assert "bound users: 2 (1 synced, 0 pending, 1 in error, 0 held, 0 disabled)" in out, out
+    assert "bound users: 2 (1 synced, 0 pending, 1 in error, 0 disabled)" in out, out
+    assert "users with a change held by the mass-disable guard: 0" in out, out
     assert "o365 users --state error" in out
     expiry = [line for line in out.splitlines() if line.startswith("credential expires")]
     assert expiry and re.fullmatch(r"credential expires: \d{4}-\d\d-\d\d \d\d:\d\d UTC", expiry[0]), out
@@ -161,3 +162,29 @@ def test_o365_bind_users_unbind_and_status(make_server, fake_tenant):
     assert p.stderr.decode().startswith(f"{other_dn}: not bound")
     wait_for("disabled in Microsoft 365", lambda: fake_tenant.admin.get_user(key=f"{ok}@{DOMAIN}")["accountEnabled"] is False, 60, 0.5)
     assert [line.split()[0] for line in srv.cli("o365", "users").stdout.decode().splitlines()] == [broken_dn]
+
+
+def test_o365_users_held_by_the_mass_disable_guard(make_server, fake_tenant):
+    """One write unbinding more users than disable_threshold is held: `o365 users --state held`
+    lists them and `o365 status` counts them, until `o365 release`."""
+    srv = make_server("sqlite", office365_config(fake_tenant.info, disable_threshold=1))
+    wait_for("connector active", lambda: b"state: active" in srv.cli("o365", "status").stdout, 60, 0.5)
+    uids = [unique("hd") for _ in range(2)]
+    dns = [f"uid={u},{PEOPLE}" for u in uids]
+    for uid in uids:
+        srv.run("ldapadd", input=user_ldif(uid, password="Corr3ct-Horse-Battery!", domain=DOMAIN), check=True)
+    tag = f"cn=Provisioning - Office 365,ou=tags,{SUFFIX}"
+    members = "".join(f"member: {dn}\n" for dn in dns)
+    srv.run("ldapmodify", input=f"dn: {tag}\nchangetype: modify\nadd: member\n{members}", check=True)
+    for dn in dns:
+        wait_for("synced", lambda dn=dn: _state(srv, dn) == "synced", 60, 0.5)
+    srv.run("ldapmodify", input=f"dn: {tag}\nchangetype: modify\ndelete: member\n{members}", check=True)
+    wait_for("held", lambda: len(srv.cli("o365", "users", "--state", "held").stdout.splitlines()) == 2, 30, 0.5)
+    lines = srv.cli("o365", "users", "--state", "held").stdout.decode().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(dns, key=str.lower)
+    assert all("held (unbound)" in line for line in lines), lines
+    out = srv.cli("o365", "status").stdout.decode()
+    assert "users with a change held by the mass-disable guard: 2" in out, out
+    assert "2 held (`ldapsync o365 release`)" in out, out
+    assert srv.cli("o365", "release").returncode == 0
+    assert srv.cli("o365", "users", "--state", "held").stdout.decode().strip() == "no bound users in state held"
