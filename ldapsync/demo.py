@@ -133,10 +133,12 @@ class Demo:
         }, indent=2) + "\n", encoding="utf-8")
 
         bindir = Path(sys.executable).parent
-        auth = subprocess.run([str(bindir / "ldapsync"), "--config", str(config), "o365", "authorize"], cwd=self.dir,
-                              capture_output=True, text=True, timeout=120)
-        if auth.returncode != 0:
-            raise DemoError(f"ldapsync o365 authorize failed: {(auth.stdout + auth.stderr).strip()}")
+        # `init` first: only it creates a database; the other commands refuse a missing one.
+        for step in (["init"], ["o365", "authorize"]):
+            done = subprocess.run([str(bindir / "ldapsync"), "--config", str(config), *step], cwd=self.dir,
+                                  capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise DemoError(f"ldapsync {' '.join(step)} failed: {(done.stdout + done.stderr).strip()}")
         log = self.dir / "ldapsync.log"
         server = self._spawn("the server", [str(bindir / "twistd"), "--nodaemon", "--pidfile=", "--logfile", str(log),
                                             "ldapsync", "--config", str(config)], self.dir / "twistd.out")

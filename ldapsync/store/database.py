@@ -407,6 +407,12 @@ class Database:
             with contextlib.suppress(Exception):      # it is broken already
                 fairy.invalidate()
 
+    def has_schema(self) -> bool:
+        """Whether the database holds ldapsync's tables (``ldapsync init`` or a server made them):
+        the CLI refuses to work on one that does not, rather than create it empty."""
+        insp = sa.inspect(self.engine)
+        return insp.has_table("entries") and insp.has_table("alembic_version")
+
     def create_schema(self) -> None:
         """Bring the database schema to the newest version (Alembic)."""
         from ldapsync.store.migrate import upgrade

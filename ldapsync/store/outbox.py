@@ -337,3 +337,8 @@ def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_befor
     for k in stale:
         txn.run("DELETE FROM meta WHERE key = ?", (k,))
     return out
+
+
+def held_users_txn(txn: Txn) -> set[str]:
+    """The entryUUIDs of the users with a change held by the mass-disable guard."""
+    return {r[0] for r in txn.rows("SELECT DISTINCT entry_uuid FROM o365_outbox WHERE state = 'held'")}

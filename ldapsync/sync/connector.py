@@ -186,7 +186,9 @@ class Connector:
         self._loop: Any = None
         self.state: ConnectorState = ConnectorState.unauthorized
 
-    def _build(self) -> None:
+    def build_client(self) -> None:
+        """The token provider and the Graph client (``check`` builds them when missing; a
+        delegated sign-in needs the provider before its first check)."""
         from ldapsync.graph.client import GraphClient, PacingPolicy
         from ldapsync.graph.clouds import endpoints_from_config
         from ldapsync.graph.token import token_provider_from_config
@@ -242,7 +244,7 @@ class Connector:
             return CheckResult(self.state, [], None, None)
         if self.provider is None:
             try:
-                self._build()
+                self.build_client()
             except Exception as e:  # unreadable secret file, bad certificate...
                 self.state = ConnectorState.error
                 error = f"cannot set up the connector: {e}"

@@ -42,8 +42,9 @@ member: uid=ld0002,{PEOPLE}
     assert parsed[f"uid=ld0001,{PEOPLE}"]["memberOf"] == [f"cn=team,ou=groups,{SUFFIX}"]
     assert len(parsed) == 51 + 6
 
-    # The dump loads back into an empty database unchanged.
+    # The dump loads back into an empty database (`init --empty`: tables, no entries) unchanged.
     srv2 = make_server(backend, start=False)
+    assert srv2.cli("init", "--empty").returncode == 0
     (tmp_path / "dump.ldif").write_bytes(dump1.stdout)
     p = srv2.cli("ldif", "load", str(tmp_path / "dump.ldif"))
     assert p.returncode == 0, p.stderr

@@ -89,6 +89,7 @@ def test_tenant_outage_is_an_error_state_not_a_crash(make_server, fake_tenant):
 
 def test_delegated_device_code_sign_in_and_deactivate_reactivate(make_server, fake_tenant):
     srv = make_server("postgresql", office365_config(fake_tenant.info, auth="delegated"), start=False)
+    assert srv.cli("init").returncode == 0         # only init creates the database
     p = srv.cli("o365", "authorize")
     out = p.stdout.decode()
     assert p.returncode == 0, out + p.stderr.decode()
