@@ -1,0 +1,263 @@
+"""One desired user to Microsoft Graph: which requests a user's newest desired state turns into.
+
+Owns the mapping of a ``DesiredUser`` (the newest of a user's queued rows, ``sync/outbox.py``)
+and, if queued, its password onto Graph calls, and the ``Outcome`` they end in: the status to
+write on the entry and a line for the log.  The queue around it (claims, leases, retries, the
+completion transaction, heartbeats) is ``sync/worker.py``'s, which calls :meth:`GraphMapping.apply`
+once per claimed user and turns what it raises into a retry or a permanent error::
+
+    apply ─▶ unbound / deleted ─▶ _unbind: PATCH accountEnabled false ─▶ POST revokeSignInSessions
+          └▶ bound, only updates, last delivery fine ─▶ _update_known: PATCH the properties the rows name (no GET)
+          └▶ bound ─▶ _bind: id known? GET ─▶ PATCH what differs (_diff, + passwordProfile, accountEnabled)
+                             unknown: UPN exists? link (soft match) : POST /users (noted first: a lost
+                             reply's account is recognised as ours on the retry)
+
+Raises ``PermanentError`` (retrying will not help) or the Graph client's errors
+(``graph/errors.py``); sorting those into retry and permanent is the worker's.  A password is
+decrypted only right before the request that carries it and never appears in a log line, an
+error attribute or an exception message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ldapsync.directory.passwords import generate_password
+from ldapsync.directory.writes import now_generalized
+from ldapsync.graph.errors import NotFound, ObjectConflict
+from ldapsync.store import outbox as q
+from ldapsync.store.entries import StoredEntry
+from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.status import SyncState
+
+if TYPE_CHECKING:
+    from ldapsync.directory.service import Directory
+
+USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
+               "accountEnabled", "passwordPolicies", "usageLocation")
+NO_EXPIRY = "DisablePasswordExpiration"
+NOT_CLEARABLE = frozenset({"displayName", "mailNickname", "userPrincipalName", "mail"})   # Graph refuses null
+
+
+def _wanted(desired: DesiredUser) -> dict[str, Any]:
+    """The Graph properties the directory masters (names, mail), as it says now."""
+    return {"displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
+            "mailNickname": desired.mail_nickname, "userPrincipalName": desired.upn, "mail": desired.mail}
+
+
+def known_changes(payloads: list[DesiredUser]) -> tuple[str, ...] | None:
+    """The Graph properties a user's queued rows changed, if all are plain updates that say so.
+
+    Rows are deleted only once delivered, so the queued rows are every change since the
+    last delivery: their union is all a PATCH has to carry.  None: read the account and diff."""
+    out: dict[str, None] = {}
+    for p in payloads:
+        if p.reason != "update" or p.changed is None:
+            return None
+        out.update(dict.fromkeys(p.changed))
+    return tuple(out)
+
+
+class PermanentError(Exception):
+    """Retrying the same request will not help; shown on the entry as ``o365LastError``."""
+
+
+Status = dict[str, list[str] | None]
+
+
+@dataclass
+class Outcome:
+    status: Status | None          # None: no entry to write to (deleted)
+    object_id: str | None = None
+    what: str = ""
+    # Created with sign-in blocked although the user has a directory password (only its hash):
+    # mail the user to sign in once (self-service), which hands the password to Microsoft 365.
+    welcome: bool = False
+
+
+class GraphMapping:
+    """Applies one user's desired state to Graph.  ``connector`` gives ``client`` (GraphClient) and ``box``."""
+
+    def __init__(self, directory: Directory, connector: Any) -> None:
+        self.db = directory.db
+        self.config = directory.config.office365
+        self.connector = connector
+
+    def _password(self, secret_hex: str, entry_uuid: str) -> str:
+        return self.connector.box.open_password(bytes.fromhex(secret_hex), entry_uuid).decode("utf-8")
+
+    async def apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
+                    rebind: bool = False, changed: tuple[str, ...] | None = None) -> Outcome:
+        attrs = entry.attrs if entry is not None else {}
+        object_id = next(iter(attrs.get("o365ObjectId") or ()), None) or desired.object_id
+        prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
+        if rebind and object_id:
+            prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
+        if not desired.bound:
+            return await self._unbind(desired, object_id, has_entry=entry is not None)
+        if (changed is not None and object_id and not secret and not rebind and desired.upn
+                and attrs.get("o365ObjectId") and attrs.get("o365SyncedAt") and not attrs.get("o365LastError")):
+            # Only name/mail changes to an account we have delivered to before, the last time
+            # without an error: PATCH what changed, no GET to diff (half the Graph round trips).
+            return await self._update_known(desired, object_id, changed)
+        return await self._bind(desired, secret, object_id, prev_state)
+
+    async def _update_known(self, desired: DesiredUser, object_id: str, changed: tuple[str, ...]) -> Outcome:
+        """PATCH the properties the queued updates touched, with the directory's values now.
+
+        Drift made elsewhere (the portal) is the reconciler's business, as with the diff."""
+        want = _wanted(desired)
+        patch = {k: want[k] for k in changed if k in want and (want[k] or k not in NOT_CLEARABLE)}
+        if not patch:
+            return Outcome(self._synced(object_id), object_id, "updated: nothing Microsoft 365 holds changed")
+        try:
+            await self.connector.client.update_user(object_id, patch)
+        except NotFound:
+            raise self._gone(object_id) from None
+        return Outcome(self._synced(object_id), object_id, "updated: " + ", ".join(sorted(patch)))
+
+    @staticmethod
+    def _gone(object_id: str) -> PermanentError:
+        return PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
+                              "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it")
+
+    async def _unbind(self, desired: DesiredUser, object_id: str | None, *, has_entry: bool) -> Outcome:
+        client = self.connector.client
+        if not object_id:
+            # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
+            cleared: Status = {"o365SyncState": None, "o365LastError": None, "o365SyncedAt": None}
+            status = None if desired.deleted or not has_entry else cleared
+            return Outcome(status, None, "unbound before it was provisioned: nothing to do")
+        try:
+            user = await client.get_user(object_id, ("id", "accountEnabled"), expect_not_found=True)
+        except NotFound:
+            user = None
+        what = "account already gone from Microsoft 365"
+        if user is not None:
+            if user.get("accountEnabled") is not False:
+                await client.update_user(object_id, {"accountEnabled": False})
+            what = "sign-in blocked"
+            if self.config.unbind_action != "block":
+                await client.revoke_sessions(object_id)
+                what += ", sessions revoked"
+        disabled: Status = {"o365ObjectId": [object_id], "o365SyncState": [SyncState.disabled.value],
+                            "o365SyncedAt": [now_generalized()], "o365LastError": None}
+        status = None if desired.deleted else disabled
+        return Outcome(status, object_id, what)
+
+    def _create_body(self, desired: DesiredUser, password: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "accountEnabled": password is not None,
+            "userPrincipalName": desired.upn,
+            "mail": desired.mail,
+            "mailNickname": desired.mail_nickname or (desired.upn or "").split("@")[0],
+            "displayName": desired.display_name or desired.mail_nickname or desired.upn,
+            "passwordPolicies": NO_EXPIRY,
+            "passwordProfile": {"password": password if password is not None else generate_password(24),
+                                "forceChangePasswordNextSignIn": False},
+        }
+        if desired.given_name:
+            body["givenName"] = desired.given_name
+        if desired.surname:
+            body["surname"] = desired.surname
+        if self.config.usage_location:
+            body["usageLocation"] = self.config.usage_location
+        return body
+
+    def _conflict(self, upn: str | None) -> PermanentError:
+        return PermanentError(f'a Microsoft 365 account with the sign-in name "{upn}" already exists and '
+                              "[office365] soft_match = false forbids linking to it")
+
+    async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
+                    prev_state: str | None) -> Outcome:
+        client = self.connector.client
+        if not desired.upn:
+            raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
+        user: dict[str, Any] | None = None
+        what = "updated"
+        if object_id:
+            try:
+                user = await client.get_user(object_id, USER_SELECT)
+            except NotFound:
+                raise self._gone(object_id) from None
+        else:
+            user = await client.find_user_by_upn(desired.upn, USER_SELECT)
+            if user is not None:
+                if not self.config.soft_match:
+                    raise self._conflict(desired.upn)
+                what = "linked to the existing account"
+            else:
+                password = self._password(secret, desired.entry_uuid) if secret else None
+                # Durably note the attempt first: if the reply is lost, the retry will know the
+                # account it then finds by UPN is ours (see store/outbox.py).
+                await self.db.run_interaction("o365 create sent", q.mark_create_sent_txn, desired.entry_uuid)
+                try:
+                    created = await client.create_user(self._create_body(desired, password))
+                except ObjectConflict:
+                    user = await client.find_user_by_upn(desired.upn, USER_SELECT)
+                    if user is None:
+                        raise
+                    if not self.config.soft_match:
+                        raise self._conflict(desired.upn) from None
+                    what = "linked to the existing account"
+                else:
+                    del password
+                    # Created with a random password although the directory holds one (only a
+                    # hash): capture it at the user's next bind.
+                    return Outcome(self._synced(created["id"], pending=bool(desired.has_password and not secret)),
+                                   created["id"],
+                                   "created" + ("" if secret else " (sign-in blocked until a password is set)"),
+                                   welcome=bool(desired.has_password and not secret))
+        assert user is not None
+        oid = user["id"]
+        patch = self._diff(user, desired)
+        delivered_at_create = False
+        if secret and what.startswith("linked") and await self.db.run_interaction(
+                "o365 create sent?", q.create_was_sent_txn, desired.entry_uuid, write=False):
+            # We sent a create for this user whose reply was lost (connection reset, node
+            # killed): the account is our own and already has this password, and Graph
+            # refuses to set the same password again.
+            secret = None
+            delivered_at_create = True
+            what = "linked to the account our lost create made"
+        if secret:
+            patch["passwordProfile"] = {"password": self._password(secret, desired.entry_uuid), "forceChangePasswordNextSignIn": False}
+            if user.get("accountEnabled") is False:
+                patch["accountEnabled"] = True
+        elif user.get("accountEnabled") is False and prev_state == SyncState.disabled.value and desired.has_password:
+            patch["accountEnabled"] = True              # bound again after an unbind
+        if patch:
+            await client.update_user(oid, patch)
+            shown = sorted("password" if k == "passwordProfile" else k for k in patch)
+            what += ": " + ", ".join(shown)
+        else:
+            what += ": already up to date" if what == "updated" else ""
+        pending: bool | None = None
+        if secret or delivered_at_create:
+            pending = False                              # Microsoft 365 has the directory's password now
+        elif what.startswith("linked") and desired.has_password:
+            pending = True                               # a linked account has a password we never set
+        return Outcome(self._synced(oid, pending=pending), oid, what)
+
+    def _synced(self, oid: str, *, pending: bool | None = None) -> Status:
+        status: Status = {"o365ObjectId": [oid], "o365SyncState": [SyncState.synced.value],
+                          "o365SyncedAt": [now_generalized()], "o365LastError": None}
+        if pending is not None:
+            # o365PasswordPending: the next successful bind hands the cleartext to the outbox.
+            status["o365PasswordPending"] = ["TRUE"] if pending else None
+        return status
+
+    def _diff(self, user: dict[str, Any], desired: DesiredUser) -> dict[str, Any]:
+        patch: dict[str, Any] = {}
+        for key, value in _wanted(desired).items():
+            if key in NOT_CLEARABLE and not value:
+                continue                                  # cannot be cleared in Graph
+            if (user.get(key) or None) != (value or None):
+                patch[key] = value
+        policies = [p.strip() for p in (user.get("passwordPolicies") or "").split(",") if p.strip() and p.strip() != "None"]
+        if NO_EXPIRY not in policies:
+            patch["passwordPolicies"] = ",".join([*policies, NO_EXPIRY])
+        if self.config.usage_location and user.get("usageLocation") != self.config.usage_location:
+            patch["usageLocation"] = self.config.usage_location
+        return patch
