@@ -43,15 +43,17 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TypeVar
 
 import ldapsync
+from ldapsync.directory.core import HIDDEN_ATTRS, SUBSCHEMA_DN
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.reads import SearchResult
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs
 from ldapsync.store.stats import queue_stats_txn, users_by_sync_state_txn
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Actor, Directory, SearchRequest, SearchResult
+    from ldapsync.directory.service import Actor, Directory, SearchRequest
 
 MONITOR_DN = "cn=Monitor"
 T = TypeVar("T")
@@ -228,8 +230,6 @@ class Monitor:
 
     async def search(self, actor: "Actor", base: DN, req: "SearchRequest") -> "SearchResult":
         """Answer a search whose base is under ``cn=Monitor`` (noSuchObject for non-admins)."""
-        from ldapsync.directory.service import HIDDEN_ATTRS, SUBSCHEMA_DN, SearchResult   # it imports us
-
         summary = await self._summary(actor)
         if summary is None:
             raise self._no_such(base)

@@ -36,7 +36,7 @@ from ldapsync.store.entries import Attrs, EntryChange, StoredEntry
 from ldapsync.store.tables import INDEX_VALUE_MAX
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.core import DirectoryCore
 
 GROUP_ATTRS = ("member", "uniqueMember")
 
@@ -63,7 +63,7 @@ class Staged:
 
 @dataclass
 class Write:
-    directory: "Directory"
+    directory: "DirectoryCore"          # the directory (its shared helpers are all a Write needs)
     txn: Txn
     actor_dn: str
     operation: str
