@@ -188,3 +188,20 @@ def test_o365_users_held_by_the_mass_disable_guard(make_server, fake_tenant):
     assert "2 held (`ldapsync o365 release`)" in out, out
     assert srv.cli("o365", "release").returncode == 0
     assert srv.cli("o365", "users", "--state", "held").stdout.decode().strip() == "no bound users in state held"
+
+
+def test_reconcile_and_import_refuse_while_the_connector_is_not_active(make_server, fake_tenant):
+    """A tenant in an outage: the commands print the connector's state and refuse in one line."""
+    fake_tenant.admin.outage(seconds=None, mode="503")
+    try:
+        srv = make_server("sqlite", office365_config(fake_tenant.info), start=False)
+        assert srv.cli("init").returncode == 0
+        for args, consequence in ((("o365", "reconcile"), "nothing was compared"),
+                                  (("o365", "import", "--all"), "nothing was imported")):
+            p = srv.cli(*args)
+            out, err = p.stdout.decode(), p.stderr.decode()
+            assert p.returncode == 2, out + err
+            assert "state: error" in out and "Traceback" not in err
+            assert f"the connector is not active; {consequence}" in err
+    finally:
+        fake_tenant.admin.end_outage()
