@@ -2,7 +2,7 @@
 
 Owns the pieces the wiring assembles: the LDAP process's tree (``tap.py:
 make_service``), the Microsoft 365 worker process's tree
-(``sync/worker_process.py: build``) and the CLI (``cli.py``) take them from
+(``sync/worker_process.py: build``) and the CLI (``cli/``) take them from
 here, so that nothing but the CLI and the twistd plugin imports the wiring.
 
 ::
