@@ -56,13 +56,13 @@ def _connector(config: Config, reactor):  # type: ignore[no-untyped-def]
 
 
 async def _active_connector(config: Config, reactor, consequence: str):  # type: ignore[no-untyped-def]
-    """The connector, checked: its state is printed and the command refused unless it is active."""
+    """The connector and its check: the state is printed and the command refused unless it is active."""
     conn = _connector(config, reactor)
     res = await conn.check()
     if res.state.value != "active":
         _print_check(res)
         raise CLIError(f"the connector is not active; {consequence}")
-    return conn
+    return conn, res
 
 
 def _print_check(res) -> int:  # type: ignore[no-untyped-def]
@@ -264,7 +264,7 @@ def cmd_o365_reconcile(config: Config, args: argparse.Namespace) -> int:
         print(f"{n} change(s) stopped by an error will be tried again" if n else "no changes stopped by an error")
 
     async def main(reactor):  # type: ignore[no-untyped-def]
-        conn = await _active_connector(config, reactor, "nothing was compared")
+        conn, _ = await _active_connector(config, reactor, "nothing was compared")
         planner = OutboxPlanner(conn.d, conn.box, None, disable_threshold=config.office365.disable_threshold)
         report = await Reconciler(conn.d, planner, conn.client).run_once()
         await conn.client.close()
@@ -288,7 +288,7 @@ def cmd_o365_import(config: Config, args: argparse.Namespace) -> int:
         raise CLIError("choose the users: --all, --user UPN (repeatable) or --filter EXPR (or --list to see them)")
 
     async def main(reactor):  # type: ignore[no-untyped-def]
-        conn = await _active_connector(config, reactor, "nothing was imported")
+        conn, res = await _active_connector(config, reactor, "nothing was imported")
         reporter = Reporter(sys.stdout, sys.stderr, json_lines=args.json, listing=listing)
         try:
             summary = await run_import(conn.d, conn.client, verified=set(res.domains), actor_dn=config.admin_dn,
