@@ -11,7 +11,6 @@ shape of a user, and the handlers for one user: get, ``/me``, create, patch, del
 from __future__ import annotations
 
 import re
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from ._http import GraphError, Req, Resp, parse_json_body
@@ -324,6 +323,3 @@ def user_action(t: FakeTenant, req: Req, token: TokenInfo, key: str, action: str
     t.revoke_sign_in_sessions(lookup(t, key))
     return Resp(200, {"@odata.context": f"{t.graph_url}/$metadata#Edm.Boolean", "value": True})
 
-
-def new_user_id() -> str:
-    return str(uuid.uuid4())

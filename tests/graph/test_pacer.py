@@ -1,6 +1,6 @@
 """WritePacer against a Graph that gives less than ``write_budget``: task.Clock, no sockets.
 
-``Budget`` answers as the fake tenant's throttling does (ldapsync/testing/tenant.py: a sliding
+``Budget`` answers as the fake tenant's throttling does (ldapsync/testing/_faults.py: a sliding
 window of ``writes`` per ``window`` s per app, ``Retry-After`` until the oldest write leaves it,
 ``x-ms-throttle-limit-percentage`` once the window is over 80% used); ``run`` drives writers the
 way the sync worker does (16 slots, each: acquire, send, observe, on a 429 wait its
