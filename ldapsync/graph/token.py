@@ -679,11 +679,6 @@ class DelegatedTokenProvider(_ThreadedMSAL):
         self._remember(result)
         return self.username or ""
 
-    @staticmethod
-    def cancel_device_flow(flow: DeviceFlow) -> None:
-        """Make a waiting :meth:`complete_device_flow` give up at its next poll."""
-        flow.raw["expires_at"] = 0
-
     async def authorize(self, show: Callable[[str], object]) -> str:
         """The whole ``ldapsync o365 authorize``: start, ``show(message)``, wait, persist."""
         flow = await self.initiate_device_flow()
