@@ -31,11 +31,9 @@ Never the Authorization header, request or response bodies, or tokens.
 
 from __future__ import annotations
 
-import email.utils
 import inspect
 import json
 import random as _random
-import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +53,7 @@ from ldapsync.graph.errors import (
     error_from_response,
     redact,
 )
+from ldapsync.graph.errors import parse_retry_after as _parse_retry_after  # the name tests use
 from ldapsync.graph.pacing import PacingPolicy, WritePacer
 
 __all__ = [
@@ -164,21 +163,6 @@ class BatchResult:
 
 class _TransportError(Exception):
     """No HTTP response: connection refused/reset, TLS failure, timeout."""
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _select(select: str | Iterable[str]) -> str:
@@ -482,9 +466,8 @@ class GraphClient:
                 if retry_after is not None and retry_after > self.retry.max_retry_after:
                     raise error_from_response(status, resp.body, resp.headers, retry_after=retry_after)
                 if attempt < self.retry.max_attempts:
+                    # (a 429's Retry-After already paused everyone: pacer.observe above)
                     delay = retry_after if retry_after is not None else self._backoff(attempt)
-                    if status == 429 and retry_after is not None:
-                        self.pacer.pause(retry_after)
                     _warn("Graph {method} {path} -> {status} request-id {request_id}; "
                              "retry {attempt} in {delay:.1f}s",
                              method=method, path=log_path, status=status, request_id=resp.request_id,
