@@ -6,7 +6,9 @@ tokens).  Knows no database and no LDAP: ``graph/`` never imports ``store/``,
 
     clouds.py   cloud name → authority + Graph URL + scope
     crypto.py   SecretBox (AES-GCM) and the [secrets] key file
-    token.py    ApplicationTokenProvider / DelegatedTokenProvider (MSAL in a thread)
+    token.py    ApplicationTokenProvider, token_provider_from_config (MSAL in a thread:
+                msal_thread.py; delegated.py device-code sign-in; token_store.py,
+                credentials.py)
     client.py   GraphClient (retry, Retry-After, 401 refresh, paging, delta, $batch, pacing)
     errors.py   GraphError and its subclasses
 """

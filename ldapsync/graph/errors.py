@@ -20,8 +20,10 @@ from every message we build, to be safe.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +40,7 @@ __all__ = [
     "Transient",
     "Unauthorized",
     "error_from_response",
+    "parse_retry_after",
     "redact",
 ]
 
@@ -160,6 +163,22 @@ class AuthError(GraphError):
         self.needs_reauthorization = needs_reauthorization
         self.transient = transient
         super().__init__(code, message, request_id, status, **kw)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds from now (delta-seconds or HTTP-date), or ``None``."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _as_error_obj(body: Any) -> Mapping[str, Any]:

@@ -58,6 +58,8 @@ from typing import Any
 from twisted.internet import task
 from twisted.logger import Logger
 
+from ldapsync.graph.errors import parse_retry_after
+
 __all__ = ["PacingPolicy", "WritePacer"]
 
 log = Logger()
@@ -124,17 +126,6 @@ def _percentage(raw: str | None) -> float | None:
     if pct > 5:                       # tolerate "85" meaning 85 %
         pct /= 100.0
     return pct
-
-
-def _seconds(raw: str | None) -> float | None:
-    """Retry-After in seconds (the HTTP-date form is the client's business; here it only sets a pause)."""
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value >= 0 else None
 
 
 class WritePacer:
@@ -232,8 +223,8 @@ class WritePacer:
         one by one)."""
         now = self._clock.seconds()
         if status == 429:
-            retry_after = _seconds(headers.get("retry-after"))
-            if retry_after is not None:
+            retry_after = parse_retry_after(headers.get("retry-after"))
+            if retry_after is not None and math.isfinite(retry_after):
                 self.pause(retry_after)
             info = headers.get("x-ms-throttle-information", "")
             if writes > 0 or "write" in info.lower():
