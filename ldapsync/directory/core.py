@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from ldapsync.clock import Clock, system_clock
 from ldapsync.config import Config, PolicyConfig
 from ldapsync.directory import policy as pp
+from ldapsync.directory.binding import tag_dn
 from ldapsync.directory.binds import AddressLimiter, DNGate
 from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
@@ -97,8 +98,9 @@ class DirectoryCore:
         self.admin_dn = self.dn(config.admin_dn)
         self.admins_group = self.dn(f"cn=admins,ou=groups,{config.directory.suffix}")
         self.nested_groups = config.directory.nested_groups
+        self.tag_norm = self.dn(tag_dn(self.suffix)).norm     # the provisioning tag (ldapsync.directory.binding)
         self._system_entries = {
-            self.dn(f"cn=Provisioning - Office 365,ou=tags,{self.suffix}").norm: "the Microsoft 365 provisioning tag",
+            self.tag_norm: "the Microsoft 365 provisioning tag",
             self.dn(f"cn=office365,ou=directories,{self.suffix}").norm: "the Microsoft 365 connector entry",
         }
         indexed = {a.lower() for a in config.directory.indexed}
