@@ -59,8 +59,8 @@ SUPPORTED_EXTENSIONS = (
 class Actor:
     """Who is asking: ``dn`` None means anonymous.
 
-    ``is_admin`` is what bind saw; access decisions never use it — rights are
-    looked up per operation (:meth:`Directory._is_admin_txn`).
+    ``is_admin`` is informational (bind sets it for the configured admin DN); access
+    decisions never use it — rights are looked up per operation (:meth:`Directory._is_admin_txn`).
     """
 
     dn: DN | None = None
@@ -196,7 +196,7 @@ class DirectoryCore:
     def _is_admin_txn(self, txn: Txn, actor: Actor) -> bool:
         """Does ``actor`` hold admin rights now?  The admin DN, or a member of the admins group
         by the group's own ``member`` values, read in this transaction (never ``actor.is_admin``,
-        which is what bind saw, nor the actor's ``memberOf``, which a loaded file could forge)."""
+        informational only, nor the actor's ``memberOf``, which a loaded file could forge)."""
         if actor.dn is None:
             return False
         if actor.dn.norm == self.admin_dn.norm:
@@ -224,10 +224,6 @@ class DirectoryCore:
                             seen.add(m)
                             level.append(m)
         return False
-
-    def _in_admins_group(self, attrs: Attrs) -> bool:
-        """What bind records in ``Actor.is_admin`` (informational: never used for rights)."""
-        return any(self.dn_norm_or_none(v) == self.admins_group.norm for v in attrs.get("memberOf", ()))
 
     def _require_admin_txn(self, txn: Txn, actor: Actor, what: str) -> None:
         if actor.dn is None:
