@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 SUBSCHEMA_DN = "cn=Subschema"
 HIDDEN_ATTRS = frozenset({"userPassword"})            # never returned to anyone, never in a filter
 ADMIN_ONLY_ATTRS = pp.POLICY_ATTRS                     # password policy state: admins only
-NON_ADMIN_HIDDEN = HIDDEN_ATTRS | ADMIN_ONLY_ATTRS     # what a non-admin's filter cannot see
+NON_ADMIN_HIDDEN = HIDDEN_ATTRS | ADMIN_ONLY_ATTRS     # what a non-admin can neither read nor filter on
 ONE_PASSWORD_MESSAGE = "userPassword: an entry holds one password ({n} values given)"
 COMPUTED_OPERATIONAL = ("entryDN", "hasSubordinates", "subschemaSubentry")
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "ldapsynctag"})
@@ -72,6 +72,11 @@ class Actor:
 
 
 ANONYMOUS = Actor()
+
+
+def hidden_attrs(admin: bool) -> frozenset[str]:
+    """The attributes a requester may not read (nor match in a filter): one rule for both."""
+    return HIDDEN_ATTRS if admin else NON_ADMIN_HIDDEN
 
 
 def as_text(v: bytes | str) -> str:
