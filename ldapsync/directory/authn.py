@@ -178,7 +178,6 @@ class Authn(DirectoryCore):
     async def _check_password(self, dn: DN, attrs: Attrs, password: bytes, exempt: bool, source: str | None) -> BindOutcome:
         """Verify (holding the DN's slot, see :meth:`authenticate`) and record the outcome."""
         cfg = self.policy
-        is_admin = exempt or self._in_admins_group(attrs)
         async with self.bind_limiter.slot(source):
             wait = self.bind_limiter.refused_for(source)    # again: failures may have come in while we waited
             if wait:
@@ -202,7 +201,7 @@ class Authn(DirectoryCore):
                 log.info("wrong password for {dn} from {source} ({n} of {max} before lockout)",
                          dn=str(dn), source=source or "the self-service pages", n=failures, max=cfg.lockout_failures)
             return BindOutcome(None, False, False, locked, None, None, None)
-        actor = Actor(dn, is_admin)
+        actor = Actor(dn, exempt)
         exp = pp.expires_at(cfg, attrs, exempt=exempt)
         expired = exp is not None and now >= exp
         grace: int | None = None

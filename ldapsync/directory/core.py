@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from ldapsync.clock import Clock, system_clock
 from ldapsync.config import Config, PolicyConfig
 from ldapsync.directory import policy as pp
+from ldapsync.directory.binding import tag_dn
 from ldapsync.directory.binds import AddressLimiter, DNGate
 from ldapsync.directory.dn import DN, parse_dn
 from ldapsync.directory.errors import LDAPError, ResultCode
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 SUBSCHEMA_DN = "cn=Subschema"
 HIDDEN_ATTRS = frozenset({"userPassword"})            # never returned to anyone, never in a filter
 ADMIN_ONLY_ATTRS = pp.POLICY_ATTRS                     # password policy state: admins only
-NON_ADMIN_HIDDEN = HIDDEN_ATTRS | ADMIN_ONLY_ATTRS     # what a non-admin's filter cannot see
+NON_ADMIN_HIDDEN = HIDDEN_ATTRS | ADMIN_ONLY_ATTRS     # what a non-admin can neither read nor filter on
 ONE_PASSWORD_MESSAGE = "userPassword: an entry holds one password ({n} values given)"
 COMPUTED_OPERATIONAL = ("entryDN", "hasSubordinates", "subschemaSubentry")
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "ldapsynctag"})
@@ -58,8 +59,8 @@ SUPPORTED_EXTENSIONS = (
 class Actor:
     """Who is asking: ``dn`` None means anonymous.
 
-    ``is_admin`` is what bind saw; access decisions never use it — rights are
-    looked up per operation (:meth:`Directory._is_admin_txn`).
+    ``is_admin`` is informational (bind sets it for the configured admin DN); access
+    decisions never use it — rights are looked up per operation (:meth:`Directory._is_admin_txn`).
     """
 
     dn: DN | None = None
@@ -71,6 +72,11 @@ class Actor:
 
 
 ANONYMOUS = Actor()
+
+
+def hidden_attrs(admin: bool) -> frozenset[str]:
+    """The attributes a requester may not read (nor match in a filter): one rule for both."""
+    return HIDDEN_ATTRS if admin else NON_ADMIN_HIDDEN
 
 
 def as_text(v: bytes | str) -> str:
@@ -97,8 +103,9 @@ class DirectoryCore:
         self.admin_dn = self.dn(config.admin_dn)
         self.admins_group = self.dn(f"cn=admins,ou=groups,{config.directory.suffix}")
         self.nested_groups = config.directory.nested_groups
+        self.tag_norm = self.dn(tag_dn(self.suffix)).norm     # the provisioning tag (ldapsync.directory.binding)
         self._system_entries = {
-            self.dn(f"cn=Provisioning - Office 365,ou=tags,{self.suffix}").norm: "the Microsoft 365 provisioning tag",
+            self.tag_norm: "the Microsoft 365 provisioning tag",
             self.dn(f"cn=office365,ou=directories,{self.suffix}").norm: "the Microsoft 365 connector entry",
         }
         indexed = {a.lower() for a in config.directory.indexed}
@@ -194,7 +201,7 @@ class DirectoryCore:
     def _is_admin_txn(self, txn: Txn, actor: Actor) -> bool:
         """Does ``actor`` hold admin rights now?  The admin DN, or a member of the admins group
         by the group's own ``member`` values, read in this transaction (never ``actor.is_admin``,
-        which is what bind saw, nor the actor's ``memberOf``, which a loaded file could forge)."""
+        informational only, nor the actor's ``memberOf``, which a loaded file could forge)."""
         if actor.dn is None:
             return False
         if actor.dn.norm == self.admin_dn.norm:
@@ -222,10 +229,6 @@ class DirectoryCore:
                             seen.add(m)
                             level.append(m)
         return False
-
-    def _in_admins_group(self, attrs: Attrs) -> bool:
-        """What bind records in ``Actor.is_admin`` (informational: never used for rights)."""
-        return any(self.dn_norm_or_none(v) == self.admins_group.norm for v in attrs.get("memberOf", ()))
 
     def _require_admin_txn(self, txn: Txn, actor: Actor, what: str) -> None:
         if actor.dn is None:

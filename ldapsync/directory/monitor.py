@@ -257,7 +257,7 @@ class Monitor:
                 out.code = ResultCode.sizeLimitExceeded
                 out.message = f"size limit of {req.size_limit} entries exceeded"
                 break
-            out.entries.append((text, d._select(attrs, req.attributes, True, req.types_only, extra)))
+            out.entries.append((text, d._select(attrs, req.attributes, HIDDEN_ATTRS, req.types_only, extra)))
         return out
 
     async def compare(self, actor: "Actor", dn: DN, name: str, equal: Callable[[list[str]], bool]) -> bool:

@@ -14,8 +14,8 @@ from typing import Any
 
 
 import ldapsync
-from ldapsync.directory.core import (ADMIN_ONLY_ATTRS, COMPUTED_OPERATIONAL, HIDDEN_ATTRS, NON_ADMIN_HIDDEN,
-                                     SUBSCHEMA_DN, SUPPORTED_CONTROLS, SUPPORTED_EXTENSIONS, Actor, as_text)
+from ldapsync.directory.core import (ADMIN_ONLY_ATTRS, COMPUTED_OPERATIONAL, HIDDEN_ATTRS, SUBSCHEMA_DN,
+                                     SUPPORTED_CONTROLS, SUPPORTED_EXTENSIONS, Actor, as_text, hidden_attrs)
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.filters import Ext, Filter, And, Or, Not
 from ldapsync.directory.password_changes import PasswordChanges
@@ -69,9 +69,10 @@ class Reads(PasswordChanges):
         attrs.update(self.schema.subschema_values())
         return attrs
 
-    def _select(self, attrs: Attrs, requested: Sequence[str], admin: bool, types_only: bool,
+    def _select(self, attrs: Attrs, requested: Sequence[str], hidden: frozenset[str], types_only: bool,
                 extra: Callable[[str], list[str] | None]) -> list[tuple[str, list[str]]]:
-        """Project an entry onto the requested attribute list (``*``, ``+``, ``1.1``, names)."""
+        """Project an entry onto the requested attribute list (``*``, ``+``, ``1.1``, names),
+        without the ``hidden`` attributes (:func:`~ldapsync.directory.core.hidden_attrs`)."""
         want_user = not requested
         want_op = False
         names: list[str] = []
@@ -91,7 +92,7 @@ class Reads(PasswordChanges):
         out: dict[str, list[str]] = {}
         operational = self._operational
         for name, values in attrs.items():
-            if name in HIDDEN_ATTRS or (name in ADMIN_ONLY_ATTRS and not admin):
+            if name in hidden:
                 continue
             op = operational.get(name)
             if op is None:
@@ -127,7 +128,7 @@ class Reads(PasswordChanges):
         uses_dn_attrs = _uses_dn_attributes(req.filter)
         # Rights are looked up in the first chunk's transaction (per operation, never from bind),
         # and decide what the filter may see: what the requester may not read is Undefined in it.
-        rights: list[tuple[bool, Any, Any]] = []       # [(admin, predicate, plan)] once known
+        rights: list[tuple[bool, frozenset[str], Any, Any]] = []   # [(admin, hidden, predicate, plan)] once known
         want_children = any(r in ("+", "hasSubordinates") or r.lower() == "hassubordinates" for r in req.attributes)
         chunk = 200
         result = SearchResult()
@@ -136,8 +137,9 @@ class Reads(PasswordChanges):
         def run(txn: Txn, after: int, limit: int) -> tuple[list[tuple[int, str, Attrs, bool | None]], int | None, bool]:
             if not rights:
                 admin = self._is_admin_txn(txn, actor)
-                rights.append((admin, *self.filters.compile(req.filter, HIDDEN_ATTRS if admin else NON_ADMIN_HIDDEN)))
-            _, pred, plan = rights[0]
+                hidden = hidden_attrs(admin)
+                rights.append((admin, hidden, *self.filters.compile(req.filter, hidden)))
+            _, _, pred, plan = rights[0]
             rows = store.search_candidates_txn(txn, scope=req.scope, base_norm=base.norm, base_path=base.path_key,
                                                plan=plan, after_id=after, limit=limit)
             if not rows and after == req.page_after and not base.is_root and not store.entry_exists_txn(txn, base.norm):
@@ -164,7 +166,7 @@ class Reads(PasswordChanges):
             if abandoned():
                 return result
             rows, last, more = await self.db.run_interaction("search", run, after, chunk, write=False)
-            admin = rights[0][0]
+            admin, hidden = rights[0][:2]
             if after == req.page_after:         # the first chunk: the limits follow the rights
                 size_limit = req.size_limit
                 if not admin and self.config.directory.size_limit and req.page_size is None:
@@ -191,7 +193,7 @@ class Reads(PasswordChanges):
                         return None if has_kids is None else ["TRUE" if has_kids else "FALSE"]
                     return None
 
-                result.entries.append((dn, self._select(attrs, req.attributes, admin, req.types_only, extra)))
+                result.entries.append((dn, self._select(attrs, req.attributes, hidden, req.types_only, extra)))
                 last_returned = eid
                 if page_left is not None:
                     page_left -= 1

@@ -40,11 +40,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.directory import binding
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-DIRECTORY_VALUE = "office365"
-TAG_CN = "Provisioning - Office 365"
 # Attributes whose change matters to Microsoft 365 (besides binding and passwords).
 RELEVANT = ("uid", "mail", "cn", "displayName", "givenName", "sn")
 # ... and the Graph properties each one feeds (DesiredUser.changed).
@@ -127,11 +126,6 @@ class OutboxPlanner:
     wake: Callable[[], None] | None = None     # called after COMMIT when rows were written
     disable_threshold: int = 500
     clock: Callable[[], float] = time.time
-    _tag_norm: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        d = self.directory
-        self._tag_norm = d.dn(f"cn={TAG_CN},ou=tags,{d.suffix}").norm
 
     @classmethod
     def from_config(cls, directory: "Directory", wake: Callable[[], None] | None = None) -> "OutboxPlanner":
@@ -143,18 +137,8 @@ class OutboxPlanner:
 
     # -- binding ------------------------------------------------------------------
     def is_bound(self, attrs: Attrs | None) -> bool:
-        if not attrs:
-            return False
-        # Loops, not any(genexpr): this runs twice per write of every user, and the generators
-        # cost more than the rest of it.
-        for v in attrs.get("ldapsyncDirectory", ()):
-            if v.lower() == DIRECTORY_VALUE:
-                return True
-        d = self.directory
-        for v in attrs.get("memberOf", ()):
-            if d.dn_norm_or_none(v) == self._tag_norm:        # parse_dn caches each DN
-                return True
-        return False
+        """The directory's rule (``ldapsync.directory.binding.is_bound``), for this planner's directory."""
+        return binding.is_bound(self.directory, attrs)
 
     def desired_fields(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,
                        changed: tuple[str, ...] | None = None) -> dict[str, Any]:
