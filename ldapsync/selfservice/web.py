@@ -37,7 +37,7 @@ from twisted.web import resource, server
 
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
-from ldapsync.selfservice.http_limits import MAX_BODY, LimitedSite, ProxyTrust
+from ldapsync.selfservice.http_limits import LimitedSite, ProxyTrust
 from ldapsync.selfservice.links import (
     OPERATION,
     LinkInfo,
@@ -205,9 +205,9 @@ class SelfServicePages(resource.Resource):
         request.finish()
 
     def post_problem(self, request: Any) -> Response | None:
-        length = request.getHeader(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return Response(413, self.page("Too much data", "<p>The form sent too much data.</p>"))
+        """A form sent from another site or without its CSRF token.  (Its size is not checked here:
+        http_limits.LimitedChannel refuses a body over the limit before the pages see the request,
+        and twisted.web a Content-Length that is not a number.)"""
         origin = request.getHeader(b"origin")
         csrf_cookie = request.getCookie(CSRF_COOKIE)
         field = self.arg(request, "csrf")
