@@ -270,9 +270,10 @@ class SelfServicePages(resource.Resource):
                                        f'minute{"s" if minutes != 1 else ""} and try again.</p>'),
                         headers={b"Retry-After": str(int(wait)).encode()})
 
-    async def session(self, request: Any) -> Session | None:
-        """The signed-in session, if its cookie is genuine, unexpired and still current: signed with
-        the user's present password and sign-out generation."""
+    async def signed_in(self, request: Any) -> tuple[Session, store.StoredEntry] | None:
+        """The signed-in session and its user's entry (read once per request), if the cookie is
+        genuine, unexpired and still current: signed with the user's present password and sign-out
+        generation."""
         cookie = request.getCookie(SESSION_COOKIE)
         s = self.signer.read_session(cookie.decode("ascii", "replace") if cookie else None, self.now())
         if s is None:
@@ -280,7 +281,11 @@ class SelfServicePages(resource.Resource):
         e = await self._entry(s.dn)
         if e is None or not self.signer.stamp_ok(s, self.session_facts(e.attrs)):
             return None
-        return s
+        return s, e
+
+    async def session(self, request: Any) -> Session | None:
+        got = await self.signed_in(request)
+        return got[0] if got else None
 
     @staticmethod
     def session_facts(attrs: dict[str, list[str]]) -> list[str]:
@@ -401,9 +406,8 @@ class SelfServicePages(resource.Resource):
         norm = self.directory.dn(dn).norm
         return await self.directory.db.run_interaction("account", store.get_entry_txn, norm, write=False)
 
-    async def account_page(self, request: Any, s: Session, *, error: str | None = None, done: bool = False) -> str:
-        e = await self._entry(s.dn)
-        attrs = e.attrs if e else {}
+    def account_page(self, request: Any, s: Session, attrs: dict[str, list[str]], *, error: str | None = None,
+                     done: bool = False) -> str:
         name = first(attrs, "displayName") or first(attrs, "cn") or s.dn
         state = self.directory.password_state(attrs, s.dn)
         rows = [("Name", name), ("User name", first(attrs, "uid") or ""), ("E-mail", first(attrs, "mail") or "—")]
@@ -432,17 +436,19 @@ class SelfServicePages(resource.Resource):
         return self.page("Your account", notice + info + form + signout)
 
     async def get_account(self, request: Any) -> Response:
-        s = await self.session(request)
-        if s is None:
+        got = await self.signed_in(request)
+        if got is None:
             return Response(303, b"", location="/signin")
-        return Response(200, await self.account_page(request, s, done=self.arg(request, "changed") == "1"))
+        s, entry = got
+        return Response(200, self.account_page(request, s, entry.attrs, done=self.arg(request, "changed") == "1"))
 
     async def post_account(self, request: Any) -> Response:
         from ldapsync.directory.service import Actor
 
-        s = await self.session(request)
-        if s is None:
+        got = await self.signed_in(request)
+        if got is None:
             return Response(303, b"", location="/signin")
+        s, entry = got
         limited = self.limited(request, s.dn)
         if limited:
             return limited
@@ -471,7 +477,7 @@ class SelfServicePages(resource.Resource):
                 except LDAPError as e:
                     error = self.password_error(e, current_check=True)
         if error:
-            return Response(422, await self.account_page(request, s, error=error))
+            return Response(422, self.account_page(request, s, entry.attrs, error=error))  # nothing it shows was written
         await self.start_session(request, s.dn)      # the new password voided every session, this one too
         log.info("self-service password change by {dn}", dn=s.dn)
         return Response(303, b"", location="/account?changed=1")
