@@ -40,10 +40,14 @@ from ldapsync.sync.users import USER_STATES, bound_users_txn, user_counts
 __all__ = ["USER_STATES"]
 
 
-def _connector(config: Config, reactor):  # type: ignore[no-untyped-def]
-
+def _require_enabled(config: Config) -> None:
+    """Every command that works on the connector refuses when it is not enabled (``status`` says so)."""
     if not config.office365.enabled:
         raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
+
+
+def _connector(config: Config, reactor):  # type: ignore[no-untyped-def]
+    _require_enabled(config)
     d = open_directory(config)
     d.db.create_schema()
     d.db.start()          # run_interaction needs its thread pools; stopped by run_async's caller
@@ -182,8 +186,7 @@ def cmd_o365_bind(config: Config, args: argparse.Namespace) -> int:
     """``o365 bind|unbind DN...``: add or remove ``ldapsyncDirectory: office365`` through the LDAP
     modify path (schema, mail-domain check, the outbox row in the same transaction)."""
 
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
+    _require_enabled(config)
     op = "add" if args.bind else "delete"
 
     async def go(d) -> list[tuple[str, bool, str]]:  # type: ignore[no-untyped-def]
@@ -213,8 +216,7 @@ def cmd_o365_bind(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled")
+    _require_enabled(config)
     if not args.yes:
         if not sys.stdin.isatty():
             raise CLIError("deactivate unbinds every user; confirm with --yes")
@@ -242,8 +244,7 @@ def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
 
 
 def _outbox_update(config: Config, desc: str, fn) -> int:  # type: ignore[no-untyped-def]
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled")
+    _require_enabled(config)
     d = open_directory(config)
     d.db.create_schema()
     try:
