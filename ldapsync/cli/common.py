@@ -114,6 +114,17 @@ def run_async(fn):  # type: ignore[no-untyped-def]
     return out.get("r")
 
 
+def in_transaction(config: Config, desc: str, fn, *, write: bool = True):  # type: ignore[no-untyped-def]
+    """Run ``fn(directory, txn)`` in one transaction on the config's database (schema brought up
+    to date first), then close it: the commands that read or change a few rows and print."""
+    d = open_directory(config)
+    try:
+        d.db.create_schema()
+        return d.db.run_sync(desc, lambda txn: fn(d, txn), write=write)
+    finally:
+        d.db.stop()
+
+
 def with_directory(config: Config, fn):  # type: ignore[no-untyped-def]
     """Run ``await fn(directory)`` on a started directory (its thread pools), then stop it."""
     d = open_directory(config)

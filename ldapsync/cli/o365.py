@@ -13,7 +13,7 @@ import sys
 
 from twisted.internet import threads
 
-from ldapsync.cli.common import CLIError, open_directory, run_async, show_time, with_directory
+from ldapsync.cli.common import CLIError, in_transaction, open_directory, run_async, show_time, with_directory
 from ldapsync.config import Config
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
@@ -121,16 +121,11 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
     if not config.office365.enabled:
         print("Microsoft 365 connector: not enabled ([office365] enabled = false)")
         return 0
-    d = open_directory(config)
-    d.db.create_schema()
 
-    def read(txn):  # type: ignore[no-untyped-def]
+    def read(d, txn):  # type: ignore[no-untyped-def]
         return read_status_txn(d, txn), bound_users_txn(d, txn), queue_counts_txn(txn)
 
-    try:
-        st, users, queue = d.db.run_sync("status", read, write=False)
-    finally:
-        d.db.stop()
+    st, users, queue = in_transaction(config, "status", read, write=False)
     if not st:
         print("Microsoft 365 connector: enabled, but the server has not started it yet (no connector entry)")
         return 1
@@ -156,12 +151,7 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
 def cmd_o365_users(config: Config, args: argparse.Namespace) -> int:
     """The bound users, one line each: DN, mail (the userPrincipalName), o365SyncState, last error."""
 
-
-    d = open_directory(config)
-    try:
-        users = d.db.run_sync("o365 users", lambda txn: bound_users_txn(d, txn), write=False)
-    finally:
-        d.db.stop()
+    users = in_transaction(config, "o365 users", bound_users_txn, write=False)
     if args.state:
         users = [u for u in users if u.is_in(args.state)]
     if args.json:
@@ -225,32 +215,22 @@ def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
         if answer.strip().lower() != "yes":
             print("nothing done")
             return 1
-    d = open_directory(config)
-    d.db.create_schema()
 
-    def run(txn):  # type: ignore[no-untyped-def]
+    def run(d, txn):  # type: ignore[no-untyped-def]
         ensure_entries_txn(d, txn)
         set_deactivated_txn(txn, True)
         n = unbind_everyone_txn(d, txn)
         write_status_txn(d, txn, {"o365ConnectorState": ["deactivated"], "o365LastError": None})
         return n
 
-    try:
-        n = d.db.run_sync("deactivate", run)
-    finally:
-        d.db.stop()
+    n = in_transaction(config, "deactivate", run)
     print(f"deactivated: {n} binding(s) removed; Microsoft 365 accounts were left untouched")
     return 0
 
 
 def _outbox_update(config: Config, desc: str, fn) -> int:  # type: ignore[no-untyped-def]
     _require_enabled(config)
-    d = open_directory(config)
-    d.db.create_schema()
-    try:
-        return int(d.db.run_sync(desc, fn))
-    finally:
-        d.db.stop()
+    return int(in_transaction(config, desc, lambda d, txn: fn(txn)))
 
 
 def cmd_o365_release(config: Config, args: argparse.Namespace) -> int:
