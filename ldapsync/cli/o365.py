@@ -11,8 +11,6 @@ import argparse
 import json
 import sys
 
-from twisted.internet import threads
-
 from ldapsync.cli.common import CLIError, in_transaction, open_directory, run_async, show_time, with_directory
 from ldapsync.config import Config
 from ldapsync.directory.errors import LDAPError, ResultCode
@@ -81,9 +79,7 @@ def _print_check(res) -> int:  # type: ignore[no-untyped-def]
 
 
 async def _sign_in(config: Config, reactor, conn) -> int:  # type: ignore[no-untyped-def]
-
-
-    await threads.deferToThread(conn.db.run_sync, "connector entries", lambda txn: ensure_entries_txn(conn.d, txn))
+    await conn.db.run_interaction("connector entries", lambda txn: ensure_entries_txn(conn.d, txn))
     conn.build_client()
     if config.office365.auth == "delegated":
         print("Sign in as a Microsoft 365 administrator (Global Administrator or Privileged Role Administrator")
