@@ -99,7 +99,6 @@ def run_async(fn):  # type: ignore[no-untyped-def]
     """Run ``await fn(reactor)`` on a reactor of our own and return its result (CLI only)."""
     from twisted.internet import reactor     # installs the reactor: only the commands that run one
 
-
     out: dict[str, object] = {}
 
     def go() -> None:

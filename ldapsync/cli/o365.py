@@ -33,9 +33,7 @@ from ldapsync.sync.connector import (
 from ldapsync.sync.importer import Reporter, run_import
 from ldapsync.sync.outbox import OutboxPlanner
 from ldapsync.sync.reconciler import Reconciler
-from ldapsync.sync.users import USER_STATES, bound_users_txn, user_counts
-
-__all__ = ["USER_STATES"]
+from ldapsync.sync.users import bound_users_txn, user_counts
 
 
 def _require_enabled(config: Config) -> None:
@@ -52,7 +50,6 @@ def _connector(config: Config, reactor):  # type: ignore[no-untyped-def]
     reactor.addSystemEventTrigger("after", "shutdown", d.db.stop)
     mailer = None
     if config.mail.admin_address:
-
         mailer = Mailer(config.mail, reactor=reactor)
     return Connector(d, reactor=reactor, mailer=mailer)
 
@@ -146,7 +143,6 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_o365_users(config: Config, args: argparse.Namespace) -> int:
     """The bound users, one line each: DN, mail (the userPrincipalName), o365SyncState, last error."""
-
     users = in_transaction(config, "o365 users", bound_users_txn, write=False)
     if args.state:
         users = [u for u in users if u.is_in(args.state)]
