@@ -120,6 +120,10 @@ class LinkService:
     def entry_by_uuid_txn(self, txn: Txn, entry_uuid: str) -> StoredEntry | None:
         return entry_by_uuid_txn(self.directory, txn, entry_uuid)
 
+    def microsoft365_sign_in(self, attrs: Attrs) -> bool:
+        """Whether the user signs in to Microsoft 365 (the mail and the page then say as whom)."""
+        return self.directory.config.office365.enabled and is_bound(self.directory, attrs)
+
     def address_for(self, attrs: Attrs) -> str | None:
         """Link mails go to the alternate address when the entry has one (a new Microsoft 365
         mailbox cannot be read before the password exists, nor a forgotten one's), else to mail."""
@@ -327,7 +331,7 @@ class LinkService:
         if purpose == q.ACTIVATE:
             subject = "Activate your account"
             signin = (f" You will sign in to Microsoft 365 as {mail}."
-                      if mail and self.directory.config.office365.enabled and is_bound(self.directory, attrs) else "")
+                      if mail and self.microsoft365_sign_in(attrs) else "")
             text = (f"Hello {name},\n\n"
                     f"An account has been set up for you. Your user name is {uid}.{signin}\n\n"
                     "To choose your password and activate the account, open this link:\n\n"
@@ -378,8 +382,7 @@ class LinkService:
             row, e = self._check_txn(txn, token, purpose)
             return LinkInfo(row.id, row.purpose, e.dn, first(e.attrs, "uid") or "",
                             first(e.attrs, "displayName") or first(e.attrs, "cn") or "",
-                            first(e.attrs, "mail"), row.expires_at or 0.0,
-                            self.directory.config.office365.enabled and is_bound(self.directory, e.attrs))
+                            first(e.attrs, "mail"), row.expires_at or 0.0, self.microsoft365_sign_in(e.attrs))
 
         return await self.directory.db.run_interaction("link lookup", run, write=False)
 
