@@ -32,13 +32,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ldapsync.clock import system_clock
 from ldapsync.directory.binding import is_bound
+from ldapsync.directory.core import Actor
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
+from ldapsync.selfservice.mailer import Mailer, MailError
 from ldapsync.store import entries as store
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
@@ -47,7 +50,6 @@ from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
-    from ldapsync.selfservice.mailer import Mailer
     from ldapsync.sync.outbox import OutboxPlanner
 
 log = Logger()
@@ -231,8 +233,6 @@ class LinkService:
 
     # -- sending ----------------------------------------------------------------------
     def wake(self) -> None:
-        from twisted.internet import defer
-
         if self.mailer is None:
             return
         if self._sending:
@@ -260,8 +260,6 @@ class LinkService:
             self._sending = False
 
     async def _send_one(self, link_id: int) -> int:
-        from ldapsync.selfservice.mailer import MailError
-
         token = secrets.token_urlsafe(32)
         now = self.now()
 
@@ -389,8 +387,6 @@ class LinkService:
     async def use(self, token: str, purpose: str, new_password: str) -> LinkInfo:
         """Set the password with a link: policy checks, the password, its Microsoft 365 outbox row
         and the link marked used, in one transaction.  Raises LinkProblem or LDAPError."""
-        from ldapsync.directory.service import Actor
-
         info = await self.lookup(token, purpose)
         d = self.directory
         dn = d.dn(info.dn)

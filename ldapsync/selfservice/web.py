@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ldapsync.directory.core import Actor
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
 from ldapsync.selfservice.http_limits import LimitedSite, ProxyTrust
@@ -443,8 +444,6 @@ class SelfServicePages(resource.Resource):
         return Response(200, self.account_page(request, s, entry.attrs, done=self.arg(request, "changed") == "1"))
 
     async def post_account(self, request: Any) -> Response:
-        from ldapsync.directory.service import Actor
-
         got = await self.signed_in(request)
         if got is None:
             return Response(303, b"", location="/signin")
