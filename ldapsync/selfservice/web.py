@@ -314,7 +314,7 @@ class SelfServicePages(resource.Resource):
                 n = int(first(e.attrs, SESSION_GENERATION) or 0) + 1
             except ValueError:
                 n = 1
-            write_user_status_txn(d, txn, uuid, {SESSION_GENERATION: [str(n)]}, OPERATION)
+            write_user_status_txn(d, txn, uuid, {SESSION_GENERATION: [str(n)]}, OPERATION, Origin.LINKS)
 
         await d.db.run_interaction("sign out", run)
 
