@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ldapsync.testing.client import AdminClient, FakeTenantProcess
+from ldapsync.testing.ports import NotListening, free_port, wait_port
 
 SUFFIX = "dc=example,dc=com"
 DOMAIN = "example.com"
@@ -39,27 +39,19 @@ class DemoError(Exception):
 
 def _port(preferred: int) -> int:
     """``preferred`` when it is free on 127.0.0.1, else any free port."""
-    for candidate in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return int(s.getsockname()[1])
-    raise DemoError("no free TCP port on 127.0.0.1")
+    try:
+        return free_port(preferred)
+    except OSError:
+        raise DemoError("no free TCP port on 127.0.0.1") from None
 
 
 def _wait_port(port: int, proc: subprocess.Popen[Any], what: str, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DemoError(f"{what} exited with status {proc.returncode}; see {log}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise DemoError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s; see {log}")
+    try:
+        wait_port(port, proc, timeout, interval=0.2)
+    except NotListening as e:
+        if e.returncode is not None:
+            raise DemoError(f"{what} exited with status {e.returncode}; see {log}") from None
+        raise DemoError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s; see {log}") from None
 
 
 def _config(directory: Path, info: dict[str, Any], ldap_port: int, pages_port: int, smtp_port: int) -> str:

@@ -12,7 +12,6 @@ import datetime
 import ipaddress
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,24 +27,19 @@ BIN = Path(sys.executable).parent
 from helpers import ADMIN_DN, SUFFIX
 from perf.loadgen import child_pids  # the /proc walk the benchmarks use for server CPU
 
+from ldapsync.testing import ports  # free_port/wait_port: one copy, shared with `ldapsync demo`
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return ports.free_port()
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30.0, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"port {port} not listening after {timeout}s:\n{log.read_text() if log else ''}")
+    try:
+        ports.wait_port(port, proc, timeout)
+    except ports.NotListening as e:
+        what = f"server exited with {e.returncode}" if e.returncode is not None else f"port {port} not listening after {timeout}s"
+        raise RuntimeError(f"{what}:\n{log.read_text() if log else ''}") from None
 
 
 def make_cert(directory: Path) -> tuple[Path, Path, Path]:

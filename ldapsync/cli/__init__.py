@@ -21,7 +21,6 @@ from ldapsync import __version__
 from ldapsync.cli.common import CLIError
 from ldapsync.cli.entries import cmd_init, cmd_ldif_dump, cmd_ldif_load
 from ldapsync.cli.o365 import (
-    USER_STATES,
     cmd_o365_authorize,
     cmd_o365_bind,
     cmd_o365_deactivate,
@@ -35,6 +34,7 @@ from ldapsync.cli.o365 import (
 from ldapsync.cli.users import cmd_user_invitations, cmd_user_invite, cmd_user_unlock
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.directory.errors import LDAPError
+from ldapsync.sync.users import USER_STATES
 
 
 def cmd_demo(config: Config, args: argparse.Namespace) -> int:

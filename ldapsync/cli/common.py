@@ -43,8 +43,8 @@ def show_time(value: datetime | float | str) -> str:
     return value.astimezone(timezone.utc).strftime(TIME_FORMAT)
 
 
-def _database_missing(config: Config) -> str | None:
-    """Why the CLI must not open the database (it would create an empty one), else None.
+def _refusal(config: Config, db: Database) -> str | None:
+    """Why the CLI must not work on ``db`` (it holds no ldapsync tables, or cannot be reached), else None.
 
     The CLI looks for its config and database exactly as the server does (``--config``,
     $LDAPSYNC_CONFIG, ./ldapsync.toml, else the embedded defaults; a relative SQLite path is
@@ -52,18 +52,10 @@ def _database_missing(config: Config) -> str | None:
     run from the wrong directory must fail, not dump an empty database it has just created."""
 
     url = config.directory.database
-    looked = f'database = "{display_url(url)}" from {config.source}'
-    path = sqlite_path(url)
-    if path is not None:
-        if not Path(path).is_file():
-            return f"no database at {Path(path).absolute()} ({looked}); create it with `ldapsync init`"
-    db = Database(url, durability=config.directory.durability)
     try:
         present = db.has_schema()
     except Exception as e:  # noqa: BLE001 - unreachable server, bad credentials: one line, no traceback
         return f"cannot open the database {display_url(url)} (from {config.source}): {_first_line(e)}"
-    finally:
-        db.stop()
     if not present:
         return f"the database {display_url(url)} holds no ldapsync tables (from {config.source}); create them with `ldapsync init`"
     return None
@@ -78,14 +70,20 @@ def open_directory(config: Config, *, create: bool = False):  # type: ignore[no-
     """The directory on the config's database, with the connector's write hooks when enabled;
     refuses (CLIError) a database that does not exist yet unless ``create`` (``ldapsync init``)."""
 
+    url = config.directory.database
+    path = sqlite_path(url)
+    if not create and path is not None and not Path(path).is_file():
+        raise CLIError(f'no database at {Path(path).absolute()} (database = "{display_url(url)}" from {config.source}); '
+                       "create it with `ldapsync init`")
+    warnings = prepare_sqlite_files(path) if path is not None else []   # SQLite: 0700 directory, 0600 file, before opening
+    db = Database(url, durability=config.directory.durability)       # one engine: the check below and the directory
     if not create:
-        missing = _database_missing(config)
-        if missing:
-            raise CLIError(missing)
-    path = sqlite_path(config.directory.database)     # SQLite: 0700 directory, 0600 file, before opening
-    for line in prepare_sqlite_files(path) if path is not None else []:
+        refused = _refusal(config, db)
+        if refused:
+            db.stop()
+            raise CLIError(refused)
+    for line in warnings:
         print(f"ldapsync: warning: {line}", file=sys.stderr)
-    db = Database(config.directory.database, durability=config.directory.durability)
     hooks: list[WriteHooks] = []
     d = Directory(config, db, hooks=hooks)
     if config.office365.enabled:
@@ -99,7 +97,6 @@ def run_async(fn):  # type: ignore[no-untyped-def]
     """Run ``await fn(reactor)`` on a reactor of our own and return its result (CLI only)."""
     from twisted.internet import reactor     # installs the reactor: only the commands that run one
 
-
     out: dict[str, object] = {}
 
     def go() -> None:
@@ -112,6 +109,17 @@ def run_async(fn):  # type: ignore[no-untyped-def]
     if "f" in out:
         out["f"].raiseException()  # type: ignore[attr-defined]
     return out.get("r")
+
+
+def in_transaction(config: Config, desc: str, fn, *, write: bool = True):  # type: ignore[no-untyped-def]
+    """Run ``fn(directory, txn)`` in one transaction on the config's database (schema brought up
+    to date first), then close it: the commands that read or change a few rows and print."""
+    d = open_directory(config)
+    try:
+        d.db.create_schema()
+        return d.db.run_sync(desc, lambda txn: fn(d, txn), write=write)
+    finally:
+        d.db.stop()
 
 
 def with_directory(config: Config, fn):  # type: ignore[no-untyped-def]

@@ -11,9 +11,7 @@ import argparse
 import json
 import sys
 
-from twisted.internet import threads
-
-from ldapsync.cli.common import CLIError, open_directory, run_async, show_time, with_directory
+from ldapsync.cli.common import CLIError, in_transaction, open_directory, run_async, show_time, with_directory
 from ldapsync.config import Config
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
@@ -35,22 +33,23 @@ from ldapsync.sync.connector import (
 from ldapsync.sync.importer import Reporter, run_import
 from ldapsync.sync.outbox import OutboxPlanner
 from ldapsync.sync.reconciler import Reconciler
-from ldapsync.sync.users import USER_STATES, bound_users_txn, user_counts
+from ldapsync.sync.users import bound_users_txn, user_counts
 
-__all__ = ["USER_STATES"]
+
+def _require_enabled(config: Config) -> None:
+    """Every command that works on the connector refuses when it is not enabled (``status`` says so)."""
+    if not config.office365.enabled:
+        raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
 
 
 def _connector(config: Config, reactor):  # type: ignore[no-untyped-def]
-
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
+    _require_enabled(config)
     d = open_directory(config)
     d.db.create_schema()
     d.db.start()          # run_interaction needs its thread pools; stopped by run_async's caller
     reactor.addSystemEventTrigger("after", "shutdown", d.db.stop)
     mailer = None
     if config.mail.admin_address:
-
         mailer = Mailer(config.mail, reactor=reactor)
     return Connector(d, reactor=reactor, mailer=mailer)
 
@@ -77,9 +76,7 @@ def _print_check(res) -> int:  # type: ignore[no-untyped-def]
 
 
 async def _sign_in(config: Config, reactor, conn) -> int:  # type: ignore[no-untyped-def]
-
-
-    await threads.deferToThread(conn.db.run_sync, "connector entries", lambda txn: ensure_entries_txn(conn.d, txn))
+    await conn.db.run_interaction("connector entries", lambda txn: ensure_entries_txn(conn.d, txn))
     conn.build_client()
     if config.office365.auth == "delegated":
         print("Sign in as a Microsoft 365 administrator (Global Administrator or Privileged Role Administrator")
@@ -117,16 +114,11 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
     if not config.office365.enabled:
         print("Microsoft 365 connector: not enabled ([office365] enabled = false)")
         return 0
-    d = open_directory(config)
-    d.db.create_schema()
 
-    def read(txn):  # type: ignore[no-untyped-def]
+    def read(d, txn):  # type: ignore[no-untyped-def]
         return read_status_txn(d, txn), bound_users_txn(d, txn), queue_counts_txn(txn)
 
-    try:
-        st, users, queue = d.db.run_sync("status", read, write=False)
-    finally:
-        d.db.stop()
+    st, users, queue = in_transaction(config, "status", read, write=False)
     if not st:
         print("Microsoft 365 connector: enabled, but the server has not started it yet (no connector entry)")
         return 1
@@ -151,13 +143,7 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_o365_users(config: Config, args: argparse.Namespace) -> int:
     """The bound users, one line each: DN, mail (the userPrincipalName), o365SyncState, last error."""
-
-
-    d = open_directory(config)
-    try:
-        users = d.db.run_sync("o365 users", lambda txn: bound_users_txn(d, txn), write=False)
-    finally:
-        d.db.stop()
+    users = in_transaction(config, "o365 users", bound_users_txn, write=False)
     if args.state:
         users = [u for u in users if u.is_in(args.state)]
     if args.json:
@@ -182,8 +168,7 @@ def cmd_o365_bind(config: Config, args: argparse.Namespace) -> int:
     """``o365 bind|unbind DN...``: add or remove ``ldapsyncDirectory: office365`` through the LDAP
     modify path (schema, mail-domain check, the outbox row in the same transaction)."""
 
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled: set [office365] enabled = true (and tenant, client_id) in the config")
+    _require_enabled(config)
     op = "add" if args.bind else "delete"
 
     async def go(d) -> list[tuple[str, bool, str]]:  # type: ignore[no-untyped-def]
@@ -213,8 +198,7 @@ def cmd_o365_bind(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled")
+    _require_enabled(config)
     if not args.yes:
         if not sys.stdin.isatty():
             raise CLIError("deactivate unbinds every user; confirm with --yes")
@@ -223,33 +207,22 @@ def cmd_o365_deactivate(config: Config, args: argparse.Namespace) -> int:
         if answer.strip().lower() != "yes":
             print("nothing done")
             return 1
-    d = open_directory(config)
-    d.db.create_schema()
 
-    def run(txn):  # type: ignore[no-untyped-def]
+    def run(d, txn):  # type: ignore[no-untyped-def]
         ensure_entries_txn(d, txn)
         set_deactivated_txn(txn, True)
         n = unbind_everyone_txn(d, txn)
         write_status_txn(d, txn, {"o365ConnectorState": ["deactivated"], "o365LastError": None})
         return n
 
-    try:
-        n = d.db.run_sync("deactivate", run)
-    finally:
-        d.db.stop()
+    n = in_transaction(config, "deactivate", run)
     print(f"deactivated: {n} binding(s) removed; Microsoft 365 accounts were left untouched")
     return 0
 
 
 def _outbox_update(config: Config, desc: str, fn) -> int:  # type: ignore[no-untyped-def]
-    if not config.office365.enabled:
-        raise CLIError("the Microsoft 365 connector is not enabled")
-    d = open_directory(config)
-    d.db.create_schema()
-    try:
-        return int(d.db.run_sync(desc, fn))
-    finally:
-        d.db.stop()
+    _require_enabled(config)
+    return int(in_transaction(config, desc, lambda d, txn: fn(txn)))
 
 
 def cmd_o365_release(config: Config, args: argparse.Namespace) -> int:

@@ -32,13 +32,16 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from ldapsync.clock import system_clock
 from ldapsync.directory.binding import is_bound
+from ldapsync.directory.core import Actor
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
+from ldapsync.selfservice.mailer import Mailer, MailError
 from ldapsync.store import entries as store
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
@@ -47,7 +50,6 @@ from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
-    from ldapsync.selfservice.mailer import Mailer
     from ldapsync.sync.outbox import OutboxPlanner
 
 log = Logger()
@@ -119,6 +121,10 @@ class LinkService:
 
     def entry_by_uuid_txn(self, txn: Txn, entry_uuid: str) -> StoredEntry | None:
         return entry_by_uuid_txn(self.directory, txn, entry_uuid)
+
+    def microsoft365_sign_in(self, attrs: Attrs) -> bool:
+        """Whether the user signs in to Microsoft 365 (the mail and the page then say as whom)."""
+        return self.directory.config.office365.enabled and is_bound(self.directory, attrs)
 
     def address_for(self, attrs: Attrs) -> str | None:
         """Link mails go to the alternate address when the entry has one (a new Microsoft 365
@@ -227,8 +233,6 @@ class LinkService:
 
     # -- sending ----------------------------------------------------------------------
     def wake(self) -> None:
-        from twisted.internet import defer
-
         if self.mailer is None:
             return
         if self._sending:
@@ -256,8 +260,6 @@ class LinkService:
             self._sending = False
 
     async def _send_one(self, link_id: int) -> int:
-        from ldapsync.selfservice.mailer import MailError
-
         token = secrets.token_urlsafe(32)
         now = self.now()
 
@@ -327,7 +329,7 @@ class LinkService:
         if purpose == q.ACTIVATE:
             subject = "Activate your account"
             signin = (f" You will sign in to Microsoft 365 as {mail}."
-                      if mail and self.directory.config.office365.enabled and is_bound(self.directory, attrs) else "")
+                      if mail and self.microsoft365_sign_in(attrs) else "")
             text = (f"Hello {name},\n\n"
                     f"An account has been set up for you. Your user name is {uid}.{signin}\n\n"
                     "To choose your password and activate the account, open this link:\n\n"
@@ -378,16 +380,13 @@ class LinkService:
             row, e = self._check_txn(txn, token, purpose)
             return LinkInfo(row.id, row.purpose, e.dn, first(e.attrs, "uid") or "",
                             first(e.attrs, "displayName") or first(e.attrs, "cn") or "",
-                            first(e.attrs, "mail"), row.expires_at or 0.0,
-                            self.directory.config.office365.enabled and is_bound(self.directory, e.attrs))
+                            first(e.attrs, "mail"), row.expires_at or 0.0, self.microsoft365_sign_in(e.attrs))
 
         return await self.directory.db.run_interaction("link lookup", run, write=False)
 
     async def use(self, token: str, purpose: str, new_password: str) -> LinkInfo:
         """Set the password with a link: policy checks, the password, its Microsoft 365 outbox row
         and the link marked used, in one transaction.  Raises LinkProblem or LDAPError."""
-        from ldapsync.directory.service import Actor
-
         info = await self.lookup(token, purpose)
         d = self.directory
         dn = d.dn(info.dn)

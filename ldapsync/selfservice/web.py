@@ -35,9 +35,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ldapsync.directory.core import Actor
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
-from ldapsync.selfservice.http_limits import MAX_BODY, LimitedSite, ProxyTrust
+from ldapsync.selfservice.http_limits import LimitedSite, ProxyTrust
 from ldapsync.selfservice.links import (
     OPERATION,
     LinkInfo,
@@ -205,9 +206,9 @@ class SelfServicePages(resource.Resource):
         request.finish()
 
     def post_problem(self, request: Any) -> Response | None:
-        length = request.getHeader(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return Response(413, self.page("Too much data", "<p>The form sent too much data.</p>"))
+        """A form sent from another site or without its CSRF token.  (Its size is not checked here:
+        http_limits.LimitedChannel refuses a body over the limit before the pages see the request,
+        and twisted.web a Content-Length that is not a number.)"""
         origin = request.getHeader(b"origin")
         csrf_cookie = request.getCookie(CSRF_COOKIE)
         field = self.arg(request, "csrf")
@@ -270,9 +271,10 @@ class SelfServicePages(resource.Resource):
                                        f'minute{"s" if minutes != 1 else ""} and try again.</p>'),
                         headers={b"Retry-After": str(int(wait)).encode()})
 
-    async def session(self, request: Any) -> Session | None:
-        """The signed-in session, if its cookie is genuine, unexpired and still current: signed with
-        the user's present password and sign-out generation."""
+    async def signed_in(self, request: Any) -> tuple[Session, store.StoredEntry] | None:
+        """The signed-in session and its user's entry (read once per request), if the cookie is
+        genuine, unexpired and still current: signed with the user's present password and sign-out
+        generation."""
         cookie = request.getCookie(SESSION_COOKIE)
         s = self.signer.read_session(cookie.decode("ascii", "replace") if cookie else None, self.now())
         if s is None:
@@ -280,7 +282,11 @@ class SelfServicePages(resource.Resource):
         e = await self._entry(s.dn)
         if e is None or not self.signer.stamp_ok(s, self.session_facts(e.attrs)):
             return None
-        return s
+        return s, e
+
+    async def session(self, request: Any) -> Session | None:
+        got = await self.signed_in(request)
+        return got[0] if got else None
 
     @staticmethod
     def session_facts(attrs: dict[str, list[str]]) -> list[str]:
@@ -308,7 +314,7 @@ class SelfServicePages(resource.Resource):
                 n = int(first(e.attrs, SESSION_GENERATION) or 0) + 1
             except ValueError:
                 n = 1
-            write_user_status_txn(d, txn, uuid, {SESSION_GENERATION: [str(n)]}, OPERATION)
+            write_user_status_txn(d, txn, uuid, {SESSION_GENERATION: [str(n)]}, OPERATION, Origin.LINKS)
 
         await d.db.run_interaction("sign out", run)
 
@@ -401,9 +407,8 @@ class SelfServicePages(resource.Resource):
         norm = self.directory.dn(dn).norm
         return await self.directory.db.run_interaction("account", store.get_entry_txn, norm, write=False)
 
-    async def account_page(self, request: Any, s: Session, *, error: str | None = None, done: bool = False) -> str:
-        e = await self._entry(s.dn)
-        attrs = e.attrs if e else {}
+    def account_page(self, request: Any, s: Session, attrs: dict[str, list[str]], *, error: str | None = None,
+                     done: bool = False) -> str:
         name = first(attrs, "displayName") or first(attrs, "cn") or s.dn
         state = self.directory.password_state(attrs, s.dn)
         rows = [("Name", name), ("User name", first(attrs, "uid") or ""), ("E-mail", first(attrs, "mail") or "—")]
@@ -432,17 +437,17 @@ class SelfServicePages(resource.Resource):
         return self.page("Your account", notice + info + form + signout)
 
     async def get_account(self, request: Any) -> Response:
-        s = await self.session(request)
-        if s is None:
+        got = await self.signed_in(request)
+        if got is None:
             return Response(303, b"", location="/signin")
-        return Response(200, await self.account_page(request, s, done=self.arg(request, "changed") == "1"))
+        s, entry = got
+        return Response(200, self.account_page(request, s, entry.attrs, done=self.arg(request, "changed") == "1"))
 
     async def post_account(self, request: Any) -> Response:
-        from ldapsync.directory.service import Actor
-
-        s = await self.session(request)
-        if s is None:
+        got = await self.signed_in(request)
+        if got is None:
             return Response(303, b"", location="/signin")
+        s, entry = got
         limited = self.limited(request, s.dn)
         if limited:
             return limited
@@ -471,7 +476,7 @@ class SelfServicePages(resource.Resource):
                 except LDAPError as e:
                     error = self.password_error(e, current_check=True)
         if error:
-            return Response(422, await self.account_page(request, s, error=error))
+            return Response(422, self.account_page(request, s, entry.attrs, error=error))  # nothing it shows was written
         await self.start_session(request, s.dn)      # the new password voided every session, this one too
         log.info("self-service password change by {dn}", dn=s.dn)
         return Response(303, b"", location="/account?changed=1")
