@@ -97,7 +97,7 @@ class DirectoryService(service.Service):
         self.directory.start()
         if not self.bootstrap:
             return
-        generated_before = not _exists(self.config.admin.password_file)
+        generated_before = not Path(self.config.admin.password_file).exists()
         for line in self.directory.bootstrap_sync():
             log.info("{line}", line=line)
         if generated_before:
@@ -107,12 +107,6 @@ class DirectoryService(service.Service):
         super().stopService()
         self.directory.stop()
         self.db.stop()
-
-
-def _exists(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).exists()
 
 
 class ConnectorService(service.Service):
