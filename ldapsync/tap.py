@@ -88,18 +88,9 @@ def make_service(config: Config) -> service.MultiService:
     ctx = starttls_context(config)
     limits = ConnectionLimits(config.ldap.max_connections, config.ldap.max_connections_per_address)
     for endpoint in config.ldap.listen:
-        factory = LDAPServerFactory(
-            dirsvc.directory,
-            max_pdu_size=config.ldap.max_pdu_size,
-            starttls_context=ctx,
-            is_tls_listener=endpoint.startswith("ssl:"),
-            idle_timeout=config.ldap.idle_timeout,
-            max_pdu_size_anonymous=config.ldap.max_pdu_size_anonymous,
-            limits=limits,
-            max_pending=config.ldap.max_pending,
-            max_pending_anonymous=config.ldap.max_pending_anonymous,
-            access=config.log.access,
-        )
+        factory = LDAPServerFactory(dirsvc.directory, config.ldap, starttls_context=ctx,
+                                    is_tls_listener=endpoint.startswith("ssl:"), limits=limits,
+                                    access=config.log.access)
         Listener(endpoint, factory, "[ldap] listen").setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which
     # they use; children stop in reverse order).

@@ -41,6 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
+from ldapsync.config import LDAPConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.policy import PPolicyResponse
 from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
@@ -492,25 +493,23 @@ class ConnectionLimits:
 
 
 class LDAPServerFactory(protocol.ServerFactory):
+    """One per ``[ldap] listen`` endpoint; ``config`` gives the per-connection limits (the
+    connection caps live in ``limits``, shared by every listener of the process)."""
+
     noisy = False      # no "Starting factory <...>" lines: the port's "starting on N" says it
-    def __init__(self, directory: Directory, *, max_pdu_size: int = 10 * 1024 * 1024,
-                 starttls_context: Any = None, is_tls_listener: bool = False, idle_timeout: float = 0.0,
-                 max_pdu_size_anonymous: int = 256 * 1024, max_pending: int = 1000, max_pending_anonymous: int = 100,
-                 limits: ConnectionLimits | None = None, access: bool = False) -> None:
+
+    def __init__(self, directory: Directory, config: LDAPConfig = LDAPConfig(), *, starttls_context: Any = None,
+                 is_tls_listener: bool = False, limits: ConnectionLimits | None = None, access: bool = False) -> None:
         self.directory = directory
         self.access = access                      # [log] access: one line per operation
-        self.idle_timeout = idle_timeout
-        self.max_pdu_size = max_pdu_size
-        self.max_pdu_size_anonymous = max_pdu_size_anonymous
-        self.max_pending = max_pending
-        self.max_pending_anonymous = max_pending_anonymous
+        self.idle_timeout = config.idle_timeout
+        self.max_pdu_size = config.max_pdu_size
+        self.max_pdu_size_anonymous = config.max_pdu_size_anonymous
+        self.max_pending = config.max_pending
+        self.max_pending_anonymous = config.max_pending_anonymous
         self.starttls_context = starttls_context
         self.is_tls_listener = is_tls_listener
         self.limits = limits or ConnectionLimits()
-
-    @property
-    def connections(self) -> int:
-        return self.limits.connections
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         address = str(getattr(addr, "host", None) or getattr(addr, "name", None) or "local")
