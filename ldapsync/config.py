@@ -176,6 +176,10 @@ class MetricsConfig:
     listen: str = ""               # endpoint of /metrics, /healthz, /readyz, e.g. "tcp:9389:interface=127.0.0.1" ("" = off)
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")   # Twisted's LogLevel names
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """[log]: the server's log (``ldapsync/logs.py``)."""
@@ -303,9 +307,9 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_log(c: LogConfig) -> None:
-    if c.level not in ("debug", "info", "warn", "error", "critical"):
+    if c.level not in LOG_LEVELS:
         raise ConfigError(f'[log] level: expected "debug", "info", "warn", "error" or "critical", got {c.level!r}')
-    if c.format not in ("text", "json"):
+    if c.format not in LOG_FORMATS:
         raise ConfigError(f'[log] format: expected "text" or "json" (one JSON object per line), got {c.format!r}')
 
 
