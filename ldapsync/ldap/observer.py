@@ -28,8 +28,9 @@ from ldapsync import metrics
 from ldapsync.directory.errors import ResultCode
 from ldapsync.directory.monitor import STATS
 from ldapsync.ldap import ber
+from ldapsync.logs import ACCESS
 
-access_log = Logger(namespace="ldapsync.access")   # [log] access: written at info whatever [log] level
+access_log = Logger(namespace=ACCESS)   # [log] access: written at info whatever [log] level
 _connection_ids = itertools.count(1)
 
 #: Response tag → the operation's name in the metrics (upper-case in the access log).
