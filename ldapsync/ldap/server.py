@@ -228,10 +228,6 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
-    def send(self, data: bytes) -> None:
-        if not self.closing:
-            self.transport.write(data)
-
     # -- dispatch ------------------------------------------------------------------
     def _dispatch(self, msg: ber.Message) -> None:
         req = msg.op
@@ -294,8 +290,9 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         done = enc_message(op.msgid, enc_result(op.tag, int(code), matched, message, extra), controls)
         if entries:
             entries.append(done)
-            done = b"".join(entries)
-        self.send(done)
+            self.transport.writeSequence(entries)   # one write, no copy of the whole result here
+        else:
+            self.transport.write(done)
 
     # -- operations ----------------------------------------------------------------
     async def handle_BindRequest(self, msg: ber.Message, op: Operation) -> None:
