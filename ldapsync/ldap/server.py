@@ -201,7 +201,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             return ber.decode_message(pdu)
         except BERError as e:
             hint = ""
-            if anonymous and "exceeds" in str(e):
+            if anonymous and isinstance(e, ber.PDUTooLarge):
                 hint = "; before a bind the limit is [ldap] max_pdu_size_anonymous: bind first"
             self._disconnect(ResultCode.protocolError, f"malformed request: {e}{hint}")
             return None
