@@ -290,9 +290,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
         raise ConfigError("[ldap] listen: at least one listener is needed")
-    for key in ("max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous"):
-        if getattr(cfg.ldap, key) < 1:
-            raise ConfigError(f"[ldap] {key}: expected at least 1, got {getattr(cfg.ldap, key)}")
+    _at_least_one("ldap", cfg.ldap, "max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous")
     url = cfg.selfservice.public_url
     if cfg.selfservice.listen and not url:
         raise ConfigError(f"[selfservice] public_url: cannot tell the pages' address from listen = "
@@ -323,8 +321,14 @@ def _validate_selfservice(c: SelfServiceConfig) -> None:
     for key in ("request_timeout", "idle_timeout"):
         if getattr(c, key) <= 0:
             raise ConfigError(f'[selfservice] {key}: expected a duration like "15s", got {getattr(c, key):g}')
-    if c.max_connections < 1 or c.max_connections_per_address < 1:
-        raise ConfigError("[selfservice] max_connections and max_connections_per_address must be at least 1")
+    _at_least_one("selfservice", c, "max_connections", "max_connections_per_address")
+
+
+def _at_least_one(section: str, c: Any, *keys: str) -> None:
+    """Whole-number keys for which 0 would mean nothing works (they have no "0 = no cap")."""
+    for key in keys:
+        if getattr(c, key) < 1:
+            raise ConfigError(f"[{section}] {key}: expected at least 1, got {getattr(c, key)}")
 
 
 def mail_auth_problem(m: MailConfig) -> str | None:
