@@ -20,6 +20,7 @@ from twisted.internet import ssl
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ldapsync import metrics
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.services import DatabaseProbe, DirectoryService, Listener, OrderedMultiService, metrics_directory, office365_hooks
 
@@ -79,8 +80,6 @@ def make_service(config: Config) -> service.MultiService:
         log.warn("{line}", line=line)
     if config.metrics.listen:
         # Before anything counts; the Microsoft 365 worker process inherits the directory.
-        from ldapsync import metrics
-
         metrics.enable(metrics_directory(config), fresh=True)
     top = _Root()
     dirsvc = DirectoryService(config)
@@ -109,8 +108,6 @@ def make_service(config: Config) -> service.MultiService:
         dirsvc.hooks.extend(office365_hooks(dirsvc.directory, wake=procsvc.wake, links=selfsvc.links))
         procsvc.setServiceParent(top)
     if config.metrics.listen:
-        from ldapsync import metrics
-
         Listener(config.metrics.listen, metrics.site(DatabaseProbe(dirsvc)), "[metrics] listen").setServiceParent(top)
     return top
 
