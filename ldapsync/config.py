@@ -22,8 +22,8 @@ class ConfigError(Exception):
 
 
 def parse_duration(value: str | int | float, key: str) -> float:
-    """``"60s"``, ``"5m"``, ``"2h"``, ``"3d"`` or a number of seconds."""
-    if isinstance(value, bool):
+    """``"60s"``, ``"5m"``, ``"2h"``, ``"3d"`` or a number of seconds (never negative)."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value < 0):
         raise ConfigError(f"{key}: expected a duration (seconds, or a number with a unit: ms, s, m, h or d, "
                           f"like \"60s\" or \"90d\"), got {value!r}")
     if isinstance(value, (int, float)):
@@ -176,6 +176,10 @@ class MetricsConfig:
     listen: str = ""               # endpoint of /metrics, /healthz, /readyz, e.g. "tcp:9389:interface=127.0.0.1" ("" = off)
 
 
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")   # Twisted's LogLevel names
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass(frozen=True)
 class LogConfig:
     """[log]: the server's log (``ldapsync/logs.py``)."""
@@ -219,15 +223,11 @@ _SECTIONS = {
     "metrics": MetricsConfig,
     "log": LogConfig,
 }
-_DURATIONS = {("office365", "reconcile_interval"), ("office365", "outbox_lease"), ("directory", "time_limit"), ("ldap", "idle_timeout")}
-_DURATIONS |= {("policy", k) for k in ("max_age", "expire_warning", "lockout_duration", "failure_window")}
-_DURATIONS |= {("selfservice", k) for k in ("activation_ttl", "reset_ttl", "session_timeout", "rate_limit_window",
-                                            "expiry_check_interval", "request_timeout", "idle_timeout")}
 
 
 def _coerce(section: str, name: str, default: Any, value: Any) -> Any:
     key = f"[{section}] {name}"
-    if (section, name) in _DURATIONS:
+    if isinstance(default, float):          # every float key is a duration in seconds ("15m", "90d", 30)
         return parse_duration(value, key)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -290,11 +290,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
         raise ConfigError("[ldap] listen: at least one listener is needed")
-    for key in ("max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous"):
-        if getattr(cfg.ldap, key) < 1:
-            raise ConfigError(f"[ldap] {key}: expected at least 1, got {getattr(cfg.ldap, key)}")
-    if cfg.ldap.idle_timeout < 0:
-        raise ConfigError(f"[ldap] idle_timeout: expected a duration like \"15m\" or \"0\" (never), got {cfg.ldap.idle_timeout:g}")
+    _at_least_one("ldap", cfg.ldap, "max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous")
     url = cfg.selfservice.public_url
     if cfg.selfservice.listen and not url:
         raise ConfigError(f"[selfservice] public_url: cannot tell the pages' address from listen = "
@@ -309,9 +305,9 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_log(c: LogConfig) -> None:
-    if c.level not in ("debug", "info", "warn", "error", "critical"):
+    if c.level not in LOG_LEVELS:
         raise ConfigError(f'[log] level: expected "debug", "info", "warn", "error" or "critical", got {c.level!r}')
-    if c.format not in ("text", "json"):
+    if c.format not in LOG_FORMATS:
         raise ConfigError(f'[log] format: expected "text" or "json" (one JSON object per line), got {c.format!r}')
 
 
@@ -325,8 +321,14 @@ def _validate_selfservice(c: SelfServiceConfig) -> None:
     for key in ("request_timeout", "idle_timeout"):
         if getattr(c, key) <= 0:
             raise ConfigError(f'[selfservice] {key}: expected a duration like "15s", got {getattr(c, key):g}')
-    if c.max_connections < 1 or c.max_connections_per_address < 1:
-        raise ConfigError("[selfservice] max_connections and max_connections_per_address must be at least 1")
+    _at_least_one("selfservice", c, "max_connections", "max_connections_per_address")
+
+
+def _at_least_one(section: str, c: Any, *keys: str) -> None:
+    """Whole-number keys for which 0 would mean nothing works (they have no "0 = no cap")."""
+    for key in keys:
+        if getattr(c, key) < 1:
+            raise ConfigError(f"[{section}] {key}: expected at least 1, got {getattr(c, key)}")
 
 
 def mail_auth_problem(m: MailConfig) -> str | None:
@@ -353,9 +355,6 @@ def _validate_policy(p: PolicyConfig) -> None:
                           "(Microsoft 365 refuses passwords longer than 256 characters)")
     if p.history > 100:
         raise ConfigError(f"[policy] history: expected at most 100 previous passwords, got {p.history}")
-    for key in ("max_age", "expire_warning", "lockout_duration", "failure_window"):
-        if getattr(p, key) < 0:
-            raise ConfigError(f"[policy] {key}: expected a duration like \"90d\" or \"0\", got {getattr(p, key):g}")
     if p.max_age and p.max_age < 3600:
         raise ConfigError(f"[policy] max_age: expected \"0\" (never expires) or at least 1h, got {p.max_age:g}s")
     if p.max_age and p.expire_warning >= p.max_age:

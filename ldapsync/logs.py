@@ -31,9 +31,9 @@ from twisted.python import logfile
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "warning": LogLevel.warn,
-          "error": LogLevel.error, "critical": LogLevel.critical}
-FORMATS = ("text", "json")
+from ldapsync.config import LOG_LEVELS
+
+LEVELS = {name: LogLevel.levelWithName(name) for name in LOG_LEVELS}   # [log] level → Twisted's level
 
 
 def _jsonable(value: Any) -> Any:

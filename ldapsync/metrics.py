@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.web import resource, server
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -179,23 +179,28 @@ class _Page(resource.Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"ok\n"
         d = defer.ensureDeferred(self.probe())
-        d.addCallback(self._answer, request)
+        if self.kind == "metrics":
+            # Reads every process's files: on a pool thread, not the reactor's.
+            d.addCallback(lambda probe: threads.deferToThread(render_metrics, probe))
+            d.addCallback(self._metrics, request)
+        else:
+            d.addCallback(self._ready, request)
         d.addErrback(self._failed, request)
         return server.NOT_DONE_YET
 
-    def _answer(self, probe: Probe, request: Any) -> None:
-        if self.kind == "metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST
+    def _metrics(self, body: bytes, request: Any) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-            request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-            body = render_metrics(probe)
-        else:
-            request.setResponseCode(200 if probe.database_ok else 503)
-            request.setHeader(b"content-type", b"application/json")
-            body = json.dumps({"ready": probe.database_ok,
-                               "database": "ok" if probe.database_ok else probe.database_error or "unreachable",
-                               "connector": probe.connector_state}).encode() + b"\n"
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         request.write(body)
+        request.finish()
+
+    def _ready(self, probe: Probe, request: Any) -> None:
+        request.setResponseCode(200 if probe.database_ok else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.write(json.dumps({"ready": probe.database_ok,
+                                  "database": "ok" if probe.database_ok else probe.database_error or "unreachable",
+                                  "connector": probe.connector_state}).encode() + b"\n")
         request.finish()
 
     def _failed(self, failure: Any, request: Any) -> None:

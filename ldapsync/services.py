@@ -97,7 +97,7 @@ class DirectoryService(service.Service):
         self.directory.start()
         if not self.bootstrap:
             return
-        generated_before = not _exists(self.config.admin.password_file)
+        generated_before = not Path(self.config.admin.password_file).exists()
         for line in self.directory.bootstrap_sync():
             log.info("{line}", line=line)
         if generated_before:
@@ -107,12 +107,6 @@ class DirectoryService(service.Service):
         super().stopService()
         self.directory.stop()
         self.db.stop()
-
-
-def _exists(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).exists()
 
 
 class ConnectorService(service.Service):
@@ -254,27 +248,29 @@ class DatabaseProbe:
         self._users_at: float | None = None
 
     async def __call__(self) -> metrics.Probe:
+        now = self.clock()
+        stale = self._users_at is None or now - self._users_at >= self.users_ttl
+        try:
+            queue, state, users = await self.dirsvc.db.run_interaction("metrics: probe", self._read_txn, stale,
+                                                                      write=False)
+        except Exception as e:  # noqa: BLE001 - any database failure means "not ready", said in one line
+            return metrics.Probe(database_ok=False, database_error=_short(e))
+        if users is not None:
+            self._users, self._users_at = users, now
+        return metrics.Probe(database_ok=True, connector_state=state, queue_rows=dict(queue.rows_by_state),
+                             oldest_change_age=queue.oldest_created_at, users_by_state=dict(self._users))
+
+    def _read_txn(self, txn: Any, with_users: bool) -> tuple[Any, str, dict[str, int] | None]:
+        """One read transaction: the queue, the connector's state and (``with_users``) the users."""
         from ldapsync.store import stats
         from ldapsync.sync.connector import read_status_txn
 
-        db = self.dirsvc.db
-        config = self.dirsvc.config
-        try:
-            await db.run_interaction("metrics: ping", stats.ping_txn, write=False)
-            queue = await db.run_interaction("metrics: queue", stats.queue_stats_txn, write=False)
-            state = "off"
-            if config.office365.enabled:
-                st = await db.run_interaction("metrics: connector state",
-                                              lambda txn: read_status_txn(self.dirsvc.directory, txn), write=False)
-                state = next(iter(st.get("o365ConnectorState") or ()), "not started")
-            now = self.clock()
-            if self._users_at is None or now - self._users_at >= self.users_ttl:
-                self._users = await db.run_interaction("metrics: users", stats.users_by_sync_state_txn, write=False)
-                self._users_at = now
-        except Exception as e:  # noqa: BLE001 - any database failure means "not ready", said in one line
-            return metrics.Probe(database_ok=False, database_error=_short(e))
-        return metrics.Probe(database_ok=True, connector_state=state, queue_rows=dict(queue.rows_by_state),
-                             oldest_change_age=queue.oldest_created_at, users_by_state=dict(self._users))
+        queue = stats.queue_stats_txn(txn)
+        state = "off"
+        if self.dirsvc.config.office365.enabled:
+            st = read_status_txn(self.dirsvc.directory, txn)
+            state = next(iter(st.get("o365ConnectorState") or ()), "not started")
+        return queue, state, stats.users_by_sync_state_txn(txn) if with_users else None
 
 
 def _short(e: BaseException) -> str:

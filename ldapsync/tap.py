@@ -20,6 +20,7 @@ from twisted.internet import ssl
 from twisted.logger import Logger
 from twisted.python import usage
 
+from ldapsync import metrics
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.services import DatabaseProbe, DirectoryService, Listener, OrderedMultiService, metrics_directory, office365_hooks
 
@@ -79,8 +80,6 @@ def make_service(config: Config) -> service.MultiService:
         log.warn("{line}", line=line)
     if config.metrics.listen:
         # Before anything counts; the Microsoft 365 worker process inherits the directory.
-        from ldapsync import metrics
-
         metrics.enable(metrics_directory(config), fresh=True)
     top = _Root()
     dirsvc = DirectoryService(config)
@@ -88,18 +87,9 @@ def make_service(config: Config) -> service.MultiService:
     ctx = starttls_context(config)
     limits = ConnectionLimits(config.ldap.max_connections, config.ldap.max_connections_per_address)
     for endpoint in config.ldap.listen:
-        factory = LDAPServerFactory(
-            dirsvc.directory,
-            max_pdu_size=config.ldap.max_pdu_size,
-            starttls_context=ctx,
-            is_tls_listener=endpoint.startswith("ssl:"),
-            idle_timeout=config.ldap.idle_timeout,
-            max_pdu_size_anonymous=config.ldap.max_pdu_size_anonymous,
-            limits=limits,
-            max_pending=config.ldap.max_pending,
-            max_pending_anonymous=config.ldap.max_pending_anonymous,
-            access=config.log.access,
-        )
+        factory = LDAPServerFactory(dirsvc.directory, config.ldap, starttls_context=ctx,
+                                    is_tls_listener=endpoint.startswith("ssl:"), limits=limits,
+                                    access=config.log.access)
         Listener(endpoint, factory, "[ldap] listen").setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which
     # they use; children stop in reverse order).
@@ -118,8 +108,6 @@ def make_service(config: Config) -> service.MultiService:
         dirsvc.hooks.extend(office365_hooks(dirsvc.directory, wake=procsvc.wake, links=selfsvc.links))
         procsvc.setServiceParent(top)
     if config.metrics.listen:
-        from ldapsync import metrics
-
         Listener(config.metrics.listen, metrics.site(DatabaseProbe(dirsvc)), "[metrics] listen").setServiceParent(top)
     return top
 

@@ -20,6 +20,10 @@ class BERError(Exception):
     """The bytes are not a well-formed LDAP message."""
 
 
+class PDUTooLarge(BERError):
+    """The message's declared length is over the size limit."""
+
+
 # -- decoding primitives -----------------------------------------------------------
 
 def read_header(buf: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int, int]:
@@ -70,7 +74,7 @@ def pdu_length(buf: bytes | bytearray, max_size: int) -> int | None:
             return None
         total = 2 + n + int.from_bytes(buf[2:2 + n], "big")
     if total > max_size:
-        raise BERError(f"message of {total} bytes exceeds the {max_size}-byte limit")
+        raise PDUTooLarge(f"message of {total} bytes exceeds the {max_size}-byte limit")
     return total
 
 

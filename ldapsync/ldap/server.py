@@ -4,7 +4,9 @@ One :class:`LDAPConnection` per client.  It frames PDUs (refusing any over
 ``[ldap] max_pdu_size``, or ``max_pdu_size_anonymous`` before a bind), decodes
 them (``ldapsync.ldap.ber``), checks controls, calls the directory and encodes
 the answer.  It holds no rules of its own: access control, schema and storage
-live in ``ldapsync.directory``.
+live in ``ldapsync.directory``.  What each connection and operation leaves behind
+(cn=Monitor counters, metrics, the access log) goes through one
+``ldapsync.ldap.observer.Observer`` per connection.
 
 Limits, like slapd's (all in ``[ldap]``):
 
@@ -30,10 +32,8 @@ errors become ``other`` with a short message and are logged here.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -41,18 +41,16 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
-from ldapsync import metrics
+from ldapsync.config import LDAPConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
-from ldapsync.directory.monitor import STATS
 from ldapsync.directory.policy import PPolicyResponse
 from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
 from ldapsync.ldap import ber
 from ldapsync.ldap.ber import BERError, enc_message, enc_result, enc_str, tlv
+from ldapsync.ldap.observer import Observer, Operation
 from ldapsync.store.database import StoreError
 
 log = Logger()
-access_log = Logger(namespace="ldapsync.access")   # [log] access: written at info whatever [log] level
-_connection_ids = itertools.count(1)
 
 OID_PAGED = "1.2.840.113556.1.4.319"
 OID_MANAGE_DSA_IT = "2.16.840.1.113730.3.4.2"
@@ -76,17 +74,6 @@ RESPONSE_TAG = {
     ber.CompareRequest: ber.COMPARE_RESPONSE,
     ber.ExtendedRequest: ber.EXTENDED_RESPONSE,
 }
-OPERATION = {ber.BIND_RESPONSE: "bind", ber.SEARCH_DONE: "search", ber.MODIFY_RESPONSE: "modify",
-             ber.ADD_RESPONSE: "add", ber.DEL_RESPONSE: "delete", ber.MODDN_RESPONSE: "modrdn",
-             ber.COMPARE_RESPONSE: "compare", ber.EXTENDED_RESPONSE: "extended"}   # names in metrics
-
-
-@dataclass
-class _Op:
-    msgid: int
-    abandoned: bool = False
-    req: Any = None           # the request: for the access log only
-    started: float = field(default_factory=time.monotonic)   # dispatch time: the operation's latency
 
 
 class LDAPConnection(protocol.Protocol, TimeoutMixin):
@@ -96,7 +83,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.address = address                    # the client's host: connection caps, bind rate limits
         self.buffer = bytearray()
         self.actor: Actor = ANONYMOUS
-        self.ops: dict[int, _Op] = {}
+        self.ops: dict[int, Operation] = {}
         self.tls = factory.is_tls_listener
         self.closing = False
         self.held: ber.Message | None = None      # a bind waiting for the operations before it
@@ -104,15 +91,12 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.write_blocked = False                # the client does not read: the transport paused us
         self.read_paused = False                  # we paused the transport (backpressure)
         self._pumping = False
-        self.id = next(_connection_ids)           # "conn=N" in the access log
+        self.observer = Observer(factory.access, self._peer)   # monitor counters, metrics, access log
 
     # -- framing -----------------------------------------------------------------
     def connectionMade(self) -> None:
         self.factory.limits.opened(self.address)
-        metrics.ldap_connection_opened()
-        STATS.opened()
-        if self.factory.access:
-            access_log.info("conn={conn} peer={peer} connection opened", conn=self.id, peer=self._peer())
+        self.observer.opened()
         self.transport.registerProducer(self, True)
         if self.factory.idle_timeout:
             self.setTimeout(self.factory.idle_timeout)
@@ -133,10 +117,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         self.factory.limits.closed(self.address)
-        metrics.ldap_connection_closed()
-        STATS.closed()
-        if self.factory.access:
-            access_log.info("conn={conn} peer={peer} connection closed", conn=self.id, peer=self._peer())
+        self.observer.closed()
         self.closing = True
         self.setTimeout(None)
         self.buffer.clear()
@@ -220,7 +201,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             return ber.decode_message(pdu)
         except BERError as e:
             hint = ""
-            if anonymous and "exceeds" in str(e):
+            if anonymous and isinstance(e, ber.PDUTooLarge):
                 hint = "; before a bind the limit is [ldap] max_pdu_size_anonymous: bind first"
             self._disconnect(ResultCode.protocolError, f"malformed request: {e}{hint}")
             return None
@@ -247,14 +228,10 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 
-    def send(self, data: bytes) -> None:
-        if not self.closing:
-            self.transport.write(data)
-
     # -- dispatch ------------------------------------------------------------------
     def _dispatch(self, msg: ber.Message) -> None:
         req = msg.op
-        STATS.op_started(type(req).__name__)
+        started = self.observer.dispatched(req)
         if isinstance(req, ber.UnbindRequest):
             self.closing = True
             self._close()
@@ -267,82 +244,58 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         if isinstance(req, ber.UnknownRequest) or msg.msgid == 0:
             self._disconnect(ResultCode.protocolError, f"unknown or unsolicited operation (tag 0x{getattr(req, 'tag', 0):02x})")
             return
-        tag = RESPONSE_TAG[type(req)]
-        op = _Op(msg.msgid, req=req, started=time.monotonic()) if self.factory.access else _Op(msg.msgid)
+        op = Operation(msg.msgid, req, RESPONSE_TAG[type(req)], started=started)
         self.ops[msg.msgid] = op
         for c in msg.controls:
             if c.critical and c.oid not in KNOWN_CONTROLS:
-                self._result(msg.msgid, tag, ResultCode.unavailableCriticalExtension,
+                self._result(op, ResultCode.unavailableCriticalExtension,
                              message=f"critical control {c.oid} is not supported")
-                STATS.op_done(type(req).__name__)
-                del self.ops[msg.msgid]
+                self._done(None, op)
                 return
-        handler: Callable[[ber.Message, _Op], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
+        handler: Callable[[ber.Message, Operation], Awaitable[None]] = getattr(self, "handle_" + type(req).__name__)
         if isinstance(req, ber.BindRequest):
             self.bind_msgid = msg.msgid
         d = defer.ensureDeferred(handler(msg, op))
-        d.addErrback(self._failed, msg, tag, op)
-        d.addBoth(STATS.op_finished, type(req).__name__)
-        d.addBoth(self._done, msg.msgid)
+        d.addErrback(self._failed, msg, op)
+        d.addBoth(self._done, op)
 
-    def _done(self, _: Any, msgid: int) -> None:
-        self.ops.pop(msgid, None)
-        if msgid == self.bind_msgid:
+    def _done(self, _: Any, op: Operation) -> None:
+        self.observer.finished(op)
+        self.ops.pop(op.msgid, None)
+        if op.msgid == self.bind_msgid:
             self.bind_msgid = None
         self._pump()
 
-    def _failed(self, failure: Any, msg: ber.Message, tag: int, op: _Op) -> None:
+    def _failed(self, failure: Any, msg: ber.Message, op: Operation) -> None:
         if op.abandoned or self.closing:
             return
         err = failure.value
         if isinstance(err, LDAPError):
             info = getattr(err, "ppolicy", None)
             controls = _ppolicy_controls(info) if info is not None and _wants_ppolicy(msg) else None
-            self._result(msg.msgid, tag, err.code, err.matched_dn, err.message, controls=controls)
+            self._result(op, err.code, err.matched_dn, err.message, controls=controls)
         elif isinstance(err, StoreError):
             log.error("LDAP {op} failed: {error}", op=type(msg.op).__name__, error=str(err))
-            self._result(msg.msgid, tag, ResultCode.unavailable, message="the directory database is not available; try again")
+            self._result(op, ResultCode.unavailable, message="the directory database is not available; try again")
         else:
             log.failure("LDAP {op} failed", failure, op=type(msg.op).__name__)
-            self._result(msg.msgid, tag, ResultCode.other, message="internal server error; see the server log")
+            self._result(op, ResultCode.other, message="internal server error; see the server log")
 
-    def _result(self, msgid: int, tag: int, code: int, matched: str = "", message: str = "", extra: bytes = b"",
+    def _result(self, op: Operation, code: int, matched: str = "", message: str = "", extra: bytes = b"",
                 controls: list[tuple[str, bool, bytes | None]] | None = None, entries: list[bytes] | None = None) -> None:
         """Every operation's result goes out here (a search's entries just before it)."""
         if self.closing:
             return
-        self._answered(msgid, tag, code)
-        done = enc_message(msgid, enc_result(tag, int(code), matched, message, extra), controls)
+        self.observer.answered(op, code)
+        done = enc_message(op.msgid, enc_result(op.tag, int(code), matched, message, extra), controls)
         if entries:
             entries.append(done)
-            done = b"".join(entries)
-        self.send(done)
-        if self.factory.access:
-            self._access(msgid, code)
-
-    def _access(self, msgid: int, code: int) -> None:
-        """The access log line of one operation (like slapd's stats level), from its result."""
-        op = self.ops.get(msgid)
-        req = op.req if op is not None else None
-        name = _OPERATION_NAMES.get(type(req), "?")
-        dn = str(req.base if isinstance(req, ber.SearchRequest) else getattr(req, "dn", ""))   # never a value
-        extra = {"oid": req.name} if isinstance(req, ber.ExtendedRequest) else {}
-        ms = (time.monotonic() - op.started) * 1000 if op is not None and op.started else 0.0
-        result = ResultCode(code).name if code in ResultCode._value2member_map_ else "unknown"
-        access_log.info('conn={conn} msgid={msgid} peer={peer} {operation} dn="{dn}"{log_oid} result={result}({code}) '
-                        "{duration_ms:.1f}ms", conn=self.id, msgid=msgid, peer=self._peer(), operation=name, dn=dn,
-                        log_oid=f" oid={req.name}" if extra else "", result=result, code=int(code),
-                        duration_ms=round(ms, 3), **extra)
-
-    def _answered(self, msgid: int, tag: int, code: int) -> None:
-        """Every operation's result passes here once (metrics; a no-op while they are off)."""
-        if not metrics.enabled():
-            return
-        op = self.ops.get(msgid)
-        metrics.ldap_operation(OPERATION[tag], _code_name(code), time.monotonic() - op.started if op else 0.0)
+            self.transport.writeSequence(entries)   # one write, no copy of the whole result here
+        else:
+            self.transport.write(done)
 
     # -- operations ----------------------------------------------------------------
-    async def handle_BindRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_BindRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.BindRequest = msg.op
         if req.version != 3:
             raise LDAPError(ResultCode.protocolError, f"LDAP version {req.version} is not supported; use version 3")
@@ -352,9 +305,9 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         actor, info = await self.directory.bind_with_policy(req.dn, req.password, source=self.address)
         self.actor = actor
         controls = _ppolicy_controls(info) if _wants_ppolicy(msg) and actor.dn is not None else None
-        self._result(msg.msgid, ber.BIND_RESPONSE, ResultCode.success, controls=controls)
+        self._result(op, ResultCode.success, controls=controls)
 
-    async def handle_SearchRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_SearchRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.SearchRequest = msg.op
         scope = SCOPES.get(req.scope)
         if scope is None:
@@ -379,7 +332,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
                     page_after = int(cookie)
                 if page_size == 0:
                     # RFC 2696: size 0 abandons the paged search.
-                    self._result(msg.msgid, ber.SEARCH_DONE, ResultCode.success,
+                    self._result(op, ResultCode.success,
                                  controls=[(OID_PAGED, False, _paged_value(0, b""))])
                     return
                 if not 0 <= page_size <= MAX_INT:
@@ -397,37 +350,37 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
         if page_size is not None:
             cookie = str(result.next_after).encode() if result.next_after is not None else b""
             controls = [(OID_PAGED, False, _paged_value(0, cookie))]
-        self._result(msg.msgid, ber.SEARCH_DONE, result.code, "", result.message, controls=controls, entries=out)
+        self._result(op, result.code, "", result.message, controls=controls, entries=out)
 
-    async def handle_AddRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_AddRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.AddRequest = msg.op
         await self.directory.add(self.actor, req.dn, req.attributes)
-        self._result(msg.msgid, ber.ADD_RESPONSE, ResultCode.success)
+        self._result(op, ResultCode.success)
 
-    async def handle_DelRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_DelRequest(self, msg: ber.Message, op: Operation) -> None:
         await self.directory.delete(self.actor, msg.op.dn)
-        self._result(msg.msgid, ber.DEL_RESPONSE, ResultCode.success)
+        self._result(op, ResultCode.success)
 
-    async def handle_ModifyRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_ModifyRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.ModifyRequest = msg.op
         await self.directory.modify(self.actor, req.dn, req.changes)
-        self._result(msg.msgid, ber.MODIFY_RESPONSE, ResultCode.success)
+        self._result(op, ResultCode.success)
 
-    async def handle_ModifyDNRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_ModifyDNRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.ModifyDNRequest = msg.op
         await self.directory.modify_dn(self.actor, req.dn, req.new_rdn, req.delete_old, req.new_superior)
-        self._result(msg.msgid, ber.MODDN_RESPONSE, ResultCode.success)
+        self._result(op, ResultCode.success)
 
-    async def handle_CompareRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_CompareRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.CompareRequest = msg.op
         same = await self.directory.compare(self.actor, req.dn, req.attr, req.value)
-        self._result(msg.msgid, ber.COMPARE_RESPONSE, ResultCode.compareTrue if same else ResultCode.compareFalse)
+        self._result(op, ResultCode.compareTrue if same else ResultCode.compareFalse)
 
-    async def handle_ExtendedRequest(self, msg: ber.Message, op: _Op) -> None:
+    async def handle_ExtendedRequest(self, msg: ber.Message, op: Operation) -> None:
         req: ber.ExtendedRequest = msg.op
         if req.name == OID_WHOAMI:
             authz = f"dn:{self.actor.dn}" if self.actor.dn is not None else ""
-            self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=enc_str(authz, 0x8B))
+            self._result(op, ResultCode.success, extra=enc_str(authz, 0x8B))
             return
         if req.name == OID_PASSWD:
             user = old = new = None
@@ -448,7 +401,7 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             extra = b""
             if generated is not None:
                 extra = enc_str(tlv(0x30, enc_str(generated, 0x80)), 0x8B)
-            self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=extra)
+            self._result(op, ResultCode.success, extra=extra)
             return
         if req.name == OID_STARTTLS:
             ctx = self.factory.starttls_context
@@ -460,18 +413,13 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
                 raise LDAPError(ResultCode.operationsError, "StartTLS needs all other operations to be finished")
             if not ITLSTransport.providedBy(self.transport):
                 raise LDAPError(ResultCode.unavailable, "this transport cannot start TLS")
-            self._result(msg.msgid, ber.EXTENDED_RESPONSE, ResultCode.success, extra=enc_str(OID_STARTTLS, 0x8A))
+            self._result(op, ResultCode.success, extra=enc_str(OID_STARTTLS, 0x8A))
             self.transport.unregisterProducer()      # re-registered through the TLS layer
             self.transport.startTLS(ctx)
             self.transport.registerProducer(self, True)
             self.tls = True
             return
         raise LDAPError(ResultCode.protocolError, f"unsupported extended operation {req.name}")
-
-
-_OPERATION_NAMES = {ber.BindRequest: "BIND", ber.SearchRequest: "SEARCH", ber.ModifyRequest: "MODIFY",
-                    ber.AddRequest: "ADD", ber.DelRequest: "DELETE", ber.ModifyDNRequest: "MODRDN",
-                    ber.CompareRequest: "COMPARE", ber.ExtendedRequest: "EXTENDED"}
 
 
 def _wants_ppolicy(msg: ber.Message) -> bool:
@@ -482,13 +430,6 @@ def _ppolicy_controls(info: PPolicyResponse) -> list[tuple[str, bool, bytes | No
     value = ber.enc_ppolicy_response(info.time_before_expiration, info.grace_authns_remaining,
                                      None if info.error is None else int(info.error))
     return [(OID_PPOLICY, False, value)]
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ResultCode(code).name
-    except ValueError:
-        return str(int(code))
 
 
 def _paged_value(size: int, cookie: bytes) -> bytes:
@@ -549,25 +490,23 @@ class ConnectionLimits:
 
 
 class LDAPServerFactory(protocol.ServerFactory):
+    """One per ``[ldap] listen`` endpoint; ``config`` gives the per-connection limits (the
+    connection caps live in ``limits``, shared by every listener of the process)."""
+
     noisy = False      # no "Starting factory <...>" lines: the port's "starting on N" says it
-    def __init__(self, directory: Directory, *, max_pdu_size: int = 10 * 1024 * 1024,
-                 starttls_context: Any = None, is_tls_listener: bool = False, idle_timeout: float = 0.0,
-                 max_pdu_size_anonymous: int = 256 * 1024, max_pending: int = 1000, max_pending_anonymous: int = 100,
-                 limits: ConnectionLimits | None = None, access: bool = False) -> None:
+
+    def __init__(self, directory: Directory, config: LDAPConfig = LDAPConfig(), *, starttls_context: Any = None,
+                 is_tls_listener: bool = False, limits: ConnectionLimits | None = None, access: bool = False) -> None:
         self.directory = directory
         self.access = access                      # [log] access: one line per operation
-        self.idle_timeout = idle_timeout
-        self.max_pdu_size = max_pdu_size
-        self.max_pdu_size_anonymous = max_pdu_size_anonymous
-        self.max_pending = max_pending
-        self.max_pending_anonymous = max_pending_anonymous
+        self.idle_timeout = config.idle_timeout
+        self.max_pdu_size = config.max_pdu_size
+        self.max_pdu_size_anonymous = config.max_pdu_size_anonymous
+        self.max_pending = config.max_pending
+        self.max_pending_anonymous = config.max_pending_anonymous
         self.starttls_context = starttls_context
         self.is_tls_listener = is_tls_listener
         self.limits = limits or ConnectionLimits()
-
-    @property
-    def connections(self) -> int:
-        return self.limits.connections
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         address = str(getattr(addr, "host", None) or getattr(addr, "name", None) or "local")
