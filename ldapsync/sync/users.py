@@ -17,6 +17,7 @@ from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.outbox import held_users_txn
 from ldapsync.sync.connector import DIRECTORY_VALUE, tag_dn
+from ldapsync.sync.status import entry_by_uuid_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -50,10 +51,10 @@ def bound_users_txn(d: Directory, txn: Txn) -> list[BoundUser]:
         found.update(store.get_entries_txn(txn, norms))
     held = held_users_txn(txn)
     bound = set(found)
-    uuid_type = d.attribute("entryUUID")
     seen = {_first(e.attrs.get("entryUUID")) for e in found.values()}
     for uuid in sorted(held - seen):
-        for e in store.entries_with_value_txn(txn, "entryuuid", d.schema.normalize(uuid_type, uuid)):
+        e = entry_by_uuid_txn(d, txn, uuid)
+        if e is not None:
             found[e.dn_norm] = e
     users = [BoundUser(e.dn, _first(e.attrs.get("mail")), _first(e.attrs.get("o365SyncState")),
                        _first(e.attrs.get("o365LastError")), _first(e.attrs.get("entryUUID")) in held,
