@@ -166,8 +166,7 @@ class GroupWriter:
             raw.commit()
         except BaseException as e:  # noqa: BLE001 - every write of the group fails; none is retried
             _rollback(raw)
-            failure = Failure(StoreError(f"database error during COMMIT of {len(ran)} writes: "
-                                         f"{type(e).__name__}: {e}"))
+            failure = Failure(StoreError.during(f"COMMIT of {len(ran)} writes", e))
             for item in ran:
                 self._finish(item, item.outcome if isinstance(item.outcome, Failure) else failure)
             return
@@ -210,6 +209,5 @@ class GroupWriter:
 
         e = f.value
         if isinstance(e, (DBAPIError, self.db._dbapi_error)):
-            orig = getattr(e, "orig", e)
-            return Failure(StoreError(f"database error during {desc}: {type(orig).__name__}: {orig}"))
+            return Failure(StoreError.during(desc, e))
         return f
