@@ -221,7 +221,7 @@ class Reconciler:
                 continue               # never bound by us, or imported and not bound: leave it alone
             desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
             if drift(desired, item):
-                if self._pending_txn(txn, desired.entry_uuid):
+                if has_ready_row_txn(txn, desired.entry_uuid):
                     continue           # already queued: the worker will converge it
                 rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
                 report.drifted.append(e.dn)
@@ -283,6 +283,3 @@ class Reconciler:
             })
             report.deleted.append(e.dn)
         w.finish()
-
-    def _pending_txn(self, txn: Txn, entry_uuid: str) -> bool:
-        return has_ready_row_txn(txn, entry_uuid)
