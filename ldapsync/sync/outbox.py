@@ -54,6 +54,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange
+from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -253,7 +254,7 @@ class OutboxPlanner:
         """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
 
         def run(txn: Txn) -> bool:
-            w = Write(self.directory, txn, str(dn), "o365-status", Origin.SYNC_STATUS)
+            w = Write(self.directory, txn, str(dn), STATUS_OPERATION, Origin.SYNC_STATUS)
             st = w.get(dn)
             if st is None or st.attrs is None or st.attrs.get("o365PasswordPending") != ["TRUE"]:
                 return False

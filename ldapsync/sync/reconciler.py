@@ -34,6 +34,7 @@ from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
+from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -270,7 +271,7 @@ class Reconciler:
     def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
         if not gone:
             return
-        w = Write(self.d, txn, str(self.d.admin_dn), "o365-status", Origin.SYNC_STATUS)
+        w = Write(self.d, txn, str(self.d.admin_dn), STATUS_OPERATION, Origin.SYNC_STATUS)
         for e in gone:
             try:
                 st = w.track(e)
