@@ -47,7 +47,7 @@ from twisted.logger import Logger
 
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
-from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
+from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.writes import Write
 from ldapsync.graph.crypto import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
@@ -182,18 +182,15 @@ class OutboxPlanner:
             return
         cleartext = cs.cleartext
         rows: list[tuple[dict[str, Any], str | None]] = []
-        status: dict[str, StatusValues] = {}
         for ch in cs.changes:
             row = self._plan(txn, ch, cleartext)
             if row is not None:
                 rows.append(row)
                 if ch.kind != "delete" and first(ch.new, "o365SyncState") != "pending":
                     # shown on the entry until the worker writes synced/disabled/error
-                    status[ch.dn_norm] = {"o365SyncState": ["pending"]}
+                    cs.request_status(ch.dn_norm, {"o365SyncState": ["pending"]})
         if not rows:
             return
-        for norm, values in status.items():
-            cs.request_status(norm, values)
         disables = sum(1 for fields, _ in rows if not fields["bound"])
         held = disables > self.disable_threshold
         now = self.clock()
