@@ -75,6 +75,12 @@ log = Logger()
 class StoreError(Exception):
     """The database could not do what was asked (unreachable, locked too long...)."""
 
+    @classmethod
+    def during(cls, desc: str, e: BaseException) -> StoreError:
+        """The error a caller sees for a database error ``e`` (SQLAlchemy's or the driver's) in ``desc``."""
+        orig = getattr(e, "orig", e)
+        return cls(f"database error during {desc}: {type(orig).__name__}: {orig}")
+
 
 @dataclass
 class Txn:
@@ -484,7 +490,7 @@ class Database:
                     log.info("retrying {desc} after {error}", desc=desc, error=type(getattr(e, "orig", e)).__name__)
                     time.sleep(0.01 * 2**attempt)
                     continue
-                raise StoreError(f"database error during {desc}: {type(getattr(e, 'orig', e)).__name__}: {getattr(e, 'orig', e)}") from e
+                raise StoreError.during(desc, e) from e
             finally:
                 if fairy is not None:
                     with contextlib.suppress(Exception):

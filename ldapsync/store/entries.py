@@ -160,10 +160,6 @@ def descendants_txn(txn: Txn, path: str) -> list[StoredEntry]:
     return [_row(r) for r in txn.rows(f"SELECT {_COLS} FROM entries WHERE path > ? AND path < ? ORDER BY path", (lo, hi))]
 
 
-def count_entries_txn(txn: Txn) -> int:
-    return int(txn.rows("SELECT COUNT(*) FROM entries")[0][0])
-
-
 # -- candidate selection for searches -------------------------------------------
 
 def _upper(prefix: str) -> str:

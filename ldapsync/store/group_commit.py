@@ -32,9 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import DBAPIError
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+# database.py imports this module only when a Database is built, so no import cycle
+from ldapsync.store.database import StoreError, Txn, _begin_write, _rollback
 
 if TYPE_CHECKING:
     from ldapsync.store.database import Database
@@ -124,8 +128,6 @@ class GroupWriter:
         self._finish(item, outcome)
 
     def run_group(self, batch: list[Item]) -> None:
-        from ldapsync.store.database import StoreError, Txn, _begin_write, _rollback
-
         if len(batch) == 1:
             self._alone(batch[0])
             return
@@ -166,8 +168,7 @@ class GroupWriter:
             raw.commit()
         except BaseException as e:  # noqa: BLE001 - every write of the group fails; none is retried
             _rollback(raw)
-            failure = Failure(StoreError(f"database error during COMMIT of {len(ran)} writes: "
-                                         f"{type(e).__name__}: {e}"))
+            failure = Failure(StoreError.during(f"COMMIT of {len(ran)} writes", e))
             for item in ran:
                 self._finish(item, item.outcome if isinstance(item.outcome, Failure) else failure)
             return
@@ -191,8 +192,6 @@ class GroupWriter:
     def _lost(self, raw: Any, ran: list[Item], rest: list[Item]) -> None:
         """The transaction is gone: nothing of it was committed or acknowledged; writes that
         failed on their own keep their error, the others run again one by one."""
-        from ldapsync.store.database import _rollback
-
         _rollback(raw)
         log.warn("SQLite rolled back a group of {n} writes; running them one by one", n=len(ran) + len(rest))
         for item in ran + rest:
@@ -204,12 +203,7 @@ class GroupWriter:
 
     def _as_store_error(self, desc: str, f: Failure) -> Failure:
         """Database errors become StoreError as in Database._run; anything else is the caller's."""
-        from sqlalchemy.exc import DBAPIError
-
-        from ldapsync.store.database import StoreError
-
         e = f.value
         if isinstance(e, (DBAPIError, self.db._dbapi_error)):
-            orig = getattr(e, "orig", e)
-            return Failure(StoreError(f"database error during {desc}: {type(orig).__name__}: {orig}"))
+            return Failure(StoreError.during(desc, e))
         return f

@@ -270,12 +270,6 @@ def queue_counts_txn(txn: Txn) -> dict[str, int]:
     return out
 
 
-def next_due_txn(txn: Txn) -> float | None:
-    """When the earliest ready row becomes due (None: nothing ready)."""
-    rows = txn.rows("SELECT MIN(next_attempt_at) FROM o365_outbox WHERE state = 'ready'")
-    return float(rows[0][0]) if rows and rows[0][0] is not None else None
-
-
 # -- creates in flight ------------------------------------------------------------------------
 # A POST /users whose reply is lost (connection reset, node killed) still made the account.  The
 # worker records that it is about to create a user before sending, so that the retry, finding the

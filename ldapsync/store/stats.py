@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from ldapsync.store.database import Txn
+from ldapsync.store.outbox import queue_counts_txn
 
 
 @dataclass(frozen=True)
@@ -19,9 +20,10 @@ class QueueStats:
 
 
 def queue_stats_txn(txn: Txn) -> QueueStats:
-    by_state = {state: int(n) for state, n in txn.rows("SELECT state, COUNT(*) FROM o365_outbox GROUP BY state")}
+    """The queue's rows per state (:func:`~ldapsync.store.outbox.queue_counts_txn`, as the worker's
+    ``o365QueueDepth`` counts them) and the creation time of its oldest row not in error."""
     oldest = txn.rows("SELECT MIN(created_at) FROM o365_outbox WHERE state <> 'error'")
-    return QueueStats(by_state, float(oldest[0][0]) if oldest and oldest[0][0] is not None else None)
+    return QueueStats(queue_counts_txn(txn), float(oldest[0][0]) if oldest and oldest[0][0] is not None else None)
 
 
 def users_by_sync_state_txn(txn: Txn) -> dict[str, int]:

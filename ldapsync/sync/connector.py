@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from ldapsync.directory.dn import DN
-from ldapsync.directory.hooks import Origin
+from ldapsync.directory.hooks import Origin, StatusValues
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
@@ -91,7 +91,7 @@ def ensure_entries_txn(d: "Directory", txn: Txn) -> list[str]:
     return done
 
 
-def write_status_txn(d: "Directory", txn: Txn, values: dict[str, list[str] | None]) -> None:
+def write_status_txn(d: "Directory", txn: Txn, values: StatusValues) -> None:
     """Set (list) or remove (None) operational status attributes on the connector entry."""
     w = Write(d, txn, str(d.admin_dn), "connector-status", Origin.CONNECTOR)
     st = w.get(connector_dn(d))
@@ -327,7 +327,7 @@ class Connector:
 
     async def _write(self, state: ConnectorState, domains: list[str] | None, expiry: datetime | None,
                      error: str | None, *, success: bool = False) -> None:
-        values: dict[str, list[str] | None] = {
+        values: StatusValues = {
             "o365ConnectorState": [state.value],
             "o365AuthMode": [self.auth_mode],
             "o365LastError": [error] if error else None,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ldapsync.directory.hooks import StatusValues
 from ldapsync.directory.passwords import generate_password
 from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import NotFound, ObjectConflict
@@ -63,12 +64,9 @@ class PermanentError(Exception):
     """Retrying the same request will not help; shown on the entry as ``o365LastError``."""
 
 
-Status = dict[str, list[str] | None]
-
-
 @dataclass
 class Outcome:
-    status: Status | None          # None: no entry to write to (deleted)
+    status: StatusValues | None    # None: no entry to write to (deleted)
     object_id: str | None = None
     what: str = ""
     # Created with sign-in blocked although the user has a directory password (only its hash):
@@ -126,7 +124,7 @@ class GraphMapping:
         client = self.connector.client
         if not object_id:
             # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
-            cleared: Status = {"o365SyncState": None, "o365LastError": None, "o365SyncedAt": None}
+            cleared: StatusValues = {"o365SyncState": None, "o365LastError": None, "o365SyncedAt": None}
             status = None if desired.deleted or not has_entry else cleared
             return Outcome(status, None, "unbound before it was provisioned: nothing to do")
         try:
@@ -141,7 +139,7 @@ class GraphMapping:
             if self.config.unbind_action != "block":
                 await client.revoke_sessions(object_id)
                 what += ", sessions revoked"
-        disabled: Status = {"o365ObjectId": [object_id], "o365SyncState": [SyncState.disabled.value],
+        disabled: StatusValues = {"o365ObjectId": [object_id], "o365SyncState": [SyncState.disabled.value],
                             "o365SyncedAt": [now_generalized()], "o365LastError": None}
         status = None if desired.deleted else disabled
         return Outcome(status, object_id, what)
@@ -240,8 +238,8 @@ class GraphMapping:
             pending = True                               # a linked account has a password we never set
         return Outcome(self._synced(oid, pending=pending), oid, what)
 
-    def _synced(self, oid: str, *, pending: bool | None = None) -> Status:
-        status: Status = {"o365ObjectId": [oid], "o365SyncState": [SyncState.synced.value],
+    def _synced(self, oid: str, *, pending: bool | None = None) -> StatusValues:
+        status: StatusValues = {"o365ObjectId": [oid], "o365SyncState": [SyncState.synced.value],
                           "o365SyncedAt": [now_generalized()], "o365LastError": None}
         if pending is not None:
             # o365PasswordPending: the next successful bind hands the cleartext to the outbox.

@@ -48,13 +48,14 @@ from twisted.logger import Logger
 from ldapsync.directory import binding
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
-from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
+from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.writes import Write
 from ldapsync.graph.crypto import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange
+from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -165,18 +166,15 @@ class OutboxPlanner:
             return
         cleartext = cs.cleartext
         rows: list[tuple[dict[str, Any], str | None]] = []
-        status: dict[str, StatusValues] = {}
         for ch in cs.changes:
             row = self._plan(txn, ch, cleartext)
             if row is not None:
                 rows.append(row)
                 if ch.kind != "delete" and first(ch.new, "o365SyncState") != "pending":
                     # shown on the entry until the worker writes synced/disabled/error
-                    status[ch.dn_norm] = {"o365SyncState": ["pending"]}
+                    cs.request_status(ch.dn_norm, {"o365SyncState": ["pending"]})
         if not rows:
             return
-        for norm, values in status.items():
-            cs.request_status(norm, values)
         disables = sum(1 for fields, _ in rows if not fields["bound"])
         held = disables > self.disable_threshold
         now = self.clock()
@@ -237,7 +235,7 @@ class OutboxPlanner:
         """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
 
         def run(txn: Txn) -> bool:
-            w = Write(self.directory, txn, str(dn), "o365-status", Origin.SYNC_STATUS)
+            w = Write(self.directory, txn, str(dn), STATUS_OPERATION, Origin.SYNC_STATUS)
             st = w.get(dn)
             if st is None or st.attrs is None or st.attrs.get("o365PasswordPending") != ["TRUE"]:
                 return False

@@ -34,6 +34,7 @@ from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
+from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -221,7 +222,7 @@ class Reconciler:
                 continue               # never bound by us, or imported and not bound: leave it alone
             desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
             if drift(desired, item):
-                if self._pending_txn(txn, desired.entry_uuid):
+                if has_ready_row_txn(txn, desired.entry_uuid):
                     continue           # already queued: the worker will converge it
                 rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
                 report.drifted.append(e.dn)
@@ -270,7 +271,7 @@ class Reconciler:
     def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
         if not gone:
             return
-        w = Write(self.d, txn, str(self.d.admin_dn), "o365-status", Origin.SYNC_STATUS)
+        w = Write(self.d, txn, str(self.d.admin_dn), STATUS_OPERATION, Origin.SYNC_STATUS)
         for e in gone:
             try:
                 st = w.track(e)
@@ -283,6 +284,3 @@ class Reconciler:
             })
             report.deleted.append(e.dn)
         w.finish()
-
-    def _pending_txn(self, txn: Txn, entry_uuid: str) -> bool:
-        return has_ready_row_txn(txn, entry_uuid)

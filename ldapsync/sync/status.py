@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from ldapsync.directory.errors import LDAPError, ResultCode
-from ldapsync.directory.hooks import Origin
+from ldapsync.directory.hooks import Origin, StatusValues
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
@@ -42,7 +42,7 @@ def entry_by_uuid_txn(d: Directory, txn: Txn, entry_uuid: str) -> StoredEntry | 
     return None
 
 
-def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: dict[str, list[str] | None],
+def write_user_status_txn(d: Directory, txn: Txn, entry_uuid: str, values: StatusValues,
                           operation: str = STATUS_OPERATION, origin: Origin = Origin.SYNC_STATUS) -> bool:
     """Set (list) or remove (None) status attributes on the user; False when the entry is gone.
     ``operation`` names the write, ``origin`` says who makes it (the self-service bookkeeping is

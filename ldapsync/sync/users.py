@@ -17,6 +17,8 @@ from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.outbox import held_users_txn
 from ldapsync.sync.connector import DIRECTORY_VALUE, tag_dn
+from ldapsync.sync.outbox import first
+from ldapsync.sync.status import entry_by_uuid_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -37,10 +39,6 @@ class BoundUser:
         return self.held if state == "held" else self.state == state
 
 
-def _first(values: list[str] | None) -> str | None:
-    return values[0] if values else None
-
-
 def bound_users_txn(d: Directory, txn: Txn) -> list[BoundUser]:
     """Every bound user, sorted by DN."""
     found = {e.dn_norm: e for e in store.entries_with_value_txn(txn, "ldapsyncdirectory", DIRECTORY_VALUE)}
@@ -50,13 +48,13 @@ def bound_users_txn(d: Directory, txn: Txn) -> list[BoundUser]:
         found.update(store.get_entries_txn(txn, norms))
     held = held_users_txn(txn)
     bound = set(found)
-    uuid_type = d.attribute("entryUUID")
-    seen = {_first(e.attrs.get("entryUUID")) for e in found.values()}
+    seen = {first(e.attrs, "entryUUID") for e in found.values()}
     for uuid in sorted(held - seen):
-        for e in store.entries_with_value_txn(txn, "entryuuid", d.schema.normalize(uuid_type, uuid)):
+        e = entry_by_uuid_txn(d, txn, uuid)
+        if e is not None:
             found[e.dn_norm] = e
-    users = [BoundUser(e.dn, _first(e.attrs.get("mail")), _first(e.attrs.get("o365SyncState")),
-                       _first(e.attrs.get("o365LastError")), _first(e.attrs.get("entryUUID")) in held,
+    users = [BoundUser(e.dn, first(e.attrs, "mail"), first(e.attrs, "o365SyncState"),
+                       first(e.attrs, "o365LastError"), first(e.attrs, "entryUUID") in held,
                        bound=e.dn_norm in bound)
              for e in found.values()]
     return sorted(users, key=lambda u: u.dn.lower())

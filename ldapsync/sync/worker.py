@@ -70,16 +70,15 @@ from ldapsync.store import links as links_q
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
-from ldapsync.sync.graph_mapping import GraphMapping, Outcome, PermanentError, known_changes
+from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.outbox import DesiredUser
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
 
-__all__ = ["OutboxWorker", "Outcome", "PermanentError", "RetryPolicy", "default_node_id"]
-
 log = Logger()
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
