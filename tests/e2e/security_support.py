@@ -5,16 +5,16 @@
   send: pipelined binds, oversized or half-sent PDUs, requests never read.
 - The server process's resident memory and CPU time from /proc.
 - :func:`run_slapd_ppolicy`: the reference — a private OpenLDAP slapd on
-  loopback with the ppolicy overlay (lockout after ``max_failure`` wrong
-  passwords) and its default limits (``sockbuf_max_incoming`` 256 KiB before a
-  bind, ``conn_max_pending`` 100), to compare ldapsync's behaviour with.
+  loopback (``slapd_support.run_slapd``) with the ppolicy overlay (lockout
+  after ``max_failure`` wrong passwords) and its default limits
+  (``sockbuf_max_incoming`` 256 KiB before a bind, ``conn_max_pending``
+  100), to compare ldapsync's behaviour with.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -22,13 +22,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from conftest import free_port, wait_port  # type: ignore[import-not-found]
 from helpers import ADMIN_DN, PEOPLE, SUFFIX, parse_ldif_output, unique
 from perf.loadgen import ber_int, bind_op, frame, octets, tlv
-
-SLAPD = "/usr/sbin/slapd"
-SCHEMA_DIR = Path("/etc/ldap/schema")
+from slapd_support import run_slapd
 
 BIND_RESPONSE = 0x61
 SEARCH_DONE = 0x65
@@ -212,28 +208,8 @@ class Slapd:
 
 @contextlib.contextmanager
 def run_slapd_ppolicy(workdir: Path, *, max_failure: int = 5) -> Iterator[Slapd]:
-    if not (os.path.exists(SLAPD) and (SCHEMA_DIR / "nis.schema").exists() and shutil.which("slappasswd")):
-        pytest.fail("OpenLDAP slapd is not installed: tests/setup-and-run.sh installs it (apt-get install slapd)")
-    (workdir / "db").mkdir(parents=True)
-    pw = "secret-" + unique()
-    hashed = subprocess.run(["slappasswd", "-s", pw], capture_output=True, text=True, check=True).stdout.strip()
-    conf = workdir / "slapd.conf"
-    conf.write_text("\n".join([
-        *(f"include {SCHEMA_DIR / n}.schema" for n in ("core", "cosine", "inetorgperson", "nis")),
-        f"pidfile {workdir / 'slapd.pid'}",
-        "modulepath /usr/lib/ldap", "moduleload back_mdb", "moduleload ppolicy",
-        "database mdb", f'suffix "{SUFFIX}"', f'rootdn "{ADMIN_DN}"', f"rootpw {hashed}",
-        f"directory {workdir / 'db'}", "maxsize 104857600",
-        "overlay ppolicy", f'ppolicy_default "cn=default,ou=policies,{SUFFIX}"',
-        "access to attrs=userPassword by self write by anonymous auth by * none",
-        "access to * by self write by users read by * none", "",
-    ]))
-    port = free_port()
-    proc = subprocess.Popen([SLAPD, "-f", str(conf), "-h", f"ldap://127.0.0.1:{port}/", "-d", "0"],
-                            stdout=open(workdir / "slapd.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_port(port, proc, log=workdir / "slapd.log")
-        s = Slapd(port, pw, workdir)
+    with run_slapd(workdir, ppolicy_default=f"cn=default,ou=policies,{SUFFIX}") as proc:
+        s = Slapd(proc.port, proc.admin_pw, proc.workdir)
         s.add(f"dn: {SUFFIX}\nobjectClass: dcObject\nobjectClass: organization\ndc: example\no: example\n\n"
               f"dn: {PEOPLE}\nobjectClass: organizationalUnit\nou: people\n\n"
               f"dn: ou=policies,{SUFFIX}\nobjectClass: organizationalUnit\nou: policies\n\n"
@@ -241,10 +217,3 @@ def run_slapd_ppolicy(workdir: Path, *, max_failure: int = 5) -> Iterator[Slapd]
               f"pwdAttribute: userPassword\npwdMaxFailure: {max_failure}\npwdLockout: TRUE\n"
               "pwdLockoutDuration: 600\npwdFailureCountInterval: 600\n")
         yield s
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -18,12 +18,8 @@ against the attribute's syntax: invalidAttributeSyntax).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +27,10 @@ from pathlib import Path
 import pytest
 from helpers import ADMIN_DN, GROUPS, PEOPLE, SUFFIX, unique
 from ldap3 import BASE, MODIFY_ADD, MODIFY_DELETE, MODIFY_INCREMENT, MODIFY_REPLACE, NONE, SIMPLE, Connection, Server
+from slapd_support import run_slapd
 
 pytestmark = pytest.mark.e2e
 
-SLAPD = "/usr/sbin/slapd"
-SCHEMA_DIR = Path("/etc/ldap/schema")
 ROOT = Path(__file__).resolve().parents[2]
 
 # -- targets --------------------------------------------------------------------------
@@ -391,49 +386,15 @@ def test_nothing_was_written(target: Target) -> None:
 
 # -- the reference: a private slapd -------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    if not (os.path.exists(SLAPD) and (SCHEMA_DIR / "nis.schema").exists() and shutil.which("slappasswd")):
-        pytest.fail("OpenLDAP slapd is not installed: tests/setup-and-run.sh installs it (apt-get install slapd)")
     d = tmp_path_factory.mktemp("slapd")
-    (d / "db").mkdir()
     # ldapsync.schema minus its operational attributes (slapd refuses user-defined operational types)
     lines = (ROOT / "schema" / "ldapsync.schema").read_text().split("\n\n")
     own = "\n\n".join(b for b in lines if "USAGE directoryOperation" not in b)
     (d / "ldapsync.schema").write_text(own)
-    pw = "secret-" + unique()
-    hashed = subprocess.run(["slappasswd", "-s", pw], capture_output=True, text=True, check=True).stdout.strip()
-    conf = d / "slapd.conf"
-    conf.write_text("\n".join([
-        *(f"include {SCHEMA_DIR / n}.schema" for n in ("core", "cosine", "inetorgperson", "nis")),
-        f"include {d / 'ldapsync.schema'}",
-        f"pidfile {d / 'slapd.pid'}",
-        "modulepath /usr/lib/ldap", "moduleload back_mdb",
-        "database mdb", f'suffix "{SUFFIX}"', f'rootdn "{ADMIN_DN}"', f"rootpw {hashed}",
-        f"directory {d / 'db'}", "maxsize 104857600",
-        "access to attrs=userPassword by self write by anonymous auth by * none",
-        "access to * by self write by users read by * none", "",
-    ]))
-    port = _free_port()
-    proc = subprocess.Popen([SLAPD, "-f", str(conf), "-h", f"ldap://127.0.0.1:{port}/", "-d", "0"],
-                            stdout=open(d / "slapd.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"slapd did not start: {(d / 'slapd.log').read_text()}")
-                time.sleep(0.1)
-        t = Target("127.0.0.1", port, ADMIN_DN, pw)
+    with run_slapd(d, extra_schema=(d / "ldapsync.schema",)) as proc:
+        t = Target("127.0.0.1", proc.port, ADMIN_DN, proc.admin_pw)
         c = t.admin()
         for dn, attrs in [
             (SUFFIX, {"objectClass": ["dcObject", "organization"], "dc": "example", "o": "example"}),
@@ -444,13 +405,6 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         t.setup()
         yield t
         t.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("case,request_fn,code,matched", CASES, ids=[c[0] for c in CASES])

@@ -16,17 +16,6 @@ pytestmark = pytest.mark.e2e
 
 BIN = Path(sys.executable).parent
 EXPECTED = ["ldap", "admin dn", "admin password file", "pages", "mail", "tenant"]
-ALICE = """dn: uid=alice,ou=people,dc=example,dc=com
-objectClass: inetOrgPerson
-objectClass: ldapsyncUser
-uid: alice
-cn: Alice Smith
-sn: Smith
-givenName: Alice
-mail: alice@example.com
-userPassword: Correct-Horse-7
-ldapsyncDirectory: office365
-"""
 
 
 def _read_lines(proc: subprocess.Popen, timeout: float) -> dict[str, str]:
@@ -44,6 +33,25 @@ def _read_lines(proc: subprocess.Popen, timeout: float) -> dict[str, str]:
         if time.monotonic() > deadline:
             raise AssertionError(f"the demo printed only {got} in {timeout:.0f} s")
     return got
+
+
+def _printed_ldif(proc: subprocess.Popen, timeout: float) -> str:
+    """The LDIF the demo's "Try it" text feeds to ldapadd (between ``<<'EOF'`` and ``EOF``)."""
+    assert proc.stdout is not None
+    ldif: list[str] | None = None
+    deadline = time.monotonic() + timeout
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the demo ended before printing the ldapadd example (rc={proc.poll()})")
+        if ldif is not None:
+            if line.rstrip("\n") == "EOF":
+                return "".join(ldif)
+            ldif.append(line)
+        elif line.startswith("ldapadd ") and line.rstrip("\n").endswith("<<'EOF'"):
+            ldif = []
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the demo printed no ldapadd example in {timeout:.0f} s")
 
 
 def _port_open(port: int) -> bool:
@@ -65,8 +73,9 @@ def test_demo_binds_a_user_and_stops_everything_on_ctrl_c(tmp_path: Path) -> Non
         assert list(lines)[:6] == EXPECTED
         ldap_url, pw_file, admin = lines["ldap"], lines["admin password file"], lines["admin dn"]
         ldap_port = int(ldap_url.rsplit(":", 1)[1])
+        # alice, as the demo tells its user to add her
         add = subprocess.run(["ldapadd", "-x", "-H", ldap_url, "-D", admin, "-y", pw_file],
-                             input=ALICE, capture_output=True, text=True, timeout=60)
+                             input=_printed_ldif(proc, timeout=60), capture_output=True, text=True, timeout=60)
         assert add.returncode == 0, add.stderr
         deadline = time.monotonic() + 90
         listed = ""

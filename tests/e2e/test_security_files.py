@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_cert, office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, parse_ldif_output, unique, user_ldif, wait_for
+from helpers import PEOPLE, add_user, parse_ldif_output, unique, user_ldif, wait_for
 
 pytestmark = pytest.mark.e2e
 DOMAIN = "contoso.com"
@@ -176,11 +176,6 @@ def test_a_ca_bundle_planted_in_tmp_is_not_trusted(make_server, fake_tenant, tmp
     assert not list(Path(tempfile.gettempdir()).glob("ldapsync-ca-*.pem.*.tmp"))
 
 
-def _user(uid: str, password: str) -> str:
-    return (f"dn: uid={uid},{PEOPLE}\nobjectClass: inetOrgPerson\nobjectClass: ldapsyncUser\nuid: {uid}\n"
-            f"cn: {uid}\nsn: Test\nmail: {uid}@{DOMAIN}\nuserPassword: {password}\nldapsyncDirectory: office365\n\n")
-
-
 def test_a_queued_password_moved_to_another_users_row_is_not_delivered(make_server, fake_tenant):
     from sync.test_worker import wait_active  # type: ignore[import-not-found]
 
@@ -193,7 +188,7 @@ def test_a_queued_password_moved_to_another_users_row_is_not_delivered(make_serv
         ann, bob, cid = unique("ann"), unique("bob"), unique("cid")
         pw = {ann: "Ann-Pass-1234", bob: "Bob-Pass-1234", cid: "Cid-Pass-1234"}
         for uid in (ann, bob, cid):
-            srv.run("ldapadd", input=_user(uid, pw[uid]), check=True)
+            add_user(srv, uid, bound=True, password=pw[uid])       # mail: uid@contoso.com (DOMAIN)
 
         def uuid_of(uid: str) -> str:
             p = srv.run("ldapsearch", "-LLL", "-b", f"uid={uid},{PEOPLE}", "-s", "base", "(objectClass=*)", "entryUUID")

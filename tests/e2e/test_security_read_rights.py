@@ -49,6 +49,11 @@ def ensure_admins_group(server) -> None:
                    check=True)
 
 
+def admins_member(server, op: str, dn: str) -> None:
+    """``op`` ("add" or "delete") ``dn`` as a member of cn=admins."""
+    server.run("ldapmodify", input=f"dn: {ADMINS}\nchangetype: modify\n{op}: member\nmember: {dn}\n", check=True)
+
+
 def read(c: Connection, dn: str, *attrs: str) -> dict[str, list[str]]:
     assert c.search(dn, "(objectClass=*)", search_scope=BASE, attributes=list(attrs) or ["*", "+"]), c.result
     return {k: [str(x) for x in v] for k, v in c.entries[0].entry_attributes_as_dict.items() if v}
@@ -59,13 +64,12 @@ def read(c: Connection, dn: str, *attrs: str) -> dict[str, list[str]]:
 def test_removed_admin_loses_rights_on_an_open_connection(server):
     ensure_admins_group(server)
     carol, bob = add_user(server, unique("carol")), add_user(server, unique("bob"))
-    server.run("ldapmodify", input=f"dn: {ADMINS}\nchangetype: modify\nadd: member\nmember: {carol}\n", check=True)
+    admins_member(server, "add", carol)
     c = connect(server, carol, PW)
     try:
         assert "pwdChangedTime" in read(c, bob, "pwdChangedTime")            # an admin reads the policy state
         assert c.modify(bob, {"description": [(MODIFY_REPLACE, ["set by carol"])]}), c.result
-        server.run("ldapmodify", input=f"dn: {ADMINS}\nchangetype: modify\ndelete: member\nmember: {carol}\n",
-                   check=True)
+        admins_member(server, "delete", carol)
         # the same connection, bound while carol was an admin
         assert "pwdChangedTime" not in read(c, bob, "pwdChangedTime")
         assert not c.search(PEOPLE, f"(&(uid={bob[4:].split(',')[0]})(pwdChangedTime=*))", attributes=["1.1"]) \
@@ -85,7 +89,7 @@ def test_admin_by_member_keeps_rights(server):
     """The other side: a member of cn=admins (by member) may modify others."""
     ensure_admins_group(server)
     dave, erin = add_user(server, unique("dave")), add_user(server, unique("erin"))
-    server.run("ldapmodify", input=f"dn: {ADMINS}\nchangetype: modify\nadd: member\nmember: {dave}\n", check=True)
+    admins_member(server, "add", dave)
     c = connect(server, dave, PW)
     try:
         assert c.modify(erin, {"description": [(MODIFY_REPLACE, ["by dave"])]}), c.result

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import office365_config  # type: ignore[import-not-found]
-from helpers import ADMIN_DN, PEOPLE, unique, user_ldif, wait_for
+from helpers import ADMIN_DN, PEOPLE, add_user, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -46,10 +46,16 @@ def logged(log: Path, text: str) -> str | None:
     return got if text in got else None
 
 
+def wrong_binds(srv, dn: str, times: int) -> None:
+    """``times`` binds as ``dn`` with the wrong password, each refused with invalidCredentials (49)."""
+    for _ in range(times):
+        assert srv.run("ldapwhoami", bind=dn, password=WRONG).returncode == 49
+
+
 def test_json_format_every_line_is_an_object(make_server) -> None:
     srv = make_server("sqlite", '[log]\nformat = "json"\naccess = true\n')
     uid = unique("js")
-    srv.run("ldapadd", input=user_ldif(uid, password=RIGHT), check=True)
+    add_user(srv, uid, password=RIGHT)
     srv.run("ldapwhoami", bind=f"uid={uid},{PEOPLE}", password=WRONG)
     srv.run("ldapsearch", "-b", "ou=nowhere,dc=example,dc=com", "(objectClass=*)")
     wait_for("the failed bind logged", lambda: logged(srv.log, f"wrong password for uid={uid}"))
@@ -69,8 +75,6 @@ def test_json_format_every_line_is_an_object(make_server) -> None:
 
 def test_json_format_covers_the_worker_process(make_server, fake_tenant) -> None:
     from sync.test_worker import DOMAIN, PASSWORD, wait_active, wait_tenant  # type: ignore[import-not-found]
-    from helpers import add_user
-
     srv = make_server("sqlite", office365_config(fake_tenant.info) + '\n[log]\nformat = "json"\n')
     wait_active(srv)
     uid = unique("jw")
@@ -85,11 +89,8 @@ def test_json_format_covers_the_worker_process(make_server, fake_tenant) -> None
 
 def test_level_warn_drops_info_lines(make_server) -> None:
     srv = make_server("sqlite", '[log]\nlevel = "warn"\n[policy]\nlockout_failures = 2\n')
-    uid = unique("lw")
-    dn = f"uid={uid},{PEOPLE}"
-    srv.run("ldapadd", input=user_ldif(uid, password=RIGHT), check=True)
-    for _ in range(2):
-        assert srv.run("ldapwhoami", bind=dn, password=WRONG).returncode == 49
+    dn = add_user(srv, unique("lw"), password=RIGHT)
+    wrong_binds(srv, dn, 2)
     # The lockout is a warning: it is there; the first wrong password (info) and the start lines are not.
     text = wait_for("the lockout logged", lambda: logged(srv.log, f"wrong password for {dn} from 127.0.0.1: account locked"))
     assert "(1 of 2 before lockout)" not in text
@@ -100,8 +101,7 @@ def test_level_warn_drops_info_lines(make_server) -> None:
 def test_access_log_has_a_line_per_operation(make_server) -> None:
     srv = make_server("sqlite", "[log]\naccess = true\n")
     uid = unique("ac")
-    dn = f"uid={uid},{PEOPLE}"
-    srv.run("ldapadd", input=user_ldif(uid, password=RIGHT), check=True)
+    dn = add_user(srv, uid, password=RIGHT)
     srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nreplace: sn\nsn: Other\n", check=True)
     srv.run("ldapsearch", "-b", PEOPLE, f"(uid={uid})", check=True)
     srv.run("ldapcompare", dn, "sn:Other", check=False)
@@ -137,13 +137,11 @@ def test_access_log_has_a_line_per_operation(make_server) -> None:
 
 def test_failed_binds_say_why_and_never_the_password(make_server) -> None:
     srv = make_server("sqlite", '[policy]\nlockout_failures = 3\nmax_age = "30d"\nexpire_warning = "1d"\n')
-    uid, other = unique("fb"), unique("fx")
-    dn, other_dn = f"uid={uid},{PEOPLE}", f"uid={other},{PEOPLE}"
-    srv.run("ldapadd", input=user_ldif(uid, password=RIGHT) + "\n" + user_ldif(other, password=RIGHT), check=True)
-    assert srv.run("ldapwhoami", bind=dn, password=WRONG).returncode == 49
+    uid = unique("fb")
+    dn, other_dn = add_user(srv, uid, password=RIGHT), add_user(srv, unique("fx"), password=RIGHT)
+    wrong_binds(srv, dn, 1)
     assert srv.run("ldapwhoami", bind=f"uid=nobody-{uid},{PEOPLE}", password=WRONG).returncode == 49
-    for _ in range(2):
-        assert srv.run("ldapwhoami", bind=dn, password=WRONG).returncode == 49
+    wrong_binds(srv, dn, 2)
     assert srv.run("ldapwhoami", bind=dn, password=RIGHT).returncode == 49         # locked
     srv.advance_clock(31 * 86400)
     assert srv.run("ldapwhoami", bind=other_dn, password=RIGHT).returncode == 49   # expired
@@ -164,11 +162,8 @@ def test_failed_binds_say_why_and_never_the_password(make_server) -> None:
 
 def test_busy_binds_are_logged(make_server) -> None:
     srv = make_server("sqlite", "[ldap]\nbind_failures_per_address = 2\n[policy]\nlockout_failures = 0\n")
-    uid = unique("bz")
-    dn = f"uid={uid},{PEOPLE}"
-    srv.run("ldapadd", input=user_ldif(uid, password=RIGHT), check=True)
-    for _ in range(2):
-        assert srv.run("ldapwhoami", bind=dn, password=WRONG).returncode == 49
+    dn = add_user(srv, unique("bz"), password=RIGHT)
+    wrong_binds(srv, dn, 2)
     assert srv.run("ldapwhoami", bind=dn, password=RIGHT).returncode == 51
     text = wait_for("the busy bind logged", lambda: logged(srv.log, f"bind refused for {dn} from 127.0.0.1: busy"))
     assert WRONG not in text and RIGHT not in text
