@@ -5,8 +5,8 @@ clock (``Server.advance_clock``) moved past ``[policy] max_age``:
 
 - ``expired_password_action = "block"`` (the default): the bound user's account is blocked by the
   server's own sweep, the reason is on the entry (``o365LastError``), a grace login does not
-  unblock it, a portal re-enable is undone, and a new password (``ldappasswd``; ``ldapmodify``)
-  enables it again with that password;
+  unblock it, a portal re-enable is undone, and a new password (``ldappasswd``; ``ldapmodify``;
+  the self-service pages) enables it again with that password;
 - ``"none"``: the account stays enabled although the password expired.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, unique
+from helpers import PEOPLE, Client, unique
 from sync.test_worker import (  # type: ignore[import-not-found]
     CONNECTOR,
     DOMAIN,
@@ -58,10 +58,10 @@ def bound_user(srv, fake) -> tuple[str, str]:
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_expired_password_blocks_until_a_new_one_is_set(make_server, fake_tenant, backend):
     srv, fake = start(make_server, fake_tenant, backend), fake_tenant
-    (uid, upn), (uid2, upn2) = bound_user(srv, fake), bound_user(srv, fake)
+    (uid, upn), (uid2, upn2), (uid3, upn3) = bound_user(srv, fake), bound_user(srv, fake), bound_user(srv, fake)
     srv.advance_clock(2 * 3600)
-    # the sweep blocks both, and says why on the entry
-    for u, p in ((uid, upn), (uid2, upn2)):
+    # the sweep blocks them, and says why on the entry
+    for u, p in ((uid, upn), (uid2, upn2), (uid3, upn3)):
         wait_tenant(fake, p, lambda x: x.get("accountEnabled") is False, timeout=60)
         e = wait_entry_state(srv, u, "disabled", timeout=30)
         assert says_expired(e), e
@@ -82,6 +82,16 @@ def test_expired_password_blocks_until_a_new_one_is_set(make_server, fake_tenant
     wait_tenant(fake, upn2, lambda x: x.get("accountEnabled") is True, timeout=60)
     assert fake.admin.password_of(key=upn2) == NEW_PASSWORD
     assert "o365LastError" not in wait_entry_state(srv, uid2, "synced", timeout=30)
+    # ... and one the user chooses on the self-service pages (which let an expired password sign in to change it)
+    page = Client(srv.web_url)
+    status, headers, _ = page.request("/signin", {"username": uid3, "password": PASSWORD, "csrf": page.csrf("/signin")})
+    assert status == 303 and headers["location"] == "/account", status
+    status, headers, _ = page.request("/account", {"current": PASSWORD, "new": NEW_PASSWORD, "confirm": NEW_PASSWORD,
+                                                   "csrf": page.csrf("/account")})
+    assert status == 303 and headers["location"] == "/account?changed=1", status
+    wait_tenant(fake, upn3, lambda x: x.get("accountEnabled") is True, timeout=60)
+    assert fake.admin.password_of(key=upn3) == NEW_PASSWORD
+    assert "o365LastError" not in wait_entry_state(srv, uid3, "synced", timeout=30)
     # the renewed users stay enabled through later sweeps and reconciles
     stamp = entry(srv, uid).get("o365SyncedAt")
     later = unique("x")
