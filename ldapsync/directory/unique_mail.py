@@ -73,26 +73,35 @@ def _gained(w: Write, st: Staged) -> dict[str, str]:
 
 def check_txn(w: Write) -> None:
     """Refuse (constraintViolation) the write if an address it gives a ldapsyncUser entry is held
-    by another ldapsyncUser entry; run inside the write's transaction, before it is stored."""
-    claims = [(st, n, v) for st in w.staged() for n, v in _gained(w, st).items()]
+    by another ldapsyncUser entry; run inside the write's transaction, before it is stored.
+    Linear in the entries of the write (``ldif load`` checks a batch of a thousand at once)."""
+    staged = w.staged()
+    claims = [(st, n, v) for st in staged for n, v in _gained(w, st).items()]
     if not claims:
         return
     store.lock_values_txn(w.txn, ATTR, [n for _, n, _ in claims])
+    held: dict[str, list[str]] = {}                    # address → DNs of the staged entries holding it
+    for st in staged:
+        for n in _norms(w, st.attrs):
+            held.setdefault(n, []).append(str(st.dn))
     for st, norm, value in claims:
-        for other in w.staged():
-            if other is not st and norm in _norms(w, other.attrs):
-                raise _in_use(w, value, str(other.dn))
-        for e in _candidates(w, norm):
-            mine = w.staged_by_id(e.id)
-            if mine is not None:
-                continue              # staged in this write: judged above, as the write leaves it
-            if norm in _norms(w, e.attrs):
-                raise _in_use(w, value, e.dn)
+        others = [dn for dn in held[norm] if dn != str(st.dn)]
+        if others:
+            raise _in_use(w, value, others[0])
+    wanted = {n for _, n, _ in claims}
+    for e in _candidates(w, sorted(wanted)):
+        if w.staged_by_id(e.id) is not None:
+            continue              # staged in this write: judged above, as the write leaves it
+        for n in wanted.intersection(_norms(w, e.attrs)):
+            value = next(v for _, c, v in claims if c == n)
+            raise _in_use(w, value, e.dn)
 
 
-def _candidates(w: Write, norm: str) -> list[StoredEntry]:
+def _candidates(w: Write, norms: list[str]) -> list[StoredEntry]:
+    """Stored entries that may hold one of ``norms`` (from the mail index; a scan of the
+    ldapsyncUser entries when the configuration does not index mail)."""
     if w.directory.is_indexed(ATTR):
-        return store.entries_with_value_txn(w.txn, ATTR, norm)
+        return [e for _, e in store.entries_with_values_txn(w.txn, ATTR, norms)]
     return [e for e in store.entries_containing_txn(w.txn, UNIQUE_CLASS) if is_unique_class(e.attrs)]
 
 
