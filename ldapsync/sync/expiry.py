@@ -160,9 +160,11 @@ class ExpirySweep:
 
     def _needs_row(self, attrs: Attrs, now: float) -> bool:
         """Expired and not marked, on a linked account not known to be blocked already (an account
-        never created has nothing to block: the planner's rows say blocked until a new password);
-        or marked and no longer expired."""
+        never created has nothing to block: the planner's rows say blocked until a new password;
+        one in error waits for an admin, as after any permanent Graph error); or marked and no
+        longer expired."""
         expired, marked = blocks_sign_in(self.d, attrs, now), _marked(attrs)
         if expired:
-            return not marked and bool(attrs.get("o365ObjectId")) and attrs.get("o365SyncState") != ["disabled"]
+            return (not marked and bool(attrs.get("o365ObjectId"))
+                    and (attrs.get("o365SyncState") or [""])[0] not in ("disabled", "error"))
         return marked
