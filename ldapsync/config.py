@@ -109,6 +109,9 @@ class Office365Config:
     usage_location: str = ""
     soft_match: bool = True
     unbind_action: str = "block-and-revoke"
+    # "block": a bound user whose directory password expired ([policy] max_age) is blocked in
+    # Microsoft 365 until a new password is set (sync/expiry.py); "none": left as it is.
+    expired_password_action: str = "block"
     disable_threshold: int = 500
     client_secret_expires: str = ""   # ISO date of the client secret's end, when Graph may not tell us
 
@@ -276,6 +279,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f'[office365] cloud: expected global, usgov, usgov-dod or china, got {o.cloud!r}')
     if o.unbind_action not in ("block-and-revoke", "block"):
         raise ConfigError(f'[office365] unbind_action: expected "block-and-revoke" or "block", got {o.unbind_action!r}')
+    if o.expired_password_action not in ("block", "none"):
+        raise ConfigError(f'[office365] expired_password_action: expected "block" or "none", got {o.expired_password_action!r}')
     if o.outbox_lease < 3:
         raise ConfigError(f"[office365] outbox_lease: expected at least 3s, got {o.outbox_lease:g}s")
     if o.enabled and (not o.tenant or not o.client_id):
