@@ -87,6 +87,10 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+# A connector whose last check failed is checked again after 10 s, then backing off to 2 minutes.
+ERROR_RECHECK = (10.0, 120.0)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     base: float = 2.0            # first retry after ~2 s, then doubling
@@ -185,6 +189,7 @@ class OutboxWorker:
         self._last_check = 0.0
         self._paused_until = 0.0
         self._waiting_logged = False
+        self._error_recheck = ERROR_RECHECK[0]
         self.delivered = 0
         # Called when a claim found fewer ready users than it had room for (the worker process
         # tells the LDAP process it wants a wake at the next COMMIT; until then none are sent).
@@ -321,17 +326,26 @@ class OutboxWorker:
         if not ready and self._entry_state != mem and self._entry_state is not None:
             # Another process (the CLI) changed the connector: let ours look again (rate-limited).
             self._recheck()
+        elif not ready and mem == "error":
+            # Its last check failed (Microsoft 365 or its sign-in service unreachable: an outage at
+            # the server's start, or one that a re-check after a refused delivery ran into).  Look
+            # again soon, backing off (10 s, 20 s ... 2 min), rather than at the connector's periodic
+            # check (5 min): that left the queue stalled for minutes after a short outage.
+            if self._recheck(min_interval=self._error_recheck):
+                self._error_recheck = min(self._error_recheck * 2, ERROR_RECHECK[1])
         if not ready and not self._waiting_logged:
             log.info("Microsoft 365 outbox: waiting for the connector (state {state})", state=self._entry_state or mem)
             self._waiting_logged = True
         if ready:
             self._waiting_logged = False
+            self._error_recheck = ERROR_RECHECK[0]
         return ready
 
-    def _recheck(self, min_interval: float = 15.0) -> None:
+    def _recheck(self, min_interval: float = 15.0) -> bool:
+        """Have the connector check again now, unless it did less than ``min_interval`` ago."""
         now = time.monotonic()
         if now - self._last_check < min_interval or not hasattr(self.connector, "check"):
-            return
+            return False
         self._last_check = now
         self._entry_state_at = 0.0
 
@@ -340,6 +354,7 @@ class OutboxWorker:
             self._entry_state_at = 0.0
             self.wake()
         defer.ensureDeferred(run()).addErrback(lambda f: log.failure("connector re-check failed", f))
+        return True
 
     async def _drain(self) -> None:
         if self._draining:
