@@ -202,7 +202,6 @@ class OutboxWorker:
         self._beat_ok_at: float | None = None  # when our last heartbeat went through (time.monotonic)
         self._my_beat: str | None = None       # the value it wrote
         self.live_nodes = 1
-        self.taken_over = 0                    # users taken over from nodes presumed dead
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -472,7 +471,6 @@ class OutboxWorker:
         if n is None:
             return                      # it beat meanwhile, or another node took over first
         if n:
-            self.taken_over += n
             log.warn("Microsoft 365 outbox: node {node} presumed dead (its heartbeat has not changed for "
                      "{s:.0f}s); taking over the {n} user(s) it had claimed", node=node, s=silent, n=n)
             self.wake()
