@@ -103,6 +103,9 @@ class Office365Config:
     # How long a node's claim on a user's queued changes lasts without renewal (renewed every third
     # of it while the node works on them): a crashed node's work is taken over after this long.
     outbox_lease: float = 120.0
+    # Several nodes (PostgreSQL): a node whose heartbeat (every 3 s) has not changed for this long is
+    # presumed dead (kill -9, power loss, a frozen VM) and the others take over its claimed work.
+    node_timeout: float = 15.0
     # Graph's directory write budget per app and tenant (writes per 150 s); the client paces
     # itself to ~95% of it.  0 turns client-side pacing off (a test tenant without limits).
     write_budget: int = 3000
@@ -283,6 +286,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f'[office365] expired_password_action: expected "block" or "none", got {o.expired_password_action!r}')
     if o.outbox_lease < 3:
         raise ConfigError(f"[office365] outbox_lease: expected at least 3s, got {o.outbox_lease:g}s")
+    if o.node_timeout < 6:
+        raise ConfigError(f"[office365] node_timeout: expected at least 6s (two heartbeats of 3 s), "
+                          f"got {o.node_timeout:g}s")
     if o.enabled and (not o.tenant or not o.client_id):
         raise ConfigError("[office365] enabled = true needs tenant and client_id")
     db = cfg.directory.database

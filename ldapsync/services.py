@@ -159,7 +159,8 @@ class OutboxWorkerService(service.Service):
 
         super().startService()
         self.worker = OutboxWorker(self.dirsvc.directory, self.connsvc.connector, reactor=reactor,
-                                   lease_seconds=self.dirsvc.config.office365.outbox_lease)
+                                   lease_seconds=self.dirsvc.config.office365.outbox_lease,
+                                   node_timeout=self.dirsvc.config.office365.node_timeout)
         d = defer.ensureDeferred(self.worker.start())
         d.addErrback(lambda f: log.failure("Microsoft 365 outbox worker failed to start", f))
         # PostgreSQL (several nodes): rows committed by any node wake this worker (sync/notify.py).

@@ -9,18 +9,23 @@ rows are delivered in order, coalesced, by one worker at a time.  Ownership of
 a user is a lease on its *head* row (its oldest row, whatever its state)::
 
     claim_users_txn:   heads that are not leased (or whose lease expired) and whose
-                       user has a 'ready' row that is due  ──▶  lease_owner/lease_until on the head
+                       user has a 'ready' row that is due  ──▶  lease_owner/lease_until on the head,
+                       lease_gen + 1 (the claim's fencing token)
                        (PostgreSQL: FOR UPDATE SKIP LOCKED, so two nodes never take one head);
                        the fast form (full=False) only heads that are ready and due themselves
     load_user_rows_txn: the user's rows up to the last one that is not 'held'
-    owns_lease_txn:    before completing or failing: is the head still leased to us? (a node that
-                       stalled past its lease must not touch rows another node has re-claimed)
+    owns_lease_txn:    before completing or failing, in the same transaction: does the head still
+                       carry our owner and our claim's lease_gen? (a node that stalled past its lease,
+                       or was presumed dead, must not touch rows another node has re-claimed)
     complete_txn:      DELETE those rows (their encrypted secrets go with them)
     fail_txn:          attempts+1, next_attempt_at, last_error  (transient)
                        or state='error'                         (permanent)
     release_lease_txn: give the head back without changing anything (connector not usable)
-    heartbeat_txn:     each worker node's "I am delivering" in ``meta`` (PostgreSQL, several nodes):
-                       the nodes split Graph's write budget by how many of them are live
+    heartbeat_txn:     each worker node's "I am running (and delivering)" in ``meta`` (PostgreSQL):
+                       the nodes split Graph's write budget by how many of them deliver, and
+    take_over_txn:     a node whose heartbeat stopped is presumed dead: its heartbeat is removed
+                       and its leases released, in one transaction, so the others claim its users
+                       within seconds instead of after ``outbox_lease``
 
 Rows added while a user is being worked on have higher ids and stay: after
 the claimed rows are deleted, the oldest of them is the new head and is due.
@@ -53,13 +58,14 @@ class OutboxRow:
     secret: str | None = None
     state: str = READY
     attempts: int = 0
+    lease_gen: int = 0              # the head row's: the fencing token of the claim that loaded it
 
     def __repr__(self) -> str:        # never show the (encrypted) secret
         return (f"OutboxRow(id={self.id}, entry_uuid={self.entry_uuid!r}, operation={self.operation!r}, "
                 f"state={self.state!r}, attempts={self.attempts}, secret={'<set>' if self.secret else None})")
 
 
-_ROW_COLS = "id, entry_uuid, created_at, operation, payload, secret, state, attempts"
+_ROW_COLS = "id, entry_uuid, created_at, operation, payload, secret, state, attempts, lease_gen"
 
 
 class QueuedRow(NamedTuple):
@@ -131,6 +137,8 @@ def claim_users_txn(txn: Txn, owner: str, now: float, lease_seconds: float, limi
                     exclude: Sequence[str] = (), *, full: bool = True) -> list[str]:
     """Lease up to ``limit`` users with due work; return their entry UUIDs (oldest work first).
 
+    Each claimed head's ``lease_gen`` goes up by one: the claim's fencing token, which
+    :func:`load_user_rows_txn` reads back with the rows and :func:`owns_lease_txn` checks.
     ``full=False``: only users whose oldest row is itself ready and due (see :func:`claim_users_sql`)."""
     if limit <= 0:
         return []
@@ -138,7 +146,8 @@ def claim_users_txn(txn: Txn, owner: str, now: float, lease_seconds: float, limi
     if not rows:
         return []
     ids = [r[0] for r in rows]
-    txn.run(f"UPDATE o365_outbox SET lease_owner = ?, lease_until = ? WHERE id IN {_in(len(ids))}",
+    txn.run("UPDATE o365_outbox SET lease_owner = ?, lease_until = ?, lease_gen = lease_gen + 1"
+            f" WHERE id IN {_in(len(ids))}",
             [owner, now + lease_seconds, *ids])
     return [r[1] for r in rows]
 
@@ -188,17 +197,19 @@ def release_all_leases_txn(txn: Txn) -> int:
     return int(cur.rowcount or 0)
 
 
-def owns_lease_txn(txn: Txn, owner: str, head_id: int) -> bool:
-    """Whether ``owner`` still holds the lease on this user's head row (claimed by it).
+def owns_lease_txn(txn: Txn, owner: str, head_id: int, gen: int | None = None) -> bool:
+    """Whether ``owner`` still holds the lease on this user's head row from its claim ``gen``.
 
-    A worker that stalled past its lease may find the user re-claimed by another node
-    (or even delivered and deleted): then it must neither complete nor fail the rows.
-    PostgreSQL: the head row stays locked until COMMIT, so a claim cannot slip in between
-    this check and the caller's DELETE/UPDATE (a claim in progress holds the lock first,
-    and this waits for it, then sees the new owner)."""
+    A worker that stalled past its lease, or was presumed dead by the others (its heartbeat
+    stopped), may find the user re-claimed by another node, given back, re-claimed under
+    the same node id by a new claim (a higher ``lease_gen``), or delivered and deleted:
+    then it must neither complete nor fail the rows nor write the user's status.
+    PostgreSQL: the head row stays locked until COMMIT, so a claim or a take-over cannot
+    slip in between this check and the caller's DELETE/UPDATE (one in progress holds the
+    lock first, and this waits for it, then sees the new owner)."""
     lock = " FOR UPDATE" if txn.is_postgres else ""
-    rows = txn.rows(f"SELECT lease_owner FROM o365_outbox WHERE id = ?{lock}", (head_id,))
-    return bool(rows) and rows[0][0] == owner
+    rows = txn.rows(f"SELECT lease_owner, lease_gen FROM o365_outbox WHERE id = ?{lock}", (head_id,))
+    return bool(rows) and rows[0][0] == owner and (gen is None or int(rows[0][1]) == gen)
 
 
 def complete_txn(txn: Txn, ids: Sequence[int]) -> None:
@@ -296,17 +307,37 @@ def clear_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
     txn.run("DELETE FROM meta WHERE key = ?", (_create_key(entry_uuid),))
 
 
-# -- worker nodes (shared write budget) ------------------------------------------------------------
-# Graph's write budget is per app and tenant, so the nodes of one deployment share it.  Each node
-# delivering notes a heartbeat in ``meta`` (key prefix below, value its clock) every few seconds and
-# paces itself to budget / (live nodes).  Liveness is judged by the reader (the value changed
-# lately, by its own clock), so clock skew between machines does not matter.
+# -- worker nodes: liveness, the shared write budget, failover ---------------------------------------
+# Each running worker node (PostgreSQL) notes a heartbeat in ``meta`` (key prefix below, value its
+# clock, followed by " idle" while its connector is not active) every few seconds.  Graph's write
+# budget is per app and tenant, so the nodes that deliver pace themselves to budget / (delivering
+# nodes).  A node whose heartbeat has stopped changing for ``[office365] node_timeout`` is presumed
+# dead (kill -9, power loss, a frozen VM) and the others take its claimed users over
+# (:func:`take_over_txn`); the fencing token (``lease_gen``) keeps it from completing them should
+# it come back.  Liveness is judged by the reader (the value changed lately, by its own clock), so
+# clock skew between machines does not matter.
 
 NODE_KEY_PREFIX = "o365.node."
+_IDLE = " idle"
 
 
-def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_before: float) -> dict[str, str]:
-    """Note (``alive``) or withdraw this node's heartbeat; return every node's heartbeat value.
+def beat_delivers(value: str) -> bool:
+    """Whether a heartbeat value (from :func:`heartbeat_txn`) says that its node delivers."""
+    return not value.endswith(_IDLE)
+
+
+def node_beat_txn(txn: Txn, owner: str) -> str | None:
+    """This node's heartbeat value as the database has it (None: never written, withdrawn, or
+    removed by another node that presumed this one dead)."""
+    from ldapsync.store.entries import get_meta_txn
+
+    return get_meta_txn(txn, NODE_KEY_PREFIX + owner)
+
+
+def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_before: float,
+                  delivering: bool = True) -> dict[str, str]:
+    """Note (``alive``; ``delivering`` or idle) or withdraw this node's heartbeat; return every
+    node's heartbeat value (use :func:`beat_delivers` on it).
 
     Heartbeats older than ``forget_before`` (by their writer's clock: a node gone for long) are
     deleted."""
@@ -314,15 +345,15 @@ def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_befor
 
     key = NODE_KEY_PREFIX + owner
     if alive:
-        set_meta_txn(txn, key, repr(float(now)))
+        set_meta_txn(txn, key, repr(float(now)) + ("" if delivering else _IDLE))
     else:
         txn.run("DELETE FROM meta WHERE key = ?", (key,))
     out: dict[str, str] = {}
     stale = []
     for k, v in txn.rows("SELECT key, value FROM meta WHERE key LIKE ?", (NODE_KEY_PREFIX + "%",)):
         try:
-            old = float(v) < forget_before
-        except ValueError:
+            old = float(v.split()[0]) < forget_before
+        except (ValueError, IndexError):
             old = True
         if old and k != key:
             stale.append(k)
@@ -331,6 +362,46 @@ def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_befor
     for k in stale:
         txn.run("DELETE FROM meta WHERE key = ?", (k,))
     return out
+
+
+def take_over_txn(txn: Txn, node: str, value: str) -> int | None:
+    """Presume ``node`` dead: its heartbeat still reads ``value``, unchanged for too long.
+
+    Compare and delete: the heartbeat is removed only if it still reads ``value`` (a node that
+    beat meanwhile is alive after all; of several nodes presuming it dead at once, one does
+    it), and then every lease it holds is released, in the same transaction, and the workers
+    are woken (NOTIFY) to claim those users.  Returns the number of users released, or None
+    when the heartbeat had changed or was gone (nothing done).  Should the node come back,
+    its claims' ``lease_gen`` no longer match (:func:`owns_lease_txn`): what it finishes for
+    those users is discarded, and its next heartbeat notices it was presumed dead.
+
+    PostgreSQL: a node frozen in the middle of a transaction keeps that transaction's row locks
+    until it resumes (or its connection ends).  Rows locked so are skipped, never waited for
+    (``SKIP LOCKED``): a head row it locked to complete or fail its rows (:func:`owns_lease_txn`
+    passed, so that outcome is its to write when it resumes), and its heartbeat row if it froze
+    while beating; then the heartbeat stays, the leases are released all the same (the value has
+    not changed for the whole timeout: as dead as can be), and a later look may try again."""
+    if txn.is_postgres:
+        rows = txn.rows("SELECT value FROM meta WHERE key = ? FOR UPDATE SKIP LOCKED", (NODE_KEY_PREFIX + node,))
+        if not rows:
+            rows = txn.rows("SELECT value FROM meta WHERE key = ?", (NODE_KEY_PREFIX + node,))
+            if not rows or rows[0][0] != value:
+                return None           # gone, or locked by a heartbeat that is being written now
+        elif rows[0][0] != value:
+            return None
+        else:
+            txn.run("DELETE FROM meta WHERE key = ?", (NODE_KEY_PREFIX + node,))
+        cur = txn.run("UPDATE o365_outbox SET lease_owner = NULL, lease_until = NULL WHERE id IN"
+                      " (SELECT id FROM o365_outbox WHERE lease_owner = ? FOR UPDATE SKIP LOCKED)", (node,))
+        n = int(cur.rowcount or 0)
+    else:
+        cur = txn.run("DELETE FROM meta WHERE key = ? AND value = ?", (NODE_KEY_PREFIX + node, value))
+        if not cur.rowcount:
+            return None
+        n = release_leases_txn(txn, node)
+    if n:
+        notify_txn(txn)
+    return n
 
 
 def held_users_txn(txn: Txn) -> set[str]:

@@ -77,6 +77,8 @@ o365_outbox = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("lease_owner", sa.String(64), nullable=True),
     sa.Column("lease_until", sa.Float, nullable=True),
+    # The fencing token (migration 0008): one more at every claim of the head row.
+    sa.Column("lease_gen", sa.BigInteger, nullable=False, server_default="0"),
     # The only index (migration 0004 dropped (state, next_attempt_at): each one is another page
     # in every LDAP write that queues a change; the queries by state scan).
     sa.Index("ix_o365_outbox_user", "entry_uuid", "id"),

@@ -38,13 +38,20 @@ Deliveries that end together share one completion transaction (``_end``); while 
 pacer is backlogged they also wait ``end_gather`` (0.25 s) for each other: with SQLite every
 transaction here is a turn of the database's one writer that LDAP writes wait behind.
 
-Completing or failing rows first checks that this node still holds the user's lease (a node
-that stalled past ``outbox_lease`` leaves the rows to whoever re-claimed them).  A clean
-shutdown lets deliveries in flight finish (``stop_grace``, then cancels them) and gives the
-node's leases back, so another node takes those users over at once.
+Completing or failing rows (and writing the user's status) first checks, in the same
+transaction, that the user's head row still carries this node and the fencing token
+(``lease_gen``) of the claim the job came from: a node that stalled past ``outbox_lease``, or
+was presumed dead, leaves the rows to whoever re-claimed them and its result is discarded
+(logged).  A clean shutdown lets deliveries in flight finish (``stop_grace``, then cancels
+them) and gives the node's leases back, so another node takes those users over at once.
 
-Several nodes (PostgreSQL) share Graph's write budget (per app and tenant): each node delivering
-heartbeats in ``meta`` every ``heartbeat_interval`` and paces its client to 1/(live nodes) of it.
+Several nodes (PostgreSQL): each running node heartbeats in ``meta`` every ``heartbeat_interval``
+(3 s).  The nodes delivering share Graph's write budget (per app and tenant): each paces its
+client to 1/(delivering nodes) of it.  A node whose heartbeat has not changed for
+``node_timeout`` (``[office365] node_timeout``, 15 s) is presumed dead (kill -9, power loss, a
+frozen VM): the first node to notice removes its heartbeat and releases its leases in one
+transaction (``take_over_txn``), and the nodes claim its users at once — within about
+``node_timeout`` + 2 heartbeats of the death rather than after ``outbox_lease``.
 
 Per user, rows are handled oldest first and all together: the newest payload is
 the user's complete desired state, so applying it is applying every older row.
@@ -80,6 +87,10 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+# A connector whose last check failed is checked again after 10 s, then backing off to 2 minutes.
+ERROR_RECHECK = (10.0, 120.0)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     base: float = 2.0            # first retry after ~2 s, then doubling
@@ -106,6 +117,11 @@ class _Job:
     def head(self) -> int:
         """The row whose lease makes the user ours (its oldest row, leased by the claim)."""
         return self.rows[0].id if self.rows else 0
+
+    @property
+    def gen(self) -> int:
+        """The claim's fencing token (the head's ``lease_gen`` as the claim left it)."""
+        return self.rows[0].lease_gen if self.rows else 0
 
 
 def _guarded(fn: Any) -> Any:
@@ -134,7 +150,8 @@ class OutboxWorker:
     def __init__(self, directory: Directory, connector: Any, *, reactor: Any, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
                  node_id: str | None = None, retry: RetryPolicy = RetryPolicy(), clock: Any = time.time,
-                 stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0) -> None:
+                 stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0,
+                 node_timeout: float = 15.0) -> None:
         self.d = directory
         self.db = directory.db
         self.config = directory.config.office365
@@ -172,6 +189,7 @@ class OutboxWorker:
         self._last_check = 0.0
         self._paused_until = 0.0
         self._waiting_logged = False
+        self._error_recheck = ERROR_RECHECK[0]
         self.delivered = 0
         # Called when a claim found fewer ready users than it had room for (the worker process
         # tells the LDAP process it wants a wake at the next COMMIT; until then none are sent).
@@ -179,7 +197,10 @@ class OutboxWorker:
         # several nodes (PostgreSQL): heartbeats in meta, the write budget split between live nodes
         self.heartbeat_interval = heartbeat_interval
         self.node_ttl = node_ttl
+        self.node_timeout = node_timeout      # a heartbeat unchanged this long: the node is presumed dead
         self._beats: dict[str, tuple[str, float]] = {}   # node → (its last heartbeat value, when it changed, our clock)
+        self._beat_ok_at: float | None = None  # when our last heartbeat went through (time.monotonic)
+        self._my_beat: str | None = None       # the value it wrote
         self.live_nodes = 1
 
     # -- lifecycle ------------------------------------------------------------------
@@ -194,7 +215,10 @@ class OutboxWorker:
         jobs: list[tuple[float, Any]] = [(self.poll_interval, self.wake), (self.lease_seconds / 3, self._renew),
                                          (self.depth_interval, self._depth)]
         if self.db.is_postgres:
-            jobs.append((self.heartbeat_interval, self._heartbeat))
+            # The first heartbeat before the first claim: a node that dies right after it claimed
+            # has a heartbeat for the others to see stop (without one, its claims wait out the lease).
+            await _guarded(self._heartbeat)
+            jobs.insert(0, (self.heartbeat_interval, self._heartbeat))
         for interval, job in jobs:
             loop = task.LoopingCall(_guarded, job)
             loop.clock = self.reactor
@@ -301,17 +325,26 @@ class OutboxWorker:
         if not ready and self._entry_state != mem and self._entry_state is not None:
             # Another process (the CLI) changed the connector: let ours look again (rate-limited).
             self._recheck()
+        elif not ready and mem == "error":
+            # Its last check failed (Microsoft 365 or its sign-in service unreachable: an outage at
+            # the server's start, or one that a re-check after a refused delivery ran into).  Look
+            # again soon, backing off (10 s, 20 s ... 2 min), rather than at the connector's periodic
+            # check (5 min): that left the queue stalled for minutes after a short outage.
+            if self._recheck(min_interval=self._error_recheck):
+                self._error_recheck = min(self._error_recheck * 2, ERROR_RECHECK[1])
         if not ready and not self._waiting_logged:
             log.info("Microsoft 365 outbox: waiting for the connector (state {state})", state=self._entry_state or mem)
             self._waiting_logged = True
         if ready:
             self._waiting_logged = False
+            self._error_recheck = ERROR_RECHECK[0]
         return ready
 
-    def _recheck(self, min_interval: float = 15.0) -> None:
+    def _recheck(self, min_interval: float = 15.0) -> bool:
+        """Have the connector check again now, unless it did less than ``min_interval`` ago."""
         now = time.monotonic()
         if now - self._last_check < min_interval or not hasattr(self.connector, "check"):
-            return
+            return False
         self._last_check = now
         self._entry_state_at = 0.0
 
@@ -320,6 +353,7 @@ class OutboxWorker:
             self._entry_state_at = 0.0
             self.wake()
         defer.ensureDeferred(run()).addErrback(lambda f: log.failure("connector re-check failed", f))
+        return True
 
     async def _drain(self) -> None:
         if self._draining:
@@ -375,28 +409,47 @@ class OutboxWorker:
             await self.db.run_interaction("o365 outbox lease renewal", q.renew_leases_txn, self.owner, users, until)
 
     async def _heartbeat(self) -> None:
-        """Several nodes: note that this one delivers, count the live ones, pace to our share.
+        """Several nodes: note that this one runs (and delivers), pace to our share of the write
+        budget, and take over the users of nodes presumed dead.
 
-        Graph's write budget is per app and tenant: n nodes each at budget/n stay within it.
-        A node counts while its heartbeat keeps changing (judged by our clock: no skew issue);
-        one that stopped or died drops out after ``node_ttl`` and the others speed up again.
-        A node that has just appeared paces at its share at once; the others follow within
-        one ``heartbeat_interval``."""
+        Graph's write budget is per app and tenant: n nodes delivering each at budget/n stay
+        within it.  A node counts while its heartbeat keeps changing (judged by our clock: no
+        skew issue); one that stopped or died drops out after ``node_ttl`` and the others speed
+        up again.  A node that has just appeared paces at its share at once; the others follow
+        within one ``heartbeat_interval``.  One whose heartbeat has not changed for
+        ``node_timeout`` is presumed dead: see :meth:`_take_over`."""
         if not self._running:
             return
         mem = getattr(self.connector, "state", None)
-        alive = getattr(mem, "value", mem) == "active" and self._entry_state == "active"
+        delivering = getattr(mem, "value", mem) == "active" and self._entry_state == "active"
         now = self.clock()
-        beats = await self.db.run_interaction("o365 worker heartbeat", q.heartbeat_txn, self.owner, now,
-                                              alive=alive, forget_before=now - 3600.0)
+        owner = self.owner
+
+        def beat(txn: Any) -> tuple[str | None, dict[str, str]]:
+            before = q.node_beat_txn(txn, owner)
+            return before, q.heartbeat_txn(txn, owner, now, alive=True, delivering=delivering,
+                                           forget_before=now - 3600.0)
+        before, beats = await self.db.run_interaction("o365 worker heartbeat", beat)
+        if self._my_beat is not None and before != self._my_beat:
+            log.warn("Microsoft 365 outbox: the other nodes presumed this node dead (its heartbeat stopped "
+                     "for longer than [office365] node_timeout ({t:g}s): frozen, or cut off from the database) "
+                     "and took over the users it was delivering; what it finishes for them is discarded",
+                     t=self.node_timeout)
+        self._my_beat = beats.get(owner)
         mono = time.monotonic()
+        # Stalled ourselves (a frozen VM, a starved process) since the last heartbeat: the others'
+        # heartbeats may not have changed *as far as we saw* for a while, but that says nothing.
+        # Judge nobody until we have watched for node_timeout again.
+        stalled = self._beat_ok_at is not None and mono - self._beat_ok_at > self.node_timeout / 2
+        self._beat_ok_at = mono
         seen: dict[str, tuple[str, float]] = {}
         for node, value in beats.items():
             prev = self._beats.get(node)
-            seen[node] = prev if prev is not None and prev[0] == value else (value, mono)
+            seen[node] = prev if prev is not None and prev[0] == value and not stalled else (value, mono)
         self._beats = seen
-        live = sum(1 for node, (_, at) in seen.items() if node == self.owner or mono - at <= self.node_ttl)
-        live = max(1, live if alive else live + 1)
+        live = sum(1 for node, (value, at) in seen.items()
+                   if q.beat_delivers(value) and (node == owner or mono - at <= self.node_ttl))
+        live = max(1, live if delivering else live + 1)
         if live != self.live_nodes:
             log.info("Microsoft 365 outbox: {n} node(s) deliver; this one paces its Graph writes to 1/{n} "
                      "of the write budget", n=live)
@@ -404,6 +457,26 @@ class OutboxWorker:
         pacer = self._pacer()
         if pacer is not None:
             pacer.set_share(1.0 / live)
+        dead = [(node, value, mono - at) for node, (value, at) in seen.items()
+                if node != owner and mono - at > self.node_timeout]
+        for node, value, silent in dead:
+            await self._take_over(node, value, silent)
+
+    async def _take_over(self, node: str, value: str, silent: float) -> None:
+        """``node``'s heartbeat has read ``value`` for ``silent`` seconds: presume it dead, release
+        its leases (``take_over_txn``: compare-and-delete of its heartbeat, one transaction) and
+        claim its users now.  Should it come back, its claims' fencing tokens no longer match."""
+        n = await self.db.run_interaction("o365 outbox: take over a dead node's users", q.take_over_txn, node, value)
+        self._beats.pop(node, None)
+        if n is None:
+            return                      # it beat meanwhile, or another node took over first
+        if n:
+            log.warn("Microsoft 365 outbox: node {node} presumed dead (its heartbeat has not changed for "
+                     "{s:.0f}s); taking over the {n} user(s) it had claimed", node=node, s=silent, n=n)
+            self.wake()
+        else:
+            log.info("Microsoft 365 outbox: node {node} has stopped (no heartbeat for {s:.0f}s); it held no "
+                     "claims", node=node, s=silent)
 
     async def _depth(self) -> None:
         # Counted in a read transaction: the count scans the queue (10-15 ms at 20,000 rows), and
@@ -459,7 +532,7 @@ class OutboxWorker:
         last = ids[-1]
 
         def finish(txn: Any) -> bool:
-            if not q.owns_lease_txn(txn, self.owner, job.head):
+            if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
@@ -539,14 +612,16 @@ class OutboxWorker:
             self._ending = False
 
     def _lease_lost(self, job: _Job, desired: DesiredUser, what: str) -> None:
-        log.warn("Microsoft 365: {upn}: this node's lease on the user's changes expired and another node "
-                 "has taken them over (this delivery took {s:.0f}s, the lease is {lease:g}s); left to it "
-                 "({what})", upn=desired.upn or desired.dn, s=time.monotonic() - job.started,
-                 lease=self.lease_seconds, what=what or "not delivered")
+        log.warn("Microsoft 365: {upn}: this node's claim on the user's changes is no longer its own: its lease "
+                 "expired or this node was presumed dead, and another node has taken them over (this delivery "
+                 "took {s:.0f}s, the lease is {lease:g}s, node_timeout {timeout:g}s); this node's result is "
+                 "discarded, the rows and the user's status are left to it ({what})",
+                 upn=desired.upn or desired.dn, s=time.monotonic() - job.started, lease=self.lease_seconds,
+                 timeout=self.node_timeout, what=what or "not delivered")
 
     async def _fail(self, job: _Job, ids: list[int], error: str, *, permanent: bool, next_at: float) -> None:
         def run(txn: Any) -> bool:
-            if not q.owns_lease_txn(txn, self.owner, job.head):
+            if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             q.fail_txn(txn, ids, error, permanent=permanent, next_attempt_at=next_at)
             return True
@@ -558,7 +633,7 @@ class OutboxWorker:
                  "or `ldapsync o365 reconcile --retry-errors`", upn=desired.upn or desired.dn, error=error)
 
         def run(txn: Any) -> bool:
-            if not q.owns_lease_txn(txn, self.owner, job.head):
+            if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             q.fail_txn(txn, ids, error, permanent=True)
             if not desired.deleted:
