@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.clock import Clock, system_clock
 from ldapsync.directory.dn import DN
 from ldapsync.directory.hooks import Origin, StatusValues
 from ldapsync.directory.writes import Write, now_generalized
@@ -43,6 +44,10 @@ META_TOKEN_CACHE = "o365.token_cache"
 META_DEACTIVATED = "o365.deactivated"
 META_REMINDER = "o365.reminder_sent_for"
 REMINDER_BEFORE = timedelta(days=7)
+REAUTHORIZE_HINT = ("queued changes wait; an administrator must sign in again with `ldapsync o365 authorize`, "
+                    "then they are delivered")
+RENEW_CREDENTIAL_HINT = ("queued changes wait; create a new client secret or certificate for the app in Entra, "
+                         "update [office365] and run `ldapsync o365 authorize`")
 STATUS_ATTRS = ("o365ConnectorState", "o365AuthMode", "o365VerifiedDomain", "o365CredentialExpiry",
                 "o365QueueDepth", "o365LastSuccess", "o365LastError", "o365LastReconcile")
 
@@ -88,6 +93,8 @@ def ensure_entries_txn(d: "Directory", txn: Txn) -> list[str]:
             w.create(dn, attrs, w.get(dn.parent))
             done.append(f"created {dn}")
     w.finish()
+    if store.get_meta_txn(txn, META_REMINDER) is None:
+        store.set_meta_txn(txn, META_REMINDER, "")      # the row the reminder's claim updates
     return done
 
 
@@ -141,6 +148,22 @@ def unbind_everyone_txn(d: "Directory", txn: Txn) -> int:
     return n
 
 
+def _claim_reminder_txn(txn: Txn, key: str) -> tuple[bool, str]:
+    """Record that the reminder for the credential expiring at ``key`` is being sent: (claimed, the
+    previous value).  A conditional UPDATE, so of two concurrent claims (two checks, two nodes) one
+    wins: PostgreSQL re-evaluates the WHERE of the second after the first commits."""
+    previous = store.get_meta_txn(txn, META_REMINDER)
+    if previous is None:
+        store.set_meta_txn(txn, META_REMINDER, key)
+        return True, ""
+    cur = txn.run("UPDATE meta SET value = ? WHERE key = ? AND value <> ?", (key, META_REMINDER, key))
+    return int(cur.rowcount or 0) == 1, previous
+
+
+def _unclaim_reminder_txn(txn: Txn, key: str, previous: str) -> None:
+    txn.run("UPDATE meta SET value = ? WHERE key = ? AND value = ?", (previous, META_REMINDER, key))
+
+
 # -- the token cache, persisted encrypted in the database ---------------------------------
 
 class DBTokenCacheStore:
@@ -170,7 +193,8 @@ class CheckResult:
 class Connector:
     """Signs in, checks the credential and the tenant's domains, keeps the state entry current."""
 
-    def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0) -> None:
+    def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0,
+                 clock: Clock | None = None) -> None:
         from ldapsync.graph.crypto import SecretBox, load_or_create_key
 
         self.d = directory
@@ -179,6 +203,9 @@ class Connector:
         self.reactor = reactor
         self.mailer = mailer
         self.check_interval = check_interval
+        # "Has the credential expired / is it about to?" asks the policy clock (ldapsync/clock.py),
+        # like every other expiry rule; so does the delegated sign-in's refresh-token age.
+        self.clock = clock or system_clock()
         self.box = SecretBox(load_or_create_key(self.config.secrets.key_file))
         self.cache_store = DBTokenCacheStore(self.db)
         self.provider: Any = None
@@ -194,11 +221,15 @@ class Connector:
         from ldapsync.graph.token import token_provider_from_config
 
         o = self.config.office365
-        self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor)
+        self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor,
+                                                   wall_clock=self.clock.now)
         budget = o.write_budget
         pacing = PacingPolicy(writes_per_window=budget) if budget > 0 else PacingPolicy(enabled=False)
         self.client = GraphClient(self.provider, endpoints_from_config(o).graph_url, reactor=self.reactor,
                                   ca_bundle=o.ca_bundle or None, pacing=pacing)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.now(), timezone.utc)
 
     @property
     def auth_mode(self) -> str:
@@ -259,10 +290,11 @@ class Connector:
                 if dom.get("isVerified"):
                     domains.append(dom["id"])
             expiry = await self._credential_expiry()
-            now = datetime.now(timezone.utc)
+            now = self.now()
             if expiry is not None and expiry <= now:
                 state = ConnectorState.needs_reauthorization
-                error = f"the {'sign-in' if o.auth == 'delegated' else 'client credential'} expired on {expiry:%Y-%m-%d}"
+                error = f"the {'sign-in' if o.auth == 'delegated' else 'client credential'} expired on {expiry:%Y-%m-%d}; " + (
+                    REAUTHORIZE_HINT if o.auth == "delegated" else RENEW_CREDENTIAL_HINT)
             else:
                 state = ConnectorState.active
         except AuthError as e:
@@ -272,6 +304,7 @@ class Connector:
                 error = "no admin has signed in yet: run `ldapsync o365 authorize`"
             elif getattr(e, "needs_reauthorization", False):
                 state = ConnectorState.needs_reauthorization
+                error = f"{error}; {REAUTHORIZE_HINT}"
             else:
                 state = ConnectorState.error
         except Forbidden as e:
@@ -346,12 +379,17 @@ class Connector:
 
         if expiry is None or self.mailer is None or not self.config.mail.admin_address:
             return
-        now = datetime.now(timezone.utc)
+        now = self.now()
         if not (now >= expiry - REMINDER_BEFORE):
             return
         key = generalized(expiry)
         sent = await threads.deferToThread(self.db.run_sync, "reminder?", store.get_meta_txn, META_REMINDER, write=False)
         if sent == key:
+            return
+        # Claim the reminder before sending it: the periodic check, the outbox worker's re-check, the
+        # CLI and the other nodes may all be checking at this moment, and the admin gets one mail.
+        claimed, previous = await self.db.run_interaction("reminder claim", _claim_reminder_txn, key)
+        if not claimed:
             return
         what = "admin sign-in (refresh token)" if self.config.office365.auth == "delegated" else "client secret or certificate"
         past = expiry <= now
@@ -359,15 +397,18 @@ class Connector:
         text = (
             f"The {what} the ldapsync Microsoft 365 connector uses {'expired' if past else 'expires'} on "
             f"{expiry:%Y-%m-%d %H:%M} UTC.\n\n"
-            + ("Run `ldapsync o365 reactivate` and sign in again.\n" if self.config.office365.auth == "delegated"
+            + ("Run `ldapsync o365 authorize` and sign in again as a Microsoft 365 administrator (the new "
+               "sign-in lasts 90 days from its last use).\n" if self.config.office365.auth == "delegated"
                else "Create a new client secret or certificate for the app in Entra, update the file named in "
-                    "[office365] of the ldapsync configuration, and run `ldapsync o365 reactivate`.\n")
-            + "Until then, changes for Microsoft 365 wait in the queue; nothing is lost.\n"
+                    "[office365] of the ldapsync configuration, and run `ldapsync o365 authorize`.\n")
+            + ("Until then, changes for Microsoft 365 wait in the queue; nothing is lost.\n" if past else
+               "Once it has expired, changes for Microsoft 365 wait in the queue until then; nothing is lost.\n")
         )
         try:
             await self.mailer.send(self.config.mail.admin_address, subject, text)
         except Exception as e:
             log.warn("could not send the connector expiry reminder: {error}", error=str(e))
+            # give the claim back: a later check tries again
+            await self.db.run_interaction("reminder unclaim", _unclaim_reminder_txn, key, previous)
             return
-        await self.db.run_interaction("reminder sent", lambda txn: store.set_meta_txn(txn, META_REMINDER, key))
         log.info("sent the connector expiry reminder to {to}", to=self.config.mail.admin_address)
