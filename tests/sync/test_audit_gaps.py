@@ -1,8 +1,9 @@
 """What an independent audit found untested (issue 14), end to end: a real server (twistd), ldap-utils,
 the SMTP sink, the fake tenant over HTTPS with real MSAL and the real Graph client.
 
-- a **tag** binding of a user who needs activation (imported, no password) mails the activation link,
-  as a direct binding does;
+- a **tag** binding of a user who needs activation mails it, as a direct binding does: the activation
+  link to an imported user (no password), "sign in once" to a user whose password the directory holds
+  only as a hash (then that sign-in hands it to Microsoft 365);
 - a bound imported user's password reaches Microsoft 365 once it is set (activation page, ldappasswd);
 - the reminder mail 7 days before a **delegated** refresh token's 90-day expiry, once; none for
   application (app-only) sign-in;
@@ -157,6 +158,49 @@ def test_tag_binding_of_an_imported_user_mails_the_activation_link_like_a_direct
     e = wait_synced(srv, by_tag)
     assert e["o365ObjectId"] == [fake_tenant.admin.get_user(key=by_tag_upn)["id"]]
     assert len(activation_mails(smtp_sink, by_tag_upn)) == 1
+
+
+def ssha(password: str) -> str:
+    """An OpenLDAP ``{SSHA}`` value: what a migrated directory holds instead of the password."""
+    import base64
+    import hashlib
+    import os
+
+    salt = os.urandom(8)
+    return "{SSHA}" + base64.b64encode(hashlib.sha1(password.encode() + salt).digest() + salt).decode()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_tag_binding_of_a_user_whose_password_is_pending_mails_sign_in_once_like_a_direct_binding(
+        backend: str, make_server: Any, fake_tenant: Any, smtp_sink: Any) -> None:
+    """The directory holds only a hash (a migrated entry): bound by the tag, the account is created
+    with sign-in blocked and the user is asked by mail to sign in once — as after a direct binding;
+    that sign-in hands the password to Microsoft 365."""
+    srv = make_server(backend, office365_config(fake_tenant.info) + mail_config(smtp_sink))
+    wait_connector(srv, "active")
+    users = {}
+    for how in ("tag", "dir"):
+        uid = unique(how)
+        pw = f"Migrated-{uid}-Pw1!"
+        srv.run("ldapadd", input=person(uid).rstrip("\n") + f"\nuserPassword: {ssha(pw)}\n\n", check=True)
+        users[how] = (f"uid={uid},{PEOPLE}", f"{uid}@{DOMAIN}", pw)
+    bind_directly(srv, users["dir"][0])
+    msg = wait_mail(smtp_sink, users["dir"][1])
+    assert msg.message["Subject"] == "Your Microsoft 365 account is ready"
+    bind_by_tag(srv, users["tag"][0])
+    msg = wait_mail(smtp_sink, users["tag"][1])
+    assert msg.message["Subject"] == "Your Microsoft 365 account is ready"
+    assert "/signin" in msg.body()
+    for dn, upn, pw in users.values():
+        e = wait_synced(srv, dn)
+        assert e.get("o365PasswordPending") == ["TRUE"]
+        u = fake_tenant.admin.get_user(key=upn)
+        assert u["accountEnabled"] is False and fake_tenant.admin.password_of(key=upn) != pw
+        # the user signs in once (an LDAP bind): Microsoft 365 gets the password and is enabled
+        assert whoami(srv, dn, pw).returncode == 0
+        wait_for(f"{upn}'s password in Microsoft 365", lambda: fake_tenant.admin.password_of(key=upn) == pw, 30)
+        wait_for(f"{upn} enabled", lambda: fake_tenant.admin.get_user(key=upn)["accountEnabled"] is True, 30)
+    assert len([m for m in smtp_sink.messages() if users["tag"][1] in m.rcpt_to]) == 1
 
 
 # -- 4. bound imported user: the password set later reaches Microsoft 365 --------------------
