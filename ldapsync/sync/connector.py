@@ -3,8 +3,9 @@
 Owns ``cn=office365,ou=directories,<suffix>`` (its operational ``o365*``
 attributes are the connector's state), the system group
 ``cn=Provisioning - Office 365,ou=tags,<suffix>``, the persisted sign-in (the
-MSAL token cache, encrypted with ``[secrets] key_file``), the periodic
-credential check and the expiry reminder mail.
+MSAL token cache, encrypted with ``[secrets] key_file``) and the periodic
+credential check, which asks ``connector_notices.py`` to mail the admin (expiry
+reminder, re-authorization needed).  "Now" is the policy clock (``ldapsync/clock.py``).
 
 A connector problem (wrong secret, tenant unreachable, expired sign-in) shows
 on the connector entry and in the log; it never stops the LDAP server.
@@ -12,7 +13,7 @@ on the connector entry and in the log; it never stops the LDAP server.
 State machine (``o365ConnectorState``)::
 
     unauthorized ──authorize──▶ active ◀──check ok── error
-         ▲                        │  └─credential expired─▶ needs-reauthorization ──reactivate──▶ active
+         ▲                        │  └─sign-in refused / credential expired─▶ needs-reauthorization ──authorize──▶ active
          └──────── deactivate ────┴──────────────────────────▶ deactivated ──reactivate──▶ active
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from ldapsync.directory.hooks import Origin, StatusValues
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
+from ldapsync.sync.connector_notices import AdminNotices, ensure_notice_rows_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -42,8 +44,6 @@ TAG_CN = "Provisioning - Office 365"
 DIRECTORY_VALUE = "office365"
 META_TOKEN_CACHE = "o365.token_cache"
 META_DEACTIVATED = "o365.deactivated"
-META_REMINDER = "o365.reminder_sent_for"
-REMINDER_BEFORE = timedelta(days=7)
 REAUTHORIZE_HINT = ("queued changes wait; an administrator must sign in again with `ldapsync o365 authorize`, "
                     "then they are delivered")
 RENEW_CREDENTIAL_HINT = ("queued changes wait; create a new client secret or certificate for the app in Entra, "
@@ -93,8 +93,7 @@ def ensure_entries_txn(d: "Directory", txn: Txn) -> list[str]:
             w.create(dn, attrs, w.get(dn.parent))
             done.append(f"created {dn}")
     w.finish()
-    if store.get_meta_txn(txn, META_REMINDER) is None:
-        store.set_meta_txn(txn, META_REMINDER, "")      # the row the reminder's claim updates
+    ensure_notice_rows_txn(txn)
     return done
 
 
@@ -148,22 +147,6 @@ def unbind_everyone_txn(d: "Directory", txn: Txn) -> int:
     return n
 
 
-def _claim_reminder_txn(txn: Txn, key: str) -> tuple[bool, str]:
-    """Record that the reminder for the credential expiring at ``key`` is being sent: (claimed, the
-    previous value).  A conditional UPDATE, so of two concurrent claims (two checks, two nodes) one
-    wins: PostgreSQL re-evaluates the WHERE of the second after the first commits."""
-    previous = store.get_meta_txn(txn, META_REMINDER)
-    if previous is None:
-        store.set_meta_txn(txn, META_REMINDER, key)
-        return True, ""
-    cur = txn.run("UPDATE meta SET value = ? WHERE key = ? AND value <> ?", (key, META_REMINDER, key))
-    return int(cur.rowcount or 0) == 1, previous
-
-
-def _unclaim_reminder_txn(txn: Txn, key: str, previous: str) -> None:
-    txn.run("UPDATE meta SET value = ? WHERE key = ? AND value = ?", (previous, META_REMINDER, key))
-
-
 # -- the token cache, persisted encrypted in the database ---------------------------------
 
 class DBTokenCacheStore:
@@ -208,6 +191,8 @@ class Connector:
         self.clock = clock or system_clock()
         self.box = SecretBox(load_or_create_key(self.config.secrets.key_file))
         self.cache_store = DBTokenCacheStore(self.db)
+        self.notices = AdminNotices(self.db, mailer, self.config.mail.admin_address,
+                                    delegated=self.config.office365.auth == "delegated")
         self.provider: Any = None
         self.client: Any = None
         self._loop: Any = None
@@ -321,7 +306,12 @@ class Connector:
             log.info("Microsoft 365 connector: {old} → {new}{why}", old=self.state.value, new=state.value,
                      why=f" ({error})" if error else "")
         self.state = state
-        await self._maybe_remind(expiry)
+        if state == ConnectorState.needs_reauthorization:
+            await self.notices.reauthorization_needed(error or state.value)
+        else:
+            if state == ConnectorState.active:
+                await self.notices.active()
+            await self.notices.remind(expiry, self.now())
         return CheckResult(state, domains, expiry, error)
 
     async def _no_sign_in_yet(self) -> bool:
@@ -372,43 +362,3 @@ class Connector:
         if success:
             values["o365LastSuccess"] = [now_generalized()]
         await self.db.run_interaction("connector status", lambda txn: write_status_txn(self.d, txn, values))
-
-    async def _maybe_remind(self, expiry: datetime | None) -> None:
-        """One reminder mail when the credential is within 7 days of expiry."""
-        from twisted.internet import threads
-
-        if expiry is None or self.mailer is None or not self.config.mail.admin_address:
-            return
-        now = self.now()
-        if not (now >= expiry - REMINDER_BEFORE):
-            return
-        key = generalized(expiry)
-        sent = await threads.deferToThread(self.db.run_sync, "reminder?", store.get_meta_txn, META_REMINDER, write=False)
-        if sent == key:
-            return
-        # Claim the reminder before sending it: the periodic check, the outbox worker's re-check, the
-        # CLI and the other nodes may all be checking at this moment, and the admin gets one mail.
-        claimed, previous = await self.db.run_interaction("reminder claim", _claim_reminder_txn, key)
-        if not claimed:
-            return
-        what = "admin sign-in (refresh token)" if self.config.office365.auth == "delegated" else "client secret or certificate"
-        past = expiry <= now
-        subject = f"ldapsync: the Microsoft 365 connector's {what} {'has expired' if past else 'expires soon'}"
-        text = (
-            f"The {what} the ldapsync Microsoft 365 connector uses {'expired' if past else 'expires'} on "
-            f"{expiry:%Y-%m-%d %H:%M} UTC.\n\n"
-            + ("Run `ldapsync o365 authorize` and sign in again as a Microsoft 365 administrator (the new "
-               "sign-in lasts 90 days from its last use).\n" if self.config.office365.auth == "delegated"
-               else "Create a new client secret or certificate for the app in Entra, update the file named in "
-                    "[office365] of the ldapsync configuration, and run `ldapsync o365 authorize`.\n")
-            + ("Until then, changes for Microsoft 365 wait in the queue; nothing is lost.\n" if past else
-               "Once it has expired, changes for Microsoft 365 wait in the queue until then; nothing is lost.\n")
-        )
-        try:
-            await self.mailer.send(self.config.mail.admin_address, subject, text)
-        except Exception as e:
-            log.warn("could not send the connector expiry reminder: {error}", error=str(e))
-            # give the claim back: a later check tries again
-            await self.db.run_interaction("reminder unclaim", _unclaim_reminder_txn, key, previous)
-            return
-        log.info("sent the connector expiry reminder to {to}", to=self.config.mail.admin_address)
