@@ -258,6 +258,12 @@ class Connector:
             self.state = ConnectorState.deactivated
             await self._write(ConnectorState.deactivated, None, None, None)
             return CheckResult(self.state, [], None, None)
+        if self.provider is not None and self.state in (ConnectorState.needs_reauthorization, ConnectorState.error):
+            # What an admin fixes (a new secret or certificate in the file, a new sign-in in the
+            # database) is read again, by a new MSAL application (MSAL replays a refusal for 60 s).
+            retired, self.provider = self.client, None
+        else:
+            retired = None
         if self.provider is None:
             try:
                 self.build_client()
@@ -267,6 +273,8 @@ class Connector:
                 await self._write(ConnectorState.error, None, None, error)
                 log.error("Microsoft 365 connector: {error}", error=error)
                 return CheckResult(self.state, [], None, error)
+        if retired is not None and retired is not self.client:
+            await retired.close()
         try:
             if o.auth == "delegated":
                 await self.provider.load()
@@ -289,7 +297,7 @@ class Connector:
                 error = "no admin has signed in yet: run `ldapsync o365 authorize`"
             elif getattr(e, "needs_reauthorization", False):
                 state = ConnectorState.needs_reauthorization
-                error = f"{error}; {REAUTHORIZE_HINT}"
+                error = f"{error}; {REAUTHORIZE_HINT if o.auth == 'delegated' else RENEW_CREDENTIAL_HINT}"
             else:
                 state = ConnectorState.error
         except Forbidden as e:

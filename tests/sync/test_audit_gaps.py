@@ -361,3 +361,34 @@ def test_refused_refresh_token_needs_reauthorization_and_deliveries_wait(
     srv.run("ldapadd", input=person(unique("again"), password=PASSWORD, bound=True), check=True)
     wait_connector(srv, "needs-reauthorization")
     wait_for("a second notice", lambda: len(admin_mails(smtp_sink)) == 2, 30)
+
+
+def test_expired_client_secret_needs_reauthorization_and_a_new_one_resumes(
+        make_server: Any, fake_tenant: Any, smtp_sink: Any, tmp_path: Any) -> None:
+    """Application sign-in: Entra refuses an expired client secret (AADSTS7000222). Only an admin can
+    fix that (a new secret), so the state is needs-reauthorization, not a transient error; putting the
+    new secret in place and running `ldapsync o365 authorize` resumes the RUNNING server's deliveries."""
+    app = fake_tenant.admin.register_app(secret=True, secret_expires_at=time.time() - 60,
+                                         permissions=["User.ReadWrite.All", "Domain.Read.All"])
+    secret = tmp_path / "secret"
+    secret.write_text(app["secret"] + "\n")
+    info = dict(fake_tenant.info, client_id=app["client_id"], client_secret_file=str(secret))
+    srv = make_server("sqlite", office365_config(info) + mail_config(smtp_sink))
+    st = wait_connector(srv, "needs-reauthorization")
+    assert "7000222" in st["o365LastError"][0] and "new client secret" in st["o365LastError"][0]
+    assert app["secret"] not in st["o365LastError"][0] and app["secret"] not in srv.log.read_text()
+    mails = wait_for("the re-authorization notice", lambda: admin_mails(smtp_sink), 30)
+    assert "needs a new client secret or certificate" in mails[0].message["Subject"]
+    held = unique("sec")
+    srv.run("ldapadd", input=person(held, password=PASSWORD, bound=True), check=True)
+    assert entry(srv, f"uid={held},{PEOPLE}")["o365SyncState"] == ["pending"]
+
+    new = fake_tenant.admin.add_app_secret(client_id=app["client_id"])
+    secret.write_text(new + "\n")
+    p = srv.cli("o365", "authorize")
+    assert p.returncode == 0 and b"state: active" in p.stdout, p.stdout + p.stderr
+    u = wait_for("the held user delivered", lambda: fake_tenant.admin.get_user(key=f"{held}@{DOMAIN}"), 90)
+    assert fake_tenant.admin.password_of(key=f"{held}@{DOMAIN}") == PASSWORD and u["accountEnabled"] is True
+    wait_synced(srv, f"uid={held},{PEOPLE}", 60)
+    assert connector_entry(srv)["o365ConnectorState"] == ["active"]
+    assert len(admin_mails(smtp_sink)) == 1
