@@ -35,18 +35,16 @@ NOTICE_KEYS = (META_REMINDER, META_REAUTH_MAILED)
 
 
 def ensure_notice_rows_txn(txn: Txn) -> None:
-    """The rows the claims update (created with the connector's entries, before any check)."""
+    """The rows the claims update (created with the connector's entries at each start, before any
+    check; two nodes starting at once may both try)."""
     for key in NOTICE_KEYS:
-        if store.get_meta_txn(txn, key) is None:
-            store.set_meta_txn(txn, key, "")
+        txn.run("INSERT INTO meta (key, value) VALUES (?, '') ON CONFLICT (key) DO NOTHING", (key,))
 
 
 def claim_txn(txn: Txn, key: str, value: str) -> tuple[bool, str]:
     """Set ``key`` to ``value`` unless it already is: (claimed, the previous value)."""
-    previous = store.get_meta_txn(txn, key)
-    if previous is None:
-        store.set_meta_txn(txn, key, value)
-        return True, ""
+    ensure_notice_rows_txn(txn)
+    previous = store.get_meta_txn(txn, key) or ""
     cur = txn.run("UPDATE meta SET value = ? WHERE key = ? AND value <> ?", (value, key, value))
     return int(cur.rowcount or 0) == 1, previous
 
