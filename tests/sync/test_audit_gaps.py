@@ -9,7 +9,8 @@ the SMTP sink, the fake tenant over HTTPS with real MSAL and the real Graph clie
   application (app-only) sign-in;
 - the connector's move to ``needs-reauthorization`` when the refresh token is refused, shown by
   ``ldapsync o365 status``, ``cn=Monitor`` and ``/readyz`` and mailed to the admin once; queued
-  deliveries wait (not lost, not in error) and flow once an admin has signed in again.
+  deliveries wait (not lost, not in error) and flow once an admin has signed in again; likewise an
+  expired client secret (application sign-in), which the running server replaces when told.
 """
 
 from __future__ import annotations
