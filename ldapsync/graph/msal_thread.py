@@ -32,6 +32,8 @@ _REAUTH_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_re
                             "login_required", "no_account", "expired_token", "access_denied"})
 _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error", "connection_error",
                                "timeout"})
+#: AADSTS codes of an application credential only an admin can renew: the client secret expired.
+_EXPIRED_CREDENTIAL_CODES = frozenset({7000222})
 
 
 @runtime_checkable
@@ -91,9 +93,10 @@ def _auth_error_from_result(result: dict[str, Any] | None, *, delegated: bool) -
     desc = str(result.get("error_description") or "")
     # AADSTS descriptions carry a trace/correlation id and timestamp on extra lines; keep line one.
     first = desc.strip().splitlines()[0] if desc.strip() else ""
+    codes = {c for c in result.get("error_codes") or () if isinstance(c, int)}
     return AuthError(
         code, first, str(result.get("correlation_id") or ""),
-        needs_reauthorization=delegated and code in _REAUTH_ERRORS,
+        needs_reauthorization=(delegated and code in _REAUTH_ERRORS) or bool(codes & _EXPIRED_CREDENTIAL_CODES),
         transient=code in _TRANSIENT_ERRORS,
     )
 

@@ -172,13 +172,18 @@ def token_provider_from_config(
     box: SecretBox | None = None,
     reactor: Any = None,
     threadpool: Any = None,
+    wall_clock: Callable[[], float] | None = None,
 ) -> ApplicationTokenProvider | DelegatedTokenProvider:
-    """Build the provider ``[office365] auth`` asks for (reads credential files: call at start-up)."""
+    """Build the provider ``[office365] auth`` asks for (reads credential files: call at start-up).
+
+    ``wall_clock`` (seconds since the epoch) dates the delegated sign-in's refresh-token redemptions,
+    from which its 90-day expiry is counted; the connector passes the policy clock."""
     endpoints = endpoints_from_config(cfg)
     if cfg.auth == "delegated":
         if store is None or box is None:
             raise ValueError("delegated mode needs a TokenCacheStore and a SecretBox")
         return DelegatedTokenProvider(cfg.client_id, endpoints, store, box, ca_bundle=cfg.ca_bundle or None,
-                                      reactor=reactor, threadpool=threadpool)
+                                      reactor=reactor, threadpool=threadpool,
+                                      **({"wall_clock": wall_clock} if wall_clock is not None else {}))
     return ApplicationTokenProvider(cfg.client_id, endpoints, credential_from_config(cfg),
                                     ca_bundle=cfg.ca_bundle or None, reactor=reactor, threadpool=threadpool)

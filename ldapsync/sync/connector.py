@@ -3,8 +3,9 @@
 Owns ``cn=office365,ou=directories,<suffix>`` (its operational ``o365*``
 attributes are the connector's state), the system group
 ``cn=Provisioning - Office 365,ou=tags,<suffix>``, the persisted sign-in (the
-MSAL token cache, encrypted with ``[secrets] key_file``), the periodic
-credential check and the expiry reminder mail.
+MSAL token cache, encrypted with ``[secrets] key_file``) and the periodic
+credential check, which asks ``connector_notices.py`` to mail the admin (expiry
+reminder, re-authorization needed).  "Now" is the policy clock (``ldapsync/clock.py``).
 
 A connector problem (wrong secret, tenant unreachable, expired sign-in) shows
 on the connector entry and in the log; it never stops the LDAP server.
@@ -12,7 +13,7 @@ on the connector entry and in the log; it never stops the LDAP server.
 State machine (``o365ConnectorState``)::
 
     unauthorized ──authorize──▶ active ◀──check ok── error
-         ▲                        │  └─credential expired─▶ needs-reauthorization ──reactivate──▶ active
+         ▲                        │  └─sign-in refused / credential expired─▶ needs-reauthorization ──authorize──▶ active
          └──────── deactivate ────┴──────────────────────────▶ deactivated ──reactivate──▶ active
 """
 
@@ -20,17 +21,19 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.clock import Clock, system_clock
 from ldapsync.directory.dn import DN
 from ldapsync.directory.hooks import Origin, StatusValues
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
+from ldapsync.sync.connector_notices import AdminNotices, ensure_notice_rows_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
@@ -41,8 +44,10 @@ TAG_CN = "Provisioning - Office 365"
 DIRECTORY_VALUE = "office365"
 META_TOKEN_CACHE = "o365.token_cache"
 META_DEACTIVATED = "o365.deactivated"
-META_REMINDER = "o365.reminder_sent_for"
-REMINDER_BEFORE = timedelta(days=7)
+REAUTHORIZE_HINT = ("queued changes wait; an administrator must sign in again with `ldapsync o365 authorize`, "
+                    "then they are delivered")
+RENEW_CREDENTIAL_HINT = ("queued changes wait; create a new client secret or certificate for the app in Entra, "
+                         "update [office365] and run `ldapsync o365 authorize`")
 STATUS_ATTRS = ("o365ConnectorState", "o365AuthMode", "o365VerifiedDomain", "o365CredentialExpiry",
                 "o365QueueDepth", "o365LastSuccess", "o365LastError", "o365LastReconcile")
 
@@ -88,6 +93,7 @@ def ensure_entries_txn(d: "Directory", txn: Txn) -> list[str]:
             w.create(dn, attrs, w.get(dn.parent))
             done.append(f"created {dn}")
     w.finish()
+    ensure_notice_rows_txn(txn)
     return done
 
 
@@ -170,7 +176,8 @@ class CheckResult:
 class Connector:
     """Signs in, checks the credential and the tenant's domains, keeps the state entry current."""
 
-    def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0) -> None:
+    def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0,
+                 clock: Clock | None = None) -> None:
         from ldapsync.graph.crypto import SecretBox, load_or_create_key
 
         self.d = directory
@@ -179,8 +186,13 @@ class Connector:
         self.reactor = reactor
         self.mailer = mailer
         self.check_interval = check_interval
+        # "Has the credential expired / is it about to?" asks the policy clock (ldapsync/clock.py),
+        # like every other expiry rule; so does the delegated sign-in's refresh-token age.
+        self.clock = clock or system_clock()
         self.box = SecretBox(load_or_create_key(self.config.secrets.key_file))
         self.cache_store = DBTokenCacheStore(self.db)
+        self.notices = AdminNotices(self.db, mailer, self.config.mail.admin_address,
+                                    delegated=self.config.office365.auth == "delegated")
         self.provider: Any = None
         self.client: Any = None
         self._loop: Any = None
@@ -194,11 +206,15 @@ class Connector:
         from ldapsync.graph.token import token_provider_from_config
 
         o = self.config.office365
-        self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor)
+        self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor,
+                                                   wall_clock=self.clock.now)
         budget = o.write_budget
         pacing = PacingPolicy(writes_per_window=budget) if budget > 0 else PacingPolicy(enabled=False)
         self.client = GraphClient(self.provider, endpoints_from_config(o).graph_url, reactor=self.reactor,
                                   ca_bundle=o.ca_bundle or None, pacing=pacing)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.now(), timezone.utc)
 
     @property
     def auth_mode(self) -> str:
@@ -242,6 +258,12 @@ class Connector:
             self.state = ConnectorState.deactivated
             await self._write(ConnectorState.deactivated, None, None, None)
             return CheckResult(self.state, [], None, None)
+        if self.provider is not None and self.state in (ConnectorState.needs_reauthorization, ConnectorState.error):
+            # What an admin fixes (a new secret or certificate in the file, a new sign-in in the
+            # database) is read again, by a new MSAL application (MSAL replays a refusal for 60 s).
+            retired, self.provider = self.client, None
+        else:
+            retired = None
         if self.provider is None:
             try:
                 self.build_client()
@@ -251,6 +273,8 @@ class Connector:
                 await self._write(ConnectorState.error, None, None, error)
                 log.error("Microsoft 365 connector: {error}", error=error)
                 return CheckResult(self.state, [], None, error)
+        if retired is not None and retired is not self.client:
+            await retired.close()
         try:
             if o.auth == "delegated":
                 await self.provider.load()
@@ -259,10 +283,11 @@ class Connector:
                 if dom.get("isVerified"):
                     domains.append(dom["id"])
             expiry = await self._credential_expiry()
-            now = datetime.now(timezone.utc)
+            now = self.now()
             if expiry is not None and expiry <= now:
                 state = ConnectorState.needs_reauthorization
-                error = f"the {'sign-in' if o.auth == 'delegated' else 'client credential'} expired on {expiry:%Y-%m-%d}"
+                error = f"the {'sign-in' if o.auth == 'delegated' else 'client credential'} expired on {expiry:%Y-%m-%d}; " + (
+                    REAUTHORIZE_HINT if o.auth == "delegated" else RENEW_CREDENTIAL_HINT)
             else:
                 state = ConnectorState.active
         except AuthError as e:
@@ -272,6 +297,7 @@ class Connector:
                 error = "no admin has signed in yet: run `ldapsync o365 authorize`"
             elif getattr(e, "needs_reauthorization", False):
                 state = ConnectorState.needs_reauthorization
+                error = f"{error}; {REAUTHORIZE_HINT if o.auth == 'delegated' else RENEW_CREDENTIAL_HINT}"
             else:
                 state = ConnectorState.error
         except Forbidden as e:
@@ -288,7 +314,12 @@ class Connector:
             log.info("Microsoft 365 connector: {old} → {new}{why}", old=self.state.value, new=state.value,
                      why=f" ({error})" if error else "")
         self.state = state
-        await self._maybe_remind(expiry)
+        if state == ConnectorState.needs_reauthorization:
+            await self.notices.reauthorization_needed(error or state.value)
+        else:
+            if state == ConnectorState.active:
+                await self.notices.active()
+            await self.notices.remind(expiry, self.now())
         return CheckResult(state, domains, expiry, error)
 
     async def _no_sign_in_yet(self) -> bool:
@@ -339,35 +370,3 @@ class Connector:
         if success:
             values["o365LastSuccess"] = [now_generalized()]
         await self.db.run_interaction("connector status", lambda txn: write_status_txn(self.d, txn, values))
-
-    async def _maybe_remind(self, expiry: datetime | None) -> None:
-        """One reminder mail when the credential is within 7 days of expiry."""
-        from twisted.internet import threads
-
-        if expiry is None or self.mailer is None or not self.config.mail.admin_address:
-            return
-        now = datetime.now(timezone.utc)
-        if not (now >= expiry - REMINDER_BEFORE):
-            return
-        key = generalized(expiry)
-        sent = await threads.deferToThread(self.db.run_sync, "reminder?", store.get_meta_txn, META_REMINDER, write=False)
-        if sent == key:
-            return
-        what = "admin sign-in (refresh token)" if self.config.office365.auth == "delegated" else "client secret or certificate"
-        past = expiry <= now
-        subject = f"ldapsync: the Microsoft 365 connector's {what} {'has expired' if past else 'expires soon'}"
-        text = (
-            f"The {what} the ldapsync Microsoft 365 connector uses {'expired' if past else 'expires'} on "
-            f"{expiry:%Y-%m-%d %H:%M} UTC.\n\n"
-            + ("Run `ldapsync o365 reactivate` and sign in again.\n" if self.config.office365.auth == "delegated"
-               else "Create a new client secret or certificate for the app in Entra, update the file named in "
-                    "[office365] of the ldapsync configuration, and run `ldapsync o365 reactivate`.\n")
-            + "Until then, changes for Microsoft 365 wait in the queue; nothing is lost.\n"
-        )
-        try:
-            await self.mailer.send(self.config.mail.admin_address, subject, text)
-        except Exception as e:
-            log.warn("could not send the connector expiry reminder: {error}", error=str(e))
-            return
-        await self.db.run_interaction("reminder sent", lambda txn: store.set_meta_txn(txn, META_REMINDER, key))
-        log.info("sent the connector expiry reminder to {to}", to=self.config.mail.admin_address)

@@ -212,3 +212,19 @@ async def test_concurrent_callers_share_one_acquisition() -> None:
     p = provider(app)
     tokens = await defer.gatherResults([defer.ensureDeferred(p.get_token()) for _ in range(5)])
     assert tokens == ["A1"] * 5 and app.calls == 1
+
+
+def test_an_expired_client_secret_needs_reauthorization_a_wrong_one_does_not() -> None:
+    """AADSTS7000222 (the app's secret expired) only an admin can fix: the connector shows
+    needs-reauthorization. A wrong secret (7000215) is a plain error."""
+    from ldapsync.graph.msal_thread import _auth_error_from_result
+
+    expired = _auth_error_from_result({"error": "invalid_client", "error_codes": [7000222],
+                                       "error_description": "AADSTS7000222: The provided client secret keys are expired."},
+                                      delegated=False)
+    wrong = _auth_error_from_result({"error": "invalid_client", "error_codes": [7000215],
+                                     "error_description": "AADSTS7000215: Invalid client secret provided."},
+                                    delegated=False)
+    assert expired.needs_reauthorization is True and not expired.transient
+    assert wrong.needs_reauthorization is False
+    assert _auth_error_from_result({"error": "invalid_grant", "error_codes": [50173]}, delegated=True).needs_reauthorization
