@@ -66,6 +66,7 @@ from twisted.logger import Logger
 
 from ldapsync.graph.crypto import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
+from ldapsync.store import account_records
 from ldapsync.store import links as links_q
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
@@ -463,6 +464,8 @@ class OutboxWorker:
                 return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
+            elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
+                account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
             if out.welcome:
                 links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
             if out.object_id and out.object_id != desired.object_id:
