@@ -92,6 +92,8 @@ class GraphMapping:
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
         if rebind and object_id:
             prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
+        elif desired.reason == "drift" and object_id and attrs.get("o365PasswordPending") != ["TRUE"]:
+            prev_state = SyncState.disabled.value   # the reconciler found it blocked in the portal
         if not desired.bound:
             return await self._unbind(desired, object_id, has_entry=entry is not None)
         if (changed is not None and object_id and not secret and not rebind and desired.upn
