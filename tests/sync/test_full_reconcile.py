@@ -1,0 +1,137 @@
+"""The full comparison and deleted users' account records, end to end (issue 14, engine items 2-3):
+real server, fake tenant process, ldap-utils, SQLite and PostgreSQL.
+
+- a deleted user's account re-enabled in the portal is blocked again: by the delta pass (the
+  account record), by ``ldapsync o365 reconcile --full`` and by the server's own full pass every
+  ``full_reconcile_interval``;
+- the full pass also puts back what the delta pass never reads (``passwordPolicies``) and what
+  changed before its last pass: a bound user's names and a portal block, an unbound user
+  re-enabled;
+- a second full pass with nothing drifted writes nothing to Graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from conftest import office365_config  # type: ignore[import-not-found]
+from helpers import PEOPLE, unique, wait_for
+from sync.test_worker import (  # type: ignore[import-not-found]
+    DOMAIN,
+    PASSWORD,
+    graph_requests,
+    modify,
+    outbox_rows,
+    person,
+    wait_entry_state,
+    wait_tenant,
+)
+
+pytestmark = pytest.mark.e2e
+
+NO_EXPIRY = "DisablePasswordExpiration"
+
+
+def drained(srv) -> None:
+    wait_for("outbox drained", lambda: not outbox_rows(srv), 30)
+
+
+def records(srv) -> list[tuple[Any, ...]]:
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(srv.db_url)
+    try:
+        with eng.connect() as c:
+            return list(c.exec_driver_sql("SELECT entry_uuid, object_id, upn, state FROM o365_account_records").fetchall())
+    finally:
+        eng.dispose()
+
+
+def setup_users(srv, fake) -> dict[str, Any]:
+    """A deleted user (``gone``), an unbound one (``off``) and a bound one (``on``), all delivered,
+    then edited in the portal: both blocked accounts re-enabled, the bound one renamed, its
+    password expiry policy cleared and its sign-in blocked."""
+    uids = {k: unique(f"f{k}") for k in ("gone", "off", "on")}
+    upns = {k: f"{u}@{DOMAIN}" for k, u in uids.items()}
+    for u in uids.values():
+        srv.run("ldapadd", input=person(u, password=PASSWORD, bound=True), check=True)
+    for u in uids.values():
+        wait_entry_state(srv, u, "synced", timeout=30)
+    oid_gone = wait_tenant(fake, upns["gone"])["id"]
+    srv.run("ldapdelete", f"uid={uids['gone']},{PEOPLE}", check=True)
+    modify(srv, uids["off"], "delete: ldapsyncDirectory\n", check=True)
+    wait_entry_state(srv, uids["off"], "disabled", timeout=30)
+    wait_tenant(fake, upns["gone"], lambda u: u["accountEnabled"] is False, timeout=30)
+    drained(srv)
+    fake.admin.portal_edit(key=upns["gone"], accountEnabled=True)
+    fake.admin.portal_edit(key=upns["off"], accountEnabled=True)
+    fake.admin.portal_edit(key=upns["on"], displayName="Portal Name", surname="Portal", passwordPolicies="None",
+                           accountEnabled=False)
+    return {"uids": uids, "upns": upns, "oid_gone": oid_gone}
+
+
+def all_put_back(fake, s: dict[str, Any], timeout: float = 60) -> None:
+    upns, uids = s["upns"], s["uids"]
+    wait_tenant(fake, upns["gone"], lambda u: u["accountEnabled"] is False, timeout=timeout)
+    wait_tenant(fake, upns["off"], lambda u: u["accountEnabled"] is False, timeout=timeout)
+    on = wait_tenant(fake, upns["on"], lambda u: u["displayName"] == f"{uids['on'].capitalize()} Test"
+                     and u["accountEnabled"] is True and NO_EXPIRY in (u.get("passwordPolicies") or ""), timeout=timeout)
+    assert on["surname"] == "Test"
+    assert fake.admin.get_user(key=upns["gone"]) is not None       # blocked, never deleted
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_reconcile_full_puts_back_deleted_unbound_and_bound_users(make_server, fake_tenant, backend):
+    # No timed passes during the test: only the CLI's.
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="1h", full_reconcile_interval="0"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    s = setup_users(srv, fake_tenant)
+    # the deleted user's link was kept, in the delete's own transaction
+    recs = {r[2].lower(): r for r in records(srv) if r[2]}
+    assert recs[s["upns"]["gone"]][1] == s["oid_gone"].lower() and recs[s["upns"]["gone"]][3] == "deleted"
+    assert recs[s["upns"]["off"]][3] == "unbound"
+
+    p = srv.cli("o365", "reconcile", "--full")
+    out = (p.stdout + p.stderr).decode(errors="replace")
+    assert p.returncode == 0, out
+    assert "full comparison" in out, out
+    assert f"uid={s['uids']['gone']},{PEOPLE} (deleted; {s['upns']['gone']})" in out, out
+    assert f"uid={s['uids']['on']},{PEOPLE}" in out, out
+    all_put_back(fake_tenant, s)
+    drained(srv)
+
+    # nothing drifted any more: a second full pass queues nothing and writes nothing to Graph
+    patches = len(graph_requests(fake_tenant, "PATCH"))
+    p = srv.cli("o365", "reconcile", "--full")
+    out = (p.stdout + p.stderr).decode(errors="replace")
+    assert p.returncode == 0 and "drift" not in out, out
+    assert not outbox_rows(srv)
+    assert len(graph_requests(fake_tenant, "PATCH")) == patches
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_full_reconcile_runs_every_interval(make_server, fake_tenant, backend):
+    # The delta pass is kept out of the way (1 h): only the timed full pass can put things back.
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="1h", full_reconcile_interval="2s"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    s = setup_users(srv, fake_tenant)
+    all_put_back(fake_tenant, s)
+    # and again later: the next pass (another interval on) finds and fixes a new edit
+    fake_tenant.admin.portal_edit(key=s["upns"]["gone"], accountEnabled=True)
+    wait_tenant(fake_tenant, s["upns"]["gone"], lambda u: u["accountEnabled"] is False, timeout=60)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_deleted_user_reenabled_is_blocked_by_the_delta_pass(make_server, fake_tenant, backend):
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="2s", full_reconcile_interval="0"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    uid = unique("fd")
+    upn = f"{uid}@{DOMAIN}"
+    srv.run("ldapadd", input=person(uid, password=PASSWORD, bound=True), check=True)
+    wait_entry_state(srv, uid, "synced", timeout=30)
+    srv.run("ldapdelete", f"uid={uid},{PEOPLE}", check=True)
+    wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is False, timeout=30)
+    drained(srv)
+    fake_tenant.admin.portal_edit(key=upn, accountEnabled=True)
+    wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is False, timeout=30)
