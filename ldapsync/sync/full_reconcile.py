@@ -101,8 +101,12 @@ class FullComparison:
         last_id = 0
         while True:
             await self.rec._keep_lease()
-            last_id = await self.db.run_interaction("full reconcile", self._entries_txn, last_id, accounts, recs,
-                                                    seen_uuids, missing, started, report)
+            # read in a read transaction (with SQLite, LDAP writes never wait behind the walk);
+            # only what drifted is queued, in a short write transaction
+            last_id, rows = await self.db.run_interaction("full reconcile", self._entries_txn, last_id, accounts,
+                                                          recs, seen_uuids, missing, started, report, write=False)
+            if rows:
+                await self.db.run_interaction("full reconcile queue", self._queue_txn, rows, report)
             if last_id < 0:
                 break
         deleted = [r for u, r in sorted(recs.items()) if r.state == records.DELETED and u not in seen_uuids]
@@ -119,30 +123,32 @@ class FullComparison:
             self.rec.wake()
         return report
 
-    def _queue_txn(self, txn: Txn, rows: list[QueuedRow]) -> None:
-        if rows:
-            queue_rows_txn(txn, rows)
+    def _queue_txn(self, txn: Txn, rows: list[tuple[QueuedRow, str]], report: ReconcileReport) -> None:
+        """Queue the drift rows (row, what to report) of users with no ready row meanwhile."""
+        todo = [(r, what) for r, what in rows if not has_ready_row_txn(txn, r.entry_uuid)]
+        if todo:
+            queue_rows_txn(txn, [r for r, _ in todo])
             notify_txn(txn)
+            report.drifted.extend(what for _, what in todo)
 
     def _entries_txn(self, txn: Txn, after: int, accounts: dict[str, dict[str, Any]],
                      recs: dict[str, records.AccountRecord], seen_uuids: set[str], missing: list[str],
-                     started: str, report: ReconcileReport) -> int:
-        """One page of linked entries (by entry id); the last id, or -1 at the end."""
+                     started: str, report: ReconcileReport) -> tuple[int, list[tuple[QueuedRow, str]]]:
+        """One page of linked entries (by entry id): the last id (-1 at the end) and the drift rows."""
         ids = [int(r[0]) for r in txn.rows(
             "SELECT DISTINCT entry_id FROM entry_index WHERE attr = ? AND entry_id > ? ORDER BY entry_id LIMIT ?",
             ("o365objectid", after, PAGE))]
         if not ids:
-            return -1
+            return -1, []
         now = time.time()
-        rows: list[QueuedRow] = []
+        rows: list[tuple[QueuedRow, str]] = []
         for e in store.get_entries_by_id_txn(txn, ids):
-            row = self._check_entry(txn, e, accounts, recs, seen_uuids, missing, started, report, now)
+            row = self._check_entry(e, accounts, recs, seen_uuids, missing, started, report, now)
             if row is not None:
-                rows.append(row)
-        self._queue_txn(txn, rows)
-        return ids[-1]
+                rows.append((row, e.dn))
+        return ids[-1], rows
 
-    def _check_entry(self, txn: Txn, e: StoredEntry, accounts: dict[str, dict[str, Any]],
+    def _check_entry(self, e: StoredEntry, accounts: dict[str, dict[str, Any]],
                      recs: dict[str, records.AccountRecord], seen_uuids: set[str], missing: list[str],
                      started: str, report: ReconcileReport, now: float) -> QueuedRow | None:
         uuid = (e.attrs.get("entryUUID") or [""])[0]
@@ -158,26 +164,24 @@ class FullComparison:
             return None
         report.seen += 1
         desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
-        if not full_drift(desired, remote, e.attrs) or has_ready_row_txn(txn, desired.entry_uuid):
+        if not full_drift(desired, remote, e.attrs):
             return None
-        report.drifted.append(e.dn)
         return QueuedRow(desired.entry_uuid, now, "drift", desired.to_json())
 
     def _records_txn(self, txn: Txn, recs: list[records.AccountRecord], accounts: dict[str, dict[str, Any]],
                      report: ReconcileReport) -> None:
         """Deleted users whose account ldapsync kept: blocked."""
         now = time.time()
-        rows: list[QueuedRow] = []
+        rows: list[tuple[QueuedRow, str]] = []
         for r in recs:
             remote = accounts.get(r.object_id or "")
             if remote is None:
                 continue                # not known yet, or deleted in Microsoft 365 too: nothing to block
             report.seen += 1
             desired = record_desired(self.planner, r, "drift")
-            if drift(desired, remote) and not has_ready_row_txn(txn, r.entry_uuid):
-                rows.append(QueuedRow(r.entry_uuid, now, "drift", desired.to_json()))
-                report.drifted.append(f"{r.dn} (deleted; {r.upn})")
-        self._queue_txn(txn, rows)
+            if drift(desired, remote):
+                rows.append((QueuedRow(r.entry_uuid, now, "drift", desired.to_json()), f"{r.dn} (deleted; {r.upn})"))
+        self._queue_txn(txn, rows, report)
 
     async def _missing(self, oids: list[str], report: ReconcileReport) -> None:
         """Bound users' accounts the listing did not have: gone, or created after it was read."""
