@@ -135,3 +135,35 @@ def test_deleted_user_reenabled_is_blocked_by_the_delta_pass(make_server, fake_t
     drained(srv)
     fake_tenant.admin.portal_edit(key=upn, accountEnabled=True)
     wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is False, timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_imported_never_bound_user_is_not_ours_to_block(make_server, fake_tenant, backend):
+    """An imported user that was never bound: deleting its entry keeps no record, and neither pass
+    touches its account (it was never ldapsync's); an imported user that was bound and then
+    deleted is blocked and kept blocked."""
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="1h", full_reconcile_interval="0"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    uids = {k: unique(f"fi{k}") for k in ("never", "once")}
+    upns = {k: f"{u}@{DOMAIN}" for k, u in uids.items()}
+    for k, u in uids.items():
+        fake_tenant.admin.add_user(upn=upns[k], display_name=f"Imported {k}", mailNickname=u, mail=upns[k],
+                                   givenName="Imported", surname=k)
+        p = srv.cli("o365", "import", "--user", upns[k])
+        assert p.returncode == 0, p.stdout + p.stderr
+    modify(srv, uids["once"], "add: ldapsyncDirectory\nldapsyncDirectory: office365\n", check=True)
+    wait_entry_state(srv, uids["once"], "synced", timeout=30)
+    for u in uids.values():
+        srv.run("ldapdelete", f"uid={u},{PEOPLE}", check=True)
+    wait_tenant(fake_tenant, upns["once"], lambda u: u["accountEnabled"] is False, timeout=30)
+    drained(srv)
+    assert [r[3] for r in records(srv) if (r[2] or "").lower() == upns["once"]] == ["deleted"]
+    assert not [r for r in records(srv) if (r[2] or "").lower() == upns["never"]]
+    fake_tenant.admin.portal_edit(key=upns["once"], accountEnabled=True)
+    patches = len(graph_requests(fake_tenant, "PATCH", fake_tenant.admin.get_user(key=upns["never"])["id"]))
+    p = srv.cli("o365", "reconcile", "--full")
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_tenant(fake_tenant, upns["once"], lambda u: u["accountEnabled"] is False, timeout=30)
+    drained(srv)
+    assert fake_tenant.admin.get_user(key=upns["never"])["accountEnabled"] is True
+    assert len(graph_requests(fake_tenant, "PATCH", fake_tenant.admin.get_user(key=upns["never"])["id"])) == patches
