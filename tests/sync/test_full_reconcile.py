@@ -167,3 +167,35 @@ def test_imported_never_bound_user_is_not_ours_to_block(make_server, fake_tenant
     drained(srv)
     assert fake_tenant.admin.get_user(key=upns["never"])["accountEnabled"] is True
     assert len(graph_requests(fake_tenant, "PATCH", fake_tenant.admin.get_user(key=upns["never"])["id"])) == patches
+
+
+def test_two_nodes_share_the_full_reconcile(make_cluster, fake_tenant):
+    """Two nodes on one PostgreSQL database, both with the timer: a deleted user's re-enabled
+    account is blocked again, the passes take turns under the reconcile lease (no failed pass),
+    and the time of the last one is shared in the database."""
+    import sqlalchemy as sa
+
+    a, b = make_cluster(2, office365_config(fake_tenant.info, reconcile_interval="1h", full_reconcile_interval="2s"))
+    for n in (a, b):
+        wait_for("connector active", lambda n=n: "active" in n.cli("o365", "status").stdout.decode(), timeout=30)
+    uid = unique("f2")
+    upn = f"{uid}@{DOMAIN}"
+    a.run("ldapadd", input=person(uid, password=PASSWORD, bound=True), check=True)
+    wait_entry_state(a, uid, "synced", timeout=30)
+    b.run("ldapdelete", f"uid={uid},{PEOPLE}", check=True)
+    wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is False, timeout=30)
+    drained(a)
+    for _ in range(2):      # twice: whichever node's pass comes next puts it back each time
+        fake_tenant.admin.portal_edit(key=upn, accountEnabled=True)
+        wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is False, timeout=60)
+    eng = sa.create_engine(a.db_url)
+    try:
+        with eng.connect() as c:
+            last = c.exec_driver_sql("SELECT value FROM meta WHERE key = 'o365.full_reconcile_at'").scalar()
+    finally:
+        eng.dispose()
+    assert last and float(last) > 0
+    logs = [n.log.read_text(errors="replace") for n in (a, b)]
+    assert sum(t.count("full reconcile:") for t in logs) >= 2
+    for t in logs:
+        assert "reconcile pass failed" not in t and "Traceback" not in t
