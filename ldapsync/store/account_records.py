@@ -4,8 +4,8 @@ and the entry.
 A user that was ever bound (and so may have a Microsoft 365 account ldapsync made or took over)
 keeps a row here once it is unbound or its entry is deleted: entryUUID, the account's object id
 (lower case; NULL while it is not known yet: a delete before the create was delivered), the
-sign-in name (UPN) and DN it had, its state (``unbound`` or ``deleted``) and when that was
-recorded.  The row is written in the transaction of the LDAP write that unbound or deleted the
+sign-in name (UPN) and DN it had, its state (``unbound``, ``deleted``, or ``bound`` once bound
+again) and when that was recorded.  The row is written in the transaction of the LDAP write that unbound or deleted the
 user (the outbox planner's hook, ``ldapsync/sync/account_records.py``), so the link is never lost,
 and is never deleted by ldapsync: the account stays blocked for good, and the reconcilers
 (``sync/reconciler.py``, ``sync/full_reconcile.py``) keep it so when someone re-enables it in the
@@ -24,6 +24,7 @@ from ldapsync.store.database import Txn
 
 UNBOUND = "unbound"
 DELETED = "deleted"
+BOUND = "bound"          # bound again after an unbind: still ever bound, not to be blocked
 
 _COLS = "entry_uuid, object_id, upn, dn, state, recorded_at"
 
@@ -34,7 +35,7 @@ class AccountRecord:
     object_id: str | None       # lower case; None: not known yet (deleted before the create was delivered)
     upn: str | None
     dn: str | None
-    state: str                  # UNBOUND | DELETED
+    state: str                  # UNBOUND | DELETED | BOUND
     recorded_at: float
 
 
@@ -52,6 +53,12 @@ def note_txn(txn: Txn, entry_uuid: str, object_id: str | None, upn: str | None, 
         "upn = COALESCE(excluded.upn, o365_account_records.upn), dn = excluded.dn, "
         "state = excluded.state, recorded_at = excluded.recorded_at",
         (entry_uuid, object_id.lower() if object_id else None, upn, dn, state, now))
+
+
+def mark_bound_txn(txn: Txn, entry_uuid: str) -> None:
+    """The user is bound again (its record, if any, stays: it is still ever bound)."""
+    txn.run("UPDATE o365_account_records SET state = ? WHERE entry_uuid = ? AND state = ?",
+            (BOUND, entry_uuid, UNBOUND))
 
 
 def set_object_id_txn(txn: Txn, entry_uuid: str, object_id: str) -> int:

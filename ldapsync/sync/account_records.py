@@ -2,11 +2,15 @@
 entry means (the SQL is ``ldapsync/store/account_records.py``).
 
 - :func:`note_change_txn` is called by the outbox planner (``sync/outbox.py``), inside the LDAP
-  write's transaction, when a bound user is unbound or an ever-bound user's entry is deleted: it
-  records entryUUID, object id, UPN and DN, so ldapsync still knows the account is its own and
-  must stay blocked after the entry is gone;
-- :func:`ever_bound` says whether an existing entry is such a user (its Microsoft 365 account,
-  if any, must be blocked while it is not bound);
+  write's transaction, when a user is bound or unbound or an ever-bound user's entry is deleted:
+  it records entryUUID, object id, UPN and DN, so ldapsync still knows the account is its own and
+  must stay blocked after the entry is gone; binding the user again marks the record ``bound``;
+- :func:`ever_bound` says whether an existing entry that is not bound is such a user whose
+  account ldapsync blocked (and keeps blocked).
+
+``ldapsync o365 deactivate`` unbinds everyone without touching Microsoft 365 and without this
+hook (its writes do not reach Microsoft 365): those users' records stay ``bound`` and their
+accounts are left as they are, after ``reactivate`` too.
 - :func:`record_desired` is the desired state of a deleted user's account (blocked), built with
   the planner's own ``desired()`` from what the record kept.
 
@@ -31,29 +35,36 @@ def _first(attrs: Attrs | None, name: str) -> str | None:
     return v[0] if v else None
 
 
-def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bound: bool) -> None:
-    """The planner's hook for a delete, or an unbind (``was_bound`` and not bound now)."""
+def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bound: bool, now_bound: bool) -> None:
+    """The planner's hook for a delete, an unbind or a bind (``was_bound`` != ``now_bound``)."""
     old = ch.old
     if old is None:
-        return
+        return                           # an add: nothing recorded yet
     uuid = _first(old, "entryUUID")
     if not uuid:
         return
+    oid = _first(old, "o365ObjectId") or _first(ch.new, "o365ObjectId")
+    if ch.kind != "delete" and now_bound:
+        if oid:
+            records.mark_bound_txn(txn, uuid)   # bound again: ever bound, not to be blocked
+        return
     if ch.kind == "delete":
-        if not (was_bound or old.get("o365SyncState")):
-            return                       # never bound (or imported and never bound): not ours
+        if not (was_bound or old.get("o365SyncState") == ["disabled"]):
+            rec = records.by_entry_uuid_txn(txn, uuid)
+            if rec is None or rec.state != records.UNBOUND:
+                return                   # never bound, imported, or unbound by deactivate: not ours to block
         state = records.DELETED
     else:
-        if not (_first(old, "o365ObjectId") or _first(ch.new, "o365ObjectId")):
+        if not oid:
             return                       # never reached Microsoft 365: no account to keep blocked
         state = records.UNBOUND
-    oid = _first(old, "o365ObjectId") or _first(ch.new, "o365ObjectId")
     records.note_txn(txn, uuid, oid, _first(old, "mail"), ch.dn, state, planner.clock())
 
 
 def ever_bound(attrs: Attrs, record: records.AccountRecord | None) -> bool:
-    """An existing entry that ldapsync bound once (its account is ldapsync's to keep blocked)."""
-    return record is not None or attrs.get("o365SyncState") == ["disabled"]
+    """An existing entry, not bound now, whose account ldapsync blocked (and keeps blocked):
+    unbound while bound (the record), or its state says the unbind was delivered."""
+    return (record is not None and record.state == records.UNBOUND) or attrs.get("o365SyncState") == ["disabled"]
 
 
 def record_desired(planner: "OutboxPlanner", rec: records.AccountRecord, reason: str) -> "DesiredUser":

@@ -196,8 +196,8 @@ class OutboxPlanner:
         old, new = ch.old, ch.new
         was = self.is_bound(old)
         now_bound = self.is_bound(new)
-        if ch.kind == "delete" or (was and not now_bound):
-            account_records.note_change_txn(self, txn, ch, was)   # the account link outlives both
+        if ch.kind == "delete" or was != now_bound:
+            account_records.note_change_txn(self, txn, ch, was, now_bound)   # the account link outlives both
         if not was and not now_bound:
             return None
         if ch.kind == "delete":

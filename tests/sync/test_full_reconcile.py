@@ -199,3 +199,38 @@ def test_two_nodes_share_the_full_reconcile(make_cluster, fake_tenant):
     assert sum(t.count("full reconcile:") for t in logs) >= 2
     for t in logs:
         assert "reconcile pass failed" not in t and "Traceback" not in t
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_users_unbound_by_deactivate_are_left_alone(make_server, fake_tenant, backend):
+    """`o365 deactivate` leaves Microsoft 365 untouched, and so does the full pass after
+    `reactivate`: a user that was unbound and bound again once (its record says bound), then
+    unbound by deactivate, keeps its enabled account, also when its entry is deleted."""
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="1h", full_reconcile_interval="0"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    uids = {k: unique(f"fx{k}") for k in ("kept", "deleted")}
+    upns = {k: f"{u}@{DOMAIN}" for k, u in uids.items()}
+    for u in uids.values():
+        srv.run("ldapadd", input=person(u, password=PASSWORD, bound=True), check=True)
+        wait_entry_state(srv, u, "synced", timeout=30)
+        modify(srv, u, "delete: ldapsyncDirectory\n", check=True)
+        wait_entry_state(srv, u, "disabled", timeout=30)
+        modify(srv, u, "add: ldapsyncDirectory\nldapsyncDirectory: office365\n", check=True)
+        wait_entry_state(srv, u, "synced", timeout=30)
+    for upn in upns.values():
+        wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is True, timeout=30)
+    drained(srv)
+    p = srv.cli("o365", "deactivate", "--yes")
+    assert p.returncode == 0, p.stdout + p.stderr
+    srv.run("ldapdelete", f"uid={uids['deleted']},{PEOPLE}", check=True)
+    p = srv.cli("o365", "reactivate")
+    assert p.returncode == 0, p.stdout + p.stderr
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    patches = len(graph_requests(fake_tenant, "PATCH"))
+    p = srv.cli("o365", "reconcile", "--full")
+    out = (p.stdout + p.stderr).decode(errors="replace")
+    assert p.returncode == 0 and "drift" not in out, out
+    assert not outbox_rows(srv)
+    assert len(graph_requests(fake_tenant, "PATCH")) == patches
+    for upn in upns.values():
+        assert fake_tenant.admin.get_user(key=upn)["accountEnabled"] is True
