@@ -9,7 +9,10 @@ again) and when that was recorded.  The row is written in the transaction of the
 user (the outbox planner's hook, ``ldapsync/sync/account_records.py``), so the link is never lost,
 and is never deleted by ldapsync: the account stays blocked for good, and the reconcilers
 (``sync/reconciler.py``, ``sync/full_reconcile.py``) keep it so when someone re-enables it in the
-portal.  Binding the user again keeps the row (the user is still "ever bound").
+portal.  Binding the user again keeps the row (the user is still "ever bound").  The worker also
+writes a ``bound`` row when its create made the account (:func:`note_created_txn`): an account
+ldapsync created is its own to keep blocked while Microsoft 365 lacks the user's password, unlike
+one it linked (import, soft match).
 
 SQL only: what a record means for Microsoft 365 is ``sync/account_records.py``'s.
 """
@@ -53,6 +56,17 @@ def note_txn(txn: Txn, entry_uuid: str, object_id: str | None, upn: str | None, 
         "upn = COALESCE(excluded.upn, o365_account_records.upn), dn = excluded.dn, "
         "state = excluded.state, recorded_at = excluded.recorded_at",
         (entry_uuid, object_id.lower() if object_id else None, upn, dn, state, now))
+
+
+def note_created_txn(txn: Txn, entry_uuid: str, object_id: str, upn: str | None, dn: str | None,
+                     now: float) -> None:
+    """ldapsync created this account (it is ours to keep blocked): a ``bound`` record, or the object
+    id on the record there is (a delete may have been recorded before the create's reply came)."""
+    txn.run(
+        "INSERT INTO o365_account_records (entry_uuid, object_id, upn, dn, state, recorded_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entry_uuid) DO UPDATE SET "
+        "object_id = COALESCE(o365_account_records.object_id, excluded.object_id)",
+        (entry_uuid, object_id.lower(), upn, dn, BOUND, now))
 
 
 def mark_bound_txn(txn: Txn, entry_uuid: str) -> None:

@@ -8,7 +8,8 @@ reconcile --full``, this pass compares them all and puts everything back:
 
 - bound user: names, UPN/mail, mailNickname, ``passwordPolicies`` (DisablePasswordExpiration) and
   accountEnabled as the planner's desired state says (``OutboxPlanner.desired``; enabled when the
-  directory holds a password Microsoft 365 has — not while ``o365PasswordPending`` waits for it);
+  directory holds a password Microsoft 365 has; while ``o365PasswordPending`` waits for it, an
+  account ldapsync created or blocked is blocked again, a linked one keeps its state);
 - unbound ever-bound user (``sync/account_records.py: ever_bound``), and a deleted user whose
   account ldapsync kept (``o365_account_records``): blocked;
 - a bound user's account missing from the tenant: looked up by id, and if it is gone reported on
@@ -41,7 +42,7 @@ from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queu
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import NO_EXPIRY
 from ldapsync.sync.outbox import DesiredUser
-from ldapsync.sync.reconciler import SELECT, ReconcileReport, drift
+from ldapsync.sync.reconciler import SELECT, ReconcileReport, drift, drift_payload
 
 if TYPE_CHECKING:
     from ldapsync.sync.reconciler import Reconciler
@@ -62,9 +63,10 @@ def full_due_txn(txn: Txn, interval: float) -> bool:
         return True
 
 
-def full_drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]]) -> list[str]:
+def full_drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]], *,
+               ours: bool = False) -> list[str]:
     """:func:`~ldapsync.sync.reconciler.drift`, and a bound user's ``passwordPolicies``."""
-    out = drift(desired, remote, attrs)
+    out = drift(desired, remote, attrs, ours=ours)
     if desired.bound:
         policies = {p.strip() for p in (remote.get("passwordPolicies") or "").split(",")}
         if NO_EXPIRY not in policies:
@@ -164,9 +166,10 @@ class FullComparison:
             return None
         report.seen += 1
         desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
-        if not full_drift(desired, remote, e.attrs):
+        diffs = full_drift(desired, remote, e.attrs, ours=uuid in recs)
+        if not diffs:
             return None
-        return QueuedRow(desired.entry_uuid, now, "drift", desired.to_json())
+        return QueuedRow(desired.entry_uuid, now, "drift", drift_payload(desired, remote, diffs))
 
     def _records_txn(self, txn: Txn, recs: list[records.AccountRecord], accounts: dict[str, dict[str, Any]],
                      report: ReconcileReport) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -41,6 +41,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store import account_records as records
 from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
+from ldapsync.sync.graph_mapping import DRIFT_BLOCK
 from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
 from ldapsync.sync.status import STATUS_OPERATION
 
@@ -71,9 +72,11 @@ def _norm(v: Any) -> Any:
     return v.lower() if isinstance(v, str) else v
 
 
-def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]] | None = None) -> list[str]:
+def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]] | None = None, *,
+          ours: bool = False) -> list[str]:
     """Which properties of the Graph user differ from the directory's wishes (``attrs``: the
-    entry, for its o365PasswordPending: an account waiting for its password stays blocked)."""
+    entry, for its o365PasswordPending: an account waiting for its password stays blocked when
+    it is ``ours`` — created or blocked by ldapsync, not linked; see sync/account_records.py)."""
     out: list[str] = []
     if not desired.bound:
         if remote.get("accountEnabled") is True:
@@ -86,10 +89,19 @@ def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[st
     for k, want in pairs.items():
         if want is not None and k in remote and _norm(remote.get(k)) != _norm(want):
             out.append(k)
-    if ("accountEnabled" in remote and remote.get("accountEnabled") is False and desired.has_password
-            and (attrs or {}).get("o365PasswordPending") != ["TRUE"]):
+    pending = (attrs or {}).get("o365PasswordPending") == ["TRUE"]
+    if "accountEnabled" in remote and remote.get("accountEnabled") is False and desired.has_password and not pending:
+        out.append("accountEnabled")
+    elif remote.get("accountEnabled") is True and pending and ours:
         out.append("accountEnabled")
     return out
+
+
+def drift_payload(desired: DesiredUser, remote: dict[str, Any], diffs: list[str]) -> str:
+    """The row's payload: the desired state, marked to block when a bound account must be blocked."""
+    if desired.bound and "accountEnabled" in diffs and remote.get("accountEnabled") is True:
+        desired = replace(desired, reason=DRIFT_BLOCK)
+    return desired.to_json()
 
 
 class Reconciler:
@@ -249,14 +261,17 @@ class Reconciler:
                     deleted.append(e)
                 continue
             bound = self.planner.is_bound(e.attrs)
-            if not bound and not ever_bound(e.attrs, records.by_entry_uuid_txn(
-                    txn, (e.attrs.get("entryUUID") or [""])[0])):
+            rec = None
+            if not bound or (item.get("accountEnabled") is True and e.attrs.get("o365PasswordPending") == ["TRUE"]):
+                rec = records.by_entry_uuid_txn(txn, (e.attrs.get("entryUUID") or [""])[0])
+            if not bound and not ever_bound(e.attrs, rec):
                 continue               # never bound by us, or imported and not bound: leave it alone
             desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
-            if drift(desired, item, e.attrs):
+            diffs = drift(desired, item, e.attrs, ours=rec is not None)
+            if diffs:
                 if has_ready_row_txn(txn, desired.entry_uuid):
                     continue           # already queued: the worker will converge it
-                rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
+                rows.append(QueuedRow(desired.entry_uuid, now, "drift", drift_payload(desired, item, diffs)))
                 report.drifted.append(e.dn)
         if rows:
             queue_rows_txn(txn, rows)

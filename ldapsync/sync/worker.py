@@ -470,7 +470,10 @@ class OutboxWorker:
                 links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
             if out.object_id and out.object_id != desired.object_id:
                 # the account id is new to these rows (created or linked now): later rows get it,
-                # and the note of a create in flight is done with
+                # and the note of a create in flight is done with (our create made it: a record)
+                if q.create_was_sent_txn(txn, job.entry_uuid):
+                    account_records.note_created_txn(txn, job.entry_uuid, out.object_id, desired.upn, desired.dn,
+                                                     time.time())
                 q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
                 q.clear_create_sent_txn(txn, job.entry_uuid)
             q.complete_txn(txn, ids)

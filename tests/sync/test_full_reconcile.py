@@ -7,11 +7,16 @@ real server, fake tenant process, ldap-utils, SQLite and PostgreSQL.
 - the full pass also puts back what the delta pass never reads (``passwordPolicies``) and what
   changed before its last pass: a bound user's names and a portal block, an unbound user
   re-enabled;
-- a second full pass with nothing drifted writes nothing to Graph.
+- a second full pass with nothing drifted writes nothing to Graph;
+- an account ldapsync created blocked (Microsoft 365 lacks the password) and someone enabled in
+  the portal is blocked again; a linked one (soft match) waiting for the password keeps its state.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 from typing import Any
 
 import pytest
@@ -20,6 +25,7 @@ from helpers import PEOPLE, unique, wait_for
 from sync.test_worker import (  # type: ignore[import-not-found]
     DOMAIN,
     PASSWORD,
+    entry,
     graph_requests,
     modify,
     outbox_rows,
@@ -234,3 +240,48 @@ def test_users_unbound_by_deactivate_are_left_alone(make_server, fake_tenant, ba
     assert len(graph_requests(fake_tenant, "PATCH")) == patches
     for upn in upns.values():
         assert fake_tenant.admin.get_user(key=upn)["accountEnabled"] is True
+
+
+def ssha(password: str) -> str:
+    salt = os.urandom(8)
+    return "{SSHA}" + base64.b64encode(hashlib.sha1(password.encode() + salt).digest() + salt).decode()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_account_waiting_for_its_password_is_blocked_again_linked_one_left(make_server, fake_tenant, backend):
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="1h", full_reconcile_interval="0"))
+    wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
+    uids = {k: unique(f"fp{k}") for k in ("created", "linked")}
+    upns = {k: f"{u}@{DOMAIN}" for k, u in uids.items()}
+    # an account that exists already (enabled), linked by soft match; the other one is created blocked
+    fake_tenant.admin.add_user(upn=upns["linked"], display_name=f"{uids['linked'].capitalize()} Test",
+                               mailNickname=uids["linked"], mail=upns["linked"], givenName=uids["linked"].capitalize(),
+                               surname="Test")
+    for u in uids.values():
+        srv.run("ldapadd", input=person(u, password=ssha(PASSWORD), bound=True), check=True)   # only a hash
+    for k, u in uids.items():
+        e = wait_entry_state(srv, u, "synced", timeout=30)
+        assert e.get("o365PasswordPending") == ["TRUE"], (k, e)
+    assert wait_tenant(fake_tenant, upns["created"])["accountEnabled"] is False
+    assert wait_tenant(fake_tenant, upns["linked"])["accountEnabled"] is True
+    drained(srv)
+    fake_tenant.admin.portal_edit(key=upns["created"], accountEnabled=True)
+    linked_id = fake_tenant.admin.get_user(key=upns["linked"])["id"]
+    patches = len(graph_requests(fake_tenant, "PATCH", linked_id))
+    p = srv.cli("o365", "reconcile", "--full")
+    out = (p.stdout + p.stderr).decode(errors="replace")
+    assert p.returncode == 0, out
+    assert f"uid={uids['created']},{PEOPLE}" in out and f"uid={uids['linked']}," not in out, out
+    wait_tenant(fake_tenant, upns["created"], lambda u: u["accountEnabled"] is False, timeout=30)
+    drained(srv)
+    assert entry(srv, uids["created"]).get("o365PasswordPending") == ["TRUE"]
+    assert fake_tenant.admin.get_user(key=upns["linked"])["accountEnabled"] is True
+    assert len(graph_requests(fake_tenant, "PATCH", linked_id)) == patches
+    # the user's own bind hands the password over: enabled, and the next pass leaves it so
+    assert srv.run("ldapwhoami", bind=f"uid={uids['created']},{PEOPLE}", password=PASSWORD).returncode == 0
+    wait_tenant(fake_tenant, upns["created"], lambda u: u["accountEnabled"] is True, timeout=30)
+    drained(srv)
+    p = srv.cli("o365", "reconcile", "--full")
+    out = (p.stdout + p.stderr).decode(errors="replace")
+    assert p.returncode == 0 and f"uid={uids['created']}," not in out, out
+    assert fake_tenant.admin.get_user(key=upns["created"])["accountEnabled"] is True
