@@ -2,8 +2,11 @@
 
 Owns reading ``ldapsync.toml`` (or the embedded defaults when there is none)
 and turning every mistake into a :class:`ConfigError` whose message names the
-key and says what is expected.  Relative paths are resolved against the
-directory the server runs in (like OpenLDAP's slapd.conf paths).
+key and says what is expected.  A relative path written in a config file is
+resolved against the file's own directory, so the server, its worker process
+and every CLI command find the same files whatever directory they run in; the
+built-in defaults (``var/ldapsync.db``, ``var/secret.key``, ``var/admin-password``)
+stay relative to the working directory (the service unit's state directory).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +112,9 @@ class Office365Config:
     usage_location: str = ""
     soft_match: bool = True
     unbind_action: str = "block-and-revoke"
+    # "block": a bound user whose directory password expired ([policy] max_age) is blocked in
+    # Microsoft 365 until a new password is set (sync/expiry.py); "none": left as it is.
+    expired_password_action: str = "block"
     disable_threshold: int = 500
     client_secret_expires: str = ""   # ISO date of the client secret's end, when Graph may not tell us
 
@@ -276,6 +282,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f'[office365] cloud: expected global, usgov, usgov-dod or china, got {o.cloud!r}')
     if o.unbind_action not in ("block-and-revoke", "block"):
         raise ConfigError(f'[office365] unbind_action: expected "block-and-revoke" or "block", got {o.unbind_action!r}')
+    if o.expired_password_action not in ("block", "none"):
+        raise ConfigError(f'[office365] expired_password_action: expected "block" or "none", got {o.expired_password_action!r}')
     if o.outbox_lease < 3:
         raise ConfigError(f"[office365] outbox_lease: expected at least 3s, got {o.outbox_lease:g}s")
     if o.enabled and (not o.tenant or not o.client_id):
@@ -387,9 +395,41 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if unknown:
         raise ConfigError(f"{p}: unknown section(s) {', '.join(unknown)}; known: {', '.join(_SECTIONS)}")
     sections = {name: _build_section(name, cls, raw.get(name, {})) for name, cls in _SECTIONS.items()}
-    cfg = Config(**sections, source=str(p))
+    cfg = _resolve_paths(Config(**sections, source=str(p)), raw, p.resolve().parent)
     _validate(cfg)
     return cfg
+
+
+# The keys that name a file, by section ("" in a key means "not set"; [log] file "-" is stdout).
+PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "ldap": ("starttls_cert", "starttls_key"),
+    "admin": ("password_file",),
+    "office365": ("client_secret_file", "certificate_file", "certificate_password_file", "ca_bundle"),
+    "mail": ("password_file",),
+    "secrets": ("key_file",),
+    "log": ("file",),
+}
+_SQLITE_PREFIX = "sqlite:///"
+
+
+def _resolve_paths(cfg: Config, raw: dict[str, Any], base: Path) -> Config:
+    """``cfg`` with every relative file path the file sets (``raw``; a SQLite database too) made
+    absolute against ``base``, the config file's directory.  Defaults are left as they are."""
+    changes: dict[str, Any] = {}
+    for section, keys in PATH_KEYS.items():
+        sec = getattr(cfg, section)
+        given = raw.get(section, {})
+        new = {k: str(base / v) for k in keys
+               if k in given and (v := getattr(sec, k)) and v != "-" and not Path(v).is_absolute()}
+        if new:
+            changes[section] = replace(sec, **new)
+    db = cfg.directory.database
+    if "database" in raw.get("directory", {}) and db.startswith(_SQLITE_PREFIX):
+        path = db[len(_SQLITE_PREFIX):].split("?", 1)[0]
+        if path and path != ":memory:" and not Path(path).is_absolute():
+            changes["directory"] = replace(cfg.directory, database=_SQLITE_PREFIX + str(base / path)
+                                           + db[len(_SQLITE_PREFIX) + len(path):])
+    return replace(cfg, **changes) if changes else cfg
 
 
 def pages_url_from_listen(listen: str) -> str:

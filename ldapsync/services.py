@@ -143,7 +143,7 @@ class OutboxWorkerService(service.Service):
     """Drains the Microsoft 365 outbox (``ldapsync/sync/worker.py``) and runs the reconcile loop.
     Part of the worker process's tree (``sync/worker_process.py: build``): woken by the LDAP
     process's planner after COMMIT through the process's stdin, by NOTIFY on PostgreSQL.  Its
-    planner only serves the reconciler (what the directory wants of each user): the worker
+    planner only serves the reconciler and the password expiry sweep (what the directory wants of each user): the worker
     process makes no write that reaches Microsoft 365, so its directory has no write hooks."""
 
     def __init__(self, dirsvc: DirectoryService, connsvc: ConnectorService) -> None:
@@ -183,6 +183,21 @@ class OutboxWorkerService(service.Service):
             self.full_loop = LoopingCall(self._reconcile, full)
             self.full_loop.clock = reactor
             self.full_loop.start(min(full, 60.0), now=False)
+        # Expired directory passwords block Microsoft 365 sign-in (sync/expiry.py): time alone
+        # makes a password expire, so a sweep queues those disables, as often as the reconcile.
+        self.expiry_loop = LoopingCall(self._expiry_sweep)
+        self.expiry_loop.clock = reactor
+        self.expiry_loop.start(self.dirsvc.config.office365.reconcile_interval, now=False)
+
+    def _expiry_sweep(self) -> Any:
+        from twisted.internet import defer
+
+        from ldapsync.sync.expiry import ExpirySweep
+
+        sweep = ExpirySweep(self.dirsvc.directory, self.planner, wake=self.worker.wake if self.worker else None)
+        d = defer.ensureDeferred(sweep.run_once())
+        d.addErrback(lambda f: log.failure("password expiry sweep failed", f))
+        return d
 
     def _reconcile(self, full_interval: float | None = None) -> Any:
         from twisted.internet import defer
@@ -200,7 +215,8 @@ class OutboxWorkerService(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        for loop in (getattr(self, "reconcile_loop", None), getattr(self, "full_loop", None)):
+        for loop in (getattr(self, "reconcile_loop", None), getattr(self, "full_loop", None),
+                     getattr(self, "expiry_loop", None)):
             if loop is not None and loop.running:
                 loop.stop()
         from twisted.internet import defer

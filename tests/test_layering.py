@@ -8,6 +8,8 @@ block alike: a function-local import is still a dependency.  The rules (docs/arc
 - the Graph client knows no database: ``graph/`` does not import ``store/``;
 - an LDAP reply never waits on Microsoft 365: ``ldap/`` and ``directory/`` never import
   ``graph/`` or ``sync/``;
+- the protocol edge talks to the rules only: ``ldap/`` does not import ``store/`` (the directory
+  answers storage failures as LDAP results);
 - production code never imports the fake tenant (``ldapsync.testing``), except the explicit demo
   (``ldapsync/demo.py``), which only the CLI imports;
 - nothing but the CLI imports the wiring (``ldapsync.tap``; the twistd plugin names it by string).
@@ -28,6 +30,7 @@ FORBIDDEN = [
                                       "ldapsync.selfservice", "ldapsync.services", "ldapsync.tap", "ldapsync.cli")),
     ("ldapsync.graph", "ldapsync.store"),
     *((a, b) for a in ("ldapsync.ldap", "ldapsync.directory") for b in ("ldapsync.graph", "ldapsync.sync")),
+    ("ldapsync.ldap", "ldapsync.store"),
 ]
 WIRING = "ldapsync.tap"
 WIRING_USERS = {"ldapsync.cli"}
@@ -105,6 +108,7 @@ def test_the_package_keeps_its_layers() -> None:
     ("ldapsync.graph.client", "from ldapsync.store import outbox"),
     ("ldapsync.directory.service", "from ldapsync.sync import outbox"),
     ("ldapsync.ldap.server", "from ldapsync.graph.client import GraphClient"),
+    ("ldapsync.ldap.server", "from ldapsync.store.database import StoreError"),
     ("ldapsync.sync.worker", "from ldapsync.testing import tenant"),
     ("ldapsync.tap", "from ldapsync import demo"),
     ("ldapsync.sync.worker_process", "from ldapsync import tap"),

@@ -151,7 +151,7 @@ class Authn(DirectoryCore):
             return e.attrs if e is not None else None
 
         async def decide(in_flight: int) -> tuple[Attrs | BindOutcome, Admission]:
-            attrs = await self.db.run_interaction("bind", fetch, write=False)
+            attrs = await self.transaction("bind", fetch, write=False)
             if attrs is None or not attrs.get("userPassword"):
                 # No such entry, or an entry without a usable password (an inactive user).
                 _bind_refused(dn, source, "no such entry" if attrs is None else "the entry has no password")
@@ -244,7 +244,7 @@ class Authn(DirectoryCore):
                 w.finish()
             return locked, len(values.get("pwdFailureTime") or ()) if values else pp.failure_count(cfg, st.attrs, now)
 
-        return await self.db.run_interaction("ppolicy", run)
+        return await self.transaction("ppolicy", run)
 
     async def _record_bind_success(self, dn: DN, *, grace: bool) -> int | None:
         """One write after a right password: clear failures/expired lock, date an undated password,
@@ -268,7 +268,7 @@ class Authn(DirectoryCore):
                 w.finish()
             return left
 
-        return await self.db.run_interaction("ppolicy", run)
+        return await self.transaction("ppolicy", run)
 
     # -- password policy helpers ---------------------------------------------------
     def password_state(self, attrs: Attrs, dn: str | DN | None = None) -> PasswordState:
@@ -290,7 +290,7 @@ class Authn(DirectoryCore):
             e = store.get_entry_txn(txn, dn.norm)
             return e.attrs if e is not None else None
 
-        attrs = await self.db.run_interaction("password state", fetch, write=False)
+        attrs = await self.transaction("password state", fetch, write=False)
         return None if attrs is None else self.password_state(attrs, dn)
 
     def describe_policy(self) -> list[str]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import threads
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ldapsync.clock import Clock, system_clock
@@ -28,7 +29,7 @@ from ldapsync.directory.passwords import HashParams, PasswordHasher
 from ldapsync.directory.schema import AttributeType, Schema
 from ldapsync.directory.writes import GROUP_ATTRS
 from ldapsync.store import entries as store
-from ldapsync.store.database import Database, Txn
+from ldapsync.store.database import Database, StoreError, Txn
 from ldapsync.store.entries import Attrs
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ SUPPORTED_EXTENSIONS = (
     "1.3.6.1.4.1.4203.1.11.1",  # Password Modify
     "1.3.6.1.4.1.4203.1.11.3",  # Who am I?
 )
+
+
+log = Logger()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,16 @@ class DirectoryCore:
         self._bind_gate: DNGate[Any] = DNGate()
         self.bind_limiter = AddressLimiter(config.ldap.bind_failures_per_address, slots=hash_threads)
         self._index_types = {self.schema.attribute(a).name: self.schema.attribute(a) for a in indexed if self.schema.attribute(a)}  # type: ignore[union-attr]
+
+    async def transaction(self, desc: str, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
+        """``fn(txn, *args)`` in one database transaction.  A database failure (unreachable, locked
+        too long) is answered here, by the rules, as LDAP ``unavailable`` with a message the client
+        can act on; the details go to the log only (they may name the database host)."""
+        try:
+            return await self.db.run_interaction(desc, fn, *args, write=write)
+        except StoreError as e:
+            log.error("LDAP {desc} failed: {error}", desc=desc, error=str(e))
+            raise LDAPError(ResultCode.unavailable, "the directory database is not available; try again") from None
 
     def start(self) -> None:
         if not self._hash_pool_started:

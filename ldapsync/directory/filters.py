@@ -16,7 +16,7 @@ Attributes the requester may not read (``hidden``: userPassword for everyone,
 the password policy state for non-admins) are Undefined in every filter item —
 presence, equality, substring, ordering, approx, extensible with or without an
 attribute name, dnAttributes — and never reach the SQL plan, so no filter can
-probe them (design.md §7).  Substring and ordering assertions on a type without
+probe them (README: "Security").  Substring and ordering assertions on a type without
 that matching rule are Undefined too (RFC 4511 §4.5.1.7), as in slapd.  NOT of
 Undefined stays Undefined (three-valued logic), so ``(!(userPassword=x))``
 matches nothing either.

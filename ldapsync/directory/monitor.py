@@ -164,13 +164,13 @@ class Monitor:
     async def _summary(self, actor: "Actor") -> ConnectorSummary | None:
         if actor.dn is None:
             return None
-        return await self.directory.db.run_interaction("monitor", self._read_txn, actor, write=False)
+        return await self.directory.transaction("monitor", self._read_txn, actor, write=False)
 
     async def root_dse(self, actor: "Actor", attrs: Attrs) -> Attrs:
         """The root DSE, with ``monitorContext`` for admins (as slapd lists it)."""
         if actor.dn is None:
             return attrs
-        admin = await self.directory.db.run_interaction(
+        admin = await self.directory.transaction(
             "monitor", lambda txn: self.directory._is_admin_txn(txn, actor), write=False)
         return {**attrs, "monitorContext": [MONITOR_DN]} if admin else attrs
 

@@ -72,7 +72,7 @@ class Operations(Reads):
             w.create(dn, attrs, parent)
             return w.finish()
 
-        return await self.db.run_interaction("add", run)
+        return await self.transaction("add", run)
 
     def _check_system_entry(self, dn: DN, what: str) -> None:
         """The provisioning tag and the connector entry exist while the connector is enabled."""
@@ -113,7 +113,7 @@ class Operations(Reads):
             w.delete(st)
             return w.finish()
 
-        return await self.db.run_interaction("delete", run)
+        return await self.transaction("delete", run)
 
     # -- modify ------------------------------------------------------------------
     async def modify(self, actor: Actor, dn_text: str, mods: Sequence[tuple[str, str, Sequence[bytes]]], *,
@@ -217,7 +217,7 @@ class Operations(Reads):
             w.update(st, attrs)
             return w.finish()
 
-        return await self.db.run_interaction("modify", run)
+        return await self.transaction("modify", run)
 
     @staticmethod
     def _admin_may_modify(name: str, op: str, vals: list[str]) -> bool:
@@ -363,4 +363,4 @@ class Operations(Reads):
                     cst.parent_id = e.parent_id
             return w.finish()
 
-        return await self.db.run_interaction("modrdn", run)
+        return await self.transaction("modrdn", run)

@@ -89,7 +89,7 @@ class PasswordChanges(Authn):
             e = store.get_entry_txn(txn, dn.norm)
             return (e.attrs if e is not None else None), self._is_admin_txn(txn, actor)
 
-        return await self.db.run_interaction("password check", run, write=False)
+        return await self.transaction("password check", run, write=False)
 
     # -- password modify (RFC 3062) -----------------------------------------------------
     async def password_modify(self, actor: Actor, user: str | None, old: bytes | None, new: bytes | None) -> str | None:
@@ -159,4 +159,4 @@ class PasswordChanges(Authn):
             w.update(st, attrs)
             return w.finish()
 
-        await self.db.run_interaction(operation, run)
+        await self.transaction(operation, run)

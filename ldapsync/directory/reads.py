@@ -165,7 +165,7 @@ class Reads(PasswordChanges):
         while True:
             if abandoned():
                 return result
-            rows, last, more = await self.db.run_interaction("search", run, after, chunk, write=False)
+            rows, last, more = await self.transaction("search", run, after, chunk, write=False)
             admin, hidden = rights[0][:2]
             if after == req.page_after:         # the first chunk: the limits follow the rights
                 size_limit = req.size_limit
@@ -256,7 +256,7 @@ class Reads(PasswordChanges):
                 raise LDAPError(ResultCode.noSuchObject, f'no entry "{dn}"', matched_dn=matched)
             return e
 
-        e = await self.db.run_interaction("compare", run, write=False)
+        e = await self.transaction("compare", run, write=False)
         if at.name == "entryDN":
             values = [e.dn]
         else:

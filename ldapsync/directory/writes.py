@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
+from ldapsync.directory import unique_mail
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
@@ -182,6 +183,14 @@ class Write:
         self.update(st, attrs)
         self._pending_moves.append((old_norm, new_dn.norm, str(new_dn)))
 
+    def staged(self) -> list[Staged]:
+        """The entries this write holds and does not delete, as it will leave them."""
+        return [st for st in self._order if st.attrs is not None]
+
+    def staged_by_id(self, entry_id: int) -> Staged | None:
+        """The staged entry stored under ``entry_id`` (deleted by this write too), if this write holds it."""
+        return next((st for st in self._order if st.entry_id == entry_id), None)
+
     # -- finishing -------------------------------------------------------------
     def _flush(self, *, write: bool = True) -> list[EntryChange]:
         """Turn the touched staged entries into changes and store them (``write=False``: the
@@ -266,6 +275,9 @@ class Write:
             and not d.is_group(st.attrs) and not d.is_group(st.old.attrs) for st in touched)
 
     def finish(self) -> ChangeSet:
+        # mail is unique among ldapsyncUser entries (directory/unique_mail.py): checked on the
+        # entries as this write leaves them, before anything is stored.
+        unique_mail.check_txn(self)
         # A plain modify (the common case) is stored once, after the hooks, together with any
         # status they ask for; anything else is flushed in steps (refint and memberOf need the
         # stored state).

@@ -48,7 +48,6 @@ from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchReques
 from ldapsync.ldap import ber
 from ldapsync.ldap.ber import BERError, enc_message, enc_result, enc_str, tlv
 from ldapsync.ldap.observer import Observer, Operation
-from ldapsync.store.database import StoreError
 
 log = Logger()
 
@@ -274,9 +273,6 @@ class LDAPConnection(protocol.Protocol, TimeoutMixin):
             info = getattr(err, "ppolicy", None)
             controls = _ppolicy_controls(info) if info is not None and _wants_ppolicy(msg) else None
             self._result(op, err.code, err.matched_dn, err.message, controls=controls)
-        elif isinstance(err, StoreError):
-            log.error("LDAP {op} failed: {error}", op=type(msg.op).__name__, error=str(err))
-            self._result(op, ResultCode.unavailable, message="the directory database is not available; try again")
         else:
             log.failure("LDAP {op} failed", failure, op=type(msg.op).__name__)
             self._result(op, ResultCode.other, message="internal server error; see the server log")

@@ -14,6 +14,7 @@ out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,49 @@ def entries_with_value_txn(txn: Txn, attr: str, value: str, *, for_update: bool 
         (attr, value[:INDEX_VALUE_MAX]),
     )
     return [_row(r) for r in rows]
+
+
+def entries_with_values_txn(txn: Txn, attr: str, values: Sequence[str]) -> list[tuple[str, StoredEntry]]:
+    """(index value, entry) for every entry whose index lists one of ``values`` under ``attr``; one
+    query per 500 values (a bulk load checks a thousand at once).  Index values are cut at
+    INDEX_VALUE_MAX: callers check each entry's full value."""
+    out: list[tuple[str, StoredEntry]] = []
+    cut = sorted({v[:INDEX_VALUE_MAX] for v in values})
+    for i in range(0, len(cut), 500):
+        chunk = cut[i:i + 500]
+        rows = txn.rows(
+            f"SELECT ei.value, {', '.join('e.' + c.strip() for c in _COLS.split(','))} FROM entry_index ei "
+            f"JOIN entries e ON e.id = ei.entry_id WHERE ei.attr = ? AND ei.value IN {_in(len(chunk))}",
+            (attr, *chunk),
+        )
+        out.extend((r[0], _row(r[1:])) for r in rows)
+    return out
+
+
+def entries_containing_txn(txn: Txn, text: str) -> list[StoredEntry]:
+    """Entries whose stored attributes mention ``text`` (lower case) anywhere: a full scan, for a
+    check on an attribute the configuration does not index (callers verify each candidate)."""
+    pattern = "%" + text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    rows = txn.rows(f"SELECT {_COLS} FROM entries WHERE lower(attrs) LIKE ? ESCAPE '\\'", (pattern,))
+    return [_row(r) for r in rows]
+
+
+def lock_values_txn(txn: Txn, attr: str, values: Iterable[str]) -> None:
+    """Hold (``attr``, value) for this transaction: a second writer of the same value waits here
+    until this one commits or rolls back, then sees its rows (READ COMMITTED reads anew per
+    statement).  PostgreSQL transaction-scoped advisory locks, taken in sorted order; SQLite write
+    transactions are one at a time already (BEGIN IMMEDIATE), so nothing is needed there."""
+    if not txn.is_postgres:
+        return
+    keys = sorted({_lock_key(attr, v) for v in values})
+    for i in range(0, len(keys), 500):        # in key order, so two writers never wait on each other in a cycle
+        txn.run("SELECT pg_advisory_xact_lock(k) FROM unnest(CAST(? AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n",
+                (keys[i:i + 500],))
+
+
+def _lock_key(attr: str, value: str) -> int:
+    digest = hashlib.blake2b(f"ldapsync-unique\0{attr}\0{value}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def groups_listing_txn(txn: Txn, attrs: Sequence[str], values: Sequence[str]) -> dict[str, list[tuple[str, str]]]:

@@ -29,6 +29,7 @@ from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import NotFound, ObjectConflict
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
+from ldapsync.sync import expiry
 from ldapsync.sync.outbox import DesiredUser
 from ldapsync.sync.status import SyncState
 
@@ -129,7 +130,7 @@ class GraphMapping:
         client = self.connector.client
         if not object_id:
             # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
-            cleared: StatusValues = {"o365SyncState": None, "o365LastError": None, "o365SyncedAt": None}
+            cleared: StatusValues = {"o365SyncState": None, "o365LastError": expiry.entry_error(desired), "o365SyncedAt": None}
             status = None if desired.deleted or not has_entry else cleared
             return Outcome(status, None, "unbound before it was provisioned: nothing to do")
         try:
@@ -145,7 +146,7 @@ class GraphMapping:
                 await client.revoke_sessions(object_id)
                 what += ", sessions revoked"
         disabled: StatusValues = {"o365ObjectId": [object_id], "o365SyncState": [SyncState.disabled.value],
-                            "o365SyncedAt": [now_generalized()], "o365LastError": None}
+                            "o365SyncedAt": [now_generalized()], "o365LastError": expiry.entry_error(desired)}
         status = None if desired.deleted else disabled
         return Outcome(status, object_id, what)
 

@@ -1,4 +1,4 @@
-"""Microsoft 365 → directory: ``ldapsync o365 import`` (design.md §5).
+"""Microsoft 365 → directory: ``ldapsync o365 import`` (README: "Importing the users Microsoft 365 already has").
 
 Pages through the tenant's users (``$top=999``, ``$select`` of only what is
 needed) and decides for each whether it can be imported (:func:`plan_user`, no

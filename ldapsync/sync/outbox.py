@@ -55,7 +55,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange
-from ldapsync.sync import account_records
+from ldapsync.sync import account_records, expiry
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
@@ -148,6 +148,8 @@ class OutboxPlanner:
 
         The planner encodes this dict directly: building the frozen dataclass and reading it
         back field by field was a quarter of what a queued change cost the LDAP write."""
+        if bound and expiry.blocks_sign_in(self.directory, attrs):
+            bound, reason = False, expiry.REASON    # password expired: blocked while it is (sync/expiry.py)
         mail = first(attrs, "mail")
         return {"bound": bound, "changed": changed, "deleted": deleted,
                 "display_name": first(attrs, "displayName") or first(attrs, "cn"), "dn": dn,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
+from ldapsync.store.entries import StoredEntry
 from ldapsync.store.outbox import held_users_txn
 from ldapsync.sync.connector import DIRECTORY_VALUE, tag_dn
 from ldapsync.sync.outbox import first
@@ -39,13 +40,19 @@ class BoundUser:
         return self.held if state == "held" else self.state == state
 
 
-def bound_users_txn(d: Directory, txn: Txn) -> list[BoundUser]:
-    """Every bound user, sorted by DN."""
+def bound_entries_txn(d: Directory, txn: Txn) -> dict[str, StoredEntry]:
+    """Every bound entry (direct or by the tag), by normalized DN."""
     found = {e.dn_norm: e for e in store.entries_with_value_txn(txn, "ldapsyncdirectory", DIRECTORY_VALUE)}
     tag = store.get_entry_txn(txn, tag_dn(d).norm)
     if tag is not None:
         norms = [n for n in (d.dn_norm_or_none(v) for v in tag.attrs.get("member", ())) if n and n not in found]
         found.update(store.get_entries_txn(txn, norms))
+    return found
+
+
+def bound_users_txn(d: Directory, txn: Txn) -> list[BoundUser]:
+    """Every bound user, sorted by DN."""
+    found = bound_entries_txn(d, txn)
     held = held_users_txn(txn)
     bound = set(found)
     seen = {first(e.attrs, "entryUUID") for e in found.values()}

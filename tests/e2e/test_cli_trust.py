@@ -48,6 +48,27 @@ def test_a_command_run_from_the_wrong_directory_refuses_and_creates_nothing(tmp_
     assert sorted(os.listdir(tmp_path)) == []          # no var/, no var/ldapsync.db, no backup.ldif
 
 
+def test_relative_paths_in_a_config_file_are_the_config_files_own(tmp_path):
+    """A cron job or a service runs the CLI from anywhere: the file names a config gives
+    (database, secret key, admin password) are found next to the config, not in the working
+    directory, by init, by later commands and by the server alike."""
+    etc, cron, other = tmp_path / "etc", tmp_path / "cron", tmp_path / "other"
+    for d in (etc, cron, other):
+        d.mkdir()
+    (etc / "ldapsync.toml").write_text(
+        '[directory]\ndatabase = "sqlite:///data/ldapsync.db"\n'
+        '[admin]\npassword_file = "data/admin-password"\n'
+        '[secrets]\nkey_file = "data/secret.key"\n'
+        '[selfservice]\nlisten = ""\n')
+    config = str(etc / "ldapsync.toml")
+    p = ldapsync("--config", config, "init", cwd=cron)
+    assert p.returncode == 0, p.stderr
+    assert {f.name for f in (etc / "data").iterdir()} >= {"ldapsync.db", "admin-password"}
+    p = ldapsync("--config", config, "ldif", "dump", cwd=other)
+    assert p.returncode == 0 and b"dumped 6 entries" in p.stderr, p.stderr
+    assert os.listdir(cron) == [] and os.listdir(other) == []
+
+
 def test_only_init_creates_the_sqlite_database(make_server, tmp_path):
     srv = make_server("sqlite", start=False)
     db = Path(srv.db_url.removeprefix("sqlite:///"))
