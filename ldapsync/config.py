@@ -100,6 +100,9 @@ class Office365Config:
     graph_url: str = ""
     ca_bundle: str = ""
     reconcile_interval: float = 60.0
+    # How often every bound and ever-bound user is compared in full with its Microsoft 365 account
+    # (sync/full_reconcile.py), besides the delta pass every reconcile_interval; 0 = never on a timer.
+    full_reconcile_interval: float = 3600.0
     # How long a node's claim on a user's queued changes lasts without renewal (renewed every third
     # of it while the node works on them): a crashed node's work is taken over after this long.
     outbox_lease: float = 120.0

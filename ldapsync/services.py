@@ -176,6 +176,14 @@ class OutboxWorkerService(service.Service):
         self.reconcile_loop = LoopingCall(self._reconcile)
         self.reconcile_loop.clock = reactor
         self.reconcile_loop.start(self.dirsvc.config.office365.reconcile_interval, now=False)
+        # The full comparison (sync/full_reconcile.py): looks every min(interval, 60 s) whether a
+        # pass is due (the last one, by any node, is in meta), so one runs per interval in a cluster.
+        self.full_loop: Any = None
+        full = self.dirsvc.config.office365.full_reconcile_interval
+        if full > 0:
+            self.full_loop = LoopingCall(self._reconcile, full)
+            self.full_loop.clock = reactor
+            self.full_loop.start(min(full, 60.0), now=False)
         # Expired directory passwords block Microsoft 365 sign-in (sync/expiry.py): time alone
         # makes a password expire, so a sweep queues those disables, as often as the reconcile.
         self.expiry_loop = LoopingCall(self._expiry_sweep)
@@ -192,7 +200,7 @@ class OutboxWorkerService(service.Service):
         d.addErrback(lambda f: log.failure("password expiry sweep failed", f))
         return d
 
-    def _reconcile(self) -> Any:
+    def _reconcile(self, full_interval: float | None = None) -> Any:
         from twisted.internet import defer
 
         from ldapsync.sync.connector import ConnectorState
@@ -202,13 +210,14 @@ class OutboxWorkerService(service.Service):
         if conn is None or conn.client is None or conn.state != ConnectorState.active:
             return None
         rec = Reconciler(self.dirsvc.directory, self.planner, conn.client, wake=self.worker.wake if self.worker else None)
-        d = defer.ensureDeferred(rec.run_once())
+        d = defer.ensureDeferred(rec.run_once(full=full_interval is not None, due_after=full_interval))
         d.addErrback(lambda f: log.failure("reconcile pass failed", f))
         return d
 
     def stopService(self) -> Any:
         super().stopService()
-        for loop in (getattr(self, "reconcile_loop", None), getattr(self, "expiry_loop", None)):
+        for loop in (getattr(self, "reconcile_loop", None), getattr(self, "full_loop", None),
+                     getattr(self, "expiry_loop", None)):
             if loop is not None and loop.running:
                 loop.stop()
         from twisted.internet import defer

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     ub.set_defaults(func=cmd_o365_bind, bind=False)
     rc = osub.add_parser("reconcile", help="compare Microsoft 365 with the directory and fix drift")
     rc.add_argument("--retry-errors", action="store_true", help="try again the changes stopped by a Graph error")
+    rc.add_argument("--full", action="store_true",
+                    help="compare every bound and ever-bound user in full (not only what changed since the last pass)")
     rc.set_defaults(func=cmd_o365_reconcile)
     im = osub.add_parser("import", help="list Microsoft 365 users and import them into the directory (inactive, not bound)")
     im.add_argument("--list", action="store_true", help="only show each user (all of them, or those of --user/--filter), "

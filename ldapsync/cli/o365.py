@@ -239,12 +239,14 @@ def cmd_o365_reconcile(config: Config, args: argparse.Namespace) -> int:
     async def main(reactor):  # type: ignore[no-untyped-def]
         conn, _ = await _active_connector(config, reactor, "nothing was compared")
         planner = OutboxPlanner(conn.d, conn.box, None, disable_threshold=config.office365.disable_threshold)
-        report = await Reconciler(conn.d, planner, conn.client).run_once()
+        report = await Reconciler(conn.d, planner, conn.client).run_once(full=args.full)
         await conn.client.close()
         if report is None:
             print("another server is reconciling right now; try again in a moment")
             return 1
-        print(f"compared {report.seen} Microsoft 365 user(s){' (full scan)' if report.full_scan else ''}")
+        kind = " (full comparison of every bound and ever-bound user)" if report.full else (
+            " (full scan)" if report.full_scan else "")
+        print(f"compared {report.seen} Microsoft 365 user(s){kind}")
         for dn in report.drifted:
             print(f"drift, queued to put the directory's values back: {dn}")
         for dn in report.deleted:

@@ -107,3 +107,18 @@ selfservice_links = sa.Table(
     sa.Index("ix_selfservice_links_user", "entry_uuid", "purpose"),
     sa.Index("ix_selfservice_links_due", "state", "next_attempt_at"),
 )
+
+
+# The link to a Microsoft 365 account that outlives the binding and the entry (migration 0007):
+# one row per ever-bound user that was unbound or deleted; see ldapsync/store/account_records.py.
+o365_account_records = sa.Table(
+    "o365_account_records",
+    metadata,
+    sa.Column("entry_uuid", sa.String(64), primary_key=True),
+    sa.Column("object_id", sa.String(64), nullable=True),
+    sa.Column("upn", sa.Text, nullable=True),
+    sa.Column("dn", sa.Text, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("recorded_at", sa.Float, nullable=False),
+    sa.Index("ix_o365_account_records_object", "object_id"),
+)

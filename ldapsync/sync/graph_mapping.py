@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
                "accountEnabled", "passwordPolicies", "usageLocation")
 NO_EXPIRY = "DisablePasswordExpiration"
+DRIFT_BLOCK = "drift-block"   # a reconciler row: block the account (ours, waiting for the password)
 NOT_CLEARABLE = frozenset({"displayName", "mailNickname", "userPrincipalName", "mail"})   # Graph refuses null
 
 
@@ -93,6 +94,8 @@ class GraphMapping:
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
         if rebind and object_id:
             prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
+        elif desired.reason == "drift" and object_id and attrs.get("o365PasswordPending") != ["TRUE"]:
+            prev_state = SyncState.disabled.value   # the reconciler found it blocked in the portal
         if not desired.bound:
             return await self._unbind(desired, object_id, has_entry=entry is not None)
         if (changed is not None and object_id and not secret and not rebind and desired.upn
@@ -100,7 +103,9 @@ class GraphMapping:
             # Only name/mail changes to an account we have delivered to before, the last time
             # without an error: PATCH what changed, no GET to diff (half the Graph round trips).
             return await self._update_known(desired, object_id, changed)
-        return await self._bind(desired, secret, object_id, prev_state)
+        # the reconciler found an account of ours enabled in the portal while it waits for the password
+        block = desired.reason == DRIFT_BLOCK and attrs.get("o365PasswordPending") == ["TRUE"]
+        return await self._bind(desired, secret, object_id, prev_state, block=block)
 
     async def _update_known(self, desired: DesiredUser, object_id: str, changed: tuple[str, ...]) -> Outcome:
         """PATCH the properties the queued updates touched, with the directory's values now.
@@ -169,7 +174,7 @@ class GraphMapping:
                               "[office365] soft_match = false forbids linking to it")
 
     async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
-                    prev_state: str | None) -> Outcome:
+                    prev_state: str | None, *, block: bool = False) -> Outcome:
         client = self.connector.client
         if not desired.upn:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
@@ -224,6 +229,8 @@ class GraphMapping:
             patch["passwordProfile"] = {"password": self._password(secret, desired.entry_uuid), "forceChangePasswordNextSignIn": False}
             if user.get("accountEnabled") is False:
                 patch["accountEnabled"] = True
+        elif block and user.get("accountEnabled") is not False:
+            patch["accountEnabled"] = False
         elif user.get("accountEnabled") is False and prev_state == SyncState.disabled.value and desired.has_password:
             patch["accountEnabled"] = True              # bound again after an unbind
         if patch:

@@ -55,7 +55,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange
-from ldapsync.sync import expiry
+from ldapsync.sync import account_records, expiry
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
@@ -198,6 +198,8 @@ class OutboxPlanner:
         old, new = ch.old, ch.new
         was = self.is_bound(old)
         now_bound = self.is_bound(new)
+        if ch.kind == "delete" or was != now_bound:
+            account_records.note_change_txn(self, txn, ch, was, now_bound)   # the account link outlives both
         if not was and not now_bound:
             return None
         if ch.kind == "delete":

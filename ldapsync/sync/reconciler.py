@@ -10,8 +10,14 @@ status stay in one place.
 
 - bound user: names, UPN/mail, mailNickname, accountEnabled=true are the directory's;
 - unbound user we disabled, re-enabled by someone in the portal: disabled again;
+- deleted user whose account we kept (``o365_account_records``, ``sync/account_records.py``),
+  re-enabled in the portal: disabled again (a row for its entryUUID, ``deleted``);
 - account deleted in Microsoft 365: reported on the entry (o365SyncState error,
   o365LastError says so), not recreated.
+
+The delta pass sees only what changed since the last one.  Every ``full_reconcile_interval``
+(and on ``ldapsync o365 reconcile --full``) :meth:`Reconciler.run_once` with ``full=True`` runs the
+full comparison of every bound and ever-bound user instead (``sync/full_reconcile.py``).
 
 With several nodes only one reconciles at a time (a lease row in ``meta``,
 taken with SELECT ... FOR UPDATE; a crashed node's lease expires).
@@ -22,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -32,7 +38,10 @@ from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
+from ldapsync.store import account_records as records
 from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
+from ldapsync.sync.account_records import ever_bound, record_desired
+from ldapsync.sync.graph_mapping import DRIFT_BLOCK
 from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
 from ldapsync.sync.status import STATUS_OPERATION
 
@@ -56,14 +65,18 @@ class ReconcileReport:
     deleted: list[str] = field(default_factory=list)     # DNs whose account is gone
     full_scan: bool = False
     recheck: list[str] = field(default_factory=list)     # linked while the full scan ran: looked up next pass
+    full: bool = False                                   # the full comparison (sync/full_reconcile.py)
 
 
 def _norm(v: Any) -> Any:
     return v.lower() if isinstance(v, str) else v
 
 
-def drift(desired: DesiredUser, remote: dict[str, Any]) -> list[str]:
-    """Which properties of the Graph user differ from the directory's wishes."""
+def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]] | None = None, *,
+          ours: bool = False) -> list[str]:
+    """Which properties of the Graph user differ from the directory's wishes (``attrs``: the
+    entry, for its o365PasswordPending: an account waiting for its password stays blocked when
+    it is ``ours`` — created or blocked by ldapsync, not linked; see sync/account_records.py)."""
     out: list[str] = []
     if not desired.bound:
         if remote.get("accountEnabled") is True:
@@ -76,9 +89,19 @@ def drift(desired: DesiredUser, remote: dict[str, Any]) -> list[str]:
     for k, want in pairs.items():
         if want is not None and k in remote and _norm(remote.get(k)) != _norm(want):
             out.append(k)
-    if "accountEnabled" in remote and remote.get("accountEnabled") is False and desired.has_password:
+    pending = (attrs or {}).get("o365PasswordPending") == ["TRUE"]
+    if "accountEnabled" in remote and remote.get("accountEnabled") is False and desired.has_password and not pending:
+        out.append("accountEnabled")
+    elif remote.get("accountEnabled") is True and pending and ours:
         out.append("accountEnabled")
     return out
+
+
+def drift_payload(desired: DesiredUser, remote: dict[str, Any], diffs: list[str]) -> str:
+    """The row's payload: the desired state, marked to block when a bound account must be blocked."""
+    if desired.bound and "accountEnabled" in diffs and remote.get("accountEnabled") is True:
+        desired = replace(desired, reason=DRIFT_BLOCK)
+    return desired.to_json()
 
 
 class Reconciler:
@@ -92,17 +115,30 @@ class Reconciler:
         self._until = 0.0
         self._renewed = 0.0
 
-    async def run_once(self) -> ReconcileReport | None:
-        """One pass; None when another node is reconciling (the lease in ``meta`` says so)."""
+    async def run_once(self, *, full: bool = False, due_after: float | None = None) -> ReconcileReport | None:
+        """One pass; None when another node is reconciling (the lease in ``meta`` says so).
+
+        ``full``: the full comparison (``sync/full_reconcile.py``) instead of the delta pass;
+        with ``due_after`` (seconds) only when no node has completed one for that long (None too)."""
+        from ldapsync.sync.full_reconcile import FullComparison, full_due_txn
+
+        if full and due_after is not None and not await self.db.run_interaction(
+                "full reconcile due?", full_due_txn, due_after, write=False):
+            return None
         if not await self.db.run_interaction("reconcile lease", self._lease_txn, True):
             log.info("reconcile: another node holds the reconcile lease; skipped")
+            return None
+        if full and due_after is not None and not await self.db.run_interaction(
+                "full reconcile due?", full_due_txn, due_after, write=False):
+            # another node completed one while this one waited for the lease
+            await self.db.run_interaction("reconcile lease", self._lease_txn, False)
             return None
         started = self._renewed = time.monotonic()
         log.info("reconcile: pass started on this node (lease {lease} until {until:.3f})",
                  lease=self.node[:12], until=self._until)
         report: ReconcileReport | None = None
         try:
-            report = await self._pass()
+            report = await (FullComparison(self).run() if full else self._pass())
             return report
         finally:
             await self.db.run_interaction("reconcile lease", self._lease_txn, False)
@@ -211,20 +247,31 @@ class Reconciler:
                 continue
             entries = store.entries_with_value_txn(txn, "o365objectid", oid.lower())
             if not entries:
-                continue               # not linked to the directory: not ours to correct
+                rec = records.by_object_id_txn(txn, oid) if "@removed" not in item else None
+                if rec is None or rec.state != records.DELETED:
+                    continue           # not linked to the directory: not ours to correct
+                desired = record_desired(self.planner, rec, "drift")     # its entry was deleted
+                if drift(desired, item) and not has_ready_row_txn(txn, desired.entry_uuid):
+                    rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
+                    report.drifted.append(f"{rec.dn} (deleted; {rec.upn})")
+                continue
             e = entries[0]
             if "@removed" in item:
                 if self.planner.is_bound(e.attrs):
                     deleted.append(e)
                 continue
             bound = self.planner.is_bound(e.attrs)
-            if not bound and e.attrs.get("o365SyncState") != ["disabled"]:
+            rec = None
+            if not bound or (item.get("accountEnabled") is True and e.attrs.get("o365PasswordPending") == ["TRUE"]):
+                rec = records.by_entry_uuid_txn(txn, (e.attrs.get("entryUUID") or [""])[0])
+            if not bound and not ever_bound(e.attrs, rec):
                 continue               # never bound by us, or imported and not bound: leave it alone
             desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
-            if drift(desired, item):
+            diffs = drift(desired, item, e.attrs, ours=rec is not None)
+            if diffs:
                 if has_ready_row_txn(txn, desired.entry_uuid):
                     continue           # already queued: the worker will converge it
-                rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
+                rows.append(QueuedRow(desired.entry_uuid, now, "drift", drift_payload(desired, item, diffs)))
                 report.drifted.append(e.dn)
         if rows:
             queue_rows_txn(txn, rows)

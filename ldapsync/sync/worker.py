@@ -73,6 +73,7 @@ from twisted.logger import Logger
 
 from ldapsync.graph.crypto import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
+from ldapsync.store import account_records
 from ldapsync.store import links as links_q
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
@@ -536,11 +537,16 @@ class OutboxWorker:
                 return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
+            elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
+                account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
             if out.welcome:
                 links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
             if out.object_id and out.object_id != desired.object_id:
                 # the account id is new to these rows (created or linked now): later rows get it,
-                # and the note of a create in flight is done with
+                # and the note of a create in flight is done with (our create made it: a record)
+                if q.create_was_sent_txn(txn, job.entry_uuid):
+                    account_records.note_created_txn(txn, job.entry_uuid, out.object_id, desired.upn, desired.dn,
+                                                     time.time())
                 q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
                 q.clear_create_sent_txn(txn, job.entry_uuid)
             q.complete_txn(txn, ids)

@@ -424,7 +424,10 @@ REGRESSIONS: dict[str, list[Step]] = {
     "portal_rename_of_a_bound_user_is_put_back": [
         ("add", "a", {"bound": True, "pw": "clear"}), ("wait",), ("portal", "a", {"displayName": "Portal", "surname": "P"})],
 }
-PASSING_TODAY = {"portal_rename_of_a_bound_user_is_put_back", "duplicate_mail_is_refused"}
+PASSING_TODAY = {"portal_rename_of_a_bound_user_is_put_back", "duplicate_mail_is_refused",
+                 "deleted_user_reenabled_in_the_portal_is_blocked_again",
+                 "unbound_user_reenabled_in_the_portal_is_blocked_again",
+                 "password_pending_user_enabled_in_the_portal_is_blocked_again"}
 
 
 def scripted(model: Model, steps: list[Step]) -> list[Op]:
