@@ -30,6 +30,7 @@ from ldapsync.graph.errors import NotFound, ObjectConflict
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.password_plan import STALE_PASSWORD
 from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
@@ -236,12 +237,15 @@ class GraphMapping:
             delivered_at_create = True
             what = "linked to the account our lost create made"
         ours_blocked = prev_state == SyncState.disabled.value     # bound again after an unbind we delivered
+        # the reconciler found a bound user's account disabled (the portal): enabled again when
+        # Microsoft 365 has the directory's current password, as at a re-bind
+        put_back = desired.reason == "drift"
         welcome = False
         if secret:
             patch["passwordProfile"] = {"password": self._password(secret, desired.entry_uuid), "forceChangePasswordNextSignIn": False}
             if user.get("accountEnabled") is False:
                 patch["accountEnabled"] = True
-        elif ours_blocked and desired.has_password and not pw_pending:
+        elif (ours_blocked or put_back) and desired.has_password and not pw_pending:
             if user.get("accountEnabled") is False:
                 patch["accountEnabled"] = True          # Microsoft 365 has the directory's current password
         elif ours_blocked:
@@ -263,6 +267,8 @@ class GraphMapping:
             pending = True                               # a linked account has a password we never set
         elif ours_blocked and patch.get("accountEnabled", user.get("accountEnabled")) is False:
             pending = True                               # still blocked for want of the current password
+        elif desired.reason == STALE_PASSWORD:
+            pending = True                               # a hash set: the next bind captures the cleartext
         return Outcome(self._synced(oid, pending=pending), oid, what, welcome=welcome)
 
     def _synced(self, oid: str, *, pending: bool | None = None) -> StatusValues:

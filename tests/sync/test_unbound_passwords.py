@@ -12,7 +12,9 @@ the last password set), SQLite and PostgreSQL:
 - deleting the entry deletes its kept password;
 - a password that fails the policy (here a pre-hashed one an admin set, which the policy could not
   check, captured when the user binds with it) is never sent to Graph: the account stays as it is,
-  the entry is not put in error, and the user is mailed to choose a new one.
+  the entry is not put in error, and the user is mailed to choose a new one;
+- a bound account disabled in the portal is enabled again by the reconciler's drift row when
+  Microsoft 365 has the directory's current password, and one created blocked is not.
 """
 
 from __future__ import annotations
@@ -141,3 +143,24 @@ def test_password_failing_the_policy_is_never_sent_to_graph(make_server, fake_te
     assert fake_tenant.admin.password_of(key=upn) == created_with != weak
     assert fake_tenant.admin.get_user(key=upn)["accountEnabled"] is False   # the account keeps its state
     assert weak not in srv.log.read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bound_account_disabled_in_the_portal_is_enabled_again_only_with_the_current_password(
+        make_server, fake_tenant, backend):
+    """The reconciler's drift row for a bound user whose account is disabled: enabled again when
+    Microsoft 365 has the directory's current password; one created blocked (only a hash: the
+    password is pending) is not enabled by it."""
+    srv = make_server(backend, office365_config(fake_tenant.info, reconcile_interval="2s"))
+    wait_active(srv)
+    known, pending = unique("known"), unique("pend")
+    srv.run("ldapadd", input=person(known, password=PASSWORD, bound=True)
+            + person(pending, bound=True, extra=f"userPassword: {ssha(PASSWORD)}\n"), check=True)
+    wait_entry_state(srv, known, "synced", timeout=30)
+    assert wait_entry_state(srv, pending, "synced", timeout=30).get("o365PasswordPending") == ["TRUE"]
+    fake_tenant.admin.portal_edit(key=f"{known}@{DOMAIN}", accountEnabled=False)
+    fake_tenant.admin.portal_edit(key=f"{pending}@{DOMAIN}", displayName="Portal")
+    wait_tenant(fake_tenant, f"{known}@{DOMAIN}", lambda u: u["accountEnabled"] is True, timeout=30)
+    wait_tenant(fake_tenant, f"{pending}@{DOMAIN}", lambda u: u["displayName"] != "Portal", timeout=30)
+    assert fake_tenant.admin.get_user(key=f"{pending}@{DOMAIN}")["accountEnabled"] is False
+    assert fake_tenant.admin.password_of(key=f"{known}@{DOMAIN}") == PASSWORD
