@@ -252,8 +252,11 @@ class OutboxPlanner:
                 # no cleartext to push: the user's next bind hands it over (even before the worker
                 # has delivered this binding)
                 cs.request_status(ch.dn_norm, {"o365PasswordPending": ["TRUE"]})
+            elif secret is not None:
+                self._nothing_to_capture(cs, ch)
             return self.desired_fields(new, ch.dn, bound=True, reason="bind"), secret
         if secret is not None:
+            self._nothing_to_capture(cs, ch)
             return self.desired_fields(new, ch.dn, bound=True, reason="password"), secret
         if pw_changed:
             # a hash set, or a cleartext that failed the policy: Microsoft 365 keeps the password it
@@ -266,6 +269,13 @@ class OutboxPlanner:
             return None        # e.g. only memberOf of another group or o365* status changed
         props = tuple(dict.fromkeys(p for a in changed for p in GRAPH_PROPS[a]))
         return self.desired_fields(new, ch.dn, bound=True, reason="update", changed=props), None
+
+    @staticmethod
+    def _nothing_to_capture(cs: ChangeSet, ch: EntryChange) -> None:
+        """The current password is queued: a bind before its delivery must not queue it again
+        (Graph refuses to set the password an account already has)."""
+        if first(ch.new, "o365PasswordPending"):
+            cs.request_status(ch.dn_norm, {"o365PasswordPending": None})
 
     def _keep_unbound(self, txn: Txn, uuid: str, clear: str | None) -> None:
         """A password set while the user is not bound: keep it for the TTL (or drop a stale one)."""
