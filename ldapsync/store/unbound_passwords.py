@@ -1,7 +1,7 @@
 """SQL for the passwords of unbound users kept for a while (``o365_unbound_passwords``).
 
-SQL only: no encryption (the planner hands in the sealed value, ``sync/unbound_passwords.py``
-says when), no Graph.  One row per user (``entry_uuid``), only the latest password::
+SQL only: no encryption (the planner, ``sync/outbox.py``, hands in the sealed value and says
+when; the worker purges), no Graph.  One row per user (``entry_uuid``), only the latest password::
 
     put_txn      a password was set on an ldapsyncUser entry that is not bound: (re)place its row,
                  sealed like a queued password, valid until ``expires_at``

@@ -38,7 +38,8 @@ it blocked meanwhile (``graph_mapping.py``).  A cleartext that fails the passwor
 is never queued (``sync/password_plan.py``): the user is mailed to choose a new one.
 
 Columns of ``o365_outbox``: ``entry_uuid`` (the user, stable across renames),
-``operation`` (why: bind, update, password, unbind, delete), ``state``
+``operation`` (why: bind, update, password, password-unknown — changed without a
+cleartext —, unbind, delete; drift from the reconciler), ``state``
 (``ready``; ``held`` by the mass-disable guard; ``error`` after a permanent
 Graph error), ``attempts``/``next_attempt_at``/``last_error`` (retry),
 ``lease_owner``/``lease_until`` (claims by a worker node).
