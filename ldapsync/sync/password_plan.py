@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 
 from ldapsync.directory import policy as pp
 from ldapsync.directory.passwords import check_complexity
+from ldapsync.directory.hooks import StatusValues
 from ldapsync.store import links as links_q
+from ldapsync.store import outbox as outbox_q
 from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs
@@ -71,3 +73,14 @@ def purge_kept_passwords_txn(txn: Txn, now: float) -> int:
     worker runs this every few seconds; ``store.unbound_passwords.take_txn`` never hands one
     out past its time either)."""
     return kept_q.purge_txn(txn, now)
+
+
+def pending_kept_txn(txn: Txn, status: StatusValues, entry_uuid: str, last_id: int) -> StatusValues:
+    """A delivery's status, without clearing ``o365PasswordPending`` when the user has newer
+    queued rows: the planner set the flag for those changes (and cleared it itself when it
+    queued a password), so the entry's value is the newer one."""
+    if "o365PasswordPending" not in status or status["o365PasswordPending"] is not None:
+        return status
+    if not any(r.id > last_id for r in outbox_q.load_user_rows_txn(txn, entry_uuid)):
+        return status
+    return {k: v for k, v in status.items() if k != "o365PasswordPending"}

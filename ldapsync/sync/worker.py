@@ -72,7 +72,7 @@ from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.outbox import DesiredUser
-from ldapsync.sync.password_plan import current_secret, purge_kept_passwords_txn
+from ldapsync.sync.password_plan import current_secret, pending_kept_txn, purge_kept_passwords_txn
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -467,7 +467,7 @@ class OutboxWorker:
             if not q.owns_lease_txn(txn, self.owner, job.head):
                 return False
             if out.status is not None:
-                write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
+                write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(txn, out.status, job.entry_uuid, last))
             if out.welcome:
                 links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
             if out.object_id and out.object_id != desired.object_id:

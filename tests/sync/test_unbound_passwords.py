@@ -164,3 +164,38 @@ def test_bound_account_disabled_in_the_portal_is_enabled_again_only_with_the_cur
     wait_tenant(fake_tenant, f"{pending}@{DOMAIN}", lambda u: u["displayName"] != "Portal", timeout=30)
     assert fake_tenant.admin.get_user(key=f"{pending}@{DOMAIN}")["accountEnabled"] is False
     assert fake_tenant.admin.password_of(key=f"{known}@{DOMAIN}") == PASSWORD
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_password_changed_while_a_delivery_is_in_flight_keeps_the_account_blocked(make_server, fake_tenant, backend):
+    """A password is being delivered (Graph answers slowly) when the user is unbound and its
+    password changed again (nothing kept: unbound_password_ttl = "0"): the delivery's end must
+    not clear the o365PasswordPending the later change set, so the re-bind keeps the account
+    blocked rather than enabling the password from before."""
+    srv = make_server(backend, office365_config(fake_tenant.info, unbound_password_ttl="0"))
+    wait_active(srv)
+    uid = unique("race")
+    upn = f"{uid}@{DOMAIN}"
+    dn = f"uid={uid},{PEOPLE}"
+    srv.run("ldapadd", input=person(uid, password=PASSWORD, bound=True), check=True)
+    wait_entry_state(srv, uid, "synced", timeout=30)
+    fake_tenant.admin.set_latency(seconds=3.0)
+    try:
+        assert srv.run("ldappasswd", "-s", "Second-Pass-word-1!", dn).returncode == 0      # in flight
+        srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\ndelete: ldapsyncDirectory\n", check=True)
+        assert srv.run("ldappasswd", "-s", "Third-Pass-word-2!", dn).returncode == 0       # while unbound
+    finally:
+        fake_tenant.admin.set_latency(seconds=0)
+    wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is False, timeout=30)
+    e = wait_entry_state(srv, uid, "disabled", timeout=30)
+    assert e.get("o365PasswordPending") == ["TRUE"]
+    srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nadd: ldapsyncDirectory\nldapsyncDirectory: office365\n",
+            check=True)
+    e = wait_entry_state(srv, uid, "synced", timeout=30)
+    assert e.get("o365PasswordPending") == ["TRUE"]
+    assert fake_tenant.admin.get_user(key=upn)["accountEnabled"] is False
+    assert fake_tenant.admin.password_of(key=upn) != "Third-Pass-word-2!"
+    # the user's next bind hands the current password over, and the account is enabled
+    assert whoami(srv, dn, "Third-Pass-word-2!").returncode == 0
+    wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is True, timeout=30)
+    assert fake_tenant.admin.password_of(key=upn) == "Third-Pass-word-2!"
