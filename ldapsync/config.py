@@ -119,6 +119,9 @@ class Office365Config:
     # Microsoft 365 until a new password is set (sync/expiry.py); "none": left as it is.
     expired_password_action: str = "block"
     disable_threshold: int = 500
+    # A password set on an unbound ldapsyncUser entry is kept (encrypted) this long, so that
+    # binding the user soon after pushes it to Microsoft 365; 0 keeps none.
+    unbound_password_ttl: float = 24 * 3600.0
     client_secret_expires: str = ""   # ISO date of the client secret's end, when Graph may not tell us
 
 

@@ -46,6 +46,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, StoredEntry
+from ldapsync.sync.password_plan import POLICY_REASON
 from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ class LinkService:
         if not to:
             error, permanent = "the user has no e-mail address", True
         else:
-            subject, text = self.compose(row.purpose, attrs, token, now + ttl)
+            subject, text = self.compose(row.purpose, attrs, token, now + ttl, reason=row.requested_by or "")
             try:
                 assert self.mailer is not None
                 await self.mailer.send(to, subject, text)
@@ -319,7 +320,7 @@ class LinkService:
         log.info("{purpose} link mailed for {uuid} to {to}", purpose=row.purpose, uuid=row.entry_uuid, to=to)
         return 1
 
-    def compose(self, purpose: str, attrs: Attrs, token: str, expires_at: float) -> tuple[str, str]:
+    def compose(self, purpose: str, attrs: Attrs, token: str, expires_at: float, *, reason: str = "") -> tuple[str, str]:
         base = self.config.public_url.rstrip("/")
         name = first(attrs, "givenName") or first(attrs, "displayName") or first(attrs, "cn") or ""
         uid = first(attrs, "uid") or ""
@@ -345,6 +346,14 @@ class LinkService:
                     f"{base}/signin\n\n"
                     "Until then, signing in to Microsoft 365 does not work. Signing in to any company "
                     "application that uses the directory does the same.\n")
+        elif reason == POLICY_REASON:       # the directory's password cannot go to Microsoft 365
+            subject = "Please choose a new password"
+            text = (f"Hello {name},\n\n"
+                    f"The password of your account {uid} does not meet the password rules, so it cannot be "
+                    "used for Microsoft 365. Your account stays as it is until you choose a new one.\n\n"
+                    "To choose a new password, open this link:\n\n"
+                    f"{base}/reset?token={token}\n\n"
+                    f"The link works once, until {human_time(expires_at)}. {help_line}\n")
         else:
             subject = "Reset your password"
             text = (f"Hello {name},\n\n"

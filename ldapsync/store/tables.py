@@ -108,6 +108,17 @@ selfservice_links = sa.Table(
     sa.Index("ix_selfservice_links_due", "state", "next_attempt_at"),
 )
 
+# Passwords set on unbound ldapsyncUser entries, sealed, kept for [office365] unbound_password_ttl
+# (migration 0006); see ldapsync/store/unbound_passwords.py.
+o365_unbound_passwords = sa.Table(
+    "o365_unbound_passwords",
+    metadata,
+    sa.Column("entry_uuid", sa.String(64), primary_key=True),
+    sa.Column("secret", sa.Text, nullable=False),
+    sa.Column("set_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Index("ix_o365_unbound_passwords_expires", "expires_at"),
+)
 
 # The link to a Microsoft 365 account that outlives the binding and the entry (migration 0007):
 # one row per ever-bound user that was unbound or deleted; see ldapsync/store/account_records.py.

@@ -31,6 +31,7 @@ from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
 from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.password_plan import STALE_PASSWORD
 from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
@@ -94,18 +95,19 @@ class GraphMapping:
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
         if rebind and object_id:
             prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
-        elif desired.reason == "drift" and object_id and attrs.get("o365PasswordPending") != ["TRUE"]:
-            prev_state = SyncState.disabled.value   # the reconciler found it blocked in the portal
+        # Microsoft 365 may hold a password other than the directory's current one (set by the
+        # planner, cleared when the current one is pushed or captured)
+        pw_pending = attrs.get("o365PasswordPending") == ["TRUE"]
         if not desired.bound:
-            return await self._unbind(desired, object_id, has_entry=entry is not None)
+            return await self._unbind(desired, secret, object_id, has_entry=entry is not None)
         if (changed is not None and object_id and not secret and not rebind and desired.upn
                 and attrs.get("o365ObjectId") and attrs.get("o365SyncedAt") and not attrs.get("o365LastError")):
             # Only name/mail changes to an account we have delivered to before, the last time
             # without an error: PATCH what changed, no GET to diff (half the Graph round trips).
             return await self._update_known(desired, object_id, changed)
         # the reconciler found an account of ours enabled in the portal while it waits for the password
-        block = desired.reason == DRIFT_BLOCK and attrs.get("o365PasswordPending") == ["TRUE"]
-        return await self._bind(desired, secret, object_id, prev_state, block=block)
+        block = desired.reason == DRIFT_BLOCK and pw_pending
+        return await self._bind(desired, secret, object_id, prev_state, pw_pending, block=block)
 
     async def _update_known(self, desired: DesiredUser, object_id: str, changed: tuple[str, ...]) -> Outcome:
         """PATCH the properties the queued updates touched, with the directory's values now.
@@ -126,7 +128,8 @@ class GraphMapping:
         return PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
                               "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it")
 
-    async def _unbind(self, desired: DesiredUser, object_id: str | None, *, has_entry: bool) -> Outcome:
+    async def _unbind(self, desired: DesiredUser, secret: str | None, object_id: str | None, *,
+                      has_entry: bool) -> Outcome:
         client = self.connector.client
         if not object_id:
             # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
@@ -138,15 +141,27 @@ class GraphMapping:
         except NotFound:
             user = None
         what = "account already gone from Microsoft 365"
+        pushed = False
         if user is not None:
+            patch: dict[str, Any] = {}
             if user.get("accountEnabled") is not False:
-                await client.update_user(object_id, {"accountEnabled": False})
-            what = "sign-in blocked"
+                patch["accountEnabled"] = False
+            if secret and not desired.deleted:
+                # a password set while bound, coalesced with the unbind: it goes along, so a
+                # re-bind finds Microsoft 365 holding the directory's current password
+                patch["passwordProfile"] = {"password": self._password(secret, desired.entry_uuid),
+                                            "forceChangePasswordNextSignIn": False}
+                pushed = True
+            if patch:
+                await client.update_user(object_id, patch)
+            what = "sign-in blocked" + (", password set" if pushed else "")
             if self.config.unbind_action != "block":
                 await client.revoke_sessions(object_id)
                 what += ", sessions revoked"
         disabled: StatusValues = {"o365ObjectId": [object_id], "o365SyncState": [SyncState.disabled.value],
                             "o365SyncedAt": [now_generalized()], "o365LastError": expiry.entry_error(desired)}
+        if pushed:
+            disabled["o365PasswordPending"] = None
         status = None if desired.deleted else disabled
         return Outcome(status, object_id, what)
 
@@ -174,7 +189,7 @@ class GraphMapping:
                               "[office365] soft_match = false forbids linking to it")
 
     async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
-                    prev_state: str | None, *, block: bool = False) -> Outcome:
+                    prev_state: str | None, pw_pending: bool = False, *, block: bool = False) -> Outcome:
         client = self.connector.client
         if not desired.upn:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
@@ -207,9 +222,9 @@ class GraphMapping:
                     what = "linked to the existing account"
                 else:
                     del password
-                    # Created with a random password although the directory holds one (only a
-                    # hash): capture it at the user's next bind.
-                    return Outcome(self._synced(created["id"], pending=bool(desired.has_password and not secret)),
+                    # Created with a random password (blocked): the directory's password, if it
+                    # has one, is captured at the user's next bind; without one, the user sets one.
+                    return Outcome(self._synced(created["id"], pending=not secret),
                                    created["id"],
                                    "created" + ("" if secret else " (sign-in blocked until a password is set)"),
                                    welcome=bool(desired.has_password and not secret))
@@ -225,14 +240,27 @@ class GraphMapping:
             secret = None
             delivered_at_create = True
             what = "linked to the account our lost create made"
+        ours_blocked = prev_state == SyncState.disabled.value     # bound again after an unbind we delivered
+        # the reconciler found a bound user's account disabled (the portal): enabled again when
+        # Microsoft 365 has the directory's current password, as at a re-bind
+        put_back = desired.reason == "drift"
+        welcome = False
         if secret:
             patch["passwordProfile"] = {"password": self._password(secret, desired.entry_uuid), "forceChangePasswordNextSignIn": False}
             if user.get("accountEnabled") is False:
                 patch["accountEnabled"] = True
-        elif block and user.get("accountEnabled") is not False:
-            patch["accountEnabled"] = False
-        elif user.get("accountEnabled") is False and prev_state == SyncState.disabled.value and desired.has_password:
-            patch["accountEnabled"] = True              # bound again after an unbind
+        elif block:
+            if user.get("accountEnabled") is not False:
+                patch["accountEnabled"] = False         # ours, enabled in the portal while it waits for the password
+        elif (ours_blocked or put_back) and desired.has_password and not pw_pending:
+            if user.get("accountEnabled") is False:
+                patch["accountEnabled"] = True          # Microsoft 365 has the directory's current password
+        elif ours_blocked:
+            # We blocked it, and Microsoft 365 may hold another password than the directory's
+            # current one (or the user has none): it stays blocked until that is pushed or captured.
+            if user.get("accountEnabled") is not False:
+                patch["accountEnabled"] = False
+            welcome = desired.has_password
         if patch:
             await client.update_user(oid, patch)
             shown = sorted("password" if k == "passwordProfile" else k for k in patch)
@@ -244,7 +272,11 @@ class GraphMapping:
             pending = False                              # Microsoft 365 has the directory's password now
         elif what.startswith("linked") and desired.has_password:
             pending = True                               # a linked account has a password we never set
-        return Outcome(self._synced(oid, pending=pending), oid, what)
+        elif ours_blocked and patch.get("accountEnabled", user.get("accountEnabled")) is False:
+            pending = True                               # still blocked for want of the current password
+        elif desired.reason == STALE_PASSWORD:
+            pending = True                               # a hash set: the next bind captures the cleartext
+        return Outcome(self._synced(oid, pending=pending), oid, what, welcome=welcome)
 
     def _synced(self, oid: str, *, pending: bool | None = None) -> StatusValues:
         status: StatusValues = {"o365ObjectId": [oid], "o365SyncState": [SyncState.synced.value],

@@ -24,12 +24,22 @@ A row's ``payload`` is the user's complete desired Microsoft 365 state at that
 moment (:class:`DesiredUser` as JSON), so the worker may coalesce a user's rows
 and apply only the newest: the final state always matches the directory.  A
 ``secret`` is the cleartext password the client sent, encrypted with the
-``[secrets]`` key (AES-GCM); the worker deletes it once delivered.  The
-directory never keeps recoverable passwords of unbound users: secrets are only
-queued for users bound at that moment.
+``[secrets]`` key (AES-GCM); the worker deletes it once delivered.
+
+Passwords of users who are not bound (issue 14): a cleartext set on an ``ldapsyncUser``
+entry that is not bound at that moment is kept, sealed the same way, for ``[office365]
+unbound_password_ttl`` (``store/unbound_passwords.py``; only the latest), and moves into
+the bind's row when the user is bound within that time.  Whenever Microsoft 365 may lack
+the directory's current password (a bind with no cleartext to push, a password changed
+while unbound on a linked entry, a hash set, a cleartext that fails the policy) the
+planner sets ``o365PasswordPending: TRUE`` in the same transaction, so the user's next
+bind captures it (:meth:`OutboxPlanner.on_bind`) and the worker never enables an account
+it blocked meanwhile (``graph_mapping.py``).  A cleartext that fails the password policy
+is never queued (``sync/password_plan.py``): the user is mailed to choose a new one.
 
 Columns of ``o365_outbox``: ``entry_uuid`` (the user, stable across renames),
-``operation`` (why: bind, update, password, unbind, delete), ``state``
+``operation`` (why: bind, update, password, password-unknown — changed without a
+cleartext —, unbind, delete; drift from the reconciler), ``state``
 (``ready``; ``held`` by the mass-disable guard; ``error`` after a permanent
 Graph error), ``attempts``/``next_attempt_at``/``last_error`` (retry),
 ``lease_owner``/``lease_until`` (claims by a worker node).
@@ -53,9 +63,11 @@ from ldapsync.directory.writes import Write
 from ldapsync.graph.crypto import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
+from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange
 from ldapsync.sync import account_records, expiry
+from ldapsync.sync.password_plan import STALE_PASSWORD, ask_for_new_password_txn, fit_for_microsoft365, is_sync_user
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
@@ -128,6 +140,7 @@ class OutboxPlanner:
     wake: Callable[[], None] | None = None     # called after COMMIT when rows were written
     disable_threshold: int = 500
     clock: Callable[[], float] = time.time
+    unbound_password_ttl: float = 24 * 3600.0  # 0: passwords of unbound users are not kept
 
     @classmethod
     def from_config(cls, directory: "Directory", wake: Callable[[], None] | None = None) -> "OutboxPlanner":
@@ -135,7 +148,8 @@ class OutboxPlanner:
         the wiring hands it to the directory as a write hook."""
         cfg = directory.config
         return cls(directory, SecretBox(load_or_create_key(cfg.secrets.key_file)), wake,
-                   disable_threshold=cfg.office365.disable_threshold)
+                   disable_threshold=cfg.office365.disable_threshold,
+                   unbound_password_ttl=cfg.office365.unbound_password_ttl)
 
     # -- binding ------------------------------------------------------------------
     def is_bound(self, attrs: Attrs | None) -> bool:
@@ -170,7 +184,7 @@ class OutboxPlanner:
         cleartext = cs.cleartext
         rows: list[tuple[dict[str, Any], str | None]] = []
         for ch in cs.changes:
-            row = self._plan(txn, ch, cleartext)
+            row = self._plan(txn, cs, ch, cleartext)
             if row is not None:
                 rows.append(row)
                 if ch.kind != "delete" and first(ch.new, "o365SyncState") != "pending":
@@ -193,34 +207,92 @@ class OutboxPlanner:
         if self.wake is not None:
             txn.call_after(self.wake)
 
-    def _plan(self, txn: Txn, ch: EntryChange, cleartext: Mapping[str, list[str]]) -> tuple[dict[str, Any], str | None] | None:
-        """The row this change queues: (:meth:`desired_fields`, encrypted password), or None."""
+    def _plan(self, txn: Txn, cs: ChangeSet, ch: EntryChange,
+              cleartext: Mapping[str, list[str]]) -> tuple[dict[str, Any], str | None] | None:
+        """The row this change queues: (:meth:`desired_fields`, encrypted password), or None.
+
+        Also keeps (or drops) the password of a user who is not bound, and asks for
+        ``o365PasswordPending: TRUE`` whenever Microsoft 365 may lack the current password."""
         old, new = ch.old, ch.new
         was = self.is_bound(old)
         now_bound = self.is_bound(new)
         if ch.kind == "delete" or was != now_bound:
             account_records.note_change_txn(self, txn, ch, was, now_bound)   # the account link outlives both
-        if not was and not now_bound:
-            return None
         if ch.kind == "delete":
             assert old is not None
+            if self.unbound_password_ttl > 0 and is_sync_user(old):
+                kept_q.delete_txn(txn, first(old, "entryUUID") or "")     # gone with the entry
+            if not self.is_bound(old):
+                return None
             return self.desired_fields(old, ch.dn, bound=False, reason="delete", deleted=True), None
         assert new is not None
-        passwords = cleartext.get(ch.dn_norm) or (cleartext.get(ch.old_dn_norm or "") if ch.old_dn_norm else None)
+        pw_changed = new.get("userPassword") != (old or {}).get("userPassword")
+        if not was and not now_bound and not pw_changed:
+            return None
+        uuid = first(new, "entryUUID") or ""
+        clear: str | None = None
+        if pw_changed:
+            passwords = cleartext.get(ch.dn_norm) or (cleartext.get(ch.old_dn_norm or "") if ch.old_dn_norm else None)
+            clear = passwords[-1] if passwords else None
+            if clear is not None and not fit_for_microsoft365(self.directory, clear):
+                clear = None                 # never sent to Graph; the user is asked for a new one
+                if now_bound or first(new, "o365ObjectId"):
+                    ask_for_new_password_txn(txn, uuid, self.clock())
         if not now_bound:
+            if pw_changed and is_sync_user(new):
+                self._keep_unbound(txn, uuid, clear)
+                if first(new, "o365ObjectId"):
+                    # Microsoft 365 holds an older password now: a re-bind must not enable it
+                    cs.request_status(ch.dn_norm, {"o365PasswordPending": ["TRUE"]})
+            if not was:
+                return None
             return self.desired_fields(new, ch.dn, bound=False, reason="unbind"), None
         self._check_mail(txn, ch.dn, first(new, "mail"), old if was else None)
-        secret = self.box.seal_password(passwords[-1].encode("utf-8"), first(new, "entryUUID") or "").hex() if passwords else None
+        secret = self.box.seal_password(clear.encode("utf-8"), uuid).hex() if clear is not None else None
         if not was:
+            if secret is None and not pw_changed and self.unbound_password_ttl > 0:
+                secret = kept_q.take_txn(txn, uuid, self.clock())    # set while unbound, within the TTL
+            elif self.unbound_password_ttl > 0:
+                kept_q.delete_txn(txn, uuid)
+            if secret is None and (pw_changed or not first(new, "o365ObjectId") or not new.get("userPassword")):
+                # no cleartext to push: the user's next bind hands it over (even before the worker
+                # has delivered this binding)
+                cs.request_status(ch.dn_norm, {"o365PasswordPending": ["TRUE"]})
+            elif secret is not None:
+                self._nothing_to_capture(cs, ch)
             return self.desired_fields(new, ch.dn, bound=True, reason="bind"), secret
         if secret is not None:
+            self._nothing_to_capture(cs, ch)
             return self.desired_fields(new, ch.dn, bound=True, reason="password"), secret
+        if pw_changed:
+            # a hash set, or a cleartext that failed the policy: Microsoft 365 keeps the password it
+            # has; an older queued cleartext is stale now (password_plan.current_secret)
+            cs.request_status(ch.dn_norm, {"o365PasswordPending": ["TRUE"]})
+            return self.desired_fields(new, ch.dn, bound=True, reason=STALE_PASSWORD), None
         old = old or {}
         changed = [a for a in RELEVANT if old.get(a) != new.get(a)]
         if not changed and ch.kind != "rename":
             return None        # e.g. only memberOf of another group or o365* status changed
         props = tuple(dict.fromkeys(p for a in changed for p in GRAPH_PROPS[a]))
         return self.desired_fields(new, ch.dn, bound=True, reason="update", changed=props), None
+
+    @staticmethod
+    def _nothing_to_capture(cs: ChangeSet, ch: EntryChange) -> None:
+        """The current password is queued: a bind before its delivery must not queue it again
+        (Graph refuses to set the password an account already has)."""
+        if first(ch.new, "o365PasswordPending"):
+            cs.request_status(ch.dn_norm, {"o365PasswordPending": None})
+
+    def _keep_unbound(self, txn: Txn, uuid: str, clear: str | None) -> None:
+        """A password set while the user is not bound: keep it for the TTL (or drop a stale one)."""
+        if self.unbound_password_ttl <= 0 or not uuid:
+            return
+        if clear is None:
+            kept_q.delete_txn(txn, uuid)
+            return
+        now = self.clock()
+        kept_q.put_txn(txn, uuid, self.box.seal_password(clear.encode("utf-8"), uuid).hex(), now,
+                       now + self.unbound_password_ttl)
 
     def _check_mail(self, txn: Txn, dn: str, mail: str | None, old: Attrs | None) -> None:
         """A bound user needs a mail address on a domain the tenant has verified."""
@@ -237,18 +309,28 @@ class OutboxPlanner:
                             f'(verified: {", ".join(sorted(verified))}); verify it in the Microsoft 365 admin centre first')
 
     async def on_bind(self, dn: DN, password: bytes) -> None:
-        """Bind hook: the user bound with the password Microsoft 365 is missing; queue it."""
+        """Bind hook: the user bound with the password Microsoft 365 is missing; queue it.
+
+        Only for a bound user (an unbound one keeps the flag until it is bound again); a
+        password that fails the policy is never queued: the user is asked for a new one."""
+        try:
+            clear = password.decode("utf-8")
+        except UnicodeDecodeError:
+            clear = None
+        fit = clear is not None and fit_for_microsoft365(self.directory, clear)
 
         def run(txn: Txn) -> bool:
             w = Write(self.directory, txn, str(dn), STATUS_OPERATION, Origin.SYNC_STATUS)
             st = w.get(dn)
-            if st is None or st.attrs is None or st.attrs.get("o365PasswordPending") != ["TRUE"]:
+            attrs = st.attrs if st is not None else None
+            if not attrs or attrs.get("o365PasswordPending") != ["TRUE"] or not self.is_bound(attrs):
                 return False
+            if not fit:
+                ask_for_new_password_txn(txn, first(attrs, "entryUUID") or "", self.clock())
+                return False
+            assert st is not None
             w.set_operational(st, {"o365PasswordPending": None})
             w.finish()
-            attrs = st.attrs or {}
-            if not self.is_bound(attrs):
-                return False
             desired = self.desired(attrs, str(dn), bound=True, reason="password")
             outbox_store.queue_rows_txn(txn, [outbox_store.QueuedRow(
                 desired.entry_uuid, self.clock(), "password", desired.to_json(),

@@ -80,6 +80,7 @@ from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.password_plan import current_secret, pending_kept_txn, purge_kept_passwords_txn
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -484,8 +485,12 @@ class OutboxWorker:
         # in the write transaction every LDAP write waited for it (SQLite has one writer).
         counts = await self.db.run_interaction("o365 queue count", q.queue_counts_txn, write=False)
         depth = str(counts[q.READY] + counts[q.HELD])
-        await self.db.run_interaction("o365 queue depth", lambda txn: write_status_txn(
-            self.d, txn, {"o365QueueDepth": [depth]}))
+        now = self.clock()
+
+        def run(txn: Any) -> None:
+            write_status_txn(self.d, txn, {"o365QueueDepth": [depth]})
+            purge_kept_passwords_txn(txn, now)     # unbound users' passwords past unbound_password_ttl
+        await self.db.run_interaction("o365 queue depth", run)
 
     # -- one user ---------------------------------------------------------------------
     async def _process(self, job: _Job) -> None:
@@ -495,7 +500,7 @@ class OutboxWorker:
             return
         ids = [r.id for r in rows]
         desired = DesiredUser.from_json(rows[-1].payload)
-        secret = next((r.secret for r in reversed(rows) if r.secret), None)
+        secret = current_secret(rows)     # the newest queued password, unless a later change made it stale
         attempts = max(r.attempts for r in rows)
         try:
             payloads = [desired] if len(rows) == 1 else [DesiredUser.from_json(r.payload) for r in rows]
@@ -536,7 +541,7 @@ class OutboxWorker:
             if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             if out.status is not None:
-                write_user_status_txn(self.d, txn, job.entry_uuid, out.status)
+                write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(txn, out.status, job.entry_uuid, last))
             elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
                 account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
             if out.welcome:

@@ -5,14 +5,14 @@ when), so the account stays blocked and the reconcilers keep it so
 (``ldapsync/store/account_records.py``).
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 Create Date: 2026-12-07
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
