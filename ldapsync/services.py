@@ -36,7 +36,7 @@ from ldapsync.directory.hooks import WriteHooks
 from ldapsync.directory.service import Directory
 from ldapsync.selfservice.links import ActivationHook, LinkService
 from ldapsync.store.database import Database
-from ldapsync.sync.outbox import OutboxPlanner
+from ldapsync.sync.planner import OutboxPlanner
 
 log = Logger()
 

@@ -104,9 +104,9 @@ def test_the_package_keeps_its_layers() -> None:
 
 @pytest.mark.parametrize(("module", "statement"), [
     ("ldapsync.store.entries", "from ldapsync.directory.hooks import ChangeSet"),
-    ("ldapsync.store.outbox", "import ldapsync.sync.outbox"),
+    ("ldapsync.store.outbox", "import ldapsync.sync.planner"),
     ("ldapsync.graph.client", "from ldapsync.store import outbox"),
-    ("ldapsync.directory.service", "from ldapsync.sync import outbox"),
+    ("ldapsync.directory.service", "from ldapsync.sync import planner"),
     ("ldapsync.ldap.server", "from ldapsync.graph.client import GraphClient"),
     ("ldapsync.ldap.server", "from ldapsync.store.database import StoreError"),
     ("ldapsync.sync.worker", "from ldapsync.testing import tenant"),

@@ -31,7 +31,7 @@ from ldapsync.sync.connector import (
     write_status_txn,
 )
 from ldapsync.sync.importer import Reporter, run_import
-from ldapsync.sync.outbox import OutboxPlanner
+from ldapsync.sync.planner import OutboxPlanner
 from ldapsync.sync.reconciler import Reconciler
 from ldapsync.sync.users import bound_users_txn, user_counts
 

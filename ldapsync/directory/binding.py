@@ -2,7 +2,7 @@
 
 An entry is bound when its ``ldapsyncDirectory`` has the value ``office365`` (direct binding) or
 its ``memberOf`` names ``cn=Provisioning - Office 365,ou=tags,<suffix>`` (the tag).  The outbox
-planner (``sync/outbox.py: OutboxPlanner.is_bound``) calls :func:`is_bound` on every write, so
+planner (``sync/planner.py: OutboxPlanner.is_bound``) calls :func:`is_bound` on every write, so
 it is written for that hot path: loops rather than generators, and the tag's normalized DN
 parsed once per directory (``DirectoryCore.tag_norm``).
 """

@@ -1,7 +1,7 @@
 """The directory's one seam to what follows a write: :class:`ChangeSet`, :class:`Origin`, :class:`WriteHooks`.
 
 Owns the contract between a write and whoever reacts to it (the Microsoft 365
-outbox planner in ``sync/outbox.py``, the activation links in
+outbox planner in ``sync/planner.py``, the activation links in
 ``selfservice/links.py``).  The directory defines it; the wiring (``tap.py``,
 ``services.py``, the CLI, test fixtures) builds the hooks and hands them to
 ``Directory(config, db, hooks=...)``.  Nothing here is global: two directories

@@ -51,7 +51,7 @@ from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.service import Directory
-    from ldapsync.sync.outbox import OutboxPlanner
+    from ldapsync.sync.planner import OutboxPlanner
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """SQL for the Microsoft 365 outbox (``o365_outbox``): queueing, claiming, loading, completing, failing.
 
 SQL only: no Graph, no LDAP, no decryption.  The rows are planned by the
-planner (``ldapsync/sync/outbox.py``; the reconciler's drift rows too), written
+planner (``ldapsync/sync/planner.py``; the reconciler's drift rows too), written
 by :func:`queue_rows_txn`, and drained by the worker (``ldapsync/sync/worker.py``).
 
 The unit of work is a *user* (``entry_uuid``), never a single row: a user's

@@ -61,7 +61,7 @@ meta = sa.Table(
 
 # The Microsoft 365 outbox (migration 0002): one row per directory change that
 # matters to Microsoft 365, written in the change's own transaction.  See
-# ldapsync/sync/outbox.py for what the columns mean.
+# ldapsync/sync/planner.py for what the columns mean.
 o365_outbox = sa.Table(
     "o365_outbox",
     metadata,

@@ -1,6 +1,6 @@
 """SQL for the passwords of unbound users kept for a while (``o365_unbound_passwords``).
 
-SQL only: no encryption (the planner, ``sync/outbox.py``, hands in the sealed value and says
+SQL only: no encryption (the planner, ``sync/planner.py``, hands in the sealed value and says
 when; the worker purges), no Graph.  One row per user (``entry_uuid``), only the latest password::
 
     put_txn      a password was set on an ldapsyncUser entry that is not bound: (re)place its row,

@@ -1,7 +1,7 @@
 """Ever-bound users: what the link to a Microsoft 365 account that outlives the binding and the
 entry means (the SQL is ``ldapsync/store/account_records.py``).
 
-- :func:`note_change_txn` is called by the outbox planner (``sync/outbox.py``), inside the LDAP
+- :func:`note_change_txn` is called by the outbox planner (``sync/planner.py``), inside the LDAP
   write's transaction, when a user is bound or unbound or an ever-bound user's entry is deleted:
   it records entryUUID, object id, UPN and DN, so ldapsync still knows the account is its own and
   must stay blocked after the entry is gone; binding the user again marks the record ``bound``;
@@ -27,7 +27,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange
 
 if TYPE_CHECKING:
-    from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
+    from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 
 
 def _first(attrs: Attrs | None, name: str) -> str | None:

@@ -9,7 +9,7 @@ account as it is (the directory password's age is then the directory's business 
 
 Two halves:
 
-- the desired state (:func:`blocks_sign_in`): the outbox planner (``sync/outbox.py``
+- the desired state (:func:`blocks_sign_in`): the outbox planner (``sync/planner.py``
   ``desired_fields``) asks it for every row it queues, and the reconcilers get their desired state
   from there too, so while the password is expired every component wants the account blocked
   (``bound`` False, reason :data:`REASON`) and a portal re-enable is undone like any drift; a
@@ -46,7 +46,7 @@ from ldapsync.store.entries import Attrs
 if TYPE_CHECKING:
     from ldapsync.directory.core import DirectoryCore
     from ldapsync.directory.service import Directory
-    from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
+    from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 
 log = Logger()
 

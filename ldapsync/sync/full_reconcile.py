@@ -41,7 +41,7 @@ from ldapsync.store.entries import StoredEntry
 from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import NO_EXPIRY
-from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.planner import DesiredUser
 from ldapsync.sync.reconciler import SELECT, ReconcileReport, drift, drift_payload
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """One desired user to Microsoft Graph: which requests a user's newest desired state turns into.
 
-Owns the mapping of a ``DesiredUser`` (the newest of a user's queued rows, ``sync/outbox.py``)
+Owns the mapping of a ``DesiredUser`` (the newest of a user's queued rows, ``sync/planner.py``)
 and, if queued, its password onto Graph calls, and the ``Outcome`` they end in: the status to
 write on the entry and a line for the log.  The queue around it (claims, leases, retries, the
 completion transaction, heartbeats) is ``sync/worker.py``'s, which calls :meth:`GraphMapping.apply`
@@ -30,7 +30,7 @@ from ldapsync.graph.errors import NotFound, ObjectConflict
 from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
-from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.planner import DesiredUser
 from ldapsync.sync.password_plan import STALE_PASSWORD
 from ldapsync.sync.status import SyncState
 

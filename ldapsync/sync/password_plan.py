@@ -1,6 +1,6 @@
 """Which passwords may reach Microsoft 365, and what is kept or asked for when one cannot.
 
-Owns the planner's password rules (``sync/outbox.py`` calls these inside the LDAP write's
+Owns the planner's password rules (``sync/planner.py`` calls these inside the LDAP write's
 transaction, ``sync/graph_mapping.py`` and the worker when they pick the password to push):
 
 - :func:`fit_for_microsoft365`: a cleartext that fails the password policy (or Microsoft 365's

@@ -42,7 +42,7 @@ from ldapsync.store import account_records as records
 from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import DRIFT_BLOCK
-from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
+from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:

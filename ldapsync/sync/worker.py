@@ -79,7 +79,7 @@ from ldapsync.store import outbox as q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
-from ldapsync.sync.outbox import DesiredUser
+from ldapsync.sync.planner import DesiredUser
 from ldapsync.sync.password_plan import current_secret, pending_kept_txn, purge_kept_passwords_txn
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 

@@ -63,7 +63,7 @@ async def measure(mode: str, modifies: int, warmup: int = 300) -> dict:
 
             hooks.extend(office365_hooks(d))
         elif mode != "off":
-            from ldapsync.sync.outbox import OutboxPlanner
+            from ldapsync.sync.planner import OutboxPlanner
 
             hooks.append(OutboxPlanner.from_config(d))
         admin = Actor(d.dn(cfg.admin_dn), True)

@@ -14,7 +14,7 @@ from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
 from ldapsync.sync.connector import ensure_entries_txn, write_status_txn
-from ldapsync.sync.outbox import DesiredUser, OutboxPlanner
+from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 
 PEOPLE = f"ou=people,{SUFFIX}"
 TAG = f"cn=Provisioning - Office 365,ou=tags,{SUFFIX}"

@@ -1,4 +1,4 @@
-"""The Microsoft 365 outbox: which directory changes matter, and the rows they leave.
+"""The Microsoft 365 outbox planner: which directory changes matter, and the rows they leave.
 
 Handed to the directory as one of its write hooks (``ldapsync/directory/hooks.py``;
 the wiring builds it), :class:`OutboxPlanner` runs inside every write
