@@ -1,11 +1,10 @@
 """Microsoft Graph: the treq client and the MSAL token provider.
 
-Owns talking to Microsoft 365 (HTTP, tokens, clouds, encryption of stored
-tokens).  Knows no database and no LDAP: ``graph/`` never imports ``store/``,
+Owns talking to Microsoft 365 (HTTP, tokens, clouds).  Stored tokens are sealed with
+``ldapsync/secretbox.py``, which the queued passwords use too.  Knows no database and no LDAP: ``graph/`` never imports ``store/``,
 ``ldap/`` or ``directory/``; the sync layer drives it.
 
     clouds.py   cloud name → authority + Graph URL + scope
-    crypto.py   SecretBox (AES-GCM) and the [secrets] key file
     token.py    ApplicationTokenProvider, token_provider_from_config (MSAL in a thread:
                 msal_thread.py; delegated.py device-code sign-in; token_store.py,
                 credentials.py)

@@ -2,7 +2,7 @@
 
 Owns :class:`DelegatedTokenProvider`: an admin signs in once with the device-code flow
 (:class:`DeviceFlow`); MSAL's ``SerializableTokenCache`` (refresh token) is kept sealed
-(:class:`~ldapsync.graph.crypto.SecretBox`, bound to its purpose) in a
+(:class:`~ldapsync.secretbox.SecretBox`, bound to its purpose) in a
 :class:`~ldapsync.graph.token_store.TokenCacheStore`; every later token comes from
 ``acquire_token_silent``.  The refresh token's expiry (90 days, sliding from the last time it was
 redeemed) is tracked and persisted with the cache.  MSAL runs in a thread
@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ldapsync.graph.clouds import CloudEndpoints
-from ldapsync.graph.crypto import DecryptionError, SecretBox
+from ldapsync.secretbox import DecryptionError, SecretBox
 from ldapsync.graph.errors import AuthError
 from ldapsync.graph.msal_thread import (
     _auth_error_from_exception,

@@ -9,7 +9,7 @@ to Graph, no database):
   until shortly before it expires; ``force_refresh`` (after a 401) drops both.
 - ``delegated``: :class:`DelegatedTokenProvider`, an admin signs in once with
   the device-code flow; MSAL's ``SerializableTokenCache`` (refresh token) is
-  persisted encrypted (:class:`~ldapsync.graph.crypto.SecretBox`) through a
+  persisted encrypted (:class:`~ldapsync.secretbox.SecretBox`) through a
   :class:`TokenCacheStore`; every later token comes from
   ``acquire_token_silent``.  The refresh token's expiry (90 days, sliding from
   the last time it was redeemed) is tracked and persisted with the cache.
@@ -42,7 +42,7 @@ from twisted.logger import Logger
 
 from ldapsync.graph.clouds import CloudEndpoints, endpoints_from_config
 from ldapsync.graph.credentials import ClientCredential, credential_from_config, load_client_credential
-from ldapsync.graph.crypto import SecretBox
+from ldapsync.secretbox import SecretBox
 from ldapsync.graph.delegated import REFRESH_TOKEN_LIFETIME, DelegatedTokenProvider, DeviceFlow
 from ldapsync.graph.msal_thread import (
     TokenProvider,

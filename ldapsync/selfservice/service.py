@@ -108,7 +108,7 @@ class ExpiryWarner:
 class SelfServiceService(service.MultiService):
     def __init__(self, directory: Directory, *, reactor: Any = None) -> None:
         super().__init__()
-        from ldapsync.graph.crypto import load_or_create_key
+        from ldapsync.secretbox import load_or_create_key
         from ldapsync.selfservice.mailer import Mailer, MailError
 
         if reactor is None:

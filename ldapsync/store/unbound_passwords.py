@@ -10,7 +10,7 @@ when; the worker purges), no Graph.  One row per user (``entry_uuid``), only the
     delete_txn   the entry was deleted, or its password changed without a cleartext (a hash)
     purge_txn    rows past ``expires_at`` (run by the worker every few seconds)
 
-The sealed value is AES-GCM with the entry's UUID as associated data (``graph/crypto.py``),
+The sealed value is AES-GCM with the entry's UUID as associated data (``ldapsync/secretbox.py``),
 so a row moved onto another user cannot be opened.
 """
 

@@ -178,7 +178,7 @@ class Connector:
 
     def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0,
                  clock: Clock | None = None) -> None:
-        from ldapsync.graph.crypto import SecretBox, load_or_create_key
+        from ldapsync.secretbox import SecretBox, load_or_create_key
 
         self.d = directory
         self.db = directory.db

@@ -60,7 +60,7 @@ from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.writes import Write
-from ldapsync.graph.crypto import SecretBox, load_or_create_key
+from ldapsync.secretbox import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store import unbound_passwords as kept_q

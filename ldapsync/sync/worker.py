@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from ldapsync.graph.crypto import DecryptionError
+from ldapsync.secretbox import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
 from ldapsync.store import account_records
 from ldapsync.store import links as links_q

@@ -179,7 +179,7 @@ def test_a_ca_bundle_planted_in_tmp_is_not_trusted(make_server, fake_tenant, tmp
 def test_a_queued_password_moved_to_another_users_row_is_not_delivered(make_server, fake_tenant):
     from sync.test_worker import wait_active  # type: ignore[import-not-found]
 
-    from ldapsync.graph.crypto import SecretBox
+    from ldapsync.secretbox import SecretBox
 
     srv = make_server("sqlite", office365_config(fake_tenant.info))
     wait_active(srv)

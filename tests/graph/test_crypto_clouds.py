@@ -10,7 +10,7 @@ import pytest
 
 from ldapsync.config import Office365Config
 from ldapsync.graph.clouds import endpoints_from_config, resolve_endpoints
-from ldapsync.graph.crypto import DecryptionError, SecretBox, load_or_create_key
+from ldapsync.secretbox import DecryptionError, SecretBox, load_or_create_key
 
 
 def test_round_trip_and_fresh_nonce() -> None:

@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 
 from ldapsync.graph.client import BatchItem, GraphClient, PacingPolicy, RetryPolicy
 from ldapsync.graph.clouds import CloudEndpoints, resolve_endpoints
-from ldapsync.graph.crypto import SecretBox, load_or_create_key
+from ldapsync.secretbox import SecretBox, load_or_create_key
 from ldapsync.graph.errors import (
     AuthError,
     BadRequest,
