@@ -39,13 +39,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TypeVar
 
 import ldapsync
 from ldapsync.directory.core import HIDDEN_ATTRS, SUBSCHEMA_DN
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
+from ldapsync.directory.policy import format_time
 from ldapsync.directory.reads import SearchResult
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
@@ -131,10 +131,6 @@ def _below(dn: DN, base: DN) -> bool:
     return False
 
 
-def _gtime(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y%m%d%H%M%SZ")
-
-
 def _counter(cn: str, n: int) -> Attrs:
     return {"objectClass": ["monitorCounterObject"], "cn": [cn], "monitorCounter": [str(n)]}
 
@@ -209,8 +205,8 @@ class Monitor:
                                "monitorOpCompleted": [str(s.completed.get(name, 0))]}, ops)
         tm = add("cn=Time", {"objectClass": ["monitorContainer"], "cn": ["Time"],
                              "description": ["This process's start time, the current time and the uptime."]})
-        add("cn=Start", {"objectClass": ["monitoredObject"], "cn": ["Start"], "monitorTimestamp": [_gtime(s.started)]}, tm)
-        add("cn=Current", {"objectClass": ["monitoredObject"], "cn": ["Current"], "monitorTimestamp": [_gtime(now)]}, tm)
+        add("cn=Start", {"objectClass": ["monitoredObject"], "cn": ["Start"], "monitorTimestamp": [format_time(s.started)]}, tm)
+        add("cn=Current", {"objectClass": ["monitoredObject"], "cn": ["Current"], "monitorTimestamp": [format_time(now)]}, tm)
         add("cn=Uptime", {"objectClass": ["monitoredObject"], "cn": ["Uptime"],
                           "monitoredInfo": [str(int(max(0.0, now - s.started)))]}, tm)
         con = add("cn=Connector", {"objectClass": ["monitoredObject"], "cn": ["Connector"],

@@ -22,15 +22,16 @@ Nothing here talks to the network; all of it runs on a database thread.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ldapsync.directory import unique_mail
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin, StatusValues
+from ldapsync.directory.policy import format_time
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange, StoredEntry
@@ -43,7 +44,8 @@ GROUP_ATTRS = ("member", "uniqueMember")
 
 
 def now_generalized() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%d%H%M%SZ")
+    """Now, as the GeneralizedTime stamps ldapsync writes (``o365SyncedAt``...) carry it."""
+    return format_time(time.time())
 
 
 @dataclass

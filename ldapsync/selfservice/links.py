@@ -41,6 +41,7 @@ from ldapsync.directory.core import Actor
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
+from ldapsync.directory.policy import format_time
 from ldapsync.selfservice.mailer import Mailer, MailError
 from ldapsync.store import entries as store
 from ldapsync.store import links as q
@@ -64,10 +65,6 @@ OPERATION = "selfservice"   # Write operation of the link bookkeeping on entries
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
-
-
-def generalized(t: float) -> str:
-    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(t))
 
 
 def human_time(t: float) -> str:
@@ -314,7 +311,7 @@ class LinkService:
                 return
             if row.purpose == q.ACTIVATE:
                 write_user_status_txn(self.directory, txn, row.entry_uuid,
-                                      {"ldapsyncActivationExpires": [generalized(expires)]}, OPERATION, Origin.LINKS)
+                                      {"ldapsyncActivationExpires": [format_time(expires)]}, OPERATION, Origin.LINKS)
 
         await self.directory.db.run_interaction("link sent", done)
         log.info("{purpose} link mailed for {uuid} to {to}", purpose=row.purpose, uuid=row.entry_uuid, to=to)

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from ldapsync.clock import Clock, system_clock
 from ldapsync.directory.dn import DN
 from ldapsync.directory.hooks import Origin, StatusValues
+from ldapsync.directory.policy import format_time
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
@@ -66,10 +67,6 @@ def connector_dn(d: "Directory") -> DN:
 
 def tag_dn(d: "Directory") -> DN:
     return d.dn(f"cn={TAG_CN},ou=tags,{d.suffix}")
-
-
-def generalized(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y%m%d%H%M%SZ")
 
 
 # -- entries -----------------------------------------------------------------------
@@ -244,9 +241,9 @@ class Connector:
 
     async def check(self) -> CheckResult:
         """Sign in, read the verified domains and the credential's end date; record the outcome."""
-        from ldapsync.graph.errors import AuthError, Forbidden, GraphError
-
         from twisted.internet import threads
+
+        from ldapsync.graph.errors import AuthError, Forbidden, GraphError
 
         o = self.config.office365
         domains: list[str] = []
@@ -366,7 +363,7 @@ class Connector:
         if domains is not None:
             values["o365VerifiedDomain"] = domains
         if expiry is not None:
-            values["o365CredentialExpiry"] = [generalized(expiry)]
+            values["o365CredentialExpiry"] = [format_time(expiry.timestamp())]
         if success:
             values["o365LastSuccess"] = [now_generalized()]
         await self.db.run_interaction("connector status", lambda txn: write_status_txn(self.d, txn, values))

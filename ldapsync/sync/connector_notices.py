@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from ldapsync.directory.policy import format_time
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
 
@@ -51,10 +52,6 @@ def claim_txn(txn: Txn, key: str, value: str) -> tuple[bool, str]:
 
 def unclaim_txn(txn: Txn, key: str, value: str, previous: str) -> None:
     txn.run("UPDATE meta SET value = ? WHERE key = ? AND value = ?", (previous, key, value))
-
-
-def _generalized(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y%m%d%H%M%SZ")
 
 
 class AdminNotices:
@@ -93,7 +90,7 @@ class AdminNotices:
             f"on {expiry.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC.\n\n" + self.remedy
             + ("Until then, changes for Microsoft 365 wait in the queue; nothing is lost.\n" if past else
                "Should it expire, changes for Microsoft 365 wait in the queue until then; nothing is lost.\n"))
-        await self._send_once(META_REMINDER, _generalized(expiry), subject, text, "the connector expiry reminder")
+        await self._send_once(META_REMINDER, format_time(expiry.timestamp()), subject, text, "the connector expiry reminder")
 
     async def reauthorization_needed(self, reason: str) -> None:
         """The connector entered ``needs-reauthorization`` (once until it is active again)."""
