@@ -46,7 +46,7 @@ from ldapsync.selfservice.mailer import Mailer, MailError
 from ldapsync.store import entries as store
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, StoredEntry
+from ldapsync.store.entries import Attrs, StoredEntry, first
 from ldapsync.sync.password_plan import POLICY_REASON
 from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
@@ -69,11 +69,6 @@ def hash_token(token: str) -> str:
 
 def human_time(t: float) -> str:
     return time.strftime("%A %d %B %Y, %H:%M UTC", time.gmtime(t))
-
-
-def first(attrs: Attrs | None, name: str) -> str | None:
-    vals = (attrs or {}).get(name)
-    return vals[0] if vals else None
 
 
 def is_person(attrs: Attrs) -> bool:

@@ -28,11 +28,11 @@ from ldapsync.directory.hooks import Origin
 from ldapsync.selfservice.links import (
     OPERATION,
     LinkService,
-    first,
     human_time,
 )
 from ldapsync.services import Listener
 from ldapsync.store import entries as store
+from ldapsync.store.entries import first
 from ldapsync.sync.status import write_user_status_txn
 
 if TYPE_CHECKING:

@@ -44,11 +44,11 @@ from ldapsync.selfservice.links import (
     LinkInfo,
     LinkProblem,
     LinkService,
-    first,
     human_time,
 )
 from ldapsync.selfservice.security import RateLimiter, Session, Signer
 from ldapsync.store import entries as store
+from ldapsync.store.entries import first
 from ldapsync.store import links as q
 from ldapsync.store.database import Txn
 from ldapsync.sync.status import write_user_status_txn

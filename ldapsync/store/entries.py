@@ -24,6 +24,12 @@ from ldapsync.store.database import Txn
 from ldapsync.store.tables import INDEX_VALUE_MAX
 
 Attrs = dict[str, list[str]]
+
+
+def first(attrs: Attrs | None, name: str) -> str | None:
+    """The first value of ``name`` in ``attrs`` (None when the entry or the attribute is missing)."""
+    vals = (attrs or {}).get(name)
+    return vals[0] if vals else None
 IndexRow = tuple[str, str]
 
 

@@ -24,15 +24,10 @@ from typing import TYPE_CHECKING
 
 from ldapsync.store import account_records as records
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, EntryChange
+from ldapsync.store.entries import Attrs, EntryChange, first
 
 if TYPE_CHECKING:
     from ldapsync.sync.planner import DesiredUser, OutboxPlanner
-
-
-def _first(attrs: Attrs | None, name: str) -> str | None:
-    v = (attrs or {}).get(name)
-    return v[0] if v else None
 
 
 def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bound: bool, now_bound: bool) -> None:
@@ -40,10 +35,10 @@ def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bou
     old = ch.old
     if old is None:
         return                           # an add: nothing recorded yet
-    uuid = _first(old, "entryUUID")
+    uuid = first(old, "entryUUID")
     if not uuid:
         return
-    oid = _first(old, "o365ObjectId") or _first(ch.new, "o365ObjectId")
+    oid = first(old, "o365ObjectId") or first(ch.new, "o365ObjectId")
     if ch.kind != "delete" and now_bound:
         if oid:
             records.mark_bound_txn(txn, uuid)   # bound again: ever bound, not to be blocked
@@ -58,7 +53,7 @@ def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bou
         if not oid:
             return                       # never reached Microsoft 365: no account to keep blocked
         state = records.UNBOUND
-    records.note_txn(txn, uuid, oid, _first(old, "mail"), ch.dn, state, planner.clock())
+    records.note_txn(txn, uuid, oid, first(old, "mail"), ch.dn, state, planner.clock())
 
 
 def ever_bound(attrs: Attrs, record: records.AccountRecord | None) -> bool:

@@ -65,7 +65,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, EntryChange
+from ldapsync.store.entries import Attrs, EntryChange, first
 from ldapsync.sync import account_records, expiry
 from ldapsync.sync.password_plan import STALE_PASSWORD, ask_for_new_password_txn, fit_for_microsoft365, is_sync_user
 from ldapsync.sync.status import STATUS_OPERATION
@@ -121,13 +121,6 @@ class DesiredUser:
 
 _SORTED_FIELDS = tuple(sorted(DesiredUser.__dataclass_fields__))
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-def first(attrs: Attrs | None, name: str) -> str | None:
-    if not attrs:
-        return None
-    v = attrs.get(name)
-    return v[0] if v else None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.store.outbox import held_users_txn
 from ldapsync.sync.connector import DIRECTORY_VALUE, tag_dn
-from ldapsync.sync.planner import first
+from ldapsync.store.entries import first
 from ldapsync.sync.status import entry_by_uuid_txn
 
 if TYPE_CHECKING:

@@ -94,7 +94,10 @@ ERROR_RECHECK = (10.0, 120.0)
 
 
 @dataclass(frozen=True)
-class RetryPolicy:
+class RowBackoff:
+    """How long a user's queued rows wait before they are tried again (Graph's own retries of one
+    request are ``graph/exchange.py: RetryPolicy``)."""
+
     base: float = 2.0            # first retry after ~2 s, then doubling
     cap: float = 300.0           # never wait longer than 5 minutes between tries
     jitter: float = 0.5          # wait = delay * uniform(1 - jitter, 1)
@@ -151,7 +154,7 @@ class OutboxWorker:
 
     def __init__(self, directory: Directory, connector: Any, *, reactor: Any, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
-                 node_id: str | None = None, retry: RetryPolicy = RetryPolicy(), clock: Any = time.time,
+                 node_id: str | None = None, retry: RowBackoff = RowBackoff(), clock: Any = time.time,
                  stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0,
                  node_timeout: float = 15.0) -> None:
         self.d = directory
