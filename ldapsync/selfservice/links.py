@@ -44,7 +44,7 @@ from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.policy import format_time
 from ldapsync.selfservice.mailer import Mailer, MailError
 from ldapsync.store import entries as store
-from ldapsync.store import links as q
+from ldapsync.store import links as links_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, StoredEntry, first
 from ldapsync.sync.password_plan import POLICY_REASON
@@ -149,7 +149,7 @@ class LinkService:
         entry_uuid = first(attrs, "entryUUID")
         if not entry_uuid:
             raise LDAPError(ResultCode.unwillingToPerform, "the entry has no entryUUID")
-        link_id = q.queue_txn(txn, entry_uuid, purpose, self.now(), requested_by)
+        link_id = links_q.queue_txn(txn, entry_uuid, purpose, self.now(), requested_by)
         txn.call_after(self.wake)
         return link_id
 
@@ -173,7 +173,7 @@ class LinkService:
                 alt = self.config.alternate_mail_attribute
                 raise LDAPError(ResultCode.unwillingToPerform,
                                 f'"{dn}" has no mail{" or " + alt if alt else ""} to send the activation link to')
-            self.queue_txn(txn, e.attrs, q.ACTIVATE, requested_by)
+            self.queue_txn(txn, e.attrs, links_q.ACTIVATE, requested_by)
             return to
 
         return await d.db.run_interaction("invite", run)
@@ -181,8 +181,8 @@ class LinkService:
     def pending_invitation_txn(self, txn: Txn, entry_uuid: str) -> bool:
         """Whether the user has an activation link that is still on its way or still works."""
         now = self.now()
-        return any(row.purpose == q.ACTIVATE and (row.expires_at is None or row.expires_at > now)
-                   for row in q.live_txn(txn, entry_uuid))
+        return any(row.purpose == links_q.ACTIVATE and (row.expires_at is None or row.expires_at > now)
+                   for row in links_q.live_txn(txn, entry_uuid))
 
     async def request_reset(self, login: str, requested_by: str) -> bool:
         """The forgotten-password form: queue a link if ``login`` names an active user (the page
@@ -196,14 +196,14 @@ class LinkService:
                 return False
             entry_uuid = first(e.attrs, "entryUUID") or ""
             if e.attrs.get("userPassword"):
-                purpose = q.RESET
+                purpose = links_q.RESET
             elif entry_uuid and self.pending_invitation_txn(txn, entry_uuid):
-                purpose = q.ACTIVATE
+                purpose = links_q.ACTIVATE
             else:
                 log.info("forgotten-password request for {dn} ignored: the account is inactive and not invited",
                          dn=e.dn)
                 return False
-            if q.recent_count_txn(txn, entry_uuid, purpose, self.now() - 3600) >= RESETS_PER_HOUR:
+            if links_q.recent_count_txn(txn, entry_uuid, purpose, self.now() - 3600) >= RESETS_PER_HOUR:
                 log.info("forgotten-password request for {dn} ignored: {n} links in the last hour",
                          dn=e.dn, n=RESETS_PER_HOUR)
                 return False
@@ -212,12 +212,12 @@ class LinkService:
 
         return await self.directory.db.run_interaction("reset request", run)
 
-    async def pending(self) -> list[tuple[q.LinkRow, str | None]]:
+    async def pending(self) -> list[tuple[links_q.LinkRow, str | None]]:
         """Live links with the DN they belong to (for `ldapsync user invitations`)."""
 
-        def run(txn: Txn) -> list[tuple[q.LinkRow, str | None]]:
+        def run(txn: Txn) -> list[tuple[links_q.LinkRow, str | None]]:
             out = []
-            for row in q.live_txn(txn):
+            for row in links_q.live_txn(txn):
                 e = self.entry_by_uuid_txn(txn, row.entry_uuid)
                 out.append((row, e.dn if e else None))
             return out
@@ -244,7 +244,7 @@ class LinkService:
         try:
             while True:
                 self._again = False
-                ids = await self.directory.db.run_interaction("due links", q.due_ids_txn, self.now(), write=False)
+                ids = await self.directory.db.run_interaction("due links", links_q.due_ids_txn, self.now(), write=False)
                 for link_id in ids:
                     sent += await self._send_one(link_id)
                 if not ids and not self._again:
@@ -256,17 +256,17 @@ class LinkService:
         token = secrets.token_urlsafe(32)
         now = self.now()
 
-        def claim(txn: Txn) -> tuple[q.LinkRow, Attrs] | None:
-            row = q.claim_txn(txn, link_id, now, SEND_LEASE)
+        def claim(txn: Txn) -> tuple[links_q.LinkRow, Attrs] | None:
+            row = links_q.claim_txn(txn, link_id, now, SEND_LEASE)
             if row is None:
                 return None
             e = self.entry_by_uuid_txn(txn, row.entry_uuid)
             if e is None:
-                q.mark_failed_txn(txn, link_id, "the entry no longer exists", retry_at=None)
+                links_q.mark_failed_txn(txn, link_id, "the entry no longer exists", retry_at=None)
                 return None
-            if row.purpose != q.WELCOME:
-                ttl = self.config.activation_ttl if row.purpose == q.ACTIVATE else self.config.reset_ttl
-                q.issue_txn(txn, link_id, hash_token(token), now + ttl)
+            if row.purpose != links_q.WELCOME:
+                ttl = self.config.activation_ttl if row.purpose == links_q.ACTIVATE else self.config.reset_ttl
+                links_q.issue_txn(txn, link_id, hash_token(token), now + ttl)
             return row, e.attrs
 
         got = await self.directory.db.run_interaction("claim link", claim)
@@ -274,7 +274,7 @@ class LinkService:
             return 0
         row, attrs = got
         to = self.address_for(attrs)
-        ttl = self.config.activation_ttl if row.purpose == q.ACTIVATE else self.config.reset_ttl
+        ttl = self.config.activation_ttl if row.purpose == links_q.ACTIVATE else self.config.reset_ttl
         error: str | None = None
         permanent = False
         if not to:
@@ -293,18 +293,18 @@ class LinkService:
             retry_at = None if permanent or row.attempts >= MAX_ATTEMPTS else now + RETRY_DELAYS[row.attempts - 1]
             log.warn("{purpose} mail for {uuid} not sent: {error}{retry}", purpose=row.purpose, uuid=row.entry_uuid,
                      error=error, retry="" if retry_at is None else "; will retry")
-            await self.directory.db.run_interaction("link failed", q.mark_failed_txn, link_id, error, retry_at=retry_at)
+            await self.directory.db.run_interaction("link failed", links_q.mark_failed_txn, link_id, error, retry_at=retry_at)
             return 0
         assert to is not None
         expires = now + ttl
 
         def done(txn: Txn) -> None:
-            if row.purpose == q.WELCOME:
-                q.mark_done_txn(txn, link_id, self.now(), to)
+            if row.purpose == links_q.WELCOME:
+                links_q.mark_done_txn(txn, link_id, self.now(), to)
                 return
-            if not q.mark_sent_txn(txn, link_id, self.now(), to):
+            if not links_q.mark_sent_txn(txn, link_id, self.now(), to):
                 return
-            if row.purpose == q.ACTIVATE:
+            if row.purpose == links_q.ACTIVATE:
                 write_user_status_txn(self.directory, txn, row.entry_uuid,
                                       {"ldapsyncActivationExpires": [format_time(expires)]}, OPERATION, Origin.LINKS)
 
@@ -319,7 +319,7 @@ class LinkService:
         mail = first(attrs, "mail")
         admin = self.directory.config.mail.admin_address
         help_line = f"If it has expired, ask your IT team{f' ({admin})' if admin else ''} for a new one."
-        if purpose == q.ACTIVATE:
+        if purpose == links_q.ACTIVATE:
             subject = "Activate your account"
             signin = (f" You will sign in to Microsoft 365 as {mail}."
                       if mail and self.microsoft365_sign_in(attrs) else "")
@@ -329,7 +329,7 @@ class LinkService:
                     f"{base}/activate?token={token}\n\n"
                     f"The link works once, until {human_time(expires_at)}. {help_line}\n\n"
                     "If you did not expect this message, you can ignore it.\n")
-        elif purpose == q.WELCOME:
+        elif purpose == links_q.WELCOME:
             subject = "Your Microsoft 365 account is ready"
             text = (f"Hello {name},\n\n"
                     f"Your Microsoft 365 account {mail or uid} has been created. It uses your usual password "
@@ -357,15 +357,15 @@ class LinkService:
         return subject, text
 
     # -- using a link -------------------------------------------------------------------
-    def _check_txn(self, txn: Txn, token: str, purpose: str) -> tuple[q.LinkRow, StoredEntry]:
+    def _check_txn(self, txn: Txn, token: str, purpose: str) -> tuple[links_q.LinkRow, StoredEntry]:
         if not token or len(token) > 200:
             raise LinkProblem("unknown")
-        row = q.find_by_hash_txn(txn, hash_token(token))
+        row = links_q.find_by_hash_txn(txn, hash_token(token))
         if row is None or row.purpose != purpose:
             raise LinkProblem("unknown")
-        if row.state == q.USED:
+        if row.state == links_q.USED:
             raise LinkProblem("used")
-        if row.state not in q.USABLE:         # queued: mailed, its "sent" not yet recorded
+        if row.state not in links_q.USABLE:         # queued: mailed, its "sent" not yet recorded
             raise LinkProblem("revoked")
         if row.expires_at is None or row.expires_at <= self.now():
             raise LinkProblem("expired")
@@ -394,7 +394,7 @@ class LinkService:
 
         def consume(txn: Txn, entry: StoredEntry) -> None:
             row, e = self._check_txn(txn, token, purpose)     # again, inside the write transaction
-            if row.id != info.link_id or e.dn_norm != dn.norm or not q.use_txn(txn, row.id, self.now()):
+            if row.id != info.link_id or e.dn_norm != dn.norm or not links_q.use_txn(txn, row.id, self.now()):
                 raise LinkProblem("used")
 
         await d.set_password(Actor(dn, False), info.dn, new_password, in_txn=consume, operation=f"{purpose}-link",
@@ -423,15 +423,15 @@ class ActivationHook:
             if ch.kind == "delete":
                 uuid = first(old, "entryUUID")
                 if uuid:
-                    q.revoke_txn(txn, uuid)
+                    links_q.revoke_txn(txn, uuid)
                 continue
             if new is None:
                 continue
             has_pw = bool(new.get("userPassword"))
             if has_pw and new.get("ldapsyncActivationExpires") and not (old or {}).get("userPassword"):
-                q.revoke_txn(txn, first(new, "entryUUID") or "", q.ACTIVATE)
+                links_q.revoke_txn(txn, first(new, "entryUUID") or "", links_q.ACTIVATE)
                 cs.request_status(ch.dn_norm, {"ldapsyncActivationExpires": None})
                 continue
             if (not has_pw and is_person(new) and self.planner.is_bound(new) and not self.planner.is_bound(old)
                     and (first(new, "mail") or first(new, self.links.config.alternate_mail_attribute or "mail"))):
-                self.links.queue_txn(txn, new, q.ACTIVATE, cs.actor_dn or "")
+                self.links.queue_txn(txn, new, links_q.ACTIVATE, cs.actor_dn or "")

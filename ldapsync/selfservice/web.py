@@ -49,7 +49,7 @@ from ldapsync.selfservice.links import (
 from ldapsync.selfservice.security import RateLimiter, Session, Signer
 from ldapsync.store import entries as store
 from ldapsync.store.entries import first
-from ldapsync.store import links as q
+from ldapsync.store import links as links_q
 from ldapsync.store.database import Txn
 from ldapsync.sync.status import write_user_status_txn
 
@@ -152,10 +152,10 @@ class SelfServicePages(resource.Resource):
             (b"POST", "/signout"): self.post_signout,
             (b"GET", "/forgot"): self.get_forgot,
             (b"POST", "/forgot"): self.post_forgot,
-            (b"GET", "/activate"): lambda r: self.get_link(r, q.ACTIVATE),
-            (b"POST", "/activate"): lambda r: self.post_link(r, q.ACTIVATE),
-            (b"GET", "/reset"): lambda r: self.get_link(r, q.RESET),
-            (b"POST", "/reset"): lambda r: self.post_link(r, q.RESET),
+            (b"GET", "/activate"): lambda r: self.get_link(r, links_q.ACTIVATE),
+            (b"POST", "/activate"): lambda r: self.post_link(r, links_q.ACTIVATE),
+            (b"GET", "/reset"): lambda r: self.get_link(r, links_q.RESET),
+            (b"POST", "/reset"): lambda r: self.post_link(r, links_q.RESET),
         }
 
     def now(self) -> float:
@@ -526,16 +526,16 @@ class SelfServicePages(resource.Resource):
         intro = (f"<p>Welcome, {who}. Choose the password for your account <strong>{esc(info.uid)}</strong>"
                  + (f" (you sign in to Microsoft 365 as <strong>{esc(info.mail)}</strong>)"
                     if info.mail and info.microsoft365 else "")
-                 + ".</p>") if purpose == q.ACTIVATE else (
+                 + ".</p>") if purpose == links_q.ACTIVATE else (
                  f"<p>Choose a new password for <strong>{esc(info.uid)}</strong>.</p>")
-        action = "/activate" if purpose == q.ACTIVATE else "/reset"
+        action = "/activate" if purpose == links_q.ACTIVATE else "/reset"
         return (intro + self.alert(error) + self.rules()
                 + f'<form method="post" action="{action}">{self.csrf(request)}'
                 f'<input type="hidden" name="token" value="{esc(token)}">'
                 + f'<input type="text" name="username" value="{esc(info.uid)}" autocomplete="username" hidden>'
                 + self.field("new", "New password", autocomplete="new-password", describedby="rules", autofocus=True)
                 + self.field("confirm", "New password again", autocomplete="new-password")
-                + f'<button type="submit">{"Activate my account" if purpose == q.ACTIVATE else "Set new password"}</button>'
+                + f'<button type="submit">{"Activate my account" if purpose == links_q.ACTIVATE else "Set new password"}</button>'
                 + f'</form><p class="hint">This link works until {esc(human_time(info.expires_at))}.</p>')
 
     def problem(self, kind: str) -> Response:
@@ -550,7 +550,7 @@ class SelfServicePages(resource.Resource):
             info = await self.links.lookup(token, purpose)
         except LinkProblem as p:
             return self.problem(p.kind)
-        title = "Activate your account" if purpose == q.ACTIVATE else "Choose a new password"
+        title = "Activate your account" if purpose == links_q.ACTIVATE else "Choose a new password"
         return Response(200, self.page(title, self.link_form(request, info, token, purpose)))
 
     async def post_link(self, request: Any, purpose: str) -> Response:
@@ -560,7 +560,7 @@ class SelfServicePages(resource.Resource):
             return limited
         new = self.arg(request, "new", 256)
         confirm = self.arg(request, "confirm", 256)
-        title = "Activate your account" if purpose == q.ACTIVATE else "Choose a new password"
+        title = "Activate your account" if purpose == links_q.ACTIVATE else "Choose a new password"
         try:
             info = await self.links.lookup(token, purpose)
         except LinkProblem as p:
@@ -577,7 +577,7 @@ class SelfServicePages(resource.Resource):
         except LDAPError as e:
             return Response(422, self.page(title, self.link_form(request, info, token, purpose, self.password_error(e))))
         log.info("{purpose} link used by {dn}", purpose=purpose, dn=info.dn)
-        done_title = "Your account is active" if purpose == q.ACTIVATE else "Your password has been changed"
+        done_title = "Your account is active" if purpose == links_q.ACTIVATE else "Your password has been changed"
         m365 = (f" and to Microsoft 365 as <strong>{esc(info.mail)}</strong> (it takes up to a minute to get there)"
                 if info.mail and info.microsoft365 else "")
         return Response(200, self.page(done_title, (

@@ -27,7 +27,7 @@ from ldapsync.directory.hooks import StatusValues
 from ldapsync.directory.passwords import generate_password
 from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import NotFound, ObjectConflict
-from ldapsync.store import outbox as q
+from ldapsync.store import outbox as outbox_q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
 from ldapsync.sync.planner import DesiredUser
@@ -210,7 +210,7 @@ class GraphMapping:
                 password = self._password(secret, desired.entry_uuid) if secret else None
                 # Durably note the attempt first: if the reply is lost, the retry will know the
                 # account it then finds by UPN is ours (see store/outbox.py).
-                await self.db.run_interaction("o365 create sent", q.mark_create_sent_txn, desired.entry_uuid)
+                await self.db.run_interaction("o365 create sent", outbox_q.mark_create_sent_txn, desired.entry_uuid)
                 try:
                     created = await client.create_user(self._create_body(desired, password))
                 except ObjectConflict:
@@ -233,7 +233,7 @@ class GraphMapping:
         patch = self._diff(user, desired)
         delivered_at_create = False
         if secret and what.startswith("linked") and await self.db.run_interaction(
-                "o365 create sent?", q.create_was_sent_txn, desired.entry_uuid, write=False):
+                "o365 create sent?", outbox_q.create_was_sent_txn, desired.entry_uuid, write=False):
             # We sent a create for this user whose reply was lost (connection reset, node
             # killed): the account is our own and already has this password, and Graph
             # refuses to set the same password again.

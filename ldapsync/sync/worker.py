@@ -75,7 +75,7 @@ from ldapsync.secretbox import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
 from ldapsync.store import account_records
 from ldapsync.store import links as links_q
-from ldapsync.store import outbox as q
+from ldapsync.store import outbox as outbox_q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
@@ -113,7 +113,7 @@ class RowBackoff:
 @dataclass
 class _Job:
     entry_uuid: str
-    rows: list[q.OutboxRow]
+    rows: list[outbox_q.OutboxRow]
     entry: StoredEntry | None
     started: float = field(default_factory=time.monotonic)
     deferred: Any = None           # the running _process (cancelled at shutdown after the grace period)
@@ -140,7 +140,7 @@ def _guarded(fn: Any) -> Any:
 def _claim_txn(txn: Any, d: Directory, owner: str, now: float, lease: float, limit: int,
                exclude: list[str], full: bool) -> list[_Job]:
     return [_Job(uuid, rows, entry_by_uuid_txn(d, txn, uuid))
-            for uuid, rows in q.claim_and_load_txn(txn, owner, now, lease, limit, exclude, full=full)]
+            for uuid, rows in outbox_q.claim_and_load_txn(txn, owner, now, lease, limit, exclude, full=full)]
 
 
 def default_node_id(directory: Directory) -> str:
@@ -211,9 +211,9 @@ class OutboxWorker:
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
         if self.db.is_sqlite:
-            n = await self.db.run_interaction("o365 outbox: drop stale leases", q.release_all_leases_txn)
+            n = await self.db.run_interaction("o365 outbox: drop stale leases", outbox_q.release_all_leases_txn)
         else:
-            n = await self.db.run_interaction("o365 outbox: drop own stale leases", q.release_leases_txn, self.owner)
+            n = await self.db.run_interaction("o365 outbox: drop own stale leases", outbox_q.release_leases_txn, self.owner)
         if n:
             log.info("Microsoft 365 outbox: {n} lease(s) from before a restart released", n=n)
         self._running = True
@@ -285,12 +285,12 @@ class OutboxWorker:
             await self._wait_idle(2.0)
         if self.db.is_postgres:
             try:
-                await self.db.run_interaction("o365 worker: heartbeat withdrawn", q.heartbeat_txn, self.owner,
+                await self.db.run_interaction("o365 worker: heartbeat withdrawn", outbox_q.heartbeat_txn, self.owner,
                                               self.clock(), alive=False, forget_before=0.0)
             except Exception:  # noqa: BLE001 - it expires instead
                 log.failure("Microsoft 365 outbox: could not withdraw this node's heartbeat (it expires)")
         try:
-            n = await self.db.run_interaction("o365 outbox: give leases back", q.release_leases_txn, self.owner)
+            n = await self.db.run_interaction("o365 outbox: give leases back", outbox_q.release_leases_txn, self.owner)
         except Exception:  # noqa: BLE001 - the database is going away too: the leases expire instead
             log.failure("Microsoft 365 outbox: could not give the leases back at shutdown (they expire)")
             return
@@ -411,7 +411,7 @@ class OutboxWorker:
         if self._inflight:
             users = list(self._inflight)
             until = self.clock() + self.lease_seconds
-            await self.db.run_interaction("o365 outbox lease renewal", q.renew_leases_txn, self.owner, users, until)
+            await self.db.run_interaction("o365 outbox lease renewal", outbox_q.renew_leases_txn, self.owner, users, until)
 
     async def _heartbeat(self) -> None:
         """Several nodes: note that this one runs (and delivers), pace to our share of the write
@@ -431,8 +431,8 @@ class OutboxWorker:
         owner = self.owner
 
         def beat(txn: Any) -> tuple[str | None, dict[str, str]]:
-            before = q.node_beat_txn(txn, owner)
-            return before, q.heartbeat_txn(txn, owner, now, alive=True, delivering=delivering,
+            before = outbox_q.node_beat_txn(txn, owner)
+            return before, outbox_q.heartbeat_txn(txn, owner, now, alive=True, delivering=delivering,
                                            forget_before=now - 3600.0)
         before, beats = await self.db.run_interaction("o365 worker heartbeat", beat)
         if self._my_beat is not None and before != self._my_beat:
@@ -453,7 +453,7 @@ class OutboxWorker:
             seen[node] = prev if prev is not None and prev[0] == value and not stalled else (value, mono)
         self._beats = seen
         live = sum(1 for node, (value, at) in seen.items()
-                   if q.beat_delivers(value) and (node == owner or mono - at <= self.node_ttl))
+                   if outbox_q.beat_delivers(value) and (node == owner or mono - at <= self.node_ttl))
         live = max(1, live if delivering else live + 1)
         if live != self.live_nodes:
             log.info("Microsoft 365 outbox: {n} node(s) deliver; this one paces its Graph writes to 1/{n} "
@@ -471,7 +471,7 @@ class OutboxWorker:
         """``node``'s heartbeat has read ``value`` for ``silent`` seconds: presume it dead, release
         its leases (``take_over_txn``: compare-and-delete of its heartbeat, one transaction) and
         claim its users now.  Should it come back, its claims' fencing tokens no longer match."""
-        n = await self.db.run_interaction("o365 outbox: take over a dead node's users", q.take_over_txn, node, value)
+        n = await self.db.run_interaction("o365 outbox: take over a dead node's users", outbox_q.take_over_txn, node, value)
         self._beats.pop(node, None)
         if n is None:
             return                      # it beat meanwhile, or another node took over first
@@ -486,8 +486,8 @@ class OutboxWorker:
     async def _depth(self) -> None:
         # Counted in a read transaction: the count scans the queue (10-15 ms at 20,000 rows), and
         # in the write transaction every LDAP write waited for it (SQLite has one writer).
-        counts = await self.db.run_interaction("o365 queue count", q.queue_counts_txn, write=False)
-        depth = str(counts[q.READY] + counts[q.HELD])
+        counts = await self.db.run_interaction("o365 queue count", outbox_q.queue_counts_txn, write=False)
+        depth = str(counts[outbox_q.READY] + counts[outbox_q.HELD])
         now = self.clock()
 
         def run(txn: Any) -> None:
@@ -499,7 +499,7 @@ class OutboxWorker:
     async def _process(self, job: _Job) -> None:
         rows = job.rows
         if not rows:                 # only held rows (cannot happen: claims need a ready row)
-            await self.db.run_interaction("o365 outbox release", q.release_leases_txn, self.owner, [job.entry_uuid])
+            await self.db.run_interaction("o365 outbox release", outbox_q.release_leases_txn, self.owner, [job.entry_uuid])
             return
         ids = [r.id for r in rows]
         desired = DesiredUser.from_json(rows[-1].payload)
@@ -541,7 +541,7 @@ class OutboxWorker:
         last = ids[-1]
 
         def finish(txn: Any) -> bool:
-            if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
+            if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             if out.status is not None:
                 write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(txn, out.status, job.entry_uuid, last))
@@ -552,12 +552,12 @@ class OutboxWorker:
             if out.object_id and out.object_id != desired.object_id:
                 # the account id is new to these rows (created or linked now): later rows get it,
                 # and the note of a create in flight is done with (our create made it: a record)
-                if q.create_was_sent_txn(txn, job.entry_uuid):
+                if outbox_q.create_was_sent_txn(txn, job.entry_uuid):
                     account_records.note_created_txn(txn, job.entry_uuid, out.object_id, desired.upn, desired.dn,
                                                      time.time())
-                q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
-                q.clear_create_sent_txn(txn, job.entry_uuid)
-            q.complete_txn(txn, ids)
+                outbox_q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
+                outbox_q.clear_create_sent_txn(txn, job.entry_uuid)
+            outbox_q.complete_txn(txn, ids)
             return True
         if not await self._end("o365 outbox complete", finish):
             self._lease_lost(job, desired, out.what)
@@ -635,9 +635,9 @@ class OutboxWorker:
 
     async def _fail(self, job: _Job, ids: list[int], error: str, *, permanent: bool, next_at: float) -> None:
         def run(txn: Any) -> bool:
-            if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
+            if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
-            q.fail_txn(txn, ids, error, permanent=permanent, next_attempt_at=next_at)
+            outbox_q.fail_txn(txn, ids, error, permanent=permanent, next_attempt_at=next_at)
             return True
         if not await self._end("o365 outbox retry later", run):
             self._lease_lost(job, DesiredUser.from_json(job.rows[-1].payload), "")
@@ -647,9 +647,9 @@ class OutboxWorker:
                  "or `ldapsync o365 reconcile --retry-errors`", upn=desired.upn or desired.dn, error=error)
 
         def run(txn: Any) -> bool:
-            if not q.owns_lease_txn(txn, self.owner, job.head, job.gen):
+            if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
-            q.fail_txn(txn, ids, error, permanent=True)
+            outbox_q.fail_txn(txn, ids, error, permanent=True)
             if not desired.deleted:
                 write_user_status_txn(self.d, txn, job.entry_uuid, {
                     "o365SyncState": [SyncState.error.value], "o365LastError": [error[:1000]]})
