@@ -177,6 +177,7 @@ class Server:
     extra_config: str = ""
     env: dict[str, str] = field(default_factory=dict)
     web_port: int = field(default_factory=lambda: free_port())
+    started: bool = False          # once started, the ports are the server's: a restart keeps them
 
     def __post_init__(self) -> None:
         # The server's policy clock (password expiry, lockout, link expiry) can be moved
@@ -259,13 +260,28 @@ hash_memory_kib = 8192
         )
 
     def start(self) -> None:
-        self.write_config()
-        self.proc = subprocess.Popen(
-            [str(BIN / "twistd"), "-n", "--pidfile=", "ldapsync", "--config", str(self.config_path)],
-            cwd=self.workdir, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-        )
-        wait_port(self.port, self.proc, log=self.log)
-        wait_port(self.ldaps_port, self.proc, log=self.log)
+        for attempt in range(3):
+            self.write_config()
+            logged = self.log.stat().st_size if self.log.exists() else 0
+            self.proc = subprocess.Popen(
+                [str(BIN / "twistd"), "-n", "--pidfile=", "ldapsync", "--config", str(self.config_path)],
+                cwd=self.workdir, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+            )
+            try:
+                wait_port(self.port, self.proc, log=self.log)
+                wait_port(self.ldaps_port, self.proc, log=self.log)
+            except RuntimeError:
+                # free_port() hands out a port another process on the machine may take before the
+                # server binds it: on a first start only, take new ports and try again
+                with open(self.log, "rb") as f:
+                    f.seek(logged)
+                    collided = b"Address already in use" in f.read()
+                if not collided or self.started or attempt == 2:
+                    raise
+                self.port, self.ldaps_port, self.web_port = free_port(), free_port(), free_port()
+                continue
+            break
+        self.started = True
         self.admin_password = (self.workdir / "admin-password").read_text().rstrip("\n")
 
     def stop(self, sig: int = 15) -> None:
