@@ -246,12 +246,12 @@ class Model:
     def _gen_pw_modify(self) -> Op | None:
         p = self._pick()
         return None if p is None else Op("pw_modify", p.key, {"password": self.fresh_password()}, 0,
-                        f"ldapmodify replace userPassword")
+                        "ldapmodify replace userPassword")
 
     def _gen_pw_passwd(self) -> Op | None:
         p = self._pick()
         return None if p is None else Op("pw_passwd", p.key, {"password": self.fresh_password()}, 0,
-                        f"ldappasswd (Password Modify)")
+                        "ldappasswd (Password Modify)")
 
     def _gen_rename(self) -> Op | None:
         p = self._pick()
@@ -424,18 +424,6 @@ REGRESSIONS: dict[str, list[Step]] = {
     "portal_rename_of_a_bound_user_is_put_back": [
         ("add", "a", {"bound": True, "pw": "clear"}), ("wait",), ("portal", "a", {"displayName": "Portal", "surname": "P"})],
 }
-PASSING_TODAY = {"portal_rename_of_a_bound_user_is_put_back", "duplicate_mail_is_refused",
-                 "deleted_user_reenabled_in_the_portal_is_blocked_again",
-                 "unbound_user_reenabled_in_the_portal_is_blocked_again",
-                 "password_pending_user_enabled_in_the_portal_is_blocked_again",
-                 # issue 14's password rules (the TTL, blocked until the current password, pending)
-                 "password_set_while_unbound_is_pushed_at_tag_bind",
-                 "password_set_after_add_while_unbound_is_pushed_at_bind",
-                 "password_changed_while_unbound_is_pushed_at_rebind",
-                 "account_created_blocked_is_not_enabled_by_a_rebind",
-                 "portal_disable_then_unbind_and_rebind_ends_enabled",
-                 "bound_user_without_a_password_is_flagged_pending",
-                 "bind_right_after_binding_captures_the_password"}
 
 
 def scripted(model: Model, steps: list[Step]) -> list[Op]:
