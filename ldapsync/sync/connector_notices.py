@@ -19,13 +19,16 @@ in a mail.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from ldapsync.directory.policy import format_time
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
+
+if TYPE_CHECKING:
+    from ldapsync.selfservice.mailer import Mailer
 
 log = Logger()
 
@@ -57,7 +60,7 @@ def unclaim_txn(txn: Txn, key: str, value: str, previous: str) -> None:
 class AdminNotices:
     """Sends the connector's notices through ``mailer`` (nothing when it or the address is unset)."""
 
-    def __init__(self, db: Database, mailer: Any, admin_address: str, *, delegated: bool) -> None:
+    def __init__(self, db: Database, mailer: Mailer | None, admin_address: str, *, delegated: bool) -> None:
         self.db = db
         self.mailer = mailer
         self.to = admin_address
@@ -114,6 +117,7 @@ class AdminNotices:
             await self.db.run_interaction("reauthorization resolved", unclaim_txn, META_REAUTH_MAILED, mailed, "")
 
     async def _send_once(self, key: str, value: str, subject: str, text: str, what: str) -> None:
+        assert self.mailer is not None          # the callers check self.enabled first
         current = await self.db.run_interaction(f"{what}?", store.get_meta_txn, key, write=False)
         if current == value:
             return

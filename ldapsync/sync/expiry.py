@@ -31,7 +31,8 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -99,7 +100,7 @@ class SweepReport:
 class ExpirySweep:
     """One pass: queue the disables (and enables) that time alone made necessary."""
 
-    def __init__(self, directory: Directory, planner: OutboxPlanner, *, wake: Any = None) -> None:
+    def __init__(self, directory: Directory, planner: OutboxPlanner, *, wake: Callable[[], None] | None = None) -> None:
         self.d = directory
         self.planner = planner
         self.wake = wake

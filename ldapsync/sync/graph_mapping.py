@@ -35,6 +35,7 @@ from ldapsync.sync.password_plan import STALE_PASSWORD
 from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
+    from ldapsync.sync.connector import Connector
     from ldapsync.directory.service import Directory
 
 USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
@@ -80,7 +81,7 @@ class Outcome:
 class GraphMapping:
     """Applies one user's desired state to Graph.  ``connector`` gives ``client`` (GraphClient) and ``box``."""
 
-    def __init__(self, directory: Directory, connector: Any) -> None:
+    def __init__(self, directory: Directory, connector: Connector) -> None:
         self.db = directory.db
         self.config = directory.config.office365
         self.connector = connector

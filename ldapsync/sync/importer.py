@@ -36,6 +36,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.tables import INDEX_VALUE_MAX
 
 if TYPE_CHECKING:
+    from ldapsync.graph.client import GraphClient
     from ldapsync.directory.service import Directory
 
 PAGE_SIZE = 999
@@ -310,7 +311,7 @@ async def chunks(items: AsyncIterator[dict[str, Any]], size: int = PAGE_SIZE) ->
         yield chunk
 
 
-async def tenant_users(client: Any, *, upns: list[str] | None = None, filter: str | None = None
+async def tenant_users(client: GraphClient, *, upns: list[str] | None = None, filter: str | None = None
                        ) -> AsyncIterator[dict[str, Any]]:
     """The selected users: the ``upns`` given (``{"@notFound": upn}`` for a missing one), else
     every user matching ``filter`` (paged, ``$top=999``)."""
@@ -413,7 +414,7 @@ class Reporter:
         self.out.write(f"{s.seen} Microsoft 365 user(s): {done}; skipped: {skipped}; failed: {s.failed}\n")
 
 
-async def run_import(d: Directory, client: Any, *, verified: set[str], actor_dn: str, reporter: Reporter,
+async def run_import(d: Directory, client: GraphClient, *, verified: set[str], actor_dn: str, reporter: Reporter,
                      upns: list[str] | None = None, filter: str | None = None, dry_run: bool = False,
                      listing: bool = False, include_guests: bool = False, batch: int = BATCH) -> Summary:
     """List or import the selected users page by page; returns the counts."""

@@ -29,6 +29,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -46,6 +47,7 @@ from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
+    from ldapsync.graph.client import GraphClient
     from ldapsync.directory.service import Directory
 
 log = Logger()
@@ -105,7 +107,7 @@ def drift_payload(desired: DesiredUser, remote: dict[str, Any], diffs: list[str]
 
 
 class Reconciler:
-    def __init__(self, directory: "Directory", planner: OutboxPlanner, client: Any, *, wake: Any = None) -> None:
+    def __init__(self, directory: "Directory", planner: OutboxPlanner, client: GraphClient, *, wake: Callable[[], None] | None = None) -> None:
         self.d = directory
         self.db = directory.db
         self.planner = planner

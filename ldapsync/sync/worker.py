@@ -66,6 +66,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
@@ -76,6 +77,7 @@ from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
 from ldapsync.store import account_records
 from ldapsync.store import links as links_q
 from ldapsync.store import outbox as outbox_q
+from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
@@ -84,6 +86,7 @@ from ldapsync.sync.password_plan import current_secret, pending_kept_txn, purge_
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
+    from ldapsync.sync.connector import Connector
     from ldapsync.directory.service import Directory
 
 log = Logger()
@@ -137,7 +140,7 @@ def _guarded(fn: Any) -> Any:
     return d
 
 
-def _claim_txn(txn: Any, d: Directory, owner: str, now: float, lease: float, limit: int,
+def _claim_txn(txn: Txn, d: Directory, owner: str, now: float, lease: float, limit: int,
                exclude: list[str], full: bool) -> list[_Job]:
     return [_Job(uuid, rows, entry_by_uuid_txn(d, txn, uuid))
             for uuid, rows in outbox_q.claim_and_load_txn(txn, owner, now, lease, limit, exclude, full=full)]
@@ -152,9 +155,9 @@ def default_node_id(directory: Directory) -> str:
 class OutboxWorker:
     """See the module docstring.  ``connector`` gives ``client`` (GraphClient), ``state``, ``box``, ``check()``."""
 
-    def __init__(self, directory: Directory, connector: Any, *, reactor: Any, concurrency: int = 16,
+    def __init__(self, directory: Directory, connector: Connector, *, reactor: Any, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
-                 node_id: str | None = None, retry: RowBackoff = RowBackoff(), clock: Any = time.time,
+                 node_id: str | None = None, retry: RowBackoff = RowBackoff(), clock: Callable[[], float] = time.time,
                  stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0,
                  node_timeout: float = 15.0) -> None:
         self.d = directory
@@ -430,7 +433,7 @@ class OutboxWorker:
         now = self.clock()
         owner = self.owner
 
-        def beat(txn: Any) -> tuple[str | None, dict[str, str]]:
+        def beat(txn: Txn) -> tuple[str | None, dict[str, str]]:
             before = outbox_q.node_beat_txn(txn, owner)
             return before, outbox_q.heartbeat_txn(txn, owner, now, alive=True, delivering=delivering,
                                            forget_before=now - 3600.0)
@@ -490,7 +493,7 @@ class OutboxWorker:
         depth = str(counts[outbox_q.READY] + counts[outbox_q.HELD])
         now = self.clock()
 
-        def run(txn: Any) -> None:
+        def run(txn: Txn) -> None:
             write_status_txn(self.d, txn, {"o365QueueDepth": [depth]})
             purge_kept_passwords_txn(txn, now)     # unbound users' passwords past unbound_password_ttl
         await self.db.run_interaction("o365 queue depth", run)
@@ -540,7 +543,7 @@ class OutboxWorker:
             return
         last = ids[-1]
 
-        def finish(txn: Any) -> bool:
+        def finish(txn: Txn) -> bool:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             if out.status is not None:
@@ -607,7 +610,7 @@ class OutboxWorker:
                     d.callback(results[0])
                     continue
 
-                def run_all(txn: Any, batch: list[tuple[str, Any, defer.Deferred]] = batch) -> list[Any]:
+                def run_all(txn: Txn, batch: list[tuple[str, Any, defer.Deferred]] = batch) -> list[Any]:
                     return [fn(txn) for _, fn, _ in batch]
                 try:
                     results = await self.db.run_interaction(f"o365 outbox: {len(batch)} deliveries ended", run_all)
@@ -634,7 +637,7 @@ class OutboxWorker:
                  timeout=self.node_timeout, what=what or "not delivered")
 
     async def _fail(self, job: _Job, ids: list[int], error: str, *, permanent: bool, next_at: float) -> None:
-        def run(txn: Any) -> bool:
+        def run(txn: Txn) -> bool:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             outbox_q.fail_txn(txn, ids, error, permanent=permanent, next_attempt_at=next_at)
@@ -646,7 +649,7 @@ class OutboxWorker:
         log.warn("Microsoft 365: {upn}: {error}; stopped until the user's next change "
                  "or `ldapsync o365 reconcile --retry-errors`", upn=desired.upn or desired.dn, error=error)
 
-        def run(txn: Any) -> bool:
+        def run(txn: Txn) -> bool:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             outbox_q.fail_txn(txn, ids, error, permanent=True)
