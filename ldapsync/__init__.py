@@ -3,7 +3,7 @@
 Data flow (one LDAP write)::
 
     client ─BER─▶ ldap/server.py  (protocol edge: decode, controls, result codes)
-       └▶ directory/service.py    (rules: schema, access control)
+       └▶ directory/facade.py    (rules: schema, access control)
           └▶ directory/writes.py  ONE transaction: entries + index + memberships (store/entries.py),
                                   then the write hooks (directory/hooks.py: the Microsoft 365
                                   outbox rows, activation links)

@@ -10,7 +10,7 @@ secrets, like slapd's 0600 default for its database:
   that others can read is set back to 0600 when it belongs to the running user
   (a warning says so), and only warned about when it belongs to someone else;
 - the admin password file and the ``[secrets]`` key are created 0600 by their
-  owners (``directory/service.py``, ``ldapsync/secretbox.py``); one others can read
+  owners (``directory/facade.py``, ``ldapsync/secretbox.py``); one others can read
   (written by hand) is warned about at start, not changed;
 - ``ldapsync ldif dump -o FILE`` writes 0600, and refuses a file that belongs
   to another user (one planted in /tmp would hand every hash to its owner).

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from ldapsync import metrics
 from ldapsync.config import Config
 from ldapsync.directory.hooks import WriteHooks
-from ldapsync.directory.service import Directory
+from ldapsync.directory.facade import Directory
 from ldapsync.selfservice.links import ActivationHook, LinkService
 from ldapsync.store.database import Database
 from ldapsync.sync.planner import OutboxPlanner

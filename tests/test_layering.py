@@ -106,7 +106,7 @@ def test_the_package_keeps_its_layers() -> None:
     ("ldapsync.store.entries", "from ldapsync.directory.hooks import ChangeSet"),
     ("ldapsync.store.outbox", "import ldapsync.sync.planner"),
     ("ldapsync.graph.client", "from ldapsync.store import outbox"),
-    ("ldapsync.directory.service", "from ldapsync.sync import planner"),
+    ("ldapsync.directory.facade", "from ldapsync.sync import planner"),
     ("ldapsync.ldap.server", "from ldapsync.graph.client import GraphClient"),
     ("ldapsync.ldap.server", "from ldapsync.store.database import StoreError"),
     ("ldapsync.sync.worker", "from ldapsync.testing import tenant"),

@@ -17,7 +17,7 @@ from twisted.internet import defer
 
 from ldapsync.config import Config
 from ldapsync.directory.hooks import WriteHooks
-from ldapsync.directory.service import Directory
+from ldapsync.directory.facade import Directory
 from ldapsync.filemodes import prepare_sqlite_files, sqlite_path
 from ldapsync.services import office365_hooks
 from ldapsync.store.database import Database, display_url

@@ -15,7 +15,7 @@ from ldapsync.cli.common import CLIError, in_transaction, open_directory, run_as
 from ldapsync.config import Config
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
-from ldapsync.directory.service import Actor
+from ldapsync.directory.facade import Actor
 from ldapsync.graph.errors import GraphError
 from ldapsync.selfservice.mailer import Mailer
 from ldapsync.store.outbox import queue_counts_txn, release_held_txn, retry_errors_txn

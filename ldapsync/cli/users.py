@@ -8,7 +8,7 @@ from ldapsync.cli.common import show_time, with_directory
 from ldapsync.config import Config
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
-from ldapsync.directory.service import Actor
+from ldapsync.directory.facade import Actor
 from ldapsync.selfservice.links import LinkService
 
 

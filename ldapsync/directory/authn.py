@@ -26,7 +26,7 @@ from ldapsync.store.entries import Attrs
 
 
 # The namespace the bind lines had before the directory was split (the JSON log's "system" field).
-log = Logger(namespace="ldapsync.directory.service")
+log = Logger(namespace="ldapsync.directory.facade")
 
 
 @dataclass(frozen=True)

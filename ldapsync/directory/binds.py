@@ -1,7 +1,7 @@
 """Who gets a password verified, and when: a lockout that holds under concurrency, fairness between addresses.
 
 Owns the in-process bookkeeping around the password checks of binds
-(:meth:`ldapsync.directory.service.Directory.authenticate`); knows no SQL and
+(:meth:`ldapsync.directory.facade.Directory.authenticate`); knows no SQL and
 no BER (the directory hands it a callable that reads the entry).
 
 - :class:`DNGate`, per entry: a password is verified only while the failures

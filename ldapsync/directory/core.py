@@ -3,7 +3,7 @@
 Owns the access constants (hidden and admin-only attributes), :class:`Actor`, the
 hash thread pool, DN parsing, index rows and the per-operation admin-rights check
 (:meth:`DirectoryCore._is_admin_txn`).  The parts (bootstrap, authn, password_changes,
-reads, operations) build on it; :class:`ldapsync.directory.service.Directory` joins them.
+reads, operations) build on it; :class:`ldapsync.directory.facade.Directory` joins them.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ from ldapsync.store.entries import Attrs
 from ldapsync.store.stats import queue_stats_txn, users_by_sync_state_txn
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Actor, Directory, SearchRequest
+    from ldapsync.directory.facade import Actor, Directory, SearchRequest
 
 MONITOR_DN = "cn=Monitor"
 T = TypeVar("T")

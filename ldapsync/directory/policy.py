@@ -23,7 +23,7 @@ expire all at once, and every password eventually has an age).
 Everything here is a pure function of (config, attributes, now): no I/O, no
 clock of its own, no hashing (hash comparisons for the history rule run in the
 directory's hash thread pool).  No message ever contains a password or a hash.
-The directory (``ldapsync.directory.service``) applies the results in one
+The directory (``ldapsync.directory.facade``) applies the results in one
 write transaction.
 """
 

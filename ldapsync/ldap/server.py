@@ -44,7 +44,7 @@ from twisted.logger import Logger
 from ldapsync.config import LDAPConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.policy import PPolicyResponse
-from ldapsync.directory.service import ANONYMOUS, Actor, Directory, SearchRequest
+from ldapsync.directory.facade import ANONYMOUS, Actor, Directory, SearchRequest
 from ldapsync.ldap import ber
 from ldapsync.ldap.ber import BERError, enc_message, enc_result, enc_str, tlv
 from ldapsync.ldap.observer import Observer, Operation

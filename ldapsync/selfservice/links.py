@@ -51,7 +51,7 @@ from ldapsync.sync.password_plan import POLICY_REASON
 from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
     from ldapsync.sync.planner import OutboxPlanner
 
 log = Logger()

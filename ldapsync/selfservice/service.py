@@ -36,7 +36,7 @@ from ldapsync.store.entries import first
 from ldapsync.sync.status import write_user_status_txn
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 log = Logger()
 

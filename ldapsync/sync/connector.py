@@ -37,7 +37,7 @@ from ldapsync.store.database import Database, Txn
 from ldapsync.sync.connector_notices import AdminNotices, ensure_notice_rows_txn
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 log = Logger()
 

@@ -46,7 +46,7 @@ from ldapsync.store.entries import Attrs
 
 if TYPE_CHECKING:
     from ldapsync.directory.core import DirectoryCore
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
     from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 
 log = Logger()

@@ -36,7 +36,7 @@ from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
     from ldapsync.sync.connector import Connector
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
                "accountEnabled", "passwordPolicies", "usageLocation")

@@ -37,7 +37,7 @@ from ldapsync.store.tables import INDEX_VALUE_MAX
 
 if TYPE_CHECKING:
     from ldapsync.graph.client import GraphClient
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 PAGE_SIZE = 999
 BATCH = 100          # users per write transaction (~50 ms of SQLite write lock)

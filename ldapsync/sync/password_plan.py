@@ -30,7 +30,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
     from ldapsync.store.outbox import OutboxRow
 
 # requested_by of the reset link mailed when the directory's password cannot go to Microsoft 365

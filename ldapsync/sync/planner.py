@@ -71,7 +71,7 @@ from ldapsync.sync.password_plan import STALE_PASSWORD, ask_for_new_password_txn
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 log = Logger()
 

@@ -48,7 +48,7 @@ from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
     from ldapsync.graph.client import GraphClient
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 log = Logger()
 

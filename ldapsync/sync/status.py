@@ -19,7 +19,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 STATUS_OPERATION = "o365-status"
 USER_STATUS_ATTRS = ("o365ObjectId", "o365SyncState", "o365SyncedAt", "o365LastError")

@@ -22,7 +22,7 @@ from ldapsync.store.entries import first
 from ldapsync.sync.status import entry_by_uuid_txn
 
 if TYPE_CHECKING:
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 USER_STATES = ("error", "pending", "held", "synced", "disabled")
 

@@ -87,7 +87,7 @@ from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status
 
 if TYPE_CHECKING:
     from ldapsync.sync.connector import Connector
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
 
 log = Logger()
 

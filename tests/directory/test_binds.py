@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 
 from directory.test_policy import T0, add_user, attrs_of, d  # noqa: F401 - d is the fixture
 from ldapsync.clock import FixedClock
-from ldapsync.directory.service import Directory
+from ldapsync.directory.facade import Directory
 
 
 def _wrong_password_events() -> tuple[list[dict[str, Any]], Any]:

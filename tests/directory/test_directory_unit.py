@@ -15,7 +15,7 @@ from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfi
 from ldapsync.directory import filters as F
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin, WriteHooks
-from ldapsync.directory.service import Directory
+from ldapsync.directory.facade import Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database

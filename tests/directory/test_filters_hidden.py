@@ -16,7 +16,7 @@ from helpers import SUFFIX
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig
 from ldapsync.directory import filters as F
 from ldapsync.directory.hooks import Origin
-from ldapsync.directory.service import HIDDEN_ATTRS, NON_ADMIN_HIDDEN, Directory
+from ldapsync.directory.facade import HIDDEN_ATTRS, NON_ADMIN_HIDDEN, Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 

@@ -16,7 +16,7 @@ from ldapsync.config import AdminConfig, Config, ConfigError, DirectoryConfig, P
 from ldapsync.directory import policy as pp
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.policy import PolicyError, PPError
-from ldapsync.directory.service import Actor, Directory, describe_policy
+from ldapsync.directory.facade import Actor, Directory, describe_policy
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store

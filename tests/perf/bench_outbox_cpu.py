@@ -41,7 +41,7 @@ USERS = 500
 
 async def measure(mode: str, modifies: int, warmup: int = 300) -> dict:
     from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig, SecretsConfig
-    from ldapsync.directory.service import Actor, Directory
+    from ldapsync.directory.facade import Actor, Directory
     from ldapsync.store import entries as store
     from ldapsync.store.database import Database
 

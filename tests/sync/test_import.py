@@ -298,7 +298,7 @@ def directory(request: pytest.FixtureRequest, tmp_path) -> Iterator[Any]:
     from helpers import SUFFIX
 
     from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig
-    from ldapsync.directory.service import Directory
+    from ldapsync.directory.facade import Directory
     from ldapsync.store.database import Database
 
     pg = None

@@ -9,7 +9,7 @@ from conftest import create_pg_database, drop_pg_database  # type: ignore[import
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, Office365Config, PasswordsConfig, SecretsConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin, WriteHooks
-from ldapsync.directory.service import Directory
+from ldapsync.directory.facade import Directory
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database
