@@ -90,6 +90,9 @@ class GraphError(Exception):
         self.status = status
         self.details = tuple(details)
         self.retry_after = retry_after
+        # the answer to a resend of a request an earlier send of which may have been applied (its
+        # reply was lost: a reset connection, a 5xx): a write refused now may be that write's echo
+        self.repeated = False
         super().__init__(str(self))
 
     def __str__(self) -> str:

@@ -363,6 +363,7 @@ class GraphTransport:
         attempt = 0
         refreshed = False
         not_found_tries = 0
+        maybe_applied = False       # an earlier send of this request may have reached Graph and been applied
         token: str | None = None
         while True:
             attempt += 1
@@ -384,6 +385,7 @@ class GraphTransport:
             try:
                 resp = await self._send_once(method, url, hdrs, body)
             except _TransportError as e:
+                maybe_applied = True
                 if attempt >= self.retry.max_attempts:
                     _warn("Graph {method} {path}: {error} (giving up after {attempt} attempts)",
                              method=method, path=log_path, error=str(e), attempt=attempt)
@@ -418,6 +420,7 @@ class GraphTransport:
                 if retry_after is not None and retry_after > self.retry.max_retry_after:
                     raise error_from_response(status, resp.body, resp.headers, retry_after=retry_after)
                 if attempt < self.retry.max_attempts:
+                    maybe_applied = maybe_applied or status >= 500   # a 429 was not applied; a 5xx may have been
                     # (a 429's Retry-After already paused everyone: pacer.observe above)
                     delay = retry_after if retry_after is not None else self._backoff(attempt)
                     _warn("Graph {method} {path} -> {status} request-id {request_id}; "
@@ -436,6 +439,7 @@ class GraphTransport:
                 await self._sleep(delay)
                 continue
             err = error_from_response(status, resp.body, resp.headers, retry_after=retry_after)
+            err.repeated = maybe_applied
             (log.debug if status == 404 and expect_not_found else _warn)(
                 "Graph {method} {path} -> {status} {code} request-id {request_id}",
                      method=method, path=log_path, status=status, code=err.code, request_id=err.request_id)

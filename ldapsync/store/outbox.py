@@ -307,6 +307,32 @@ def clear_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
     txn.run("DELETE FROM meta WHERE key = ?", (_create_key(entry_uuid),))
 
 
+# A password PATCH in flight, noted before it is sent: Graph refuses to set the password an account
+# already has, so the retry of a PATCH whose reply was lost after Graph applied it (a reset
+# connection, a node killed) is refused; the note tells the retry that the password went out
+# before (ldapsync/sync/graph_mapping.py).  Deleted with the user's delivered rows.
+
+def _password_key(entry_uuid: str) -> str:
+    return f"o365.password_sent.{entry_uuid}"
+
+
+def password_sent_txn(txn: Txn, entry_uuid: str) -> str | None:
+    """The note of the password last sent for the user (a digest of its sealed value), or None."""
+    from ldapsync.store.entries import get_meta_txn
+
+    return get_meta_txn(txn, _password_key(entry_uuid))
+
+
+def mark_password_sent_txn(txn: Txn, entry_uuid: str, note: str) -> None:
+    from ldapsync.store.entries import set_meta_txn
+
+    set_meta_txn(txn, _password_key(entry_uuid), note)
+
+
+def clear_password_sent_txn(txn: Txn, entry_uuid: str) -> None:
+    txn.run("DELETE FROM meta WHERE key = ?", (_password_key(entry_uuid),))
+
+
 # -- worker nodes: liveness, the shared write budget, failover ---------------------------------------
 # Each running worker node (PostgreSQL) notes a heartbeat in ``meta`` (key prefix below, value its
 # clock, followed by " idle" while its connector is not active) every few seconds.  Graph's write

@@ -20,13 +20,16 @@ error attribute or an exception message.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
 
 from ldapsync.directory.hooks import StatusValues
 from ldapsync.directory.passwords import generate_password
 from ldapsync.directory.writes import now_generalized
-from ldapsync.graph.errors import NotFound, ObjectConflict
+from ldapsync.graph.errors import BadRequest, NotFound, ObjectConflict
 from ldapsync.store import outbox as outbox_q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
@@ -37,6 +40,8 @@ from ldapsync.sync.status import SyncState
 if TYPE_CHECKING:
     from ldapsync.sync.connector import Connector
     from ldapsync.directory.facade import Directory
+
+log = Logger()
 
 USER_SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname",
                "accountEnabled", "passwordPolicies", "usageLocation")
@@ -154,7 +159,7 @@ class GraphMapping:
                                             "forceChangePasswordNextSignIn": False}
                 pushed = True
             if patch:
-                await client.update_user(object_id, patch)
+                await self._update(object_id, patch, desired, secret if pushed else None)
             what = "sign-in blocked" + (", password set" if pushed else "")
             if self.config.unbind_action != "block":
                 await client.revoke_sessions(object_id)
@@ -165,6 +170,38 @@ class GraphMapping:
             disabled["o365PasswordPending"] = None
         status = None if desired.deleted else disabled
         return Outcome(status, object_id, what)
+
+    async def _update(self, oid: str, patch: dict[str, Any], desired: DesiredUser, secret: str | None) -> None:
+        """PATCH the account; ``secret`` is the queued password the patch sets, if it sets one.
+
+        Graph refuses to set the password an account already has.  When the reply to an earlier
+        try of this same queued password was lost after Graph applied it (a reset connection, a
+        node killed before it recorded the delivery), the retry is refused with a 400, which would
+        stop the user for good.  So the try is noted first (a digest of the sealed value, never
+        the password); a 400 to a try that was noted before (an earlier delivery attempt), or to a
+        resend within this one (``GraphError.repeated``), means the password is set: the rest of
+        the patch goes without it.  A 400 to a first send is Graph's answer to this password."""
+        client = self.connector.client
+        if secret is None:
+            await client.update_user(oid, patch)
+            return
+        note = hashlib.sha256(secret.encode("ascii")).hexdigest()[:32]
+        uuid = desired.entry_uuid
+        sent_before = await self.db.run_interaction("o365 password sent?", outbox_q.password_sent_txn, uuid,
+                                                    write=False) == note
+        if not sent_before:
+            await self.db.run_interaction("o365 password sent", outbox_q.mark_password_sent_txn, uuid, note)
+        try:
+            await client.update_user(oid, patch)
+        except BadRequest as e:
+            if not (sent_before or e.repeated):
+                await self.db.run_interaction("o365 password refused", outbox_q.clear_password_sent_txn, uuid)
+                raise
+            rest = {k: v for k, v in patch.items() if k != "passwordProfile"}
+            if rest:
+                await client.update_user(oid, rest)
+            log.info("Microsoft 365: {upn}: the password was set by an earlier try whose reply was lost",
+                     upn=desired.upn or desired.dn)
 
     def _create_body(self, desired: DesiredUser, password: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -263,7 +300,7 @@ class GraphMapping:
                 patch["accountEnabled"] = False
             welcome = desired.has_password
         if patch:
-            await client.update_user(oid, patch)
+            await self._update(oid, patch, desired, secret if "passwordProfile" in patch else None)
             shown = sorted("password" if k == "passwordProfile" else k for k in patch)
             what += ": " + ", ".join(shown)
         else:

@@ -560,6 +560,8 @@ class OutboxWorker:
                                                      time.time())
                 outbox_q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
                 outbox_q.clear_create_sent_txn(txn, job.entry_uuid)
+            if secret is not None:
+                outbox_q.clear_password_sent_txn(txn, job.entry_uuid)   # delivered: the note is done with
             outbox_q.complete_txn(txn, ids)
             return True
         if not await self._end("o365 outbox complete", finish):
