@@ -26,6 +26,13 @@ def put_txn(txn: Txn, entry_uuid: str, secret: str, now: float, expires_at: floa
             "expires_at = excluded.expires_at", (entry_uuid, secret, now, expires_at))
 
 
+def keep_unless_newer_txn(txn: Txn, entry_uuid: str, secret: str, now: float, expires_at: float) -> None:
+    """Keep ``secret`` again (a queued password that never reached Microsoft 365) unless the user
+    has a kept one already, which is newer."""
+    txn.run("INSERT INTO o365_unbound_passwords (entry_uuid, secret, set_at, expires_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (entry_uuid) DO NOTHING", (entry_uuid, secret, now, expires_at))
+
+
 def take_txn(txn: Txn, entry_uuid: str, now: float) -> str | None:
     """The user's kept secret if it has not expired (None otherwise); the row is deleted."""
     cur = txn.run("DELETE FROM o365_unbound_passwords WHERE entry_uuid = ? RETURNING secret, expires_at",

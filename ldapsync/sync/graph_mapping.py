@@ -81,6 +81,10 @@ class Outcome:
     # Created with sign-in blocked although the user has a directory password (only its hash):
     # mail the user to sign in once (self-service), which hands the password to Microsoft 365.
     welcome: bool = False
+    # A queued password that never reached Microsoft 365 (the user was bound and unbound again
+    # before the binding was delivered): kept again like one set while unbound, so binding the
+    # user once more pushes it (``[office365] unbound_password_ttl``).
+    unsent_secret: str | None = None
 
 
 class GraphMapping:
@@ -141,7 +145,8 @@ class GraphMapping:
             # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
             cleared: StatusValues = {"o365SyncState": None, "o365LastError": expiry.entry_error(desired), "o365SyncedAt": None}
             status = None if desired.deleted or not has_entry else cleared
-            return Outcome(status, None, "unbound before it was provisioned: nothing to do")
+            return Outcome(status, None, "unbound before it was provisioned: nothing to do",
+                           unsent_secret=None if desired.deleted else secret)
         try:
             user = await client.get_user(object_id, ("id", "accountEnabled"), expect_not_found=True)
         except NotFound:

@@ -77,6 +77,7 @@ from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
 from ldapsync.store import account_records
 from ldapsync.store import links as links_q
 from ldapsync.store import outbox as outbox_q
+from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
@@ -562,6 +563,10 @@ class OutboxWorker:
                 outbox_q.clear_create_sent_txn(txn, job.entry_uuid)
             if secret is not None:
                 outbox_q.clear_password_sent_txn(txn, job.entry_uuid)   # delivered: the note is done with
+            ttl = self.d.config.office365.unbound_password_ttl
+            if out.unsent_secret is not None and ttl > 0:
+                now = self.clock()
+                kept_q.keep_unless_newer_txn(txn, job.entry_uuid, out.unsent_secret, now, now + ttl)
             outbox_q.complete_txn(txn, ids)
             return True
         if not await self._end("o365 outbox complete", finish):
