@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import secrets
 import time
@@ -100,6 +102,12 @@ def link_in(msg: Any) -> str:
 
 def whoami(srv: Any, dn: str, password: str) -> Any:
     return srv.run("ldapwhoami", bind=dn, password=password)
+
+
+def ssha(password: str) -> str:
+    """An OpenLDAP-style salted SHA-1 hash of ``password`` (what an export from slapd holds)."""
+    salt = secrets.token_bytes(8)
+    return "{SSHA}" + base64.b64encode(hashlib.sha1(password.encode() + salt).digest() + salt).decode()
 
 
 def add_user(srv: Any, uid: str, *, alt: str | None = None, bound: bool = False, password: str | None = None) -> str:

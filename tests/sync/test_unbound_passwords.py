@@ -19,15 +19,12 @@ the last password set), SQLite and PostgreSQL:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import secrets
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, mails_to, unique, wait_for, whoami
+from helpers import PEOPLE, mails_to, ssha, unique, wait_for, whoami
 from sync.test_worker import DOMAIN, PASSWORD, entry, person, tag, wait_active, wait_entry_state, wait_tenant  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.e2e
@@ -110,11 +107,6 @@ def test_kept_password_is_gone_when_the_entry_is_deleted(make_server, fake_tenan
     assert len(kept_rows(srv)) == 2
     srv.run("ldapdelete", f"uid={uid},{PEOPLE}", check=True)
     assert [u for u, _ in kept_rows(srv)] == [keep]
-
-
-def ssha(password: str) -> str:
-    salt = secrets.token_bytes(8)
-    return "{SSHA}" + base64.b64encode(hashlib.sha1(password.encode() + salt).digest() + salt).decode()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

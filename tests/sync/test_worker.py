@@ -9,16 +9,13 @@ works on its own users.  Mail addresses are on the tenant's verified domain cont
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import secrets
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from conftest import _make_server, drop_pg_database, office365_config  # type: ignore[import-not-found]
-from helpers import PEOPLE, SUFFIX, parse_ldif_output, unique, wait_for
+from helpers import PEOPLE, SUFFIX, parse_ldif_output, ssha, unique, wait_for
 
 pytestmark = pytest.mark.e2e
 CONNECTOR = f"cn=office365,ou=directories,{SUFFIX}"
@@ -182,9 +179,7 @@ def test_tag_bind_without_password_then_updates_password_unbind_rebind(srv, tena
     upn = f"{uid}@{DOMAIN}"
     # Only a hash (a cleartext set while unbound would be kept for unbound_password_ttl and pushed
     # at the bind: tests/sync/test_unbound_passwords.py)
-    salt = secrets.token_bytes(8)
-    hashed = "{SSHA}" + base64.b64encode(hashlib.sha1(PASSWORD.encode() + salt).digest() + salt).decode()
-    srv.run("ldapadd", input=person(uid, password=hashed), check=True)   # unbound: nothing queued
+    srv.run("ldapadd", input=person(uid, password=ssha(PASSWORD)), check=True)   # unbound: nothing queued
     assert outbox_payloads(srv, entry(srv, uid)["entryUUID"][0]) == []
     later_change_delivered(srv, tenant)
     assert tenant_user(tenant, upn) is None
