@@ -17,6 +17,7 @@ transaction, ``sync/graph_mapping.py`` and the worker when they pick the passwor
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -60,9 +61,15 @@ def ask_for_new_password_txn(txn: Txn, entry_uuid: str, now: float) -> bool:
 
 def current_secret(rows: Sequence["OutboxRow"]) -> str | None:
     """The newest queued sealed password, unless a later row says the password changed without one."""
+    row = current_secret_row(rows)
+    return row.secret if row is not None else None
+
+
+def current_secret_row(rows: Sequence["OutboxRow"]) -> "OutboxRow | None":
+    """The row of :func:`current_secret`."""
     for r in reversed(rows):
         if r.secret:
-            return r.secret
+            return r
         if r.operation == STALE_PASSWORD:
             return None
     return None
@@ -75,11 +82,27 @@ def purge_kept_passwords_txn(txn: Txn, now: float) -> int:
     return kept_q.purge_txn(txn, now)
 
 
-def pending_kept_txn(txn: Txn, status: StatusValues, entry_uuid: str, last_id: int) -> StatusValues:
+def password_fingerprint(attrs: Attrs | None) -> str | None:
+    """A short digest of the entry's stored ``userPassword`` values (never the values themselves):
+    each queued row carries the one it was planned with (``DesiredUser.password_fp``), so a
+    delivery can tell whether the password it pushed is still the directory's."""
+    values = (attrs or {}).get("userPassword")
+    if not values:
+        return None
+    return hashlib.sha256("\n".join(sorted(values)).encode("utf-8")).hexdigest()[:16]
+
+
+def pending_kept_txn(txn: Txn, status: StatusValues, entry_uuid: str, last_id: int,
+                     current: Attrs | None = None, pushed_fp: str | None = None) -> StatusValues:
     """A delivery's status, without clearing ``o365PasswordPending`` when the user has newer
     queued rows: the planner set the flag for those changes (and cleared it itself when it
-    queued a password), so the entry's value is the newer one."""
+    queued a password), so the entry's value is the newer one.  Unless the password just pushed
+    (``pushed_fp``) is still the entry's (``current`` attributes): then Microsoft 365 has the
+    directory's password, whatever the planner could not know when it planned the newer rows
+    (e.g. a binding planned while the create that carried the password was still in flight)."""
     if "o365PasswordPending" not in status or status["o365PasswordPending"] is not None:
+        return status
+    if pushed_fp is not None and password_fingerprint(current) == pushed_fp:
         return status
     if not any(r.id > last_id for r in outbox_q.load_user_rows_txn(txn, entry_uuid)):
         return status

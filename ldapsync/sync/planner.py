@@ -67,7 +67,13 @@ from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange, first
 from ldapsync.sync import account_records, expiry
-from ldapsync.sync.password_plan import STALE_PASSWORD, ask_for_new_password_txn, fit_for_microsoft365, is_sync_user
+from ldapsync.sync.password_plan import (
+    STALE_PASSWORD,
+    ask_for_new_password_txn,
+    fit_for_microsoft365,
+    is_sync_user,
+    password_fingerprint,
+)
 from ldapsync.sync.status import STATUS_OPERATION
 
 if TYPE_CHECKING:
@@ -104,6 +110,9 @@ class DesiredUser:
     # written before this field existed).  Lets the worker PATCH them without reading the account
     # first: the rows of a user still queued are every change since its last delivery.
     changed: tuple[str, ...] | None = None
+    # password_plan.password_fingerprint of the entry's userPassword when the row was planned (None:
+    # no password, or a row written before this field existed)
+    password_fp: str | None = None
 
     def to_json(self) -> str:
         # (dataclasses.asdict deep-copies every field: it was a third of the outbox's cost per write;
@@ -163,6 +172,7 @@ class OutboxPlanner:
                 "entry_uuid": first(attrs, "entryUUID") or "", "given_name": first(attrs, "givenName"),
                 "has_password": bool(attrs.get("userPassword")), "held": False, "mail": mail,
                 "mail_nickname": first(attrs, "uid"), "object_id": first(attrs, "o365ObjectId"),
+                "password_fp": password_fingerprint(attrs),
                 "reason": reason, "surname": first(attrs, "sn"), "upn": mail}
 
     def desired(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,

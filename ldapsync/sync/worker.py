@@ -83,7 +83,7 @@ from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.planner import DesiredUser
-from ldapsync.sync.password_plan import current_secret, pending_kept_txn, purge_kept_passwords_txn
+from ldapsync.sync.password_plan import current_secret_row, pending_kept_txn, purge_kept_passwords_txn
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -507,7 +507,9 @@ class OutboxWorker:
             return
         ids = [r.id for r in rows]
         desired = DesiredUser.from_json(rows[-1].payload)
-        secret = current_secret(rows)     # the newest queued password, unless a later change made it stale
+        secret_row = current_secret_row(rows)   # the newest queued password, unless a later change made it stale
+        secret = secret_row.secret if secret_row is not None else None
+        pushed_fp = DesiredUser.from_json(secret_row.payload).password_fp if secret_row is not None else None
         attempts = max(r.attempts for r in rows)
         try:
             payloads = [desired] if len(rows) == 1 else [DesiredUser.from_json(r.payload) for r in rows]
@@ -548,7 +550,9 @@ class OutboxWorker:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             if out.status is not None:
-                write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(txn, out.status, job.entry_uuid, last))
+                current = entry_by_uuid_txn(self.d, txn, job.entry_uuid)
+                write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(
+                    txn, out.status, job.entry_uuid, last, current.attrs if current else None, pushed_fp))
             elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
                 account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
             if out.welcome:
