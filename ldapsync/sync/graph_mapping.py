@@ -34,7 +34,7 @@ from ldapsync.store import outbox as outbox_q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
 from ldapsync.sync.planner import DesiredUser
-from ldapsync.sync.password_plan import STALE_PASSWORD
+from ldapsync.sync.password_plan import HASH_ONLY_CHANGE
 from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
@@ -317,7 +317,7 @@ class GraphMapping:
             pending = True                               # a linked account has a password we never set
         elif ours_blocked and patch.get("accountEnabled", user.get("accountEnabled")) is False:
             pending = True                               # still blocked for want of the current password
-        elif desired.reason == STALE_PASSWORD:
+        elif desired.reason == HASH_ONLY_CHANGE:
             pending = True                               # a hash set: the next bind captures the cleartext
         return Outcome(self._synced(oid, pending=pending), oid, what, welcome=welcome)
 

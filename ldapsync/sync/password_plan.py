@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 POLICY_REASON = "password-policy"
 ASK_AGAIN_AFTER = 24 * 3600.0      # at most one such mail a day per user
 # reason of a queued row that says "the password changed, and there is no cleartext to push"
-STALE_PASSWORD = "password-unknown"
+HASH_ONLY_CHANGE = "hash-only"
 
 
 def is_sync_user(attrs: Attrs | None) -> bool:
@@ -70,7 +70,7 @@ def current_secret_row(rows: Sequence["OutboxRow"]) -> "OutboxRow | None":
     for r in reversed(rows):
         if r.secret:
             return r
-        if r.operation == STALE_PASSWORD:
+        if r.operation == HASH_ONLY_CHANGE:
             return None
     return None
 

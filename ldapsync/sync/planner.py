@@ -38,7 +38,7 @@ it blocked meanwhile (``graph_mapping.py``).  A cleartext that fails the passwor
 is never queued (``sync/password_plan.py``): the user is mailed to choose a new one.
 
 Columns of ``o365_outbox``: ``entry_uuid`` (the user, stable across renames),
-``operation`` (why: bind, update, password, password-unknown — changed without a
+``operation`` (why: bind, update, password, hash-only — changed without a
 cleartext —, unbind, delete; drift from the reconciler), ``state``
 (``ready``; ``held`` by the mass-disable guard; ``error`` after a permanent
 Graph error), ``attempts``/``next_attempt_at``/``last_error`` (retry),
@@ -68,7 +68,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange, first
 from ldapsync.sync import account_records, expiry
 from ldapsync.sync.password_plan import (
-    STALE_PASSWORD,
+    HASH_ONLY_CHANGE,
     ask_for_new_password_txn,
     fit_for_microsoft365,
     is_sync_user,
@@ -271,7 +271,7 @@ class OutboxPlanner:
             # a hash set, or a cleartext that failed the policy: Microsoft 365 keeps the password it
             # has; an older queued cleartext is stale now (password_plan.current_secret)
             cs.request_status(ch.dn_norm, {"o365PasswordPending": ["TRUE"]})
-            return self.desired_fields(new, ch.dn, bound=True, reason=STALE_PASSWORD), None
+            return self.desired_fields(new, ch.dn, bound=True, reason=HASH_ONLY_CHANGE), None
         old = old or {}
         changed = [a for a in RELEVANT if old.get(a) != new.get(a)]
         if not changed and ch.kind != "rename":
