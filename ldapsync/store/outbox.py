@@ -316,17 +316,16 @@ def _password_key(entry_uuid: str) -> str:
     return f"o365.password_sent.{entry_uuid}"
 
 
-def password_sent_txn(txn: Txn, entry_uuid: str) -> str | None:
-    """The note of the password last sent for the user (a digest of its sealed value), or None."""
-    from ldapsync.store.entries import get_meta_txn
+def note_password_sent_txn(txn: Txn, entry_uuid: str, note: str) -> bool:
+    """Note that the password ``note`` (a digest of its sealed value) is being sent for the user;
+    True when that same password was noted before (an earlier try of it went out)."""
+    from ldapsync.store.entries import get_meta_txn, set_meta_txn
 
-    return get_meta_txn(txn, _password_key(entry_uuid))
-
-
-def mark_password_sent_txn(txn: Txn, entry_uuid: str, note: str) -> None:
-    from ldapsync.store.entries import set_meta_txn
-
-    set_meta_txn(txn, _password_key(entry_uuid), note)
+    key = _password_key(entry_uuid)
+    if get_meta_txn(txn, key) == note:
+        return True
+    set_meta_txn(txn, key, note)
+    return False
 
 
 def clear_password_sent_txn(txn: Txn, entry_uuid: str) -> None:

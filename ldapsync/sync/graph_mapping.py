@@ -192,10 +192,7 @@ class GraphMapping:
             return
         note = hashlib.sha256(secret.encode("ascii")).hexdigest()[:32]
         uuid = desired.entry_uuid
-        sent_before = await self.db.run_interaction("o365 password sent?", outbox_q.password_sent_txn, uuid,
-                                                    write=False) == note
-        if not sent_before:
-            await self.db.run_interaction("o365 password sent", outbox_q.mark_password_sent_txn, uuid, note)
+        sent_before = await self.db.run_interaction("o365 password sent", outbox_q.note_password_sent_txn, uuid, note)
         try:
             await client.update_user(oid, patch)
         except BadRequest as e:

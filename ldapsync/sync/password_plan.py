@@ -18,7 +18,7 @@ transaction, ``sync/graph_mapping.py`` and the worker when they pick the passwor
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ldapsync.directory import policy as pp
@@ -93,16 +93,17 @@ def password_fingerprint(attrs: Attrs | None) -> str | None:
 
 
 def pending_kept_txn(txn: Txn, status: StatusValues, entry_uuid: str, last_id: int,
-                     current: Attrs | None = None, pushed_fp: str | None = None) -> StatusValues:
+                     current: Callable[[], Attrs | None] = lambda: None,
+                     pushed_fp: str | None = None) -> StatusValues:
     """A delivery's status, without clearing ``o365PasswordPending`` when the user has newer
     queued rows: the planner set the flag for those changes (and cleared it itself when it
     queued a password), so the entry's value is the newer one.  Unless the password just pushed
-    (``pushed_fp``) is still the entry's (``current`` attributes): then Microsoft 365 has the
+    (``pushed_fp``) is still the entry's (``current()`` reads its attributes, only then): Microsoft 365 has the
     directory's password, whatever the planner could not know when it planned the newer rows
     (e.g. a binding planned while the create that carried the password was still in flight)."""
     if "o365PasswordPending" not in status or status["o365PasswordPending"] is not None:
         return status
-    if pushed_fp is not None and password_fingerprint(current) == pushed_fp:
+    if pushed_fp is not None and password_fingerprint(current()) == pushed_fp:
         return status
     if not any(r.id > last_id for r in outbox_q.load_user_rows_txn(txn, entry_uuid)):
         return status

@@ -79,7 +79,7 @@ from ldapsync.store import links as links_q
 from ldapsync.store import outbox as outbox_q
 from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import StoredEntry
+from ldapsync.store.entries import Attrs, StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.planner import DesiredUser
@@ -550,9 +550,12 @@ class OutboxWorker:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
             if out.status is not None:
-                current = entry_by_uuid_txn(self.d, txn, job.entry_uuid)
+                def current() -> Attrs | None:      # read only when a pushed password is in question
+                    e = entry_by_uuid_txn(self.d, txn, job.entry_uuid)
+                    return e.attrs if e is not None else None
+
                 write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(
-                    txn, out.status, job.entry_uuid, last, current.attrs if current else None, pushed_fp))
+                    txn, out.status, job.entry_uuid, last, current, pushed_fp))
             elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
                 account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
             if out.welcome:
