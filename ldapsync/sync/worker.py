@@ -509,7 +509,8 @@ class OutboxWorker:
         desired = DesiredUser.from_json(rows[-1].payload)
         secret_row = current_secret_row(rows)   # the newest queued password, unless a later change made it stale
         secret = secret_row.secret if secret_row is not None else None
-        pushed_fp = DesiredUser.from_json(secret_row.payload).password_fp if secret_row is not None else None
+        pushed_fp = None if secret_row is None else (
+            desired if secret_row is rows[-1] else DesiredUser.from_json(secret_row.payload)).password_fp
         attempts = max(r.attempts for r in rows)
         try:
             payloads = [desired] if len(rows) == 1 else [DesiredUser.from_json(r.payload) for r in rows]
