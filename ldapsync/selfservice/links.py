@@ -47,7 +47,7 @@ from ldapsync.store import entries as store
 from ldapsync.store import links as links_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, StoredEntry, first
-from ldapsync.sync.password_plan import POLICY_REASON
+from ldapsync.sync.password_plan import POLICY_REASON, REFUSED_REASON
 from ldapsync.sync.status import entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -343,6 +343,14 @@ class LinkService:
             text = (f"Hello {name},\n\n"
                     f"The password of your account {uid} does not meet the password rules, so it cannot be "
                     "used for Microsoft 365. Your account stays as it is until you choose a new one.\n\n"
+                    "To choose a new password, open this link:\n\n"
+                    f"{base}/reset?token={token}\n\n"
+                    f"The link works once, until {human_time(expires_at)}. {help_line}\n")
+        elif reason == REFUSED_REASON:      # Microsoft 365 refused it (its banned-password list)
+            subject = "Please choose a new password"
+            text = (f"Hello {name},\n\n"
+                    f"Microsoft 365 refused the password of your account {uid}: it is on Microsoft's list of "
+                    "passwords too easy to guess. Your account stays as it is until you choose a new one.\n\n"
                     "To choose a new password, open this link:\n\n"
                     f"{base}/reset?token={token}\n\n"
                     f"The link works once, until {human_time(expires_at)}. {help_line}\n")

@@ -73,6 +73,15 @@ class PermanentError(Exception):
     """Retrying the same request will not help; shown on the entry as ``o365LastError``."""
 
 
+class PasswordRefused(Exception):
+    """Microsoft 365 refused the password itself the first time it was sent (its banned-password
+    list, stricter than any local rule): :meth:`GraphMapping.apply` delivers the rest without it."""
+
+
+def _refuses_password(e: BadRequest) -> bool:
+    return "password" in (e.message or str(e)).lower()
+
+
 @dataclass
 class Outcome:
     status: StatusValues | None    # None: no entry to write to (deleted)
@@ -85,6 +94,9 @@ class Outcome:
     # before the binding was delivered): kept again like one set while unbound, so binding the
     # user once more pushes it (``[office365] unbound_password_ttl``).
     unsent_secret: str | None = None
+    # Microsoft 365 refused the directory's password (its banned-password list): the user is
+    # mailed to choose a new one; nothing is left in error for it.
+    password_refused: bool = False
 
 
 class GraphMapping:
@@ -100,6 +112,27 @@ class GraphMapping:
 
     async def apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
                     rebind: bool = False, changed: tuple[str, ...] | None = None) -> Outcome:
+        """Make the account what ``desired`` says, pushing the queued password ``secret`` if any.
+
+        When Microsoft 365 refuses that password itself (its banned-password list: a password
+        our policy accepted, e.g. ``P@ssw0rd1!``), the rest is delivered without it, as for a
+        password Microsoft 365 does not have: an account we blocked stays blocked with
+        ``o365PasswordPending``, one created now is created blocked, an enabled one keeps the
+        password it had; the caller mails the user to choose a new one."""
+        try:
+            return await self._apply(desired, secret, entry, rebind=rebind, changed=changed)
+        except PasswordRefused:
+            log.info("Microsoft 365: {upn}: the password was refused by Microsoft 365 (its banned-password "
+                     "list?); the rest is delivered without it and the user is asked to choose another",
+                     upn=desired.upn or desired.dn)
+        out = await self._apply(desired, None, entry, rebind=rebind, changed=None, refused=True)
+        out.welcome = False               # signing in once would hand over the same refused password
+        out.unsent_secret = None
+        out.password_refused = True
+        return out
+
+    async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
+                     rebind: bool, changed: tuple[str, ...] | None, refused: bool = False) -> Outcome:
         attrs = entry.attrs if entry is not None else {}
         object_id = next(iter(attrs.get("o365ObjectId") or ()), None) or desired.object_id
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
@@ -107,7 +140,7 @@ class GraphMapping:
             prev_state = SyncState.disabled.value   # bound again after an unbind we delivered
         # Microsoft 365 may hold a password other than the directory's current one (set by the
         # planner, cleared when the current one is pushed or captured)
-        pw_pending = attrs.get("o365PasswordPending") == ["TRUE"]
+        pw_pending = refused or attrs.get("o365PasswordPending") == ["TRUE"]
         if not desired.bound:
             return await self._unbind(desired, secret, object_id, has_entry=entry is not None)
         if (changed is not None and object_id and not secret and not rebind and desired.upn
@@ -198,6 +231,8 @@ class GraphMapping:
         except BadRequest as e:
             if not (sent_before or e.repeated):
                 await self.db.run_interaction("o365 password refused", outbox_q.clear_password_sent_txn, uuid)
+                if _refuses_password(e):
+                    raise PasswordRefused() from None
                 raise
             rest = {k: v for k, v in patch.items() if k != "passwordProfile"}
             if rest:
@@ -253,6 +288,10 @@ class GraphMapping:
                 await self.db.run_interaction("o365 create sent", outbox_q.mark_create_sent_txn, desired.entry_uuid)
                 try:
                     created = await client.create_user(self._create_body(desired, password))
+                except BadRequest as e:
+                    if password is not None and _refuses_password(e):
+                        raise PasswordRefused() from None
+                    raise
                 except ObjectConflict:
                     user = await client.find_user_by_upn(desired.upn, USER_SELECT)
                     if user is None:

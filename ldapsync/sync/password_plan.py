@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 # requested_by of the reset link mailed when the directory's password cannot go to Microsoft 365
 # (selfservice/links.py words that mail for it)
 POLICY_REASON = "password-policy"
+# the reason of such a mail when Microsoft 365 itself refused the password (its banned-password list)
+REFUSED_REASON = "password-refused"
 ASK_AGAIN_AFTER = 24 * 3600.0      # at most one such mail a day per user
 # reason of a queued row that says "the password changed, and there is no cleartext to push"
 HASH_ONLY_CHANGE = "hash-only"
@@ -51,11 +53,11 @@ def fit_for_microsoft365(directory: "Directory", password: str) -> bool:
     return pp.check_quality(directory.policy, password) is None and check_complexity(password) is None
 
 
-def ask_for_new_password_txn(txn: Txn, entry_uuid: str, now: float) -> bool:
+def ask_for_new_password_txn(txn: Txn, entry_uuid: str, now: float, reason: str = POLICY_REASON) -> bool:
     """Mail the user a link to choose a new password (none if one went out in the last day)."""
     if not entry_uuid or links_q.recent_count_txn(txn, entry_uuid, links_q.RESET, now - ASK_AGAIN_AFTER):
         return False
-    links_q.queue_txn(txn, entry_uuid, links_q.RESET, now, POLICY_REASON)
+    links_q.queue_txn(txn, entry_uuid, links_q.RESET, now, reason)
     return True
 
 

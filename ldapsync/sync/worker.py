@@ -83,7 +83,8 @@ from ldapsync.store.entries import Attrs, StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.planner import DesiredUser
-from ldapsync.sync.password_plan import current_secret_row, pending_kept_txn, purge_kept_passwords_txn
+from ldapsync.sync.password_plan import (REFUSED_REASON, ask_for_new_password_txn, current_secret_row, pending_kept_txn,
+                                          purge_kept_passwords_txn)
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -559,6 +560,8 @@ class OutboxWorker:
                     txn, out.status, job.entry_uuid, last, current, pushed_fp))
             elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
                 account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
+            if out.password_refused:
+                ask_for_new_password_txn(txn, job.entry_uuid, time.time(), REFUSED_REASON)
             if out.welcome:
                 links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
             if out.object_id and out.object_id != desired.object_id:

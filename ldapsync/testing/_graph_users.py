@@ -114,6 +114,37 @@ def password_problem(password: Any, *, strong: bool = True) -> bool:
     return strong and sum(classes) < 3
 
 
+# Microsoft Entra Password Protection: a global list of banned terms (Microsoft's is secret and
+# much longer; these are its documented kind) plus the tenant's own (``FakeTenant.banned_terms``).
+# A password is lower-cased, common substitutions are undone, each banned term found counts one
+# point and every other character one point; under five points it is refused, with the same
+# message as the complexity rule.  It applies whatever ``passwordPolicies`` says.
+GLOBAL_BANNED_TERMS = ("password", "passw0rd", "welcome", "letmein", "qwerty", "azerty", "abc123",
+                       "iloveyou", "monkey", "dragon", "sunshine", "football", "admin", "microsoft",
+                       "office365")
+_LEET = str.maketrans({"0": "o", "1": "l", "!": "i", "@": "a", "$": "s", "3": "e", "5": "s", "7": "t", "|": "l"})
+
+
+def banned_score(password: str, terms: tuple[str, ...] | list[str] | set[str]) -> int:
+    """Entra's password-protection score: banned terms found count 1 each, other characters 1 each."""
+    text = password.lower().translate(_LEET)
+    found = 0
+    for term in sorted({t.lower().translate(_LEET) for t in terms if len(t) >= 4}, key=len, reverse=True):
+        while term in text:
+            text = text.replace(term, "\0", 1)
+            found += 1
+    return found + len(text.replace("\0", ""))
+
+
+def password_banned(password: Any, tenant_terms: tuple[str, ...] | list[str] | set[str] = ()) -> bool:
+    if not isinstance(password, str):
+        return False
+    terms = [*GLOBAL_BANNED_TERMS, *tenant_terms]
+    if not any(t.lower().translate(_LEET) in password.lower().translate(_LEET) for t in terms if len(t) >= 4):
+        return False
+    return banned_score(password, terms) < 5
+
+
 def parse_select(value: str | None, always: tuple[str, ...] = ()) -> list[str] | None:
     if not value:
         return None
@@ -246,7 +277,8 @@ def _check_values(t: FakeTenant, changes: dict[str, Any], user_id: str | None,
         if "password" in profile:
             policies = changes.get("passwordPolicies", current.get("passwordPolicies")) or ""
             strong = "DisableStrongPassword" not in policies
-            if password_problem(profile["password"], strong=strong):
+            if (password_problem(profile["password"], strong=strong)
+                    or password_banned(profile["password"], t.banned_terms)):
                 raise GraphError(400, "Request_BadRequest", PASSWORD_MESSAGE)
             if (user_id is not None and t.password_history
                     and t.passwords.get(user_id) == profile["password"]):

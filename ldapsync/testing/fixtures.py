@@ -92,7 +92,7 @@ class GraphCaller:
         return GraphResult(resp.code, headers_out, body)
 
 
-def new_user_body(upn: str = "new.user@contoso.com", password: str = "Passw0rd!1",
+def new_user_body(upn: str = "new.user@contoso.com", password: str = "Tr0ub4dor&3x",
                   **extra: Any) -> dict[str, Any]:
     """A valid ``POST /users`` body (override or add properties with keywords)."""
     body: dict[str, Any] = {

@@ -107,6 +107,7 @@ class FakeTenant(DirectoryMixin, AppsMixin, FaultsMixin, ServingMixin):
         # behaviour knobs
         self.replication_delay = 0.0
         self.password_history = True
+        self.banned_terms: list[str] = []    # the tenant's own banned passwords (Password Protection)
         self.token_lifetime = 3600
         self.device_interval = 5
         self.device_code_lifetime = 900

@@ -86,7 +86,7 @@ def app_client(fake_tenant: Any, fake_app: dict[str, Any], tmp_path: Path, clien
     return clients.make(fake_tenant, secret_provider(fake_tenant, fake_app, tmp_path))
 
 
-def new_user(upn: str, password: str = "Passw0rd!1") -> dict[str, Any]:
+def new_user(upn: str, password: str = "Tr0ub4dor&3x") -> dict[str, Any]:
     return {"accountEnabled": True, "displayName": upn.split("@")[0], "mailNickname": upn.split("@")[0],
             "userPrincipalName": upn, "passwordPolicies": "DisablePasswordExpiration",
             "passwordProfile": {"password": password, "forceChangePasswordNextSignIn": False}}
@@ -248,7 +248,7 @@ async def test_create_get_patch_user_and_conflict(fake_tenant: Any, app_client: 
         await app_client.create_user(new_user("weak@contoso.com", password="short"))
     assert "short" not in str(ei2.value)
     # passwords never reach the request record in clear
-    assert "Passw0rd!1" not in repr(fake_tenant.requests())
+    assert "Tr0ub4dor&3x" not in repr(fake_tenant.requests())
 
 
 @pytest_twisted.ensureDeferred

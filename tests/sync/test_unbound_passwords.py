@@ -191,3 +191,67 @@ def test_password_changed_while_a_delivery_is_in_flight_keeps_the_account_blocke
     assert whoami(srv, dn, "Third-Pass-word-2!").returncode == 0
     wait_tenant(fake_tenant, upn, lambda u: u["accountEnabled"] is True, timeout=30)
     assert fake_tenant.admin.password_of(key=upn) == "Third-Pass-word-2!"
+
+
+BANNED = "P@ssw0rd1!"        # our policy accepts it (10 characters, 4 classes); Entra's banned list does not
+
+
+def refused_mail(sink: Any, upn: str) -> Any:
+    return wait_for("the mail asking for another password", lambda: next(
+        (m for m in mails_to(sink, upn) if m.message["Subject"] == "Please choose a new password"
+         and "too easy to guess" in m.body()), None), 30)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_password_refused_by_microsoft365_leaves_nothing_in_error(make_server, fake_tenant, smtp_sink, backend):
+    """Microsoft 365 refuses a password our policy accepted (Entra's banned-password list): the
+    rest is delivered without it, the entry is not put in error, the user is mailed to choose
+    another (not "sign in once", which would hand over the same password), and the queue goes on.
+
+    - a new user created with it: created blocked, o365PasswordPending: TRUE;
+    - a bound, enabled user changing to it: the account keeps its state and its old password;
+    - a user we blocked (unbound), re-bound with it: stays blocked, pending; a good password then
+      set is pushed and the account enabled."""
+    srv = make_server(backend, office365_config(fake_tenant.info) + f'[mail]\nsmtp = "{smtp_sink.endpoint}"\n')
+    wait_active(srv)
+    new, changed, rebound = unique("ban"), unique("chg"), unique("reb")
+    srv.run("ldapadd", input=person(new, password=BANNED, bound=True)
+            + person(changed, password=PASSWORD, bound=True) + person(rebound, password=PASSWORD, bound=True),
+            check=True)
+    # 1. created with a refused password
+    user = wait_tenant(fake_tenant, f"{new}@{DOMAIN}", timeout=30)
+    e = wait_entry_state(srv, new, "synced", timeout=30)
+    assert user["accountEnabled"] is False
+    assert e.get("o365PasswordPending") == ["TRUE"] and "o365LastError" not in e
+    assert fake_tenant.admin.password_of(key=f"{new}@{DOMAIN}") != BANNED
+    mail = refused_mail(smtp_sink, f"{new}@{DOMAIN}")
+    assert "/reset?token=" in mail.body() and BANNED not in mail.body()
+    assert not [m for m in mails_to(smtp_sink, f"{new}@{DOMAIN}") if "ready" in m.message["Subject"]]
+    # 2. a bound, enabled user changes to it
+    wait_entry_state(srv, changed, "synced", timeout=30)
+    dn = f"uid={changed},{PEOPLE}"
+    assert srv.run("ldappasswd", "-s", BANNED, dn).returncode == 0
+    srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nreplace: sn\nsn: Later\n", check=True)
+    wait_tenant(fake_tenant, f"{changed}@{DOMAIN}", lambda u: u.get("surname") == "Later", timeout=30)
+    e = wait_entry_state(srv, changed, "synced", timeout=30)
+    assert "o365LastError" not in e
+    assert fake_tenant.admin.get_user(key=f"{changed}@{DOMAIN}")["accountEnabled"] is True
+    assert fake_tenant.admin.password_of(key=f"{changed}@{DOMAIN}") == PASSWORD
+    refused_mail(smtp_sink, f"{changed}@{DOMAIN}")
+    # 3. blocked by us, re-bound with it
+    wait_entry_state(srv, rebound, "synced", timeout=30)
+    dn = f"uid={rebound},{PEOPLE}"
+    srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\ndelete: ldapsyncDirectory\n", check=True)
+    wait_entry_state(srv, rebound, "disabled", timeout=30)
+    assert srv.run("ldappasswd", "-s", BANNED, dn).returncode == 0       # kept while unbound
+    srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nadd: ldapsyncDirectory\nldapsyncDirectory: office365\n",
+            check=True)
+    e = wait_entry_state(srv, rebound, "synced", timeout=30)
+    assert e.get("o365PasswordPending") == ["TRUE"] and "o365LastError" not in e
+    assert fake_tenant.admin.get_user(key=f"{rebound}@{DOMAIN}")["accountEnabled"] is False
+    refused_mail(smtp_sink, f"{rebound}@{DOMAIN}")
+    good = "Another-Go0d-one!"
+    assert srv.run("ldappasswd", "-s", good, dn).returncode == 0
+    wait_tenant(fake_tenant, f"{rebound}@{DOMAIN}", lambda u: u["accountEnabled"] is True, timeout=30)
+    assert fake_tenant.admin.password_of(key=f"{rebound}@{DOMAIN}") == good
+    assert BANNED not in srv.log.read_text()

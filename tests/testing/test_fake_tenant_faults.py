@@ -177,7 +177,7 @@ def test_subprocess_tenant_with_msal_and_admin_client(tmp_path):
         assert len(users) == 5
         created = session.post(f"{info['graph_url']}/users", headers=auth, json=new_user())
         assert created.status_code == 201
-        assert fake.admin.password_of(key="new.user@contoso.com") == "Passw0rd!1"
+        assert fake.admin.password_of(key="new.user@contoso.com") == "Tr0ub4dor&3x"
         recs = fake.admin.requests(method="POST")
         assert recs[-1]["body"]["passwordProfile"]["password"] == "***REDACTED***"
         # trust: the fake's CA only, not the environment's bundle

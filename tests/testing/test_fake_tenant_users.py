@@ -20,7 +20,7 @@ async def test_create_read_patch_delete(fake_tenant, graph):
     user_id = res.body["id"]
     assert res.body["userPrincipalName"] == "new.user@contoso.com"
     assert "accountEnabled" not in res.body and "passwordProfile" not in res.body
-    assert fake_tenant.password_of("NEW.USER@contoso.com") == "Passw0rd!1"
+    assert fake_tenant.password_of("NEW.USER@contoso.com") == "Tr0ub4dor&3x"
     rec = fake_tenant.requests(method="POST", path="/v1.0/users$")[-1]
     assert rec["body"]["passwordProfile"]["password"] == "***REDACTED***" and rec["status"] == 201
     assert rec["body"]["passwordProfile"]["forceChangePasswordNextSignIn"] is False
@@ -128,6 +128,31 @@ async def test_password_complexity_rejected(graph, password):
 @d
 async def test_password_complexity_accepted(graph, password):
     assert (await graph("POST", "/users", json_body=new_user(password=password))).status == 201
+
+
+@pytest.mark.parametrize("password", ["P@ssw0rd1!", "Welcome1!", "Qwerty12!", "Passw0rd!1"])
+@d
+async def test_banned_password_rejected_even_when_complex(graph, password):
+    # Entra Password Protection: a banned term plus fewer than four other characters is refused,
+    # with the complexity message, whatever passwordPolicies says
+    for policies in (None, "DisableStrongPassword"):
+        body = new_user(password=password, **({"passwordPolicies": policies} if policies else {}))
+        res = await graph("POST", "/users", json_body=body)
+        assert res.status == 400 and res.body["error"]["message"] == PASSWORD_MESSAGE, (password, policies)
+
+
+@pytest.mark.parametrize("password", ["Password123!", "Welcome-to-2026", "Tr0ub4dor&3x"])
+@d
+async def test_banned_term_with_enough_else_accepted(graph, password):
+    assert (await graph("POST", "/users", json_body=new_user(password=password))).status == 201
+
+
+@d
+async def test_tenant_banned_terms(fake_tenant, graph):
+    assert (await graph("POST", "/users", json_body=new_user(upn="a@contoso.com", password="Contoso1!"))).status == 201
+    fake_tenant.banned_terms.append("contoso")
+    res = await graph("POST", "/users", json_body=new_user(upn="b@contoso.com", password="C0nt0so1!"))
+    assert res.status == 400 and res.body["error"]["message"] == PASSWORD_MESSAGE
 
 
 @d
