@@ -18,6 +18,8 @@ from ldapsync.directory.hooks import Origin
 from ldapsync.directory.facade import Actor
 from ldapsync.graph.errors import GraphError
 from ldapsync.selfservice.mailer import Mailer
+from ldapsync.store import account_records as records_q
+from ldapsync.store.entries import get_meta_txn
 from ldapsync.store.outbox import queue_counts_txn, release_held_txn, retry_errors_txn
 from ldapsync.sync.connector import (
     DIRECTORY_VALUE,
@@ -30,6 +32,7 @@ from ldapsync.sync.connector import (
     unbind_everyone_txn,
     write_status_txn,
 )
+from ldapsync.sync.full_reconcile import META_FULL_AT
 from ldapsync.sync.importer import Reporter, run_import
 from ldapsync.sync.planner import OutboxPlanner
 from ldapsync.sync.reconciler import Reconciler
@@ -116,9 +119,10 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
         return 0
 
     def read(d, txn):  # type: ignore[no-untyped-def]
-        return read_status_txn(d, txn), bound_users_txn(d, txn), queue_counts_txn(txn)
+        return (read_status_txn(d, txn), bound_users_txn(d, txn), queue_counts_txn(txn),
+                records_q.count_txn(txn), get_meta_txn(txn, META_FULL_AT))
 
-    st, users, queue = in_transaction(config, "status", read, write=False)
+    st, users, queue, records, full_at = in_transaction(config, "status", read, write=False)
     if not st:
         print("Microsoft 365 connector: enabled, but the server has not started it yet (no connector entry)")
         return 1
@@ -130,10 +134,19 @@ def cmd_o365_status(config: Config, args: argparse.Namespace) -> int:
     for k, label in labels.items():
         if k in st:
             print(f"{label}: {', '.join(show_time(v) if k in times else v for v in st[k])}")
+    try:
+        full_shown = show_time(float(full_at)) if full_at else "never"
+    except ValueError:
+        full_shown = "never"
+    every = config.office365.full_reconcile_interval
+    print(f"last full comparison: {full_shown} ({f'every {every:.0f}s' if every else 'not on a timer'}; "
+          "`ldapsync o365 reconcile --full` runs one now)")
     counts = user_counts(users)
     print(f"bound users: {counts['bound']} ({counts['synced']} synced, {counts['pending']} pending, "
           f"{counts['error']} in error, {counts['disabled']} disabled)")
     print(f"users with a change held by the mass-disable guard: {counts['held']}")
+    print(f"accounts kept blocked for users no longer bound: {records.get(records_q.UNBOUND, 0)} unbound, "
+          f"{records.get(records_q.DELETED, 0)} deleted from the directory")
     print(f"queued changes: {queue.get('ready', 0)} ready, {queue.get('held', 0)} held "
           f"(`ldapsync o365 release`), {queue.get('error', 0)} stopped by an error (`ldapsync o365 reconcile --retry-errors`)")
     if counts["error"]:

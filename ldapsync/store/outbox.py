@@ -92,8 +92,15 @@ def queue_rows_txn(txn: Txn, rows: Sequence[QueuedRow]) -> None:
 
 
 def has_ready_row_txn(txn: Txn, entry_uuid: str) -> bool:
-    """Whether the user has a change queued and ready (the reconciler leaves it to the worker)."""
-    return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND state = 'ready' LIMIT 1", (entry_uuid,)))
+    """Whether the user has a change queued, ready and not yet taken by a worker (the reconciler
+    leaves the drift it found to that delivery, which will read the account afresh).
+
+    A delivery in flight (its head row leased) may have read the account before the drift the
+    reconciler saw: it does not count, or a portal edit made between its read and its write
+    would be left for the next full pass (the delta link has moved past it)."""
+    return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND state = 'ready' AND NOT EXISTS"
+                         " (SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND lease_owner IS NOT NULL) LIMIT 1",
+                         (entry_uuid, entry_uuid)))
 
 
 def _in(n: int) -> str:

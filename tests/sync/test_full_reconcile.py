@@ -123,6 +123,9 @@ def test_full_reconcile_runs_every_interval(make_server, fake_tenant, backend):
     wait_for("connector active", lambda: "active" in srv.cli("o365", "status").stdout.decode(), timeout=30)
     s = setup_users(srv, fake_tenant)
     all_put_back(fake_tenant, s)
+    status = srv.cli("o365", "status").stdout.decode()
+    assert "last full comparison: 20" in status and "(every 2s;" in status, status
+    assert "accounts kept blocked for users no longer bound: 1 unbound, 1 deleted from the directory" in status, status
     # and again later: the next pass (another interval on) finds and fixes a new edit
     fake_tenant.admin.portal_edit(key=s["upns"]["gone"], accountEnabled=True)
     wait_tenant(fake_tenant, s["upns"]["gone"], lambda u: u["accountEnabled"] is False, timeout=60)

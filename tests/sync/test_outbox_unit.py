@@ -250,3 +250,20 @@ def test_the_planners_bound_rule_is_the_directorys(d):
     for attrs in cases:
         assert planner.is_bound(attrs) == binding.is_bound(d, attrs), attrs
     assert [binding.is_bound(d, a) for a in cases] == [False, False, True, True, False, True, True, False, False]
+
+
+def test_a_delivery_in_flight_does_not_cover_drift_found_after_it_read_the_account(d):
+    """The reconciler leaves drift to a queued row only while no worker has taken it: a delivery
+    in flight may have read the account before the portal edit the reconciler sees (seed 59: a
+    deleted user's account enabled in the portal while its blocking delivery was finishing stayed
+    enabled, the delta link having moved past the edit)."""
+    from ldapsync.store import outbox as outbox_q
+
+    add_user(d, "cy", bound=True, password="Secret-Pass-1")
+    uuid = entry(d, "cy")["entryUUID"][0]
+    assert d.db.run_sync("r", outbox_q.has_ready_row_txn, uuid, write=False)          # queued, not taken
+    claimed = d.db.run_sync("claim", outbox_q.claim_users_txn, "node-a", 1e12, 60.0, 10)
+    assert claimed == [uuid]
+    assert not d.db.run_sync("r", outbox_q.has_ready_row_txn, uuid, write=False)      # in flight: queue the drift
+    d.db.run_sync("release", outbox_q.release_leases_txn, "node-a", [uuid])
+    assert d.db.run_sync("r", outbox_q.has_ready_row_txn, uuid, write=False)
