@@ -91,16 +91,20 @@ def queue_rows_txn(txn: Txn, rows: Sequence[QueuedRow]) -> None:
                      "attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [(*r, 0, 0.0) for r in rows])
 
 
-def has_ready_row_txn(txn: Txn, entry_uuid: str) -> bool:
-    """Whether the user has a change queued, ready and not yet taken by a worker (the reconciler
-    leaves the drift it found to that delivery, which will read the account afresh).
+def queue_covers_txn(txn: Txn, entry_uuid: str) -> bool:
+    """Whether the user's queued rows already answer for drift the reconciler (or the expiry
+    sweep) found, so it queues nothing: a ready row no worker has taken yet (that delivery will
+    read the account afresh), or a row held for an admin by the mass-disable guard (an admin
+    decides with ``ldapsync o365 release``: a drift row would be delivered with the held one and
+    bypass the guard).
 
     A delivery in flight (its head row leased) may have read the account before the drift the
     reconciler saw: it does not count, or a portal edit made between its read and its write
     would be left for the next full pass (the delta link has moved past it)."""
-    return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND state = 'ready' AND NOT EXISTS"
-                         " (SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND lease_owner IS NOT NULL) LIMIT 1",
-                         (entry_uuid, entry_uuid)))
+    return bool(txn.rows(
+        f"SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND (state = '{HELD}' OR (state = 'ready' AND NOT EXISTS"
+        " (SELECT 1 FROM o365_outbox WHERE entry_uuid = ? AND lease_owner IS NOT NULL))) LIMIT 1",
+        (entry_uuid, entry_uuid)))
 
 
 def _in(n: int) -> str:

@@ -141,7 +141,7 @@ class ExpirySweep:
             if not desired.bound:
                 status["o365LastError"] = [EXPIRED_ERROR]
                 report.blocked.append(str(st.dn))
-            elif outbox_store.has_ready_row_txn(txn, desired.entry_uuid):
+            elif outbox_store.queue_covers_txn(txn, desired.entry_uuid):
                 continue                          # a queued row (the new password's) will enable it
             else:
                 report.unblocked.append(str(st.dn))

@@ -38,7 +38,7 @@ from ldapsync.store import account_records as records
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
-from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
+from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import NO_EXPIRY
 from ldapsync.sync.planner import DesiredUser
@@ -127,7 +127,7 @@ class FullComparison:
 
     def _queue_txn(self, txn: Txn, rows: list[tuple[QueuedRow, str]], report: ReconcileReport) -> None:
         """Queue the drift rows (row, what to report) of users with no ready row meanwhile."""
-        todo = [(r, what) for r, what in rows if not has_ready_row_txn(txn, r.entry_uuid)]
+        todo = [(r, what) for r, what in rows if not queue_covers_txn(txn, r.entry_uuid)]
         if todo:
             queue_rows_txn(txn, [r for r, _ in todo])
             notify_txn(txn)

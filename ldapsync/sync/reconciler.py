@@ -40,7 +40,7 @@ from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store import account_records as records
-from ldapsync.store.outbox import QueuedRow, has_ready_row_txn, notify_txn, queue_rows_txn
+from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import DRIFT_BLOCK
 from ldapsync.sync.planner import DesiredUser, OutboxPlanner
@@ -253,7 +253,7 @@ class Reconciler:
                 if rec is None or rec.state != records.DELETED:
                     continue           # not linked to the directory: not ours to correct
                 desired = record_desired(self.planner, rec, "drift")     # its entry was deleted
-                if drift(desired, item) and not has_ready_row_txn(txn, desired.entry_uuid):
+                if drift(desired, item) and not queue_covers_txn(txn, desired.entry_uuid):
                     rows.append(QueuedRow(desired.entry_uuid, now, "drift", desired.to_json()))
                     report.drifted.append(f"{rec.dn} (deleted; {rec.upn})")
                 continue
@@ -271,7 +271,7 @@ class Reconciler:
             desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
             diffs = drift(desired, item, e.attrs, ours=rec is not None)
             if diffs:
-                if has_ready_row_txn(txn, desired.entry_uuid):
+                if queue_covers_txn(txn, desired.entry_uuid):
                     continue           # already queued: the worker will converge it
                 rows.append(QueuedRow(desired.entry_uuid, now, "drift", drift_payload(desired, item, diffs)))
                 report.drifted.append(e.dn)

@@ -1,3 +1,4 @@
+# ruff: noqa: F811
 """The per-DN gate around password checks (ldapsync/directory/binds.py) through Directory.authenticate,
 on real SQLite and PostgreSQL: racing wrong passwords are verified at most lockout_failures times.
 
@@ -14,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from directory.test_policy import T0, add_user, attrs_of, d  # noqa: F401 - d is the fixture
+from directory.test_policy import T0, add_user, attrs_of, d  # noqa: F401 - d is the fixture (parameters named d use it: F811 is off for this file)
 from ldapsync.clock import FixedClock
 from ldapsync.directory.facade import Directory
 

@@ -20,7 +20,6 @@ import os
 import random
 import socket
 import time
-from pathlib import Path
 
 import pytest
 from helpers import ADMIN_DN, GROUPS, PEOPLE, SUFFIX, unique, wait_for

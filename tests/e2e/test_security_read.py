@@ -172,7 +172,7 @@ def _rule_cases(p: People) -> list[tuple[str, str]]:
         (f"(&(uid={p.bob_uid})(uid<=zzzz))", PEOPLE),
         (f"(&(uid={p.bob_uid})(!(uid>=a)))", PEOPLE),
         (f"(&(objectClass=groupOfNames)(member=*{p.bob_uid}*))", GROUPS),
-        (f"(&(objectClass=groupOfNames)(!(member=uid*)))", GROUPS),
+        ("(&(objectClass=groupOfNames)(!(member=uid*)))", GROUPS),
     ]
 
 

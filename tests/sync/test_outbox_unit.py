@@ -261,9 +261,9 @@ def test_a_delivery_in_flight_does_not_cover_drift_found_after_it_read_the_accou
 
     add_user(d, "cy", bound=True, password="Secret-Pass-1")
     uuid = entry(d, "cy")["entryUUID"][0]
-    assert d.db.run_sync("r", outbox_q.has_ready_row_txn, uuid, write=False)          # queued, not taken
+    assert d.db.run_sync("r", outbox_q.queue_covers_txn, uuid, write=False)          # queued, not taken
     claimed = d.db.run_sync("claim", outbox_q.claim_users_txn, "node-a", 1e12, 60.0, 10)
     assert claimed == [uuid]
-    assert not d.db.run_sync("r", outbox_q.has_ready_row_txn, uuid, write=False)      # in flight: queue the drift
+    assert not d.db.run_sync("r", outbox_q.queue_covers_txn, uuid, write=False)      # in flight: queue the drift
     d.db.run_sync("release", outbox_q.release_leases_txn, "node-a", [uuid])
-    assert d.db.run_sync("r", outbox_q.has_ready_row_txn, uuid, write=False)
+    assert d.db.run_sync("r", outbox_q.queue_covers_txn, uuid, write=False)
