@@ -343,6 +343,24 @@ def clear_password_sent_txn(txn: Txn, entry_uuid: str) -> None:
     txn.run("DELETE FROM meta WHERE key = ?", (_password_key(entry_uuid),))
 
 
+def _pushed_key(entry_uuid: str) -> str:
+    return f"o365.password_pushed.{entry_uuid}"
+
+
+def note_password_pushed_txn(txn: Txn, entry_uuid: str, fingerprint: str) -> None:
+    """Microsoft 365 now holds the password whose stored hashes have this fingerprint
+    (``sync/password_plan.py`` ``password_fingerprint``; never the password)."""
+    from ldapsync.store.entries import set_meta_txn
+
+    set_meta_txn(txn, _pushed_key(entry_uuid), fingerprint)
+
+
+def password_pushed_txn(txn: Txn, entry_uuid: str) -> str | None:
+    from ldapsync.store.entries import get_meta_txn
+
+    return get_meta_txn(txn, _pushed_key(entry_uuid))
+
+
 # -- worker nodes: liveness, the shared write budget, failover ---------------------------------------
 # Each running worker node (PostgreSQL) notes a heartbeat in ``meta`` (key prefix below, value its
 # clock, followed by " idle" while its connector is not active) every few seconds.  Graph's write

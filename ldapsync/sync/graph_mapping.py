@@ -229,7 +229,7 @@ class GraphMapping:
         try:
             await client.update_user(oid, patch)
         except BadRequest as e:
-            if not (sent_before or e.repeated):
+            if not (sent_before or e.repeated or await self._holds_it(desired)):
                 await self.db.run_interaction("o365 password refused", outbox_q.clear_password_sent_txn, uuid)
                 if _refuses_password(e):
                     raise PasswordRefused() from None
@@ -239,6 +239,16 @@ class GraphMapping:
                 await client.update_user(oid, rest)
             log.info("Microsoft 365: {upn}: the password was set by an earlier try whose reply was lost",
                      upn=desired.upn or desired.dn)
+
+    async def _holds_it(self, desired: DesiredUser) -> bool:
+        """Microsoft 365 already holds this password: the last one we pushed to the account had
+        the stored hashes this one has (e.g. a password captured at a bind after a re-binding,
+        which Microsoft 365 had all along: Graph refuses to set the same password again)."""
+        if not desired.password_fp:
+            return False
+        pushed = await self.db.run_interaction("o365 password pushed?", outbox_q.password_pushed_txn,
+                                               desired.entry_uuid, write=False)
+        return pushed == desired.password_fp
 
     def _create_body(self, desired: DesiredUser, password: str | None) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -574,6 +574,8 @@ class OutboxWorker:
                 outbox_q.clear_create_sent_txn(txn, job.entry_uuid)
             if secret is not None:
                 outbox_q.clear_password_sent_txn(txn, job.entry_uuid)   # delivered: the note is done with
+                if pushed_fp and not (out.password_refused or out.unsent_secret or desired.deleted):
+                    outbox_q.note_password_pushed_txn(txn, job.entry_uuid, pushed_fp)
             ttl = self.d.config.office365.unbound_password_ttl
             if out.unsent_secret is not None and ttl > 0:
                 now = self.clock()

@@ -255,3 +255,36 @@ def test_password_refused_by_microsoft365_leaves_nothing_in_error(make_server, f
     wait_tenant(fake_tenant, f"{rebound}@{DOMAIN}", lambda u: u["accountEnabled"] is True, timeout=30)
     assert fake_tenant.admin.password_of(key=f"{rebound}@{DOMAIN}") == good
     assert BANNED not in srv.log.read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_password_captured_after_a_rebinding_that_microsoft365_already_holds(make_server, fake_tenant, backend):
+    """Seed 71: added bound with a password, unbound and bound again while the create is in flight
+    (the re-binding is flagged o365PasswordPending: the planner cannot know the create will carry
+    the password), then the user binds: the capture queues the password Microsoft 365 got with
+    the create, and Graph refuses to set the same password again.  That refusal is no error:
+    the account is enabled with it."""
+    srv = make_server(backend, office365_config(fake_tenant.info))
+    wait_active(srv)
+    uid = unique("same")
+    upn = f"{uid}@{DOMAIN}"
+    dn = f"uid={uid},{PEOPLE}"
+    fake_tenant.admin.set_latency(seconds=2.0)
+    try:
+        srv.run("ldapadd", input=person(uid, password=PASSWORD, bound=True), check=True)
+        # the worker's look-up by sign-in name has been answered: its create is on the way (2 s)
+        wait_for("the look-up before the create", lambda: fake_tenant.admin.requests(
+            kind="graph", method="GET", path=uid), timeout=30, interval=0.05)
+        srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\ndelete: ldapsyncDirectory\n", check=True)
+        srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nadd: ldapsyncDirectory\n"
+                "ldapsyncDirectory: office365\n", check=True)
+        assert entry(srv, uid).get("o365PasswordPending") == ["TRUE"]
+        assert whoami(srv, dn, PASSWORD).returncode == 0             # the capture queues it again
+    finally:
+        fake_tenant.admin.set_latency(seconds=0)
+    srv.run("ldapmodify", input=f"dn: {dn}\nchangetype: modify\nreplace: sn\nsn: After\n", check=True)
+    wait_tenant(fake_tenant, upn, lambda u: u.get("surname") == "After", timeout=60)
+    e = wait_entry_state(srv, uid, "synced", timeout=30)
+    assert "o365LastError" not in e and "o365PasswordPending" not in e, e
+    assert fake_tenant.admin.get_user(key=upn)["accountEnabled"] is True
+    assert fake_tenant.admin.password_of(key=upn) == PASSWORD
