@@ -123,7 +123,9 @@ class Reads(PasswordChanges):
         if actor.dn is None and not self.config.ldap.allow_anonymous_read:
             raise LDAPError(ResultCode.insufficientAccessRights,
                             "anonymous clients may read only the root DSE and cn=Subschema; bind first")
-        if self.monitor.holds(base):
+        # Only a DN whose normalized form ends with cn=Monitor's can be it or below it: the
+        # exact test (which builds every ancestor's DN) runs for those only.
+        if base.norm.endswith(self.monitor.base.norm) and self.monitor.holds(base):
             return await self.monitor.search(actor, base, req)
         uses_dn_attrs = _uses_dn_attributes(req.filter)
         # Rights are looked up in the first chunk's transaction (per operation, never from bind),
