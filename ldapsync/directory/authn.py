@@ -7,7 +7,9 @@ password policy state read back (:meth:`Authn.password_state`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from twisted.logger import Logger
 
@@ -21,12 +23,15 @@ from ldapsync.directory.hooks import Origin
 from ldapsync.directory.policy import PasswordState, PolicyError, PPError, PPolicyResponse, describe_policy
 from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
-from ldapsync.store.database import Txn
+from ldapsync.store.database import StoreError, Txn
 from ldapsync.store.entries import Attrs
 
 
 # The namespace the bind lines had before the directory was split (the JSON log's "system" field).
 log = Logger(namespace="ldapsync.directory.facade")
+log_core = Logger(namespace="ldapsync.directory.core")   # where DirectoryCore.transaction logs a database failure
+T = TypeVar("T")
+FAST_VERIFY_MAX = 4096       # longer passwords go to a hash thread even for a digest scheme
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,15 @@ def _bind_refused(dn: object, source: str | None, reason: str, level: str = "inf
 
 class Authn(DirectoryCore):
     """The directory part that checks passwords (simple binds and the self-service pages)."""
+
+    async def _read(self, desc: str, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`transaction` for a short read that may run on the reactor thread
+        (:meth:`~ldapsync.store.database.Database.run_read`); database failures are answered alike."""
+        try:
+            return await self.db.run_read(desc, fn, *args)
+        except StoreError as e:
+            log_core.error("LDAP {desc} failed: {error}", desc=desc, error=str(e))
+            raise LDAPError(ResultCode.unavailable, "the directory database is not available; try again") from None
 
     # -- bind ------------------------------------------------------------------
     async def bind(self, dn_text: str, password: bytes) -> Actor:
@@ -151,7 +165,7 @@ class Authn(DirectoryCore):
             return e.attrs if e is not None else None
 
         async def decide(in_flight: int) -> tuple[Attrs | BindOutcome, Admission]:
-            attrs = await self.transaction("bind", fetch, write=False)
+            attrs = await self._read("bind", fetch)
             if attrs is None or not attrs.get("userPassword"):
                 # No such entry, or an entry without a usable password (an inactive user).
                 _bind_refused(dn, source, "no such entry" if attrs is None else "the entry has no password")
@@ -183,8 +197,15 @@ class Authn(DirectoryCore):
             if wait:
                 _bind_refused(dn, source, f"busy: too many wrong passwords from this address (for {wait:.0f}s more)")
                 raise LDAPError(ResultCode.busy, f"too many wrong passwords from your address; try again in {wait:.0f} seconds")
-            ok = await self._in_hash_thread(self._verify_any, list(attrs["userPassword"]), password,
-                                            bounded=source is not None)
+            hashes = list(attrs["userPassword"])
+            if len(password) <= FAST_VERIFY_MAX and all(self.hasher.is_fast(h) for h in hashes):
+                # A digest ({SSHA}...) costs microseconds: verified here, not in a hash thread (a
+                # second thread hop per bind).  The same busy answer as the hash queue's below.
+                if source is not None and self._hash_pending >= self._hash_queue:
+                    raise LDAPError(ResultCode.busy, "the server is busy checking passwords; try again shortly")
+                ok = self._verify_any(hashes, password)
+            else:
+                ok = await self._in_hash_thread(self._verify_any, hashes, password, bounded=source is not None)
         now = self.clock.now()
         if not ok:
             self.bind_limiter.note_failure(source)

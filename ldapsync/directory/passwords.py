@@ -171,6 +171,17 @@ class PasswordHasher:
 
     # -- classification ----------------------------------------------------
 
+    def is_fast(self, stored: str) -> bool:
+        """True when verifying against ``stored`` is one digest or a comparison (the SHA and MD5
+        families, cleartext): microseconds, cheaper than handing it to a thread.  ``{ARGON2}``
+        and ``{CRYPT}`` (whose cost the hash sets) are not; nor is anything unreadable."""
+        if not isinstance(stored, str):
+            return False
+        if not stored.startswith("{"):
+            return True
+        scheme, _ = _split_scheme(stored)
+        return scheme in _DIGEST_SCHEMES
+
     def is_hashed(self, value: str) -> bool:
         """True if ``value`` starts with a ``{SCHEME}`` this module knows."""
         if isinstance(value, bytes):

@@ -123,7 +123,9 @@ class Reads(PasswordChanges):
         if actor.dn is None and not self.config.ldap.allow_anonymous_read:
             raise LDAPError(ResultCode.insufficientAccessRights,
                             "anonymous clients may read only the root DSE and cn=Subschema; bind first")
-        if self.monitor.holds(base):
+        # Only a DN whose normalized form ends with cn=Monitor's can be it or below it: the
+        # exact test (which builds every ancestor's DN) runs for those only.
+        if base.norm.endswith(self.monitor.base.norm) and self.monitor.holds(base):
             return await self.monitor.search(actor, base, req)
         uses_dn_attrs = _uses_dn_attributes(req.filter)
         # Rights are looked up in the first chunk's transaction (per operation, never from bind),
@@ -135,11 +137,12 @@ class Reads(PasswordChanges):
         page_left = req.page_size if req.page_size else None
 
         def run(txn: Txn, after: int, limit: int) -> tuple[list[tuple[int, str, Attrs, bool | None]], int | None, bool]:
+            fresh = None      # kept only once this transaction is through (it may be run again)
             if not rights:
                 admin = self._is_admin_txn(txn, actor)
                 hidden = hidden_attrs(admin)
-                rights.append((admin, hidden, *self.filters.compile(req.filter, hidden)))
-            _, _, pred, plan = rights[0]
+                fresh = (admin, hidden, *self.filters.compile(req.filter, hidden))
+            _, _, pred, plan = rights[0] if fresh is None else fresh
             rows = store.search_candidates_txn(txn, scope=req.scope, base_norm=base.norm, base_path=base.path_key,
                                                plan=plan, after_id=after, limit=limit)
             if not rows and after == req.page_after and not base.is_root and not store.entry_exists_txn(txn, base.norm):
@@ -156,6 +159,8 @@ class Reads(PasswordChanges):
                 if pred(a) is True:
                     matched_rows.append(e)
             kids = store.children_flags_txn(txn, [e.id for e in matched_rows]) if want_children else set()
+            if fresh is not None:
+                rights.append(fresh)
             return [(e.id, e.dn, e.attrs, (e.id in kids) if want_children else None) for e in matched_rows], last, more
 
         after = req.page_after
@@ -165,7 +170,10 @@ class Reads(PasswordChanges):
         while True:
             if abandoned():
                 return result
-            rows, last, more = await self.transaction("search", run, after, chunk, write=False)
+            if after == req.page_after:     # the first chunk: usually all there is; may run on the reactor thread
+                rows, last, more = await self._read("search", run, after, chunk)
+            else:
+                rows, last, more = await self.transaction("search", run, after, chunk, write=False)
             admin, hidden = rights[0][:2]
             if after == req.page_after:         # the first chunk: the limits follow the rights
                 size_limit = req.size_limit
@@ -256,7 +264,7 @@ class Reads(PasswordChanges):
                 raise LDAPError(ResultCode.noSuchObject, f'no entry "{dn}"', matched_dn=matched)
             return e
 
-        e = await self.transaction("compare", run, write=False)
+        e = await self._read("compare", run)
         if at.name == "entryDN":
             values = [e.dn]
         else:

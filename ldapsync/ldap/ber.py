@@ -445,6 +445,8 @@ def tlv(tag: int, content: bytes) -> bytes:
 
 
 def enc_int(n: int, tag: int = 0x02) -> bytes:
+    if 0 <= n < 0x80:                   # message ids, result codes: one content byte
+        return bytes((tag, 1, n))
     length = max(1, (n.bit_length() + 8) // 8)
     return tlv(tag, n.to_bytes(length, "big", signed=True))
 
@@ -474,6 +476,9 @@ def enc_message(msgid: int, op: bytes, controls: list[tuple[str, bool, bytes | N
 
 
 def enc_result(tag: int, code: int, matched: str = "", message: str = "", extra: bytes = b"") -> bytes:
+    if not (matched or message or extra) and 0 <= code < 0x80:
+        # the usual answer: code, empty matchedDN, empty diagnosticMessage
+        return bytes((tag, 7, 0x0A, 1, code, 0x04, 0, 0x04, 0))
     return tlv(tag, enc_int(code, 0x0A) + enc_str(matched) + enc_str(message) + extra)
 
 

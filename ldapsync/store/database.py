@@ -3,7 +3,8 @@
 Owns the SQLAlchemy engine and the threads SQL runs on.  Every piece of SQL in
 ldapsync runs inside :meth:`Database.run_interaction` (or its blocking twin
 :meth:`Database.run_sync` for the CLI), on a thread pool, never on the reactor
-thread.  One call is one transaction; functions it runs end in ``_txn`` and
+thread -- except short SQLite reads through :meth:`Database.run_read` (below),
+which never wait for a lock.  One call is one transaction; functions it runs end in ``_txn`` and
 take the connection first.  Callbacks registered with ``txn.call_after`` run
 on the reactor thread only once the transaction has committed.
 
@@ -25,6 +26,17 @@ connection out of SQLAlchemy's pool and going through its transaction objects
 for every LDAP operation cost ~85 µs, ten times the SQLite transaction itself.
 A PostgreSQL connection found broken is dropped and the transaction retried on
 a new one (what ``pool_pre_ping`` did before).
+
+Short reads on SQLite (:meth:`Database.run_read`: a search's first chunk, a bind's entry) run
+on the reactor thread itself, on a connection of its own, instead of a pool thread: the hop
+there and back (a queue, a thread wake-up, a pipe write to wake the reactor, and the GIL
+changing hands each way) cost more CPU than the indexed lookup.  Such a read never waits: in
+WAL mode readers take no lock a writer holds; the connection's ``busy_timeout`` is 0, so the
+rare moment a reader could wait (another process recovering the WAL) is an error, and a
+progress handler interrupts any statement past ``INLINE_READ_STEPS`` SQLite VM steps (a
+search that selects many entries).  Either way the transaction is rolled back and run again
+on the read pool, as before.  Each read is its own transaction on the newest committed
+state, exactly as on a pool thread: nothing is cached.
 
 SQLite checkpoints (copying the WAL's pages back into the database file) run
 on a thread of their own, :class:`Checkpointer`, not in the writer's COMMIT::
@@ -60,6 +72,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from twisted.internet import threads
 from twisted.logger import Logger
+from twisted.python import threadable
 from twisted.python.threadpool import ThreadPool
 
 from ldapsync.store.tables import metadata
@@ -203,6 +216,12 @@ LOCK_WAIT = 30.0             # SQLite: how long a write waits for another proces
 # (pages; 16 MiB at 4 KiB): it bounds the WAL under sustained writes.  The Checkpointer copies
 # all but the newest few before that, so the writer's checkpoint is short.
 CHECKPOINT_FRAMES = 4000
+# SQLite: VM steps a read on the reactor thread may run before it is interrupted and handed to the
+# read pool (:meth:`Database.run_read`).  An indexed lookup of one entry takes well under 1,000;
+# 10,000 is about a millisecond; selecting 200 of 10,000 users by objectClass took 54,000.
+INLINE_READ_STEPS = 10_000
+_INLINE_STEP = 1_000         # the progress handler runs every this many steps
+_FELL_BACK = object()        # an inline read that has to run on the pool instead
 
 
 def _begin_write(raw: Any) -> None:
@@ -338,6 +357,12 @@ class Database:
         self._checkpointer: Checkpointer | None = None
         if self.is_sqlite and (self.engine.url.database or ":memory:") != ":memory:":
             self._checkpointer = Checkpointer(self.engine.raw_connection)
+        # SQLite file databases: short reads on the reactor thread (run_read), on this connection
+        self.inline_reads = self._checkpointer is not None
+        self._inline_fairy: Any = None
+        self._inline_left = 0
+        self.inline_done = 0                    # reads answered on the reactor thread (tests, diagnostics)
+        self.inline_fell_back = 0               # ... and handed to the pool (too long, or a lock)
         # SQLite's one writer commits the writes queued while it was busy together (store/group_commit.py)
         self._group: GroupWriter | None = None
         if self.is_sqlite and writers == 1:
@@ -366,6 +391,7 @@ class Database:
         with self._conns_lock:
             conns, self._conns = self._conns, set()
             self._generation += 1
+        self._inline_fairy = None               # it is in conns
         for fairy in conns:
             with contextlib.suppress(Exception):      # closing at shutdown: nothing to do about it
                 fairy.close()
@@ -517,6 +543,62 @@ class Database:
                 cb(*cb_args)
             except Exception:
                 log.failure("after-commit callback of {desc} failed", desc=desc)
+        return result
+
+    async def run_read(self, desc: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """A short read-only transaction ``fn(txn, *args)``: on a SQLite file database, run right
+        here on the reactor thread when it is short (see the module docstring), else (too many VM
+        steps, a lock, an error, PostgreSQL) as :meth:`run_interaction` with ``write=False``.
+
+        ``fn`` must only read, and may be run twice (the pool's retries assume that already).
+        """
+        if self.inline_reads and self._started and threadable.isInIOThread():
+            result = self._run_inline(fn, args, kw)
+            if result is not _FELL_BACK:
+                return result  # type: ignore[no-any-return]
+        return await self.run_interaction(desc, fn, *args, write=False, **kw)
+
+    def _progress(self) -> bool:
+        self._inline_left -= 1
+        return self._inline_left < 0            # True interrupts the statement
+
+    def _inline_connection(self) -> Any:
+        fairy = self._inline_fairy
+        if fairy is None:
+            fairy = self.engine.raw_connection()
+            raw = fairy.dbapi_connection
+            raw.execute("PRAGMA busy_timeout=0")    # never wait on the reactor: fall back instead
+            raw.set_progress_handler(self._progress, _INLINE_STEP)
+            with self._conns_lock:
+                self._conns.add(fairy)
+            self._inline_fairy = fairy
+        return fairy.dbapi_connection
+
+    def _run_inline(self, fn: Callable[..., T], args: tuple[Any, ...], kw: dict[str, Any]) -> T | object:
+        try:
+            raw = self._inline_connection()
+            self._inline_left = INLINE_READ_STEPS // _INLINE_STEP
+            raw.execute("BEGIN")
+            try:
+                result = fn(Txn(raw, False), *args, **kw)
+                raw.commit()
+            except BaseException:
+                _rollback(raw)
+                raise
+        except sqlite3.Error as e:
+            # Interrupted (too long), busy/locked (never waited for), or anything else: the
+            # pool runs it again with its retries and error reporting.
+            if not isinstance(e, sqlite3.OperationalError) or not any(
+                    w in str(e) for w in ("interrupted", "locked", "busy")):
+                fairy, self._inline_fairy = self._inline_fairy, None
+                if fairy is not None:
+                    with self._conns_lock:
+                        self._conns.discard(fairy)
+                    with contextlib.suppress(Exception):
+                        fairy.invalidate()
+            self.inline_fell_back += 1
+            return _FELL_BACK
+        self.inline_done += 1
         return result
 
     def metadata(self) -> sa.MetaData:

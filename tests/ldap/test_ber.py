@@ -380,3 +380,16 @@ def test_lengths_round_trip(n: int) -> None:
 ])
 def test_ppolicy_response_value(args: tuple, expected: str) -> None:
     assert ber.enc_ppolicy_response(*args).hex() == expected
+
+
+def test_short_encodings_equal_the_general_ones():
+    """enc_int's one-byte path and enc_result's empty-message path give the general encodings."""
+    def general_int(n: int, tag: int = 0x02) -> bytes:
+        return ber.tlv(tag, n.to_bytes(max(1, (n.bit_length() + 8) // 8), "big", signed=True))
+
+    for n in [*range(-300, 300), 2**31 - 1, -(2**31)]:
+        assert ber.enc_int(n) == general_int(n) and ber.enc_int(n, 0x0A) == general_int(n, 0x0A)
+    for tag in (ber.BIND_RESPONSE, ber.SEARCH_DONE):
+        for code in (0, 32, 49, 127, 128, 4096):
+            assert ber.enc_result(tag, code) == ber.tlv(tag, general_int(code, 0x0A) + ber.enc_str("") + ber.enc_str(""))
+        assert ber.enc_result(tag, 0, "", "x") == ber.tlv(tag, general_int(0, 0x0A) + ber.enc_str("") + ber.enc_str("x"))

@@ -5,10 +5,12 @@ Real SQLite files and a real PostgreSQL server (``LDAPSYNC_TEST_PG_URL``)."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 import time
 
 import pytest
+import pytest_twisted
 from conftest import fresh_database  # type: ignore[import-not-found]
 
 from ldapsync.store.database import Database, StoreError
@@ -307,3 +309,84 @@ def test_sqlite_wal_stays_bounded_under_sustained_writes(tmp_path, monkeypatch):
         assert frames < 2000, f"the WAL grew to {frames} frames"
         assert db._checkpointer.passes > 0
         assert len(values(db)) == 2000
+
+
+# -- short reads on the reactor thread (Database.run_read) ------------------------------------
+
+def _rows(txn):
+    return [tuple(r) for r in txn.rows("SELECT k, v FROM t ORDER BY k")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_read_answers_a_short_sqlite_read_on_the_reactor_thread_and_sees_every_commit(db):
+    db.start()
+    seen_threads: list[str] = []
+
+    def read(txn):
+        seen_threads.append(threading.current_thread().name)
+        return _rows(txn)
+
+    assert await db.run_read("r", read) == []
+    # a write committed by the writer thread (or another connection) is seen by the next read
+    await db.run_interaction("w", lambda txn: txn.run("INSERT INTO t VALUES (1, 'a')"))
+    assert await db.run_read("r", read) == [(1, "a")]
+    other = sqlite3.connect(str(db.engine.url.database)) if db.is_sqlite else None
+    if other is not None:
+        other.execute("INSERT INTO t VALUES (2, 'b')")
+        other.commit()
+        other.close()
+        assert await db.run_read("r", read) == [(1, "a"), (2, "b")]
+        assert seen_threads == [threading.current_thread().name] * 3 and db.inline_done == 3
+    else:        # PostgreSQL: always the read pool
+        assert all(t.startswith("PoolThread-ldapsync-sql-read") for t in seen_threads)
+        assert db.inline_done == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_read_hands_a_long_sqlite_read_to_the_pool(tmp_path):
+    with _open("sqlite", tmp_path) as db:
+        db.start()
+        db.run_sync("fill", lambda txn: txn.run_many("INSERT INTO t VALUES (?, ?)", [(k, "x" * 20) for k in range(20000)]))
+        threads_seen: list[str] = []
+
+        def count(txn):
+            threads_seen.append(threading.current_thread().name)
+            return txn.rows("SELECT count(*) FROM t WHERE v LIKE '%y%'")[0][0]
+
+        assert await db.run_read("long", count) == 0
+        # interrupted on the reactor thread after INLINE_READ_STEPS, then run on a pool thread
+        assert db.inline_fell_back == 1 and db.inline_done == 0
+        assert threads_seen[0] == threading.current_thread().name
+        assert threads_seen[1].startswith("PoolThread-ldapsync-sql-read")
+        # the connection is fine afterwards: a short read is answered inline again
+        assert await db.run_read("short", lambda txn: txn.rows("SELECT v FROM t WHERE k = 7")[0][0]) == "x" * 20
+        assert db.inline_done == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_read_never_waits_for_a_sqlite_writer(tmp_path):
+    """Another connection holds the write lock with a write not yet committed: the read on the
+    reactor thread goes on at once and sees the last committed state (WAL)."""
+    with _open("sqlite", tmp_path) as db:
+        db.start()
+        db.run_sync("one", lambda txn: txn.run("INSERT INTO t VALUES (1, 'a')"))
+        writer = sqlite3.connect(str(db.engine.url.database), isolation_level=None)
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("INSERT INTO t VALUES (2, 'b')")
+            t0 = time.monotonic()
+            assert await db.run_read("r", _rows) == [(1, "a")]
+            assert time.monotonic() - t0 < 0.5 and db.inline_done == 1
+            writer.execute("COMMIT")
+        finally:
+            writer.close()
+        assert await db.run_read("r", _rows) == [(1, "a"), (2, "b")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_run_read_errors_are_the_pools(db):
+    """An error in the read (here: no such table) is reported as the pool reports it."""
+    db.start()
+    with pytest.raises(StoreError, match="no_such|no such|does not exist|UndefinedTable"):
+        await db.run_read("bad", lambda txn: txn.rows("SELECT * FROM no_such_table"))
+    assert await db.run_read("good", _rows) == []
