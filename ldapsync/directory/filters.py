@@ -31,6 +31,7 @@ from typing import Any, Union
 from ldapsync.directory.errors import LDAPError
 from ldapsync.directory.schema import AttributeType, Schema
 from ldapsync.store.entries import like_pattern
+from ldapsync.directory.dn import parse_dn
 
 
 @dataclass(frozen=True)
@@ -327,7 +328,6 @@ class FilterCompiler:
         def match(v: str, attr: AttributeType | None) -> bool:
             try:
                 if rule == "distinguishedNameMatch" or (rule is None and attr is not None and attr.is_dn):
-                    from ldapsync.directory.dn import parse_dn
                     return parse_dn(v, s).norm == parse_dn(f.value, s).norm
                 a, b = norm_with(v, attr), norm_with(f.value, attr)
                 if rule == "bitAnd":

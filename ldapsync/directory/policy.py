@@ -37,6 +37,8 @@ from enum import IntEnum
 from ldapsync.config import PolicyConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.passwords import check_complexity
+from ldapsync.directory.passwords import MAX_LENGTH
+from ldapsync.directory.schema import parse_generalized_time
 
 #: The operational attributes the policy keeps on an entry (readable by admins only).
 POLICY_ATTRS = frozenset({"pwdChangedTime", "pwdFailureTime", "pwdAccountLockedTime", "pwdGraceUseTime", "pwdHistory"})
@@ -110,8 +112,6 @@ def format_time(t: float, *, micro: bool = False) -> str:
 
 def parse_time(value: str) -> float | None:
     """GeneralizedTime → seconds since the epoch; None when unparseable (never raises)."""
-    from ldapsync.directory.schema import parse_generalized_time
-
     try:
         return parse_generalized_time(value).timestamp()
     except (ValueError, OverflowError):
@@ -151,8 +151,6 @@ def check_quality(cfg: PolicyConfig, password: str) -> PolicyError | None:
 
 def _basic_check(password: str) -> str | None:
     """Without the complexity rule, what Microsoft 365 still refuses (length, non-ASCII, control characters)."""
-    from ldapsync.directory.passwords import MAX_LENGTH
-
     if len(password) > MAX_LENGTH:
         return f"must be at most {MAX_LENGTH} characters"
     if not password.isascii():

@@ -34,6 +34,9 @@ from ldapsync.services import Listener
 from ldapsync.store import entries as store
 from ldapsync.store.entries import first
 from ldapsync.sync.status import write_user_status_txn
+from ldapsync.secretbox import load_or_create_key
+from ldapsync.selfservice.mailer import MailError, Mailer
+from ldapsync.selfservice.web import make_site
 
 if TYPE_CHECKING:
     from ldapsync.directory.facade import Directory
@@ -108,8 +111,6 @@ class ExpiryWarner:
 class SelfServiceService(service.MultiService):
     def __init__(self, directory: Directory, *, reactor: Any = None) -> None:
         super().__init__()
-        from ldapsync.secretbox import load_or_create_key
-        from ldapsync.selfservice.mailer import Mailer, MailError
 
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -126,7 +127,6 @@ class SelfServiceService(service.MultiService):
         self.links = LinkService(directory, mailer)
         self.warner = ExpiryWarner(directory, self.links)
         if cfg.selfservice.listen:
-            from ldapsync.selfservice.web import make_site
 
             site = make_site(directory, self.links, load_or_create_key(cfg.secrets.key_file))
             Listener(cfg.selfservice.listen, site, "[selfservice] listen").setServiceParent(self)

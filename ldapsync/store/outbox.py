@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ldapsync.store.database import Txn
+from ldapsync.store.entries import get_meta_txn, set_meta_txn
 
 READY = "ready"
 HELD = "held"
@@ -303,14 +304,10 @@ def _create_key(entry_uuid: str) -> str:
 
 
 def mark_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
-    from ldapsync.store.entries import set_meta_txn
-
     set_meta_txn(txn, _create_key(entry_uuid), "1")
 
 
 def create_was_sent_txn(txn: Txn, entry_uuid: str) -> bool:
-    from ldapsync.store.entries import get_meta_txn
-
     return get_meta_txn(txn, _create_key(entry_uuid)) == "1"
 
 
@@ -330,8 +327,6 @@ def _password_key(entry_uuid: str) -> str:
 def note_password_sent_txn(txn: Txn, entry_uuid: str, note: str) -> bool:
     """Note that the password ``note`` (a digest of its sealed value) is being sent for the user;
     True when that same password was noted before (an earlier try of it went out)."""
-    from ldapsync.store.entries import get_meta_txn, set_meta_txn
-
     key = _password_key(entry_uuid)
     if get_meta_txn(txn, key) == note:
         return True
@@ -350,14 +345,10 @@ def _pushed_key(entry_uuid: str) -> str:
 def note_password_pushed_txn(txn: Txn, entry_uuid: str, fingerprint: str) -> None:
     """Microsoft 365 now holds the password whose stored hashes have this fingerprint
     (``sync/password_plan.py`` ``password_fingerprint``; never the password)."""
-    from ldapsync.store.entries import set_meta_txn
-
     set_meta_txn(txn, _pushed_key(entry_uuid), fingerprint)
 
 
 def password_pushed_txn(txn: Txn, entry_uuid: str) -> str | None:
-    from ldapsync.store.entries import get_meta_txn
-
     return get_meta_txn(txn, _pushed_key(entry_uuid))
 
 
@@ -383,8 +374,6 @@ def beat_delivers(value: str) -> bool:
 def node_beat_txn(txn: Txn, owner: str) -> str | None:
     """This node's heartbeat value as the database has it (None: never written, withdrawn, or
     removed by another node that presumed this one dead)."""
-    from ldapsync.store.entries import get_meta_txn
-
     return get_meta_txn(txn, NODE_KEY_PREFIX + owner)
 
 
@@ -395,7 +384,6 @@ def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_befor
 
     Heartbeats older than ``forget_before`` (by their writer's clock: a node gone for long) are
     deleted."""
-    from ldapsync.store.entries import set_meta_txn
 
     key = NODE_KEY_PREFIX + owner
     if alive:

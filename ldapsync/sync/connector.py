@@ -35,6 +35,13 @@ from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
 from ldapsync.sync.connector_notices import AdminNotices, ensure_notice_rows_txn
+from ldapsync.graph.client import GraphClient, PacingPolicy
+from ldapsync.graph.clouds import endpoints_from_config
+from ldapsync.graph.errors import AuthError, Forbidden, GraphError
+from ldapsync.graph.token import token_provider_from_config
+from ldapsync.secretbox import SecretBox, load_or_create_key
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import LoopingCall
 
 if TYPE_CHECKING:
     from ldapsync.directory.facade import Directory
@@ -148,7 +155,6 @@ def unbind_everyone_txn(d: "Directory", txn: Txn) -> int:
 
 class DBTokenCacheStore:
     """MSAL's serialized cache, already encrypted by the provider, kept in the ``meta`` table."""
-
     def __init__(self, db: Database) -> None:
         self.db = db
 
@@ -175,7 +181,6 @@ class Connector:
 
     def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0,
                  clock: Clock | None = None) -> None:
-        from ldapsync.secretbox import SecretBox, load_or_create_key
 
         self.d = directory
         self.db = directory.db
@@ -198,10 +203,6 @@ class Connector:
     def build_client(self) -> None:
         """The token provider and the Graph client (``check`` builds them when missing; a
         delegated sign-in needs the provider before its first check)."""
-        from ldapsync.graph.client import GraphClient, PacingPolicy
-        from ldapsync.graph.clouds import endpoints_from_config
-        from ldapsync.graph.token import token_provider_from_config
-
         o = self.config.office365
         self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor,
                                                    wall_clock=self.clock.now)
@@ -222,8 +223,6 @@ class Connector:
         """Start the periodic check.  The connector entry and the tag group exist already: the LDAP
         process creates them before it starts the worker process this runs in (and the CLI before
         it uses a connector)."""
-        from twisted.internet.task import LoopingCall
-
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.check_interval, now=True)
@@ -233,8 +232,6 @@ class Connector:
             self._loop.stop()
 
     def _tick(self) -> Any:
-        from twisted.internet.defer import ensureDeferred
-
         d = ensureDeferred(self.check())
         d.addErrback(lambda f: log.failure("connector check failed", f))
         return d
@@ -243,7 +240,6 @@ class Connector:
         """Sign in, read the verified domains and the credential's end date; record the outcome."""
         from twisted.internet import threads
 
-        from ldapsync.graph.errors import AuthError, Forbidden, GraphError
 
         o = self.config.office365
         domains: list[str] = []
@@ -325,8 +321,6 @@ class Connector:
         return await threads.deferToThread(self.cache_store.load) is None
 
     async def _credential_expiry(self) -> datetime | None:
-        from ldapsync.graph.errors import GraphError
-
         p = self.provider
         if self.config.office365.auth == "delegated":
             return getattr(p, "refresh_token_expires_at", None)

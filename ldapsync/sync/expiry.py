@@ -43,6 +43,7 @@ from ldapsync.directory.writes import Write
 from ldapsync.store import outbox as outbox_store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs
+from ldapsync.sync.users import bound_entries_txn
 
 if TYPE_CHECKING:
     from ldapsync.directory.core import DirectoryCore
@@ -99,7 +100,6 @@ class SweepReport:
 
 class ExpirySweep:
     """One pass: queue the disables (and enables) that time alone made necessary."""
-
     def __init__(self, directory: Directory, planner: OutboxPlanner, *, wake: Callable[[], None] | None = None) -> None:
         self.d = directory
         self.planner = planner
@@ -116,8 +116,6 @@ class ExpirySweep:
         return report
 
     def _sweep_txn(self, txn: Txn) -> SweepReport:
-        from ldapsync.sync.users import bound_entries_txn
-
         report = SweepReport()
         now = self.d.clock.now()
         todo = []

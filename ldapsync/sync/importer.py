@@ -34,6 +34,7 @@ from ldapsync.directory.writes import Write
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.tables import INDEX_VALUE_MAX
+from ldapsync.graph.errors import NotFound
 
 if TYPE_CHECKING:
     from ldapsync.graph.client import GraphClient
@@ -79,7 +80,6 @@ def _domain(addr: str | None) -> str:
 @dataclass
 class Plan:
     """What would happen to one Microsoft 365 user."""
-
     object_id: str
     upn: str
     display_name: str
@@ -238,7 +238,6 @@ class PlannedNames:
     A private temporary SQLite database (``sqlite3.connect("")``): its pages stay in a small
     cache and spill to a file deleted on close, so memory stays flat however large the tenant
     (Python sets cost ~100 bytes per user)."""
-
     def __init__(self, cache_kib: int = 2048) -> None:
         self.db = sqlite3.connect("")
         self.db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
@@ -315,8 +314,6 @@ async def tenant_users(client: GraphClient, *, upns: list[str] | None = None, fi
                        ) -> AsyncIterator[dict[str, Any]]:
     """The selected users: the ``upns`` given (``{"@notFound": upn}`` for a missing one), else
     every user matching ``filter`` (paged, ``$top=999``)."""
-    from ldapsync.graph.errors import NotFound
-
     if upns:
         for upn in upns:
             try:

@@ -45,6 +45,8 @@ from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import DRIFT_BLOCK
 from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 from ldapsync.sync.status import STATUS_OPERATION
+from ldapsync.graph.errors import DeltaExpired, NotFound
+from ldapsync.sync.connector import write_status_txn
 
 if TYPE_CHECKING:
     from ldapsync.graph.client import GraphClient
@@ -122,8 +124,8 @@ class Reconciler:
 
         ``full``: the full comparison (``sync/full_reconcile.py``) instead of the delta pass;
         with ``due_after`` (seconds) only when no node has completed one for that long (None too)."""
+        # here, not at the top: full_reconcile.py builds on this module (drift, SELECT)
         from ldapsync.sync.full_reconcile import FullComparison, full_due_txn
-
         if full and due_after is not None and not await self.db.run_interaction(
                 "full reconcile due?", full_due_txn, due_after, write=False):
             return None
@@ -186,8 +188,6 @@ class Reconciler:
         return True
 
     async def _pass(self) -> ReconcileReport:
-        from ldapsync.graph.errors import DeltaExpired
-
         report = ReconcileReport()
         started = now_generalized()
         link = await self.db.run_interaction("delta link", store.get_meta_txn, META_DELTA_LINK, write=False)
@@ -228,8 +228,6 @@ class Reconciler:
         return report
 
     def _stamp_txn(self, txn: Txn) -> None:
-        from ldapsync.sync.connector import write_status_txn
-
         write_status_txn(self.d, txn, {"o365LastReconcile": [now_generalized()]})
 
     async def _check(self, items: list[dict[str, Any]], report: ReconcileReport) -> None:
@@ -298,8 +296,6 @@ class Reconciler:
 
     async def _recheck(self) -> None:
         """Look up the accounts the last full scan could not judge; report those that are gone."""
-        from ldapsync.graph.errors import NotFound
-
         raw = await self.db.run_interaction("reconcile recheck", store.get_meta_txn, META_RECHECK, write=False)
         if not raw:
             return
