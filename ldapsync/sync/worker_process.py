@@ -140,6 +140,9 @@ class WorkerProcessService(service.Service):
         self.proto: _ChildProtocol | None = None
         self._hungry = False
         self._work_since_wake = False
+        # [ldap] processes > 1: told when the child is caught up, so that the other LDAP
+        # processes' next COMMIT wakes it through wake() (ldapsync/ldap_processes.py)
+        self.on_hungry: list[Any] = []
         self._stdin_fd: int | None = None
         self._stopping = False
         self._backoff = self.restart_backoff[0]
@@ -203,6 +206,13 @@ class WorkerProcessService(service.Service):
             self._write_wake()
         else:
             self._hungry = True
+            for tell in self.on_hungry:
+                tell()
+
+    @property
+    def hungry(self) -> bool:
+        """The child is caught up and waits for a wake."""
+        return self._hungry
 
     def _write_wake(self) -> None:
         self._work_since_wake = False
