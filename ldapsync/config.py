@@ -41,8 +41,10 @@ def parse_duration(value: str | int | float, key: str) -> float:
 
 def _cpus() -> int:
     """The CPUs this process may run on (its affinity), at least 1: ``[ldap] processes``' default."""
-    count = getattr(os, "process_cpu_count", os.cpu_count)()
-    return max(1, count or 1)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))     # taskset, systemd CPUAffinity=, a container's cpuset
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ here, so that nothing but the CLI and the twistd plugin imports the wiring.
     LDAP process (tap.make_service)          worker process (worker_process.build)
       DirectoryService  (db, directory, hooks)  DirectoryService(bootstrap=False), no hooks
       Listener × [ldap] listen                  ConnectorService
-      SelfServiceService (selfservice/)         OutboxWorkerService (worker, LISTEN, reconcile)
+      LDAPProcessesService ([ldap] processes)   OutboxWorkerService (worker, LISTEN, reconcile)
+      SelfServiceService (selfservice/)
       WorkerProcessService (sync/)
       Listener [metrics] listen (DatabaseProbe)
       hooks = office365_hooks(...)  ([office365] enabled)

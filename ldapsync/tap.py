@@ -1,9 +1,10 @@
 """twistd entry point (the wiring of the LDAP process): ``twistd -n ldapsync [--config FILE]`` → the service tree.
 
 The tree is a MultiService: the database first, the LDAP listeners after it
-(children stop in reverse order, so listeners close before the database), the
-self-service pages, and with ``[office365] enabled`` the Microsoft 365 worker
-process last (``sync/worker_process.py``; it builds its own tree from the
+(children stop in reverse order, so listeners close before the database), with
+``[ldap] processes`` > 1 the other LDAP processes (``ldap_processes.py``: they
+inherit the listeners' sockets and stop before them), the self-service pages,
+and with ``[office365] enabled`` the Microsoft 365 worker process last (``sync/worker_process.py``; it builds its own tree from the
 connector and worker services in ``services.py`` and stops first).  Here the
 directory gets its write hooks: the outbox planner, which wakes the worker
 process after COMMIT, and the activation links.  Only the twistd plugin and

@@ -276,3 +276,27 @@ def test_writes_through_either_process_reach_microsoft_365(make_server, fake_ten
             assert fake_tenant.admin.password_of(key=f"{uid}@{DOMAIN}") == PASSWORD
     for conn in conns.values():
         conn.unbind()
+
+
+def test_metrics_add_up_both_processes(make_server):
+    from conftest import free_port  # type: ignore[import-not-found]
+    from ops.test_metrics_e2e import ops, scrape, value  # type: ignore[import-not-found]
+
+    port = free_port()
+    srv = make_server("sqlite", TWO + f'[metrics]\nlisten = "tcp:{port}:interface=127.0.0.1"\n')
+    wait_ldap_children(srv)
+    before = scrape(port)
+    conns = on_each_process(srv)
+    for conn in conns.values():
+        for _ in range(3):
+            assert conn.bind()
+    # open connections: both processes' (livesum), then their binds, all on the server's page
+    assert value(scrape(port), "ldapsync_ldap_connections") >= 2
+    for conn in conns.values():
+        conn.unbind()
+
+    def counted() -> dict | None:
+        now = scrape(port)
+        return now if ops(now, "bind", "success") - ops(before, "bind", "success") >= 6 else None
+    after = wait_for("the binds counted", counted, 10)
+    assert ops(after, "bind", "success") - ops(before, "bind", "success") == 6
