@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +422,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     cfg = _resolve_paths(Config(**sections, source=str(p)), raw, p.resolve().parent)
     _validate(cfg)
     return cfg
+
+
+def to_json(cfg: Config) -> str:
+    """``cfg`` as one line of JSON, for a child process that must run with exactly the server's
+    configuration (``ldap_processes.py``), not the file as it may read later."""
+    import json
+
+    return json.dumps(asdict(cfg), separators=(",", ":"))
+
+
+def from_json(text: str) -> Config:
+    """The :class:`Config` :func:`to_json` wrote."""
+    import json
+
+    raw = json.loads(text)
+    sections = {name: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw[name].items()})
+                for name, cls in _SECTIONS.items()}
+    return Config(**sections, source=raw["source"])
 
 
 # The keys that name a file, by section ("" in a key means "not set"; [log] file "-" is stdout).

@@ -14,6 +14,7 @@ one core at most; N processes answer with up to N.  With ``processes = 1`` nothi
       the one Microsoft 365 worker process                    DirectoryService(bootstrap=False)
       log ◀──────── one JSON line per log event on stdout ─── (tagged "ldap-k" in the server's log)
       worker wake ◀─ "w" line on stdout (only when told "h") ─ COMMIT that queued outbox rows
+      the config, one JSON line on stdin ─────────────────▶ (the server's, not the file's: never read)
       "h" on stdin ─▶ (the worker is caught up: say "w" at your next COMMIT)
       stop: "q" on stdin ─▶ graceful stop, exit 0 (SIGKILL after ``stop_timeout``)
       a process that ends unexpectedly ─▶ logged, started again after a capped backoff
@@ -46,7 +47,7 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from ldapsync import metrics
 
-log = Logger()
+log = Logger(namespace="ldapsync.ldap_processes")   # not "__main__" in the child
 
 WAKE = b"w"            # child → server, a line of its own: a COMMIT queued outbox rows
 HUNGRY = b"h"          # server → child: the worker is caught up, say "w" at your next such COMMIT
@@ -230,6 +231,9 @@ class LDAPProcessesService(service.Service):
         self._started_at: dict[int, float] = {}
         self._restart_calls: dict[int, Any] = {}
         self._sockets: dict[int, list[int]] = {}
+        from ldapsync.config import to_json
+
+        self._config_line = to_json(config).encode() + b"\n"
 
     def privilegedStartService(self) -> None:
         # The children's sockets, bound now (as root, when twistd starts as root and drops to
@@ -250,8 +254,6 @@ class LDAPProcessesService(service.Service):
         self._restart_calls.pop(index, None)
         proto = _ChildProtocol(self, index)
         argv = [*self.argv, "--index", str(index)]
-        if not self.config.source.startswith("<"):
-            argv += ["--config", os.path.abspath(self.config.source)]
         env = dict(os.environ)
         env["LDAPSYNC_PARENT_PID"] = str(os.getpid())
         sockets = self._sockets.pop(index, None) or [socket_for_child(lst) for lst in self.listeners]
@@ -264,6 +266,9 @@ class LDAPProcessesService(service.Service):
                 os.close(fd)
         self.children[index] = proto
         self._stdin[index] = process.pipes[0].fileno()
+        # First on its stdin: the server's configuration, as the server runs with it (the file may
+        # have changed since; the child never reads it), then "h" and "q" bytes.
+        _write_all(self._stdin[index], self._config_line)
         self._started_at[index] = self.reactor.seconds()
         log.info("LDAP process {index} started (pid {pid})", index=index, pid=process.pid)
         if self.worker_hungry():
@@ -345,6 +350,21 @@ class LDAPProcessesService(service.Service):
         return defer.gatherResults(waits, consumeErrors=True) if waits else None
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` into a fresh non-blocking pipe (a config is a few KiB; a pipe holds 64)."""
+    view = memoryview(data)
+    for _ in range(1000):
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            import time
+
+            time.sleep(0.001)
+        if not view:
+            return
+    raise OSError("the LDAP process does not read its configuration")
+
+
 # -- the child ------------------------------------------------------------------------------------
 
 class _Wake:
@@ -373,14 +393,32 @@ class _Wake:
             self.say()
 
 
-def _read_commands(reactor: Any, on_hungry: Callable[[], None], on_quit: Callable[[], None]) -> None:
+def _read_config() -> tuple[Any, bytes]:
+    """The server's configuration, the first line on stdin, and what came after it."""
+    from ldapsync.config import from_json
+
+    buf = b""
+    while b"\n" not in buf:
+        data = os.read(0, 65536)
+        if not data:
+            os._exit(1)                              # the server died before it said anything
+        buf += data
+    line, rest = buf.split(b"\n", 1)
+    return from_json(line.decode()), rest
+
+
+def _read_commands(reactor: Any, on_hungry: Callable[[], None], on_quit: Callable[[], None],
+                   first: bytes = b"") -> None:
     """A thread blocked on stdin: "h", "q"; EOF without "q" means the server died: so do we."""
     quit_asked = False
     while True:
-        try:
-            data = os.read(0, 4096)
-        except OSError:
-            data = b""
+        if first:
+            data, first = first, b""
+        else:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                data = b""
         if not data:
             if not quit_asked:
                 os._exit(1)
@@ -428,20 +466,18 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor as _reactor
     from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate, globalLogBeginner
 
-    from ldapsync.config import load_config
     from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
     from ldapsync.logs import ACCESS, LEVELS
     from ldapsync.sync.worker_process import _die_with_parent, _JSONLines
 
     ap = argparse.ArgumentParser(description="one of ldapsync's LDAP processes (started by the server)")
-    ap.add_argument("--config")
     ap.add_argument("--index", type=int, required=True)
     args = ap.parse_args(argv)
     _die_with_parent()
     metrics.enable_from_environment()
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the server, which says "q"
     signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a hangup is the server's to act on
-    config = load_config(args.config)
+    config, early = _read_config()
     out = _JSONLines()
     # [log] level applies here already (what the server would drop is not sent); the access log
     # passes at info, as in the server (logs.make_observer).
@@ -478,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
                                     access=config.log.access)
         ports.append(_adopt(reactor, FIRST_FD + i, description, factory))
     log.info("LDAP process {index} (pid {pid}) answering", index=args.index, pid=os.getpid())
-    threading.Thread(target=_read_commands, args=(reactor, wake.on_hungry, quit_), name="ldap-commands",
+    threading.Thread(target=_read_commands, args=(reactor, wake.on_hungry, quit_, early), name="ldap-commands",
                      daemon=True).start()
     reactor.run(installSignalHandlers=False)
     os._exit(0)                                       # the database's pool threads are not daemons

@@ -227,6 +227,8 @@ def test_sigterm_stops_every_process_and_kill_9_takes_them_with_it(make_server):
 def test_a_killed_ldap_process_is_started_again_and_the_other_answers_meanwhile(make_server):
     srv = make_server("sqlite", TWO)
     (first,) = wait_ldap_children(srv)
+    # the new process runs with the server's configuration, not the file as it is now
+    srv.config_path.write_text("[ldap]\nlisten = not toml\n")
     os.kill(first, signal.SIGKILL)
     for _ in range(5):                                   # the server's own process goes on answering
         assert srv.run("ldapwhoami").returncode == 0
@@ -300,3 +302,22 @@ def test_metrics_add_up_both_processes(make_server):
         return now if ops(now, "bind", "success") - ops(before, "bind", "success") >= 6 else None
     after = wait_for("the binds counted", counted, 10)
     assert ops(after, "bind", "success") - ops(before, "bind", "success") == 6
+
+
+def test_a_user_bound_without_a_password_through_either_process_gets_the_activation_mail(make_server, fake_tenant,
+                                                                                       smtp_sink):
+    from helpers import wait_mail
+    from sync.test_worker import DOMAIN  # type: ignore[import-not-found]
+
+    srv = make_server("sqlite", TWO + office365_config(fake_tenant.info) + f'[mail]\nsmtp = "{smtp_sink.endpoint}"\n')
+    wait_ldap_children(srv)
+    conns = on_each_process(srv)
+    for conn in conns.values():
+        assert conn.bind()
+        uid = unique("act")
+        attrs = {"uid": uid, "cn": uid, "sn": "Person", "givenName": uid, "mail": f"{uid}@{DOMAIN}",
+                 "ldapsyncAltMail": f"{uid}@home.example", "ldapsyncDirectory": "office365"}
+        assert conn.add(f"uid={uid},{PEOPLE}", ["inetOrgPerson", "ldapsyncUser"], attrs), conn.result
+        # the server's process mails at once; the other's link is mailed by the pages' poll (3 s)
+        wait_mail(smtp_sink, f"{uid}@home.example", timeout=30)
+        conn.unbind()
