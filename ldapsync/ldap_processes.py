@@ -268,14 +268,14 @@ class LDAPProcessesService(service.Service):
         self._stdin[index] = process.pipes[0].fileno()
         # First on its stdin: the server's configuration, as the server runs with it (the file may
         # have changed since; the child never reads it), then "h" and "q" bytes.
-        _write_all(self._stdin[index], self._config_line)
+        try:
+            _write_all(self._stdin[index], self._config_line)
+        except OSError:
+            pass                           # it ended at once: processEnded logs it and starts another
         self._started_at[index] = self.reactor.seconds()
         log.info("LDAP process {index} started (pid {pid})", index=index, pid=process.pid)
         if self.worker_hungry():
             self._tell(index, HUNGRY)      # its COMMITs must wake the worker from the first one
-
-    def pids(self) -> list[int]:
-        return [p.child_pid for p in self.children.values() if p.child_pid is not None]
 
     # -- the worker's wake, across processes
     def _child_wake(self) -> None:
