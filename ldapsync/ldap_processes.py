@@ -8,9 +8,10 @@ one core at most; N processes answer with up to N.  With ``processes = 1`` nothi
 
     server process (twistd: tap.make_service)              LDAP process k = 1 .. N-1
       config, bootstrap, migrations, admin password file     (python -m ldapsync.ldap_processes)
-      binds every [ldap] listen socket ──── fd 3, 4, ... ──▶ adopts them (same sockets: the kernel
-      answers LDAP on them too                                hands each new connection to whichever
-      self-service pages, [metrics] listen, pidfile, log      process accepts it first)
+      binds every [ldap] listen socket, and one more per ─▶ fd 3, 4, ...: listens on them once it
+      listener and child (Linux: SO_REUSEPORT) ────────────   can answer (the kernel spreads new
+      answers LDAP on its own                                 connections over the listening ones)
+      self-service pages, [metrics] listen, pidfile, log
       the one Microsoft 365 worker process                    DirectoryService(bootstrap=False)
       log ◀──────── one JSON line per log event on stdout ─── (tagged "ldap-k" in the server's log)
       worker wake ◀─ "w" line on stdout (only when told "h") ─ COMMIT that queued outbox rows
@@ -71,13 +72,17 @@ def _family(interface: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in interface else socket.AF_INET
 
 
-def _bind(family: socket.AddressFamily, interface: str, port: int, backlog: int) -> socket.socket:
+def _bind(family: socket.AddressFamily, interface: str, port: int, backlog: int | None) -> socket.socket:
+    """A SO_REUSEPORT socket bound to ``(interface, port)``, listening when ``backlog`` is given.
+    A child's is bound only: the kernel hands connections to listening sockets alone, so none wait
+    for a process still starting; the child listens once it can answer."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
-        sock.listen(backlog)
+        if backlog is not None:
+            sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -135,7 +140,7 @@ def socket_for_child(listener: Any) -> int:
     if getattr(listener, "reuse_port", False):
         host = port.getHost()
         try:
-            return _bind(_family(host.host), host.host, host.port, getattr(port, "backlog", 50)).detach()
+            return _bind(_family(host.host), host.host, host.port, None).detach()
         except OSError as e:
             log.warn("LDAP processes: cannot bind another socket on {host}:{port} ({e}); this process shares "
                      "the server's (connections are spread less evenly)", host=host.host, port=host.port, e=e)
@@ -433,15 +438,20 @@ def _read_commands(reactor: Any, on_hungry: Callable[[], None], on_quit: Callabl
 def _adopt(reactor: Any, fd: int, description: str, factory: Any) -> Any:
     """Listen on an inherited socket, with TLS when the listener is ``ssl:`` (its certificate and
     key read from the description, as the server did)."""
+    from twisted.internet import endpoints
+
+    endpoint: Any = endpoints.serverFromString(reactor, description)
     sock = socket.socket(fileno=os.dup(fd))
     family = sock.family
+    # Listening from now on (the server bound it only; a shared socket listens already: this
+    # changes nothing there).
+    sock.listen(getattr(endpoint, "_backlog", 50))
     sock.close()
-    if description.startswith("ssl:"):
-        from twisted.internet import endpoints
+    tls = getattr(endpoint, "_sslContextFactory", None)
+    if tls is not None:
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
-        endpoint: Any = endpoints.serverFromString(reactor, description)
-        factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
+        factory = TLSMemoryBIOFactory(tls, False, factory)
     port = reactor.adoptStreamPort(fd, family, factory)
     os.close(fd)                   # the port holds a duplicate
     return port
