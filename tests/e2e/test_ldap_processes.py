@@ -322,3 +322,10 @@ def test_a_user_bound_without_a_password_through_either_process_gets_the_activat
         # the server's process mails at once; the other's link is mailed by the pages' poll (3 s)
         wait_mail(smtp_sink, f"{uid}@home.example", timeout=30)
         conn.unbind()
+
+
+def test_one_process_is_one_process(make_server):
+    srv = make_server("sqlite", "[ldap]\nprocesses = 1\n")
+    assert srv.run("ldapwhoami").returncode == 0
+    assert ldap_pids(srv) == [srv.proc.pid]
+    assert "LDAP process" not in srv.log.read_text()
