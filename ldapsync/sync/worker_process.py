@@ -20,6 +20,8 @@ worker in its own (tests/perf/bench_propagation.py modify-cost --server-pacing o
     planner: COMMIT ─ call_after(wake) ─▶ "w" on the child's stdin ─▶ worker.wake()
                       (only if the child said "c": caught up, nothing left to claim; a busy
                        worker claims again whenever a delivery ends and needs no wake)
+    (the other LDAP processes, [ldap] processes > 1: their COMMITs reach wake() through the
+     server, only after it passed the child's "c" on to them as "h": ldapsync/ldap_processes.py)
     parent ◀── "c" line on the child's stdout ◀── worker.caught_up (once per "w" received)
     stopService ──────────────────────────▶ "q" ─▶ graceful stop: deliveries in flight end, leases
                                                     given back, exit 0 (the parent waits for it)
