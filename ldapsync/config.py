@@ -15,7 +15,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,14 @@ def parse_duration(value: str | int | float, key: str) -> float:
                           f"like \"250ms\", \"60s\", \"5m\", \"2h\", \"90d\"), got {value!r}")
     n = float(m.group(1))
     return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity), at least 1: ``[ldap] processes``' default."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))     # taskset, systemd CPUAffinity=, a container's cpuset
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,9 @@ class LDAPConfig:
     max_pending_anonymous: int = 100              # operations in progress per connection before a bind (conn_max_pending)
     max_pending: int = 1000                       # ... after a successful bind (conn_max_pending_auth)
     bind_failures_per_address: int = 100          # wrong passwords per minute from one address before its binds are refused (0 = no cap)
+    # LDAP processes sharing the listening sockets and the database (ldapsync/ldap_processes.py);
+    # default: the CPUs this process may use.  1 = one process, as before.
+    processes: int = field(default_factory=lambda: _cpus())
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,7 @@ class MetricsConfig:
     listen: str = ""               # endpoint of /metrics, /healthz, /readyz, e.g. "tcp:9389:interface=127.0.0.1" ("" = off)
 
 
+MAX_PROCESSES = 256     # [ldap] processes: a typo guard (each process holds its own database connections)
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")   # Twisted's LogLevel names
 LOG_FORMATS = ("text", "json")
 
@@ -310,7 +322,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[ldap] starttls_cert and starttls_key must be given together")
     if not cfg.ldap.listen:
         raise ConfigError("[ldap] listen: at least one listener is needed")
-    _at_least_one("ldap", cfg.ldap, "max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous")
+    _at_least_one("ldap", cfg.ldap, "max_pdu_size", "max_pdu_size_anonymous", "max_pending", "max_pending_anonymous",
+                  "processes")
+    if cfg.ldap.processes > MAX_PROCESSES:
+        raise ConfigError(f"[ldap] processes: expected at most {MAX_PROCESSES}, got {cfg.ldap.processes}")
     url = cfg.selfservice.public_url
     if cfg.selfservice.listen and not url:
         raise ConfigError(f"[selfservice] public_url: cannot tell the pages' address from listen = "
@@ -407,6 +422,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     cfg = _resolve_paths(Config(**sections, source=str(p)), raw, p.resolve().parent)
     _validate(cfg)
     return cfg
+
+
+def to_json(cfg: Config) -> str:
+    """``cfg`` as one line of JSON, for a child process that must run with exactly the server's
+    configuration (``ldap_processes.py``), not the file as it may read later."""
+    import json
+
+    return json.dumps(asdict(cfg), separators=(",", ":"))
+
+
+def from_json(text: str) -> Config:
+    """The :class:`Config` :func:`to_json` wrote."""
+    import json
+
+    raw = json.loads(text)
+    sections = {name: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw[name].items()})
+                for name, cls in _SECTIONS.items()}
+    return Config(**sections, source=raw["source"])
 
 
 # The keys that name a file, by section ("" in a key means "not set"; [log] file "-" is stdout).

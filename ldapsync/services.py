@@ -10,7 +10,8 @@ here, so that nothing but the CLI and the twistd plugin imports the wiring.
     LDAP process (tap.make_service)          worker process (worker_process.build)
       DirectoryService  (db, directory, hooks)  DirectoryService(bootstrap=False), no hooks
       Listener × [ldap] listen                  ConnectorService
-      SelfServiceService (selfservice/)         OutboxWorkerService (worker, LISTEN, reconcile)
+      LDAPProcessesService ([ldap] processes)   OutboxWorkerService (worker, LISTEN, reconcile)
+      SelfServiceService (selfservice/)
       WorkerProcessService (sync/)
       Listener [metrics] listen (DatabaseProbe)
       hooks = office365_hooks(...)  ([office365] enabled)
@@ -51,20 +52,45 @@ def office365_hooks(directory: Directory, *, wake: Callable[[], None] | None = N
     return [planner, ActivationHook(links or LinkService(directory, None), planner)]
 
 
+def starttls_context(config: Config) -> Any:
+    """The TLS context of STARTTLS (``[ldap] starttls_cert``/``starttls_key``), or None."""
+    from twisted.internet import ssl
+
+    if not config.ldap.starttls_cert:
+        return None
+    with open(config.ldap.starttls_cert, "rb") as f:
+        cert = f.read()
+    with open(config.ldap.starttls_key, "rb") as f:
+        key = f.read()
+    return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
+
+
 class Listener(StreamServerEndpointService):
     """A listening port whose failure to listen stops the server with one clear line, not a traceback."""
 
-    def __init__(self, description: str, factory: Any, config_key: str) -> None:
+    def __init__(self, description: str, factory: Any, config_key: str, *, reuse_port: bool = False) -> None:
         from twisted.internet import endpoints, reactor
 
-        super().__init__(endpoints.serverFromString(reactor, description), factory)
+        endpoint: Any = endpoints.serverFromString(reactor, description)
+        self.reuse_port = False
+        if reuse_port:
+            # [ldap] processes > 1 on Linux: a socket the other LDAP processes' sockets join
+            from ldapsync.ldap_processes import ReusePortEndpoint
+
+            shared = ReusePortEndpoint.of(reactor, endpoint)
+            if shared is not None:
+                endpoint, self.reuse_port = shared, True
+        super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description = description
         self.config_key = config_key
+        self.port: Any = None            # the listening port, once bound (its socket: ldap_processes.py)
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
+            if self._waitingForPort is not None:
+                self._waitingForPort.addCallback(self._bound)
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
             sys.stderr.write(f"ldapsync: cannot listen on {self.description!r} ({self.config_key}): {reason}; "
@@ -74,6 +100,11 @@ class Listener(StreamServerEndpointService):
             # SystemExit would leave a half-started process behind: end it here.  Nothing is lost:
             # every transaction so far has committed.
             os._exit(1)
+
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port
 
 
 class DirectoryService(service.Service):

@@ -1,9 +1,10 @@
 """twistd entry point (the wiring of the LDAP process): ``twistd -n ldapsync [--config FILE]`` → the service tree.
 
 The tree is a MultiService: the database first, the LDAP listeners after it
-(children stop in reverse order, so listeners close before the database), the
-self-service pages, and with ``[office365] enabled`` the Microsoft 365 worker
-process last (``sync/worker_process.py``; it builds its own tree from the
+(children stop in reverse order, so listeners close before the database), with
+``[ldap] processes`` > 1 the other LDAP processes (``ldap_processes.py``: they
+inherit the listeners' sockets and stop before them), the self-service pages,
+and with ``[office365] enabled`` the Microsoft 365 worker process last (``sync/worker_process.py``; it builds its own tree from the
 connector and worker services in ``services.py`` and stops first).  Here the
 directory gets its write hooks: the outbox planner, which wakes the worker
 process after COMMIT, and the activation links.  Only the twistd plugin and
@@ -16,13 +17,20 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import ssl
 from twisted.logger import Logger
 from twisted.python import usage
 
 from ldapsync import metrics
 from ldapsync.config import Config, ConfigError, load_config
-from ldapsync.services import DatabaseProbe, DirectoryService, Listener, OrderedMultiService, metrics_directory, office365_hooks
+from ldapsync.services import (
+    DatabaseProbe,
+    DirectoryService,
+    Listener,
+    OrderedMultiService,
+    metrics_directory,
+    office365_hooks,
+    starttls_context,
+)
 
 log = Logger()
 
@@ -47,16 +55,6 @@ def _exposed_secrets(config: Config) -> list[str]:
     found = [tighten(config.admin.password_file, holds="the admin password", fix=False),
              tighten(config.secrets.key_file, holds="the key of the queued passwords and tokens", fix=False)]
     return [line for line in found if line]
-
-
-def starttls_context(config: Config) -> Any:
-    if not config.ldap.starttls_cert:
-        return None
-    with open(config.ldap.starttls_cert, "rb") as f:
-        cert = f.read()
-    with open(config.ldap.starttls_key, "rb") as f:
-        key = f.read()
-    return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
 
 
 class _Root(OrderedMultiService):
@@ -86,11 +84,25 @@ def make_service(config: Config) -> service.MultiService:
     dirsvc.setServiceParent(top)
     ctx = starttls_context(config)
     limits = ConnectionLimits(config.ldap.max_connections, config.ldap.max_connections_per_address)
+    from ldapsync.ldap_processes import reuse_port
+
+    listeners = []
     for endpoint in config.ldap.listen:
         factory = LDAPServerFactory(dirsvc.directory, config.ldap, starttls_context=ctx,
                                     is_tls_listener=endpoint.startswith("ssl:"), limits=limits,
                                     access=config.log.access)
-        Listener(endpoint, factory, "[ldap] listen").setServiceParent(top)
+        listener = Listener(endpoint, factory, "[ldap] listen", reuse_port=config.ldap.processes > 1 and reuse_port())
+        listener.setServiceParent(top)
+        listeners.append(listener)
+    # [ldap] processes > 1: the other LDAP processes, started once this one has bootstrapped the
+    # database and bound the sockets they inherit (ldapsync/ldap_processes.py); stopped before
+    # this process's listeners close.
+    ldap_procs = None
+    if config.ldap.processes > 1:
+        from ldapsync.ldap_processes import LDAPProcessesService
+
+        ldap_procs = LDAPProcessesService(config, listeners, config.ldap.processes)
+        ldap_procs.setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which
     # they use; children stop in reverse order).
     from ldapsync.selfservice.service import SelfServiceService
@@ -106,6 +118,11 @@ def make_service(config: Config) -> service.MultiService:
 
         procsvc = WorkerProcessService(dirsvc)
         dirsvc.hooks.extend(office365_hooks(dirsvc.directory, wake=procsvc.wake, links=selfsvc.links))
+        if ldap_procs is not None:
+            # the other LDAP processes' COMMITs wake the one worker through this process
+            ldap_procs.wake = procsvc.wake
+            ldap_procs.worker_hungry = lambda: procsvc.hungry
+            procsvc.on_hungry.append(ldap_procs.hungry)
         procsvc.setServiceParent(top)
     if config.metrics.listen:
         Listener(config.metrics.listen, metrics.site(DatabaseProbe(dirsvc)), "[metrics] listen").setServiceParent(top)

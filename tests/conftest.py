@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,10 @@ class Server:
 
     def write_config(self) -> None:
         ldap_keys, extra = split_ldap_table(self.extra_config)
+        if not re.search(r"^\s*processes\s*=", ldap_keys, re.M):
+            # one LDAP process unless a test asks for more (the default is one per CPU): the
+            # tests of per-process limits (connections, wrong passwords per address) count on it
+            ldap_keys = "processes = 1\n" + ldap_keys
         web_keys, extra = split_table(extra, "selfservice")
         if "listen" not in web_keys:
             web_keys = f'listen = "tcp:{self.web_port}:interface=127.0.0.1"\n' + web_keys

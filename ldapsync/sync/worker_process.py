@@ -20,6 +20,8 @@ worker in its own (tests/perf/bench_propagation.py modify-cost --server-pacing o
     planner: COMMIT ─ call_after(wake) ─▶ "w" on the child's stdin ─▶ worker.wake()
                       (only if the child said "c": caught up, nothing left to claim; a busy
                        worker claims again whenever a delivery ends and needs no wake)
+    (the other LDAP processes, [ldap] processes > 1: their COMMITs reach wake() through the
+     server, only after it passed the child's "c" on to them as "h": ldapsync/ldap_processes.py)
     parent ◀── "c" line on the child's stdout ◀── worker.caught_up (once per "w" received)
     stopService ──────────────────────────▶ "q" ─▶ graceful stop: deliveries in flight end, leases
                                                     given back, exit 0 (the parent waits for it)
@@ -140,6 +142,9 @@ class WorkerProcessService(service.Service):
         self.proto: _ChildProtocol | None = None
         self._hungry = False
         self._work_since_wake = False
+        # [ldap] processes > 1: told when the child is caught up, so that the other LDAP
+        # processes' next COMMIT wakes it through wake() (ldapsync/ldap_processes.py)
+        self.on_hungry: list[Any] = []
         self._stdin_fd: int | None = None
         self._stopping = False
         self._backoff = self.restart_backoff[0]
@@ -203,6 +208,13 @@ class WorkerProcessService(service.Service):
             self._write_wake()
         else:
             self._hungry = True
+            for tell in self.on_hungry:
+                tell()
+
+    @property
+    def hungry(self) -> bool:
+        """The child is caught up and waits for a wake."""
+        return self._hungry
 
     def _write_wake(self) -> None:
         self._work_since_wake = False

@@ -4,7 +4,7 @@ same load, same machine, same run.
 
     python tests/perf/bench_ldap.py [--users 10000] [--conns 16] [--duration 10]
         [--server ldapsync|slapd|both] [--db sqlite|postgresql+psycopg://...]
-        [--scenarios search,bind,modify,mix] [--keep]
+        [--scenarios search,bind,modify,mix] [--ldap-processes N] [--keep]
 
 Prints one JSON line per (server, scenario) on stdout, a "load" line per
 server (bulk load time), a "machine" line first and, with --server both, one
@@ -271,9 +271,10 @@ class Ldapsync:
     name = "ldapsync"
 
     def __init__(self, work: Path, users: int, database: str, cleartext: bool, bin_dir: str | None = None,
-                 durability: str = "full"):
+                 durability: str = "full", processes: int = 1):
         self.dir = work / "ldapsync"
         self.durability = durability
+        self.processes = processes
         self.dir.mkdir()
         self.users = users
         self.port = free_port()
@@ -305,6 +306,7 @@ database = "{self.database}"
 durability = "{self.durability}"
 [ldap]
 listen = ["tcp:{self.port}:interface={HOST}"]
+processes = {self.processes}               # LDAP processes (--ldap-processes; the server's default is one per CPU)
 [admin]
 password_file = "{pw}"
 [selfservice]
@@ -353,6 +355,13 @@ listen = ""                       # no pages: benchmarks must not take port 8080
         self.proc = subprocess.Popen(cmd, cwd=self.dir, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
         lf.close()
         wait_ready(self.port, self.proc, 60, loadgen.uid_of(1))
+        # [ldap] processes > 1: the others answer once they say so (connections the kernel hands
+        # to one still starting would wait for it)
+        deadline = time.monotonic() + 60
+        while self.log.read_text(errors="replace").count(") answering") < self.processes - 1:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"ldapsync's {self.processes} LDAP processes did not all start; see {self.log}")
+            time.sleep(0.1)
 
     @property
     def pid(self) -> int | None:
@@ -410,6 +419,10 @@ def bench_server(srv, args, scenarios, results: dict) -> None:
             if sc == "bind":
                 line["hash"] = srv.hash
             line["db"] = srv.db
+            if srv.name == "ldapsync":
+                # server_cpu_* count every process of the server: the LDAP processes (children of
+                # the twistd process, like the Microsoft 365 worker: server_children_cpu_pct) too
+                line["ldap_processes"] = srv.processes
             if len(runs) > 1:
                 line["runs_ops_per_s"] = [x["ops_per_s"] for x in runs]
                 line["errors"] = sum(x["errors"] for x in runs)
@@ -470,6 +483,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--durability", choices=("full", "normal"), default="full",
                     help="ldapsync's [directory] durability (full: fsync at every COMMIT; normal: at checkpoints)")
+    ap.add_argument("--ldap-processes", type=int, default=1,
+                    help="ldapsync's [ldap] processes (default 1, so figures stay comparable with earlier runs)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (LDIF, configs, databases, logs)")
     ap.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
@@ -483,6 +498,8 @@ def main(argv=None) -> int:
         ap.error("--users must be between 1 and 999999")
     if args.conns < 1 or args.duration <= 0 or not 1 <= args.repeat <= 20:
         ap.error("--conns and --duration must be positive, --repeat between 1 and 20")
+    if not 1 <= args.ldap_processes <= 256:
+        ap.error("--ldap-processes must be between 1 and 256")
 
     work = Path(tempfile.mkdtemp(prefix="ldapbench-", dir=args.workdir))
     log(f"work dir {work}")
@@ -491,7 +508,7 @@ def main(argv=None) -> int:
         servers.append(Slapd(work, args.users))
     if args.server in ("ldapsync", "both"):
         servers.append(Ldapsync(work, args.users, args.db, args.ldapsync_passwords == "cleartext", args.bin_dir,
-                                args.durability))
+                                args.durability, args.ldap_processes))
     slapd_version = Slapd.version() if shutil.which("slapd") or os.path.exists(SLAPD) else "not installed"
     info = machine_info(slapd_version)
     # CPU already busy before we start (other processes on this machine)

@@ -326,6 +326,7 @@ suffix = "{SUFFIX}"
 database = "{self.db_url or f'sqlite:///{self.db_path}'}"
 [ldap]
 listen = ["tcp:{self.port}:interface={HOST}"]
+processes = 1                     # one LDAP process (the default is one per CPU): figures comparable with earlier runs
 [admin]
 password_file = "{pw}"
 [selfservice]

@@ -487,7 +487,8 @@ def percentile(sorted_vals, p: float) -> float:
 
 def _proc_cpu_s(pid: int | None, *, children: bool = True) -> float | None:
     """CPU seconds of ``pid``, with (``children``) those of its child processes, live or ended:
-    ldapsync's Microsoft 365 worker is a child of the server process."""
+    ldapsync's Microsoft 365 worker and its other LDAP processes (``[ldap] processes``) are
+    children of the server process."""
     if not pid:
         return None
     ticks = _ticks(pid, children)
@@ -649,7 +650,7 @@ def run_load(
         if ops:
             out["server_cpu_us_per_op"] = round(1e6 * (s_cpu1 - s_cpu0) / ops, 1)
     if l_cpu0 is not None and l_cpu1 is not None and s_cpu1 is not None and s_cpu0 is not None:
-        # the server process alone (LDAP) vs its children (ldapsync's Microsoft 365 worker process)
+        # the server process alone vs its children (ldapsync's Microsoft 365 worker process, its other LDAP processes)
         out["server_ldap_process_cpu_pct"] = round(100.0 * (l_cpu1 - l_cpu0) / duration, 1)
         out["server_children_cpu_pct"] = round(100.0 * ((s_cpu1 - s_cpu0) - (l_cpu1 - l_cpu0)) / duration, 1)
     busy = m1[0] - m0[0]
