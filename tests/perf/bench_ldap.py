@@ -84,7 +84,13 @@ ou: groups
 """
 
 
-def user_entry(i: int, password_value: str) -> str:
+# pwdChangedTime of the loaded users (an export from a directory with a password policy has it):
+# ldapsync's first bind of a user with an undated password dates it, a write slapd (no ppolicy
+# overlay here) never does; --undated-passwords measures those first binds instead.
+DATED = "20261201000000Z"
+
+
+def user_entry(i: int, password_value: str, dated: bool = False) -> str:
     uid = loadgen.uid_of(i)
     return (
         f"dn: uid={uid},ou=people,{SUFFIX}\n"
@@ -99,11 +105,12 @@ def user_entry(i: int, password_value: str) -> str:
         f"mail: {uid}@example.com\n"
         f"description: Benchmark user number {i}\n"
         f"userPassword: {password_value}\n"
-        "\n"
+        + (f"pwdChangedTime: {DATED}\n" if dated else "")
+        + "\n"
     )
 
 
-def write_ldif(path: Path, users: int, *, base: bool, cleartext: bool, seed: int = 42) -> None:
+def write_ldif(path: Path, users: int, *, base: bool, cleartext: bool, seed: int = 42, dated: bool = False) -> None:
     """Users user000001..userNNNNNN; passwords {SSHA} (deterministic salts) or
     cleartext (the server hashes them)."""
     rnd = random.Random(seed)
@@ -113,7 +120,7 @@ def write_ldif(path: Path, users: int, *, base: bool, cleartext: bool, seed: int
         chunk = []
         for i in range(1, users + 1):
             pw = USER_PASSWORD if cleartext else ssha(USER_PASSWORD, rnd.randbytes(8))
-            chunk.append(user_entry(i, pw))
+            chunk.append(user_entry(i, pw, dated))
             if len(chunk) >= 1000:
                 f.write("".join(chunk))
                 chunk.clear()
@@ -283,6 +290,7 @@ class Ldapsync:
         self.ldif = self.dir / "users.ldif"
         self.log = self.dir / "ldapsync.log"
         self.cleartext = cleartext
+        self.dated = True                 # pwdChangedTime loaded (see DATED); main() may say otherwise
         if database == "sqlite":
             self.database = "sqlite:///" + str(self.dir / "ldapsync.db")
             self.db = "sqlite"
@@ -317,7 +325,7 @@ listen = ""                       # no pages: benchmarks must not take port 8080
     def load(self) -> float:
         # `ldapsync init` creates the suffix, ou=people, ou=groups, ... and
         # cn=admin, so the LDIF holds the users only.
-        write_ldif(self.ldif, self.users, base=False, cleartext=self.cleartext)
+        write_ldif(self.ldif, self.users, base=False, cleartext=self.cleartext, dated=self.dated)
         self.write_conf()
         base = [self.cli, "--config", str(self.conf)]
         t_init = run_checked(base + ["init"], cwd=self.dir, log_path=self.log, timeout=600)
@@ -418,6 +426,8 @@ def bench_server(srv, args, scenarios, results: dict) -> None:
             }
             if sc == "bind":
                 line["hash"] = srv.hash
+                if srv.name == "ldapsync":
+                    line["pwdChangedTime_loaded"] = srv.dated
             line["db"] = srv.db
             if srv.name == "ldapsync":
                 # server_cpu_* count every process of the server: the LDAP processes (children of
@@ -486,6 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ldap-processes", type=int, default=1,
                     help="ldapsync's [ldap] processes (default 1, so figures stay comparable with earlier runs)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--undated-passwords", action="store_true",
+                    help="load ldapsync's users without pwdChangedTime: each user's first bind then dates it (a write)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (LDIF, configs, databases, logs)")
     ap.add_argument("--workdir", help="parent of the temp dir (default: system temp)")
     args = ap.parse_args(argv)
@@ -509,6 +521,7 @@ def main(argv=None) -> int:
     if args.server in ("ldapsync", "both"):
         servers.append(Ldapsync(work, args.users, args.db, args.ldapsync_passwords == "cleartext", args.bin_dir,
                                 args.durability, args.ldap_processes))
+        servers[-1].dated = not args.undated_passwords
     slapd_version = Slapd.version() if shutil.which("slapd") or os.path.exists(SLAPD) else "not installed"
     info = machine_info(slapd_version)
     # CPU already busy before we start (other processes on this machine)
