@@ -25,17 +25,24 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from ldapsync.store.outbox import NOTIFY_CHANNEL
 
+if TYPE_CHECKING:
+    import psycopg
+    from sqlalchemy.engine import Engine
+
+    from ldapsync.store.database import Database
+
 log = Logger()
 
 
-def connect_kwargs(engine: Any) -> dict[str, Any]:
+def connect_kwargs(engine: Engine) -> dict[str, Any]:
     """psycopg.connect() keyword arguments for the engine's database (same host, user, password, options)."""
     _args, params = engine.dialect.create_connect_args(engine.url)
     params = {k: v for k, v in params.items() if k != "context"}
@@ -46,7 +53,7 @@ def connect_kwargs(engine: Any) -> dict[str, Any]:
 class OutboxListener:
     """A thread that LISTENs on :data:`NOTIFY_CHANNEL` and calls ``wake()`` on the reactor thread."""
 
-    def __init__(self, connect_params: dict[str, Any], wake: Any, *, reactor: Any, channel: str = NOTIFY_CHANNEL,
+    def __init__(self, connect_params: dict[str, Any], wake: Callable[[], object], *, reactor: Any, channel: str = NOTIFY_CHANNEL,
                  timeout: float = 0.5, ping_interval: float = 30.0, backoff: tuple[float, float] = (0.5, 30.0)) -> None:
         self.params = connect_params
         self.wake = wake
@@ -60,10 +67,10 @@ class OutboxListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending = False
-        self._conn: Any = None
+        self._conn: psycopg.Connection[Any] | None = None
 
     @classmethod
-    def for_database(cls, db: Any, wake: Any, *, reactor: Any, **kw: Any) -> OutboxListener:
+    def for_database(cls, db: Database, wake: Callable[[], object], *, reactor: Any, **kw: Any) -> OutboxListener:
         return cls(connect_kwargs(db.engine), wake, reactor=reactor, **kw)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -149,7 +156,7 @@ class OutboxListener:
                     conn.close()
         log.info("outbox listener: stopped")
 
-    def _listen(self, conn: Any) -> None:
+    def _listen(self, conn: psycopg.Connection[Any]) -> None:
         last_activity = time.monotonic()
         while not self._stop.is_set():
             got = False

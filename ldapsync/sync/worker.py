@@ -61,6 +61,7 @@ carries them and never appear in a log line, an error attribute or an exception 
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import socket
@@ -70,10 +71,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, task
+from twisted.internet.base import DelayedCall
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 
 from ldapsync.secretbox import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
+from ldapsync.graph.pacing import WritePacer
 from ldapsync.store import account_records
 from ldapsync.store import links as links_q
 from ldapsync.store import outbox as outbox_q
@@ -121,7 +125,7 @@ class _Job:
     rows: list[outbox_q.OutboxRow]
     entry: StoredEntry | None
     started: float = field(default_factory=time.monotonic)
-    deferred: Any = None           # the running _process (cancelled at shutdown after the grace period)
+    deferred: defer.Deferred[None] | None = None   # the running _process (cancelled at shutdown after the grace period)
 
     @property
     def head(self) -> int:
@@ -134,10 +138,13 @@ class _Job:
         return self.rows[0].lease_gen if self.rows else 0
 
 
-def _guarded(fn: Any) -> Any:
+def _guarded(fn: Callable[[], object]) -> defer.Deferred[object]:
     """Run a periodic job; a failure is logged and the loop goes on."""
-    d = defer.maybeDeferred(fn)
-    d.addCallback(lambda r: defer.ensureDeferred(r) if hasattr(r, "__await__") and not isinstance(r, defer.Deferred) else r)
+    async def run() -> object:
+        r = fn()
+        return await r if inspect.isawaitable(r) else r
+
+    d = defer.ensureDeferred(run())
     d.addErrback(lambda f: log.failure("outbox worker: periodic {name} failed", f, name=getattr(fn, "__name__", "job")))
     return d
 
@@ -187,12 +194,12 @@ class OutboxWorker:
         self.end_gather = 0.25
         self._inflight: dict[str, _Job] = {}
         self._idle_waiters: list[defer.Deferred] = []
-        self._ends: list[tuple[str, Any, defer.Deferred]] = []    # queued completions (group commit)
+        self._ends: list[tuple[str, Callable[[Txn], bool], defer.Deferred[bool]]] = []   # queued completions (group commit)
         self._ending = False
         self._running = False
         self._draining = False
         self._again = False
-        self._scheduled: Any = None
+        self._scheduled: DelayedCall | None = None
         self._loops: list[task.LoopingCall] = []
         self._entry_state: str | None = None
         self._entry_state_at = 0.0
@@ -203,7 +210,7 @@ class OutboxWorker:
         self.delivered = 0
         # Called when a claim found fewer ready users than it had room for (the worker process
         # tells the LDAP process it wants a wake at the next COMMIT; until then none are sent).
-        self.caught_up: Any = None
+        self.caught_up: Callable[[], None] | None = None
         # several nodes (PostgreSQL): heartbeats in meta, the write budget split between live nodes
         self.heartbeat_interval = heartbeat_interval
         self.node_ttl = node_ttl
@@ -222,7 +229,7 @@ class OutboxWorker:
         if n:
             log.info("Microsoft 365 outbox: {n} lease(s) from before a restart released", n=n)
         self._running = True
-        jobs: list[tuple[float, Any]] = [(self.poll_interval, self.wake), (self.lease_seconds / 3, self._renew),
+        jobs: list[tuple[float, Callable[[], object]]] = [(self.poll_interval, self.wake), (self.lease_seconds / 3, self._renew),
                                          (self.depth_interval, self._depth)]
         if self.db.is_postgres:
             # The first heartbeat before the first claim: a node that dies right after it claimed
@@ -401,11 +408,11 @@ class OutboxWorker:
             self._draining = False
             self._notify_idle()
 
-    def _process_failed(self, f: Any) -> None:
+    def _process_failed(self, f: Failure) -> None:
         if not f.check(defer.CancelledError):      # cancelled at shutdown: the lease is given back
             log.failure("outbox worker: processing failed", f)
 
-    def _done(self, _: Any, entry_uuid: str) -> None:
+    def _done(self, _: object, entry_uuid: str) -> None:
         self._inflight.pop(entry_uuid, None)
         if self._running:
             self.wake()
@@ -589,18 +596,18 @@ class OutboxWorker:
         log.info("Microsoft 365: {upn}: {what} ({n} change(s) in {ms:.0f} ms)", upn=desired.upn or desired.dn,
                  what=out.what, n=len(ids), ms=(time.monotonic() - job.started) * 1000)
 
-    async def _end(self, desc: str, fn: Any) -> Any:
+    async def _end(self, desc: str, fn: Callable[[Txn], bool]) -> bool:
         """Run ``fn(txn)`` (a job's completion or failure) in a write transaction shared with
         the other jobs ending meanwhile: one COMMIT for many users under load (group commit),
         no added wait when idle (the first one goes at once; others gather while it runs)."""
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[bool] = defer.Deferred()
         self._ends.append((desc, fn, d))
         if not self._ending:
             defer.ensureDeferred(self._end_loop()).addErrback(
                 lambda f: log.failure("outbox worker: ending deliveries failed", f))
         return await d
 
-    def _pacer(self) -> Any:
+    def _pacer(self) -> WritePacer | None:
         """The Graph client's write pacer (the connector makes a new client when it re-checks)."""
         return getattr(getattr(self.connector, "client", None), "pacer", None)
 
