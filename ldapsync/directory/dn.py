@@ -34,6 +34,14 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _SPECIAL = frozenset('"+,;<>\\')  # escaped on output
 _ESCAPABLE = frozenset('"+,;<>\\= #')  # accepted after a backslash
 _ESCAPE_NEEDED_RE = re.compile(r'["+,;<>\\\x00-\x1f\x7f]|^[ #]| $')
+# A "plain" DN: ASCII, single-valued RDNs ``descr=value``, no spaces around the separators,
+# values of printable ASCII without escapes, specials, '#' or '=' (spaces only inside).  It
+# means the same as the characters say, so it is cut at the commas and each RDN built (and
+# cached) on its own; everything else goes through the full parser (_parse).
+_PLAIN_CHAR = r'[!\x24-\x2a\x2d-\x3a\x3f-\x5b\x5d-\x7e]'     # printable ASCII but "#+,;<=>\\
+_PLAIN_VALUE = _PLAIN_CHAR + r'(?:[ ' + _PLAIN_CHAR[1:-1] + r']*' + _PLAIN_CHAR + r')?'
+_PLAIN_RDN = r'[A-Za-z][A-Za-z0-9-]*=' + _PLAIN_VALUE
+_PLAIN_DN_RE = re.compile(_PLAIN_RDN + r'(?:,' + _PLAIN_RDN + r')*')
 
 
 def escape_value(value: str) -> str:
@@ -70,11 +78,15 @@ class RDN:
     ber: tuple[bool, ...] = ()
 
     def __str__(self) -> str:
-        ber = self.ber or (False,) * len(self.avas)
-        return "+".join(
-            f"{name}={value if is_ber else escape_value(value)}"
-            for (name, value), is_ber in zip(self.avas, ber)
-        )
+        text = self.__dict__.get("_text")      # computed once (an RDN is shared by many DNs)
+        if text is None:
+            ber = self.ber or (False,) * len(self.avas)
+            text = "+".join(
+                f"{name}={value if is_ber else escape_value(value)}"
+                for (name, value), is_ber in zip(self.avas, ber)
+            )
+            self.__dict__["_text"] = text
+        return text
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RDN) and other.norm == self.norm
@@ -338,12 +350,36 @@ def _parse(text: str, schema: "Schema") -> DN:
     return DN(tuple(rdns))
 
 
+def _parse_plain(text: str, schema: "Schema") -> DN:
+    """:func:`_parse` of a text that matches ``_PLAIN_DN_RE``: the same DN, each RDN cached.
+
+    A bad name (unknown type, a value its syntax refuses) is left to :func:`_parse`, so the
+    error is the full parser's.
+    """
+    cache = schema._rdn_cache
+    rdns = []
+    for part in text.split(","):
+        rdn = cache.get(part)
+        if rdn is None:
+            typ, _, value = part.partition("=")
+            try:
+                name = _resolve_type(text, typ, schema)
+                rdn = _build_rdn(text, ((name, value, False),), schema)
+            except LDAPError:
+                return _parse(text, schema)
+            if len(cache) >= _CACHE_LIMIT:
+                cache.clear()
+            cache[part] = rdn
+        rdns.append(rdn)
+    return DN(tuple(rdns))
+
+
 def parse_dn(text: str, schema: "Schema") -> DN:
     """Parse an RFC 4514 string DN; ``""`` is the root DSE.  Cached per schema."""
     cache = schema._dn_cache
     dn = cache.get(text)
     if dn is None:
-        dn = _parse(text, schema)
+        dn = _parse_plain(text, schema) if _PLAIN_DN_RE.fullmatch(text) else _parse(text, schema)
         if len(cache) >= _CACHE_LIMIT:
             cache.clear()
         cache[text] = dn

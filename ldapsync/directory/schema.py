@@ -94,6 +94,7 @@ class Schema:
             for n in oc.names:
                 self._oc[n.lower()] = oc
         self._dn_cache: dict[str, Any] = {}  # used by ldapsync.directory.dn
+        self._rdn_cache: dict[str, Any] = {}  # used by ldapsync.directory.dn (plain RDNs)
 
     # -- loading ---------------------------------------------------------
 
