@@ -313,6 +313,8 @@ def test_connections_per_address_are_capped(make_server: Any) -> None:
 [selfservice]
 max_connections_per_address = 5
 """)
+    # the pages listen once the server is up; the first raw connect must not race their start (CI: refused)
+    wait_for("the pages listening", lambda: Client(srv.web_url).request("/signin")[0] == 200, 30)
     held = [connect(srv) for _ in range(5)]
     try:
         extra = connect(srv)
