@@ -32,7 +32,6 @@ parallel (WAL).  In memory, per process: the wrong-password limit per client add
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -42,11 +41,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel
 
 from ldapsync import metrics
+from ldapsync.child_processes import LineChildProtocol
 
 log = Logger(namespace="ldapsync.ldap_processes")   # not "__main__" in the child
 
@@ -149,66 +149,23 @@ def socket_for_child(listener: Any) -> int:
 
 # -- the server's side ----------------------------------------------------------------------------
 
-class _ChildProtocol(protocol.ProcessProtocol):
+class _ChildProtocol(LineChildProtocol):
     def __init__(self, owner: LDAPProcessesService, index: int) -> None:
-        self.owner = owner
+        super().__init__(owner)
         self.index = index
-        self._out = b""
-        self._err = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self.child_pid: int | None = None
 
-    def connectionMade(self) -> None:
-        self.child_pid = getattr(self.transport, "pid", None)
+    def control(self, line: bytes) -> bool:
+        if line == WAKE:
+            self.owner._child_wake()
+            return True
+        return False
 
-    def outReceived(self, data: bytes) -> None:
-        from ldapsync.sync.worker_process import _split
+    def system(self) -> str:
+        return f"ldap-{self.index}"
 
-        lines, self._out = _split(self._out + data)
-        for line in lines:
-            if line == WAKE:
-                self.owner._child_wake()
-            elif line:
-                _forward(line, self.index)
-
-    def errReceived(self, data: bytes) -> None:
-        from ldapsync.sync.worker_process import _split
-
-        lines, self._err = _split(self._err + data)
-        for line in lines:
-            if line.strip():
-                _forward_raw(line, self.index)
-
-    def processEnded(self, reason: Any) -> None:
-        for rest, raw in ((self._out, False), (self._err, True)):
-            if rest.strip():
-                (_forward_raw if raw else _forward)(rest, self.index)
-        self._out = self._err = b""
-        if self.child_pid is not None:
-            metrics.process_exited(self.child_pid)     # its live gauges no longer count
-        code = getattr(reason.value, "exitCode", None)
-        sig = getattr(reason.value, "signal", None)
-        self.ended.callback((code, sig))
-        self.owner._ended(self, code, sig)
-
-
-def _forward(line: bytes, index: int) -> None:
-    """One of a child's log events, re-emitted into the server's log, its system tagged ``ldap-k``."""
-    try:
-        ns, level, when, text = json.loads(line)
-        lvl = LogLevel.levelWithName(level)
-    except Exception:  # noqa: BLE001 - not one of ours: show it as it is
-        _forward_raw(line, index)
-        return
-    globalLogPublisher({"log_namespace": ns, "log_level": lvl, "log_time": when,
-                        "log_system": f"{ns}#{lvl.name} ldap-{index}",
-                        "log_format": "{log_child_text}", "log_child_text": text})
-
-
-def _forward_raw(line: bytes, index: int) -> None:
-    """A line a child wrote outside its log (an interpreter error before logging began)."""
-    log.error("LDAP process {index}: {log_child_text}", index=index,
-              log_child_text=line.decode("utf-8", "replace").rstrip())
+    def raw(self, line: bytes) -> None:
+        log.error("LDAP process {index}: {log_child_text}", index=self.index,
+                  log_child_text=line.decode("utf-8", "replace").rstrip())
 
 
 class LDAPProcessesService(service.Service):

@@ -47,11 +47,12 @@ import threading
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
-from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent
 
 from ldapsync import metrics
+from ldapsync.child_processes import LineChildProtocol
 
 log = Logger()
 
@@ -63,66 +64,15 @@ _child_log = Logger(namespace="ldapsync.o365-worker")
 
 # -- the LDAP process's side ---------------------------------------------------------------------
 
-class _ChildProtocol(protocol.ProcessProtocol):
-    def __init__(self, owner: WorkerProcessService) -> None:
-        self.owner = owner
-        self._out = b""
-        self._err = b""
-        self.ended: defer.Deferred = defer.Deferred()
-        self.child_pid: int | None = None
+class _ChildProtocol(LineChildProtocol):
+    def control(self, line: bytes) -> bool:
+        if line == CAUGHT_UP:
+            self.owner._caught_up()
+            return True
+        return False
 
-    def connectionMade(self) -> None:
-        self.child_pid = getattr(self.transport, "pid", None)
-
-    def outReceived(self, data: bytes) -> None:
-        lines, self._out = _split(self._out + data)
-        for line in lines:
-            if line == CAUGHT_UP:
-                self.owner._caught_up()
-            elif line:
-                _forward(line)
-
-    def errReceived(self, data: bytes) -> None:
-        lines, self._err = _split(self._err + data)
-        for line in lines:
-            if line.strip():
-                _forward_raw(line)
-
-    def processEnded(self, reason: Any) -> None:
-        for rest, fwd in ((self._out, _forward), (self._err, _forward_raw)):
-            if rest.strip():
-                fwd(rest)
-        self._out = self._err = b""
-        if self.child_pid is not None:
-            metrics.process_exited(self.child_pid)     # its live gauges no longer count
-        code = getattr(reason.value, "exitCode", None)
-        sig = getattr(reason.value, "signal", None)
-        self.ended.callback((code, sig))
-        self.owner._ended(self, code, sig)
-
-
-def _split(buf: bytes) -> tuple[list[bytes], bytes]:
-    """The complete lines in ``buf`` and what is left of an unfinished one."""
-    *lines, rest = buf.split(b"\n")
-    return lines, rest
-
-
-def _forward(line: bytes) -> None:
-    """One of the child's log events, re-emitted into this process's log (same namespace and level)."""
-    try:
-        ns, level, when, text = json.loads(line)
-        lvl = LogLevel.levelWithName(level)
-    except Exception:  # noqa: BLE001 - not one of ours: show it as it is
-        _forward_raw(line)
-        return
-    # No log_system: the line reads "[namespace#level] text", exactly as when the worker ran in here.
-    globalLogPublisher({"log_namespace": ns, "log_level": lvl, "log_time": when,
-                        "log_format": "{log_child_text}", "log_child_text": text})
-
-
-def _forward_raw(line: bytes) -> None:
-    """A line the child wrote outside its log (an interpreter error before logging began)."""
-    _child_log.error("{log_child_text}", log_child_text=line.decode("utf-8", "replace").rstrip())
+    def raw(self, line: bytes) -> None:
+        _child_log.error("{log_child_text}", log_child_text=line.decode("utf-8", "replace").rstrip())
 
 
 class WorkerProcessService(service.Service):
@@ -275,7 +225,7 @@ class WorkerProcessService(service.Service):
 # -- the child ------------------------------------------------------------------------------------
 
 class _JSONLines:
-    """Log observer: one JSON line per event on fd 1 (read by the parent's ``_forward``)."""
+    """Log observer: one JSON line per event on fd 1 (read by the parent: ``child_processes.LineChildProtocol``)."""
 
     def __init__(self, fd: int = 1) -> None:
         self.out = os.fdopen(os.dup(fd), "w", encoding="utf-8", buffering=1)

@@ -1,0 +1,97 @@
+"""What the server's two kinds of child process share: their stdout/stderr read as lines.
+
+A child (the Microsoft 365 worker, ``sync/worker_process.py``; an extra LDAP process,
+``ldap_processes.py``) writes its log events to stdout as JSON lines (namespace, level, time,
+text) among short control lines of its own, and anything outside its log (an interpreter error
+before logging began) to stderr.  :class:`LineChildProtocol` splits both streams into lines, hands
+the control lines to :meth:`~LineChildProtocol.control`, re-emits the log events into the
+server's log and reports the child's end to its owner.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.logger import LogLevel, globalLogPublisher
+
+from ldapsync import metrics
+
+
+def split_lines(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The complete lines in ``buf`` and what is left of an unfinished one."""
+    *lines, rest = buf.split(b"\n")
+    return lines, rest
+
+
+def republish(line: bytes, system: str | None = None) -> bool:
+    """Re-emit one of a child's log events (same namespace and level) into this process's log;
+    ``system`` tags it (``log_system``).  False when the line is not one of ours."""
+    try:
+        ns, level, when, text = json.loads(line)
+        lvl = LogLevel.levelWithName(level)
+    except Exception:  # noqa: BLE001 - not one of ours: the caller shows it as it is
+        return False
+    event = {"log_namespace": ns, "log_level": lvl, "log_time": when,
+             "log_format": "{log_child_text}", "log_child_text": text}
+    if system is not None:
+        event["log_system"] = f"{ns}#{lvl.name} {system}"
+    globalLogPublisher(event)
+    return True
+
+
+class LineChildProtocol(protocol.ProcessProtocol):
+    """A child's stdout/stderr as lines; subclasses say what a control line means and how a
+    line outside the log is shown.  ``owner._ended(proto, exit_code, signal)`` is called at the end."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self._out = b""
+        self._err = b""
+        self.ended: defer.Deferred = defer.Deferred()
+        self.child_pid: int | None = None
+
+    def control(self, line: bytes) -> bool:
+        """Handle ``line`` if it is one of the child's control lines (True), else False."""
+        return False
+
+    def system(self) -> str | None:
+        """The ``log_system`` tag of the child's re-emitted events (None: none)."""
+        return None
+
+    def raw(self, line: bytes) -> None:
+        """Show a line the child wrote outside its log."""
+        raise NotImplementedError
+
+    def _event(self, line: bytes) -> None:
+        if not republish(line, self.system()):
+            self.raw(line)
+
+    def connectionMade(self) -> None:
+        self.child_pid = getattr(self.transport, "pid", None)
+
+    def outReceived(self, data: bytes) -> None:
+        lines, self._out = split_lines(self._out + data)
+        for line in lines:
+            if line and not self.control(line):
+                self._event(line)
+
+    def errReceived(self, data: bytes) -> None:
+        lines, self._err = split_lines(self._err + data)
+        for line in lines:
+            if line.strip():
+                self.raw(line)
+
+    def processEnded(self, reason: Any) -> None:
+        if self._out.strip():
+            self._event(self._out)
+        if self._err.strip():
+            self.raw(self._err)
+        self._out = self._err = b""
+        if self.child_pid is not None:
+            metrics.process_exited(self.child_pid)     # its live gauges no longer count
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        self.ended.callback((code, sig))
+        self.owner._ended(self, code, sig)
