@@ -59,18 +59,9 @@ def server_hash_threads() -> int:
 
 def stored_hash(srv: bench_ldap.Ldapsync) -> str:
     """One argon2id hash the server stored (SQLite files scanned for the encoded form)."""
-    for name in ("ldapsync.db-wal", "ldapsync.db"):
-        p = srv.dir / name
-        if not p.exists():
-            continue
-        with open(p, "rb") as f:
-            for _ in range(1 << 16):  # bounded: 64 Ki chunks of 1 MiB
-                chunk = f.read(1 << 20)
-                if not chunk:
-                    break
-                m = HASH_RE.search(chunk)
-                if m:
-                    return m.group(0).decode()
+    found = bench_ldap.find_in_sqlite_files(srv.dir, HASH_RE)
+    if found:
+        return found.decode()
     raise RuntimeError("no argon2id hash found in the ldapsync database")
 
 

@@ -132,6 +132,23 @@ def write_ldif(path: Path, users: int, *, base: bool, cleartext: bool, seed: int
 # --------------------------------------------------------------------------
 
 
+def find_in_sqlite_files(directory: Path, rx: "re.Pattern[bytes]") -> bytes | None:
+    """The first match of ``rx`` in ldapsync.db or its WAL in ``directory`` (read in bounded chunks)."""
+    for name in ("ldapsync.db", "ldapsync.db-wal"):
+        p = directory / name
+        if not p.exists():
+            continue
+        with open(p, "rb") as f:
+            for _ in range(1 << 16):  # bounded: 64 Ki chunks of 1 MiB
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                m = rx.search(chunk)
+                if m:
+                    return m.group(0)
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -341,6 +358,8 @@ listen = ""                       # no pages: benchmarks must not take port 8080
         """Read the argon2 parameters from a stored hash (SQLite only)."""
         if self.db != "sqlite":
             return None
+        found = find_in_sqlite_files(self.dir, re.compile(rb"\$argon2id?\$v=\d+\$m=\d+,t=\d+,p=\d+"))
+        return found.decode().lstrip("$").replace("argon2id$", "") if found else None
         rx = re.compile(rb"\$argon2id?\$v=\d+\$m=\d+,t=\d+,p=\d+")
         for name in ("ldapsync.db", "ldapsync.db-wal"):
             p = self.dir / name
