@@ -9,7 +9,7 @@ import time
 import pytest
 from helpers import SUFFIX
 
-from conftest import create_pg_database, drop_pg_database  # type: ignore[import-not-found]
+from conftest import fresh_database  # type: ignore[import-not-found]
 from ldapsync.config import AdminConfig, Config, DirectoryConfig, PasswordsConfig
 from ldapsync.directory.facade import Directory
 from ldapsync.directory.hooks import Origin
@@ -17,30 +17,21 @@ from ldapsync.directory.policy import format_time
 from ldapsync.directory.writes import Write
 from ldapsync.selfservice.service import due_warnings_txn
 from ldapsync.store import entries as store
-from ldapsync.store.database import Database
 
 DAY = 86400.0
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def directory(request, tmp_path):
-    pg = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'd.db'}"
-    else:
-        url, pg = create_pg_database()
-    cfg = Config(
-        directory=DirectoryConfig(suffix=SUFFIX, database=url),
-        admin=AdminConfig(password_file=str(tmp_path / "pw")),
-        passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192),
-    )
-    db = Database(url)
-    d = Directory(cfg, db, hooks=[])
-    d.bootstrap_sync()
-    yield d
-    db.stop()
-    if pg:
-        drop_pg_database(pg)
+    with fresh_database(request.param, tmp_path, migrated=False) as db:
+        cfg = Config(
+            directory=DirectoryConfig(suffix=SUFFIX, database=db.url),
+            admin=AdminConfig(password_file=str(tmp_path / "pw")),
+            passwords=PasswordsConfig(hash_time_cost=1, hash_memory_kib=8192),
+        )
+        d = Directory(cfg, db, hooks=[])
+        d.bootstrap_sync()
+        yield d
 
 
 def put(d: Directory, dn: str, attrs: dict[str, list[str]]) -> None:
