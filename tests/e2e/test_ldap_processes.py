@@ -16,21 +16,12 @@ import ssl
 
 import pytest
 from conftest import child_pids, office365_config  # type: ignore[import-not-found]
-from helpers import ADMIN_DN, PEOPLE, unique, user_ldif, wait_for
+from helpers import ADMIN_DN, PEOPLE, alive, unique, user_ldif, wait_for
 from ldap3 import BASE, MODIFY_REPLACE, Connection, Server, Tls
 
 pytestmark = pytest.mark.e2e
 
 TWO = "[ldap]\nprocesses = 2\n"
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def ldap_pids(srv) -> list[int]:

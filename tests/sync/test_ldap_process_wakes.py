@@ -9,10 +9,9 @@ process's side in this process.
 
 from __future__ import annotations
 
-import sys
 
 import pytest_twisted
-from sync.test_worker_process import CHILD  # type: ignore[import-not-found]
+from sync.test_worker_process import CHILD, stand_in_service  # type: ignore[import-not-found]
 
 from ldapsync.ldap_processes import _Wake
 
@@ -40,7 +39,6 @@ async def test_commits_in_another_ldap_process_wake_the_caught_up_worker(tmp_pat
     from twisted.internet import reactor, task
     from twisted.logger import globalLogPublisher
 
-    from ldapsync.sync.worker_process import WorkerProcessService
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -51,13 +49,7 @@ async def test_commits_in_another_ldap_process_wake_the_caught_up_worker(tmp_pat
             seen.append(event["log_child_text"])
     globalLogPublisher.addObserver(observer)
 
-    class Dirsvc:
-        class config:
-            source = str(tmp_path / "unused.toml")
-        planner = None
-
-    svc = WorkerProcessService(Dirsvc(), argv=[sys.executable, str(script)])
-    svc.reactor = reactor
+    svc = stand_in_service(tmp_path, script)
     # the other LDAP process, its pipe to the server in between: "w" → the server's wake
     other = _Wake(svc.wake)
     svc.on_hungry.append(other.on_hungry)

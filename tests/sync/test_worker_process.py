@@ -15,7 +15,7 @@ import signal
 import pytest
 import pytest_twisted
 from conftest import child_pids, office365_config  # type: ignore[import-not-found]
-from helpers import add_user, unique, wait_for
+from helpers import add_user, alive, unique, wait_for
 from sync.test_worker import DOMAIN, PASSWORD, entry, wait_active, wait_tenant  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.e2e
@@ -23,16 +23,6 @@ pytestmark = pytest.mark.e2e
 
 def add_bound(srv, uid: str) -> None:
     add_user(srv, uid, bound=True, password=PASSWORD)
-
-
-def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for a reaper)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def leased_rows(srv) -> int:
@@ -159,6 +149,25 @@ def test_worker_process_lines_outside_the_log_reach_the_server_log(make_server, 
 
 # -- the wake protocol, against a stand-in child (a real process on real pipes) -------------------
 
+
+def stand_in_service(tmp_path, script):
+    """A WorkerProcessService whose child is ``script`` (a stand-in worker), without a directory."""
+    import sys
+
+    from twisted.internet import reactor
+
+    from ldapsync.sync.worker_process import WorkerProcessService
+
+    class Dirsvc:
+        class config:
+            source = str(tmp_path / "unused.toml")
+        planner = None
+
+    svc = WorkerProcessService(Dirsvc(), argv=[sys.executable, str(script)])
+    svc.reactor = reactor
+    return svc
+
+
 CHILD = r'''
 import json, os, sys, time
 
@@ -183,12 +192,10 @@ say("bye")
 
 @pytest_twisted.ensureDeferred
 async def test_wakes_go_only_to_a_caught_up_child_and_none_is_lost(tmp_path):
-    import sys
 
     from twisted.internet import reactor, task
     from twisted.logger import globalLogPublisher
 
-    from ldapsync.sync.worker_process import WorkerProcessService
 
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -199,13 +206,7 @@ async def test_wakes_go_only_to_a_caught_up_child_and_none_is_lost(tmp_path):
             seen.append((event["log_level"].name, event["log_child_text"]))
     globalLogPublisher.addObserver(observer)
 
-    class Dirsvc:
-        class config:
-            source = str(tmp_path / "unused.toml")
-        planner = None
-
-    svc = WorkerProcessService(Dirsvc(), argv=[sys.executable, str(script)])
-    svc.reactor = reactor
+    svc = stand_in_service(tmp_path, script)
     try:
         svc._spawn()
 
