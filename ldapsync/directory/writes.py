@@ -58,6 +58,7 @@ class Staged:
     parent_id: int | None
     kind: str = "modify"                # add | modify | delete | rename
     touched: bool = False
+    parent_norm: str | None = None      # the parent's dn_norm while the parent is new in this write
 
     @property
     def entry_id(self) -> int | None:
@@ -139,10 +140,18 @@ class Write:
         put("modifyTimestamp", [self.now])
         put("creatorsName", [self.actor_dn])
         put("modifiersName", [self.actor_dn])
-        st = Staged(old=None, dn=dn, attrs=attrs, parent_id=parent.entry_id if parent else None, kind="add", touched=True)
+        st = Staged(old=None, dn=dn, attrs=attrs, parent_id=None, kind="add", touched=True)
+        self._set_parent(st, parent)
         self._staged[dn.norm] = st
         self._order.append(st)
         return st
+
+    @staticmethod
+    def _set_parent(st: Staged, parent: Staged | None) -> None:
+        """A parent staged in this write and not stored yet has no id: the store resolves its
+        dn_norm when it stores both (bootstrap, ``ldif load`` of a whole tree)."""
+        st.parent_id = parent.entry_id if parent else None
+        st.parent_norm = parent.dn.norm if parent is not None and st.parent_id is None else None
 
     def update(self, st: Staged, attrs: Attrs, *, stamp: bool = True) -> None:
         if stamp:
@@ -179,7 +188,7 @@ class Write:
         old_norm = st.dn.norm
         del self._staged[old_norm]
         st.dn = new_dn
-        st.parent_id = new_parent.entry_id if new_parent else None
+        self._set_parent(st, new_parent)
         st.kind = "rename"
         self._staged[new_dn.norm] = st
         self.update(st, attrs)
@@ -223,11 +232,16 @@ class Write:
                 new_index = d.index_rows({k: st.attrs.get(k, []) for k in keys}) if keys else set()
                 old_index = d.index_rows({k: old_attrs.get(k, []) for k in keys}) if keys else set()
             kind = st.kind
+            if st.parent_norm is not None:      # the parent may have been stored by an earlier flush
+                parent = self._staged.get(st.parent_norm)
+                if parent is not None and parent.entry_id is not None:
+                    st.parent_id, st.parent_norm = parent.entry_id, None
             ch = EntryChange(
                 kind, str(st.dn), st.dn.norm, st.dn.path_key, st.parent_id, st.attrs,
                 old=old_attrs, entry_id=st.entry_id,
                 old_dn=st.old.dn if st.old else None, old_dn_norm=st.old.dn_norm if st.old else None,
                 index_add=new_index - old_index, index_del=old_index - new_index,
+                parent_norm=st.parent_norm,
             )
             # group bookkeeping for memberOf
             if d.is_group(st.attrs) or (old_attrs is not None and d.is_group(old_attrs)):
@@ -241,6 +255,7 @@ class Write:
             assert ch.entry_id is not None
             # Refresh the baseline so a later flush diffs against what is stored now.
             st = self._staged[ch.dn_norm]
+            st.parent_id, st.parent_norm = ch.parent_id, None   # resolved by the store
             stored = StoredEntry(ch.entry_id, ch.dn, ch.dn_norm, ch.path, ch.parent_id, {k: list(v) for k, v in (ch.new or {}).items()})
             first = self._all.get(ch.entry_id)
             if first is None:

@@ -61,6 +61,7 @@ class EntryChange:
     old_dn_norm: str | None = None
     index_add: set[IndexRow] = field(default_factory=set)
     index_del: set[IndexRow] = field(default_factory=set)
+    parent_norm: str | None = None  # set (and parent_id None) when the parent is new in this same write
 
 
 def _dumps(attrs: Attrs) -> str:
@@ -360,10 +361,11 @@ def _insert_entries(txn: Txn, adds: Sequence[EntryChange]) -> None:
 
 
 def write_changes_txn(txn: Txn, changes: Sequence[EntryChange]) -> None:
-    """Store entries and index rows; deletes first (children before parents), then the rest in order.
+    """Store entries and index rows: deletes first (children before parents), then adds, then the rest.
 
-    A new entry's ``parent_id`` is fixed when it is staged (its parent is stored already), so the
-    adds can go in one batch; index rows of all entries go in one batch each (delete, insert)."""
+    Adds go in one batch.  A new entry whose parent is new in the same write (bootstrap, ``ldif
+    load`` of a tree) carries the parent's ``parent_norm`` instead of an id; it is resolved once
+    the batch is stored.  Index rows of all entries go in one batch each (delete, insert)."""
     for ch in changes:
         if ch.kind == "delete":
             txn.run("DELETE FROM entry_index WHERE entry_id = ?", (ch.entry_id,))
@@ -371,16 +373,18 @@ def write_changes_txn(txn: Txn, changes: Sequence[EntryChange]) -> None:
     adds = [ch for ch in changes if ch.kind == "add"]
     if len(adds) > 1:
         _insert_entries(txn, adds)
+    elif adds:
+        ch = adds[0]
+        assert ch.new is not None
+        ch.entry_id = _insert_entry(txn, ch.dn, ch.dn_norm, ch.path, ch.parent_id, ch.new)
+    _resolve_parents(txn, changes, adds)
     index_del: list[tuple[int, str, str]] = []
     index_add: list[tuple[int, str, str]] = []
     for ch in changes:
         if ch.kind == "delete":
             continue
         assert ch.new is not None
-        if ch.kind == "add":
-            if len(adds) == 1:
-                ch.entry_id = _insert_entry(txn, ch.dn, ch.dn_norm, ch.path, ch.parent_id, ch.new)
-        else:
+        if ch.kind != "add":
             txn.run(
                 "UPDATE entries SET dn = ?, dn_norm = ?, path = ?, parent_id = ?, attrs = ? WHERE id = ?",
                 (ch.dn, ch.dn_norm, ch.path, ch.parent_id, _dumps(ch.new), ch.entry_id),
@@ -392,6 +396,30 @@ def write_changes_txn(txn: Txn, changes: Sequence[EntryChange]) -> None:
         txn.run_many("DELETE FROM entry_index WHERE entry_id = ? AND attr = ? AND value = ?", index_del)
     if index_add:
         txn.run_many("INSERT INTO entry_index (entry_id, attr, value) VALUES (?, ?, ?)", index_add)
+
+
+def _resolve_parents(txn: Txn, changes: Sequence[EntryChange], adds: Sequence[EntryChange]) -> None:
+    """Give each change whose parent is new in this write (``parent_norm``) its parent's id; adds
+    were inserted without it, so they get it by UPDATE (renames are stored after this)."""
+    waiting = [ch for ch in changes if ch.kind != "delete" and ch.parent_norm is not None and ch.parent_id is None]
+    if not waiting:
+        return
+    ids = {ch.dn_norm: ch.entry_id for ch in adds}
+    fixes: list[tuple[int, int]] = []
+    for ch in waiting:
+        assert ch.parent_norm is not None
+        pid = ids.get(ch.parent_norm)
+        if pid is None:
+            parent = get_entry_txn(txn, ch.parent_norm)
+            if parent is None:
+                raise ValueError(f"the parent of {ch.dn!r} is not stored")
+            pid = parent.id
+        ch.parent_id, ch.parent_norm = pid, None
+        if ch.kind == "add":
+            assert ch.entry_id is not None
+            fixes.append((pid, ch.entry_id))
+    if fixes:
+        txn.run_many("UPDATE entries SET parent_id = ? WHERE id = ?", fixes)
 
 
 def all_entries_txn(txn: Txn, after_path: str, limit: int) -> list[StoredEntry]:

@@ -252,3 +252,37 @@ def test_status_asked_by_hooks_is_stored_with_a_plain_modify(directory, hooks):
     d.db.run_sync("m", modify)
     e = d.db.run_sync("get", store.get_entry_txn, norm, write=False)
     assert "o365SyncState" not in e.attrs and e.attrs["o365ObjectId"] == ["obj-1"]
+
+
+def test_entries_stored_with_their_parent_are_linked_and_migration_0009_repairs_old_ones(directory):
+    """An OU and a user under it added in one write (as ``ldif load`` does) are linked to their
+    parents; a database the older code wrote (every such ``parent_id`` NULL) is repaired by 0009,
+    also under an RDN value holding an escaped comma."""
+    from ldapsync.store.migrate import upgrade
+
+    d = directory
+    ou, user = f"ou=Sales\\, EMEA,{SUFFIX}", f"uid=zed,ou=Sales\\, EMEA,{SUFFIX}"
+
+    def run(txn):
+        w = Write(d, txn, "cn=admin," + SUFFIX, "add", Origin.LDAP)
+        for dn, attrs in ((ou, {"objectClass": ["organizationalUnit"], "ou": ["Sales, EMEA"]}),
+                          (user, {"objectClass": ["inetOrgPerson"], "uid": ["zed"], "cn": ["Zed"], "sn": ["Zed"]})):
+            dn_ = d.dn(dn)
+            attrs["structuralObjectClass"] = [d.schema.check_entry(attrs)]
+            w.create(dn_, attrs, w.get(dn_.parent))
+        return w.finish()
+
+    d.db.run_sync("add", run)
+    assert find(d, F.Present("objectClass"), base=ou, scope="one") == {str(d.dn(user))}
+    assert {f"ou=people,{SUFFIX}", str(d.dn(ou))} <= find(d, F.Present("objectClass"), scope="one")
+
+    def parents(txn):
+        return dict(txn.rows("SELECT dn_norm, parent_id FROM entries"))
+
+    linked = d.db.run_sync("parents", parents, write=False)
+    assert sum(1 for p in linked.values() if p is None) == 1        # the suffix only
+    d.db.run_sync("as the older code left it", lambda txn: (
+        txn.run("UPDATE entries SET parent_id = NULL"),
+        txn.run("UPDATE alembic_version SET version_num = '0008'")))
+    upgrade(d.db.engine)
+    assert d.db.run_sync("parents", parents, write=False) == linked
