@@ -32,8 +32,9 @@ def _check_tree(srv, users: set[str]) -> None:
     p = srv.run("ldapsearch", "-LLL", "-s", "base", "-b", PEOPLE, "(objectClass=*)", "hasSubordinates")
     assert "hasSubordinates: TRUE" in p.stdout, p.stdout
     # a non-leaf is not deleted: its users would be left without a parent
-    p = srv.run("ldapdelete", PEOPLE)
-    assert p.returncode == 66, (p.returncode, p.stdout, p.stderr)      # notAllowedOnNonLeaf
+    for dn in (PEOPLE, SUFFIX):
+        p = srv.run("ldapdelete", dn)
+        assert p.returncode == 66, (dn, p.returncode, p.stdout, p.stderr)      # notAllowedOnNonLeaf
     assert _dns(srv, PEOPLE, "one") == users
 
 
