@@ -28,16 +28,28 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints, ssl
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ldapsync import metrics
 from ldapsync.config import Config
-from ldapsync.directory.hooks import WriteHooks
 from ldapsync.directory.facade import Directory
+from ldapsync.directory.hooks import WriteHooks
+from ldapsync.filemodes import sqlite_path
+from ldapsync.graph.errors import redact
+from ldapsync.ldap_processes import ReusePortEndpoint
 from ldapsync.selfservice.links import ActivationHook, LinkService
+from ldapsync.selfservice.mailer import Mailer
+from ldapsync.store import stats
 from ldapsync.store.database import Database
+from ldapsync.sync.connector import Connector, ConnectorState, read_status_txn
+from ldapsync.sync.expiry import ExpirySweep
+from ldapsync.sync.notify import OutboxListener
 from ldapsync.sync.planner import OutboxPlanner
+from ldapsync.sync.reconciler import Reconciler
+from ldapsync.sync.worker import OutboxWorker
 
 log = Logger()
 
@@ -54,8 +66,6 @@ def office365_hooks(directory: Directory, *, wake: Callable[[], None] | None = N
 
 def starttls_context(config: Config) -> Any:
     """The TLS context of STARTTLS (``[ldap] starttls_cert``/``starttls_key``), or None."""
-    from twisted.internet import ssl
-
     if not config.ldap.starttls_cert:
         return None
     with open(config.ldap.starttls_cert, "rb") as f:
@@ -69,14 +79,12 @@ class Listener(StreamServerEndpointService):
     """A listening port whose failure to listen stops the server with one clear line, not a traceback."""
 
     def __init__(self, description: str, factory: Any, config_key: str, *, reuse_port: bool = False) -> None:
-        from twisted.internet import endpoints, reactor
+        from twisted.internet import reactor   # installed by twistd (or the worker child's main) first
 
         endpoint: Any = endpoints.serverFromString(reactor, description)
         self.reuse_port = False
         if reuse_port:
             # [ldap] processes > 1 on Linux: a socket the other LDAP processes' sockets join
-            from ldapsync.ldap_processes import ReusePortEndpoint
-
             shared = ReusePortEndpoint.of(reactor, endpoint)
             if shared is not None:
                 endpoint, self.reuse_port = shared, True
@@ -150,15 +158,11 @@ class ConnectorService(service.Service):
         self.connector: Any = None
 
     def startService(self) -> None:
-        from twisted.internet import defer, reactor
-
-        from ldapsync.sync.connector import Connector
+        from twisted.internet import reactor
 
         super().startService()
         mailer = None
         if self.config.mail.admin_address:
-            from ldapsync.selfservice.mailer import Mailer
-
             mailer = Mailer(self.config.mail)
         self.connector = Connector(self.dirsvc.directory, reactor=reactor, mailer=mailer)
         d = defer.ensureDeferred(self.connector.start())
@@ -184,9 +188,7 @@ class OutboxWorkerService(service.Service):
         self.planner = OutboxPlanner.from_config(dirsvc.directory)
 
     def startService(self) -> None:
-        from twisted.internet import defer, reactor
-
-        from ldapsync.sync.worker import OutboxWorker
+        from twisted.internet import reactor
 
         super().startService()
         self.worker = OutboxWorker(self.dirsvc.directory, self.connsvc.connector, reactor=reactor,
@@ -197,13 +199,9 @@ class OutboxWorkerService(service.Service):
         # PostgreSQL (several nodes): rows committed by any node wake this worker (sync/notify.py).
         self.listener: Any = None
         if self.dirsvc.db.is_postgres:
-            from ldapsync.sync.notify import OutboxListener
-
             self.listener = OutboxListener.for_database(self.dirsvc.db, self.worker.wake, reactor=reactor)
             self.listener.start()
         # Drift: every reconcile_interval, once the connector is active.
-        from twisted.internet.task import LoopingCall
-
         self.reconcile_loop = LoopingCall(self._reconcile)
         self.reconcile_loop.clock = reactor
         self.reconcile_loop.start(self.dirsvc.config.office365.reconcile_interval, now=False)
@@ -222,21 +220,12 @@ class OutboxWorkerService(service.Service):
         self.expiry_loop.start(self.dirsvc.config.office365.reconcile_interval, now=False)
 
     def _expiry_sweep(self) -> Any:
-        from twisted.internet import defer
-
-        from ldapsync.sync.expiry import ExpirySweep
-
         sweep = ExpirySweep(self.dirsvc.directory, self.planner, wake=self.worker.wake if self.worker else None)
         d = defer.ensureDeferred(sweep.run_once())
         d.addErrback(lambda f: log.failure("password expiry sweep failed", f))
         return d
 
     def _reconcile(self, full_interval: float | None = None) -> Any:
-        from twisted.internet import defer
-
-        from ldapsync.sync.connector import ConnectorState
-        from ldapsync.sync.reconciler import Reconciler
-
         conn = self.connsvc.connector
         if conn is None or conn.client is None or conn.state != ConnectorState.active:
             return None
@@ -251,8 +240,6 @@ class OutboxWorkerService(service.Service):
                      getattr(self, "expiry_loop", None)):
             if loop is not None and loop.running:
                 loop.stop()
-        from twisted.internet import defer
-
         waits = []
         if self.worker is not None:
             # deliveries in flight finish, then this node's leases are given back (needs the database)
@@ -268,8 +255,6 @@ class OrderedMultiService(service.MultiService):
     worker gives its leases back before the database it needs is stopped."""
 
     def stopService(self) -> Any:
-        from twisted.internet import defer
-
         service.Service.stopService(self)
 
         async def run() -> None:
@@ -285,8 +270,6 @@ def metrics_directory(config: Config) -> Path:
     """Where this node's processes keep their metrics files: ``metrics/`` next to the SQLite
     database, else ``var/metrics`` under the working directory (the node's state directory; not
     next to the ``[secrets]`` key, which several nodes may share)."""
-    from ldapsync.filemodes import sqlite_path
-
     db = sqlite_path(config.directory.database)
     return (db.parent if db is not None else Path("var")) / "metrics"
 
@@ -319,9 +302,6 @@ class DatabaseProbe:
 
     def _read_txn(self, txn: Any, with_users: bool) -> tuple[Any, str, dict[str, int] | None]:
         """One read transaction: the queue, the connector's state and (``with_users``) the users."""
-        from ldapsync.store import stats
-        from ldapsync.sync.connector import read_status_txn
-
         queue = stats.queue_stats_txn(txn)
         state = "off"
         if self.dirsvc.config.office365.enabled:
@@ -332,7 +312,5 @@ class DatabaseProbe:
 
 def _short(e: BaseException) -> str:
     """One line for /readyz: the error's class and its first line, without connection details."""
-    from ldapsync.graph.errors import redact
-
     first = (str(e).strip().splitlines() or [""])[0][:200]
     return redact(f"{type(e).__name__}: {first}" if first else type(e).__name__)

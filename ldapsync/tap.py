@@ -17,11 +17,15 @@ import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from ldapsync import metrics
+from ldapsync import logs, metrics
 from ldapsync.config import Config, ConfigError, load_config
+from ldapsync.filemodes import prepare_sqlite_files, sqlite_path, tighten
+from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
+from ldapsync.ldap_processes import LDAPProcessesService, reuse_port
+from ldapsync.selfservice.service import SelfServiceService
 from ldapsync.services import (
     DatabaseProbe,
     DirectoryService,
@@ -31,6 +35,7 @@ from ldapsync.services import (
     office365_hooks,
     starttls_context,
 )
+from ldapsync.sync.worker_process import WorkerProcessService
 
 log = Logger()
 
@@ -42,16 +47,12 @@ class Options(usage.Options):
 def _sqlite_dir(config: Config) -> list[str]:
     """SQLite: the database's directory (0700 when new) and file (0600) before anything opens them;
     files others can read are tightened (``ldapsync/filemodes.py``).  Warnings for the caller to show."""
-    from ldapsync.filemodes import prepare_sqlite_files, sqlite_path
-
     path = sqlite_path(config.directory.database)
     return prepare_sqlite_files(path) if path is not None else []
 
 
 def _exposed_secrets(config: Config) -> list[str]:
     """Warnings for secret files others can read (they are the admin's: not changed)."""
-    from ldapsync.filemodes import tighten
-
     found = [tighten(config.admin.password_file, holds="the admin password", fix=False),
              tighten(config.secrets.key_file, holds="the key of the queued passwords and tokens", fix=False)]
     return [line for line in found if line]
@@ -65,15 +66,11 @@ class _Root(OrderedMultiService):
 
     def setServiceParent(self, parent: Any) -> Any:
         if self.log_observer is not None:
-            from twisted.logger import ILogObserver
-
             parent.setComponent(ILogObserver, self.log_observer)
         return super().setServiceParent(parent)
 
 
 def make_service(config: Config) -> service.MultiService:
-    from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
-
     for line in _sqlite_dir(config) + _exposed_secrets(config):
         log.warn("{line}", line=line)
     if config.metrics.listen:
@@ -84,8 +81,6 @@ def make_service(config: Config) -> service.MultiService:
     dirsvc.setServiceParent(top)
     ctx = starttls_context(config)
     limits = ConnectionLimits(config.ldap.max_connections, config.ldap.max_connections_per_address)
-    from ldapsync.ldap_processes import reuse_port
-
     listeners = []
     for endpoint in config.ldap.listen:
         factory = LDAPServerFactory(dirsvc.directory, config.ldap, starttls_context=ctx,
@@ -99,14 +94,10 @@ def make_service(config: Config) -> service.MultiService:
     # this process's listeners close.
     ldap_procs = None
     if config.ldap.processes > 1:
-        from ldapsync.ldap_processes import LDAPProcessesService
-
         ldap_procs = LDAPProcessesService(config, listeners, config.ldap.processes)
         ldap_procs.setServiceParent(top)
     # Activation links, the password pages and expiry warnings (after the directory, which
     # they use; children stop in reverse order).
-    from ldapsync.selfservice.service import SelfServiceService
-
     selfsvc = SelfServiceService(dirsvc.directory)
     selfsvc.setServiceParent(top)
     if config.office365.enabled:
@@ -114,8 +105,6 @@ def make_service(config: Config) -> service.MultiService:
         # (sync/worker_process.py), so their CPU is not taken from LDAP.  Every write that
         # reaches Microsoft 365 plans its outbox rows in its own transaction and wakes the child
         # after COMMIT; a user bound without a password gets an activation link, mailed at once.
-        from ldapsync.sync.worker_process import WorkerProcessService
-
         procsvc = WorkerProcessService(dirsvc)
         dirsvc.hooks.extend(office365_hooks(dirsvc.directory, wake=procsvc.wake, links=selfsvc.links))
         if ldap_procs is not None:
@@ -132,8 +121,6 @@ def make_service(config: Config) -> service.MultiService:
 def makeService(options: Options) -> service.MultiService:
     try:
         config = load_config(options["config"])
-        from ldapsync import logs
-
         twistd = getattr(options, "parent", None) or {}
         observer = logs.make_observer(config.log.level, config.log.format,
                                       logs.output(config.log.file, twistd.get("logfile"), bool(twistd.get("nodaemon"))))

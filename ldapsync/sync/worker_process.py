@@ -38,7 +38,9 @@ it; the node id, from the config, is the same in both processes).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -49,10 +51,14 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
-from twisted.logger import Logger, LogLevel, formatEvent
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, formatEvent, globalLogBeginner
 
 from ldapsync import metrics
 from ldapsync.child_processes import LineChildProtocol
+from ldapsync.config import Config, load_config
+from ldapsync.logs import LEVELS
+from ldapsync.services import ConnectorService, DirectoryService, OrderedMultiService, OutboxWorkerService
+from ldapsync.sync.connector import ensure_entries_txn
 
 log = Logger()
 
@@ -109,8 +115,6 @@ class WorkerProcessService(service.Service):
         self._stopping = False
 
         async def start() -> None:
-            from ldapsync.sync.connector import ensure_entries_txn
-
             d = self.dirsvc.directory
             # Here, not in the child: the tag group exists before any LDAP client can look for it.
             await self.dirsvc.db.run_interaction("connector entries", lambda txn: ensure_entries_txn(d, txn))
@@ -253,8 +257,6 @@ def _die_with_parent() -> None:
     """SIGKILL this process when the LDAP process dies, however it dies (Linux)."""
     parent = int(os.environ.get("LDAPSYNC_PARENT_PID") or 0)
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)                 # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -283,15 +285,8 @@ def _read_commands(reactor: Any, on_wake: Any, on_quit: Any) -> None:
             reactor.callFromThread(on_wake)
 
 
-def build(config: Any) -> tuple[service.MultiService, Any]:
+def build(config: Config) -> tuple[service.MultiService, OutboxWorkerService]:
     """The child's service tree: database and directory (no bootstrap, no write hooks), connector, worker."""
-    from ldapsync.services import (
-        ConnectorService,
-        DirectoryService,
-        OrderedMultiService,
-        OutboxWorkerService,
-    )
-
     top = OrderedMultiService()
     dirsvc = DirectoryService(config, bootstrap=False)
     dirsvc.setServiceParent(top)
@@ -303,13 +298,8 @@ def build(config: Any) -> tuple[service.MultiService, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
+    from twisted.internet import reactor as _reactor   # the default one: this child chooses no other
 
-    from twisted.internet import reactor as _reactor
-    from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate, globalLogBeginner
-
-    from ldapsync.config import load_config
-    from ldapsync.logs import LEVELS
 
     ap = argparse.ArgumentParser(description="ldapsync's Microsoft 365 worker (started by the server)")
     ap.add_argument("--config", required=True)
