@@ -270,7 +270,7 @@ def cmd_o365_reconcile(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_o365_import(config: Config, args: argparse.Namespace) -> int:
-    """List or import Microsoft 365 users (design.md §5); non-zero exit only when users failed."""
+    """List or import Microsoft 365 users (README: "Importing the users Microsoft 365 already has"); non-zero exit only when users failed."""
     listing = bool(args.list)
     if not listing and not (args.all or args.user or args.filter):
         raise CLIError("choose the users: --all, --user UPN (repeatable) or --filter EXPR (or --list to see them)")

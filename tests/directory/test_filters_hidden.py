@@ -1,4 +1,4 @@
-"""The SQL candidate plan never reads what a filter may not see (issue 15, finding 1; design.md §7).
+"""The SQL candidate plan never reads what a filter may not see (issue 15, finding 1; README "Security").
 
 In-process on real SQLite and PostgreSQL, with userPassword *configured* as
 indexed (an operator's mistake): it is still never copied into the index, an

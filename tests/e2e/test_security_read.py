@@ -12,7 +12,7 @@ OpenLDAP's slapd (the one ``test_bad_input.py`` starts, with the usual
 ``access to attrs=userPassword by self write by anonymous auth by * none``)
 is the reference for what an ordinary user's filters and compares answer; the
 admin differs on purpose: slapd's rootdn bypasses every ACL, ldapsync's admin
-still cannot probe a password (design.md §7).
+still cannot probe a password (README "Security").
 
 All searches go through ``ldapsearch`` and compares through ``ldapcompare``
 (ldap-utils), which send every filter form RFC 4515 has.

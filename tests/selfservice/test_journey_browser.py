@@ -220,7 +220,7 @@ def test_created_unbound_user_gets_activation_and_account_is_enabled(srv: Any, t
 
 def test_bound_with_only_a_hash_gets_a_welcome_and_sign_in_hands_the_password_over(
         srv: Any, tenant: Any, sink: Any, browser: Any) -> None:
-    """design.md §4: a user bound while the directory holds only a hash gets a new account with
+    """README, "Self-service": a user bound while the directory holds only a hash gets a new account with
     sign-in blocked and a mail; the next self-service sign-in pushes the password and enables it."""
     uid = unique("hashonly")
     upn = f"{uid}@contoso.com"

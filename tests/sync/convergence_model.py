@@ -1,5 +1,5 @@
 """The model behind tests/sync/test_convergence_model.py: what the directory holds, and what
-Microsoft 365 must end up holding for it (design.md §4, the contract of issue 14).
+Microsoft 365 must end up holding for it (README: "Binding users, and what reaches Microsoft 365", the contract of issue 14).
 
 Owns: ``Person`` (one directory user as the model sees it, stable across renames), ``Op`` (one
 generated step, with the LDAP result the contract expects and a one-line description for the
