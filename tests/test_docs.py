@@ -39,10 +39,10 @@ def test_every_config_key_is_in_the_reference() -> None:
 
 def test_user_docs_do_not_point_outside_the_repository() -> None:
     """Neither the user docs nor the code and tests cite the design notes the repository does not
-    ship (``../shared``, ``design.md``, ``graph-notes.md``)."""
+    ship (``../shared``, ``design.md``, graph-notes)."""
     files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
              *sorted((ROOT / "ldapsync").rglob("*.py")), *sorted((ROOT / "tests").rglob("*.py"))]
     me = Path(__file__).resolve()
     offenders = [str(p.relative_to(ROOT)) for p in files if p.resolve() != me
-                 and any(s in p.read_text(encoding="utf-8") for s in ("../shared", "design.md", "graph-notes.md"))]
+                 and any(s in p.read_text(encoding="utf-8") for s in ("../shared", "design.md", "graph-notes"))]
     assert not offenders, f"these point at notes users do not have: {offenders}"

@@ -1,7 +1,7 @@
 """National clouds: which login host and Graph host a tenant lives behind.
 
-Owns the mapping ``cloud`` → (authority host, Graph base URL) from
-graph-notes, the ``authority`` / ``graph_url`` overrides (also how tests point
+Owns the mapping ``cloud`` → (authority host, Graph base URL) of Microsoft's
+national-cloud deployments, the ``authority`` / ``graph_url`` overrides (also how tests point
 at the fake tenant), and the token scope ``<graph host>/.default``.  Pure data;
 no network.
 """
