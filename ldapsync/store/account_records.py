@@ -59,14 +59,16 @@ def note_txn(txn: Txn, entry_uuid: str, object_id: str | None, upn: str | None, 
 
 
 def note_created_txn(txn: Txn, entry_uuid: str, object_id: str, upn: str | None, dn: str | None,
-                     now: float) -> None:
-    """ldapsync created this account (it is ours to keep blocked): a ``bound`` record, or the object
-    id on the record there is (a delete may have been recorded before the create's reply came)."""
+                     now: float, state: str = BOUND) -> None:
+    """ldapsync created this account (it is ours to keep blocked): a record in ``state`` (``bound``;
+    ``unbound``/``deleted`` when the create's reply was lost and the user was unbound or deleted
+    before the retry found the account), or the object id on the record there is (a delete may
+    have been recorded before the create's reply came)."""
     txn.run(
         "INSERT INTO o365_account_records (entry_uuid, object_id, upn, dn, state, recorded_at) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entry_uuid) DO UPDATE SET "
         "object_id = COALESCE(o365_account_records.object_id, excluded.object_id)",
-        (entry_uuid, object_id.lower(), upn, dn, BOUND, now))
+        (entry_uuid, object_id.lower(), upn, dn, state, now))
 
 
 def mark_bound_txn(txn: Txn, entry_uuid: str) -> None:

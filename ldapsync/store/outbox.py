@@ -295,20 +295,33 @@ def queue_counts_txn(txn: Txn) -> dict[str, int]:
 
 # -- creates in flight ------------------------------------------------------------------------
 # A POST /users whose reply is lost (connection reset, node killed) still made the account.  The
-# worker records that it is about to create a user before sending, so that the retry, finding the
-# account by its UPN, knows it is its own (it already has the queued password) and not somebody
-# else's to link to.
+# worker records that it is about to create a user, and the UPN it creates it with, before sending,
+# so that the retry knows the account it then finds is its own (it already has the password the
+# create carried, noted like a password PATCH) and not somebody else's to link to, even when the
+# user's mail (its UPN) changed or it was unbound or deleted before the retry.
 
 def _create_key(entry_uuid: str) -> str:
     return f"o365.create_sent.{entry_uuid}"
 
 
-def mark_create_sent_txn(txn: Txn, entry_uuid: str) -> None:
-    set_meta_txn(txn, _create_key(entry_uuid), "1")
+def mark_create_sent_txn(txn: Txn, entry_uuid: str, upn: str, password_note: str | None = None) -> None:
+    """About to send a create with ``upn`` (and the password whose note is ``password_note``)."""
+    set_meta_txn(txn, _create_key(entry_uuid), upn)
+    if password_note is not None:
+        set_meta_txn(txn, _password_key(entry_uuid), password_note)
+
+
+def create_sent_upn_txn(txn: Txn, entry_uuid: str) -> str | None:
+    """The UPN of a create sent for the user whose reply never came; "" when the create was noted
+    by an earlier version, which wrote "1" and no UPN; None when none is pending."""
+    value = get_meta_txn(txn, _create_key(entry_uuid))
+    if not value:
+        return None
+    return "" if value == "1" else value
 
 
 def create_was_sent_txn(txn: Txn, entry_uuid: str) -> bool:
-    return get_meta_txn(txn, _create_key(entry_uuid)) == "1"
+    return create_sent_upn_txn(txn, entry_uuid) is not None
 
 
 def clear_create_sent_txn(txn: Txn, entry_uuid: str) -> None:

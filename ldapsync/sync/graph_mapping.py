@@ -78,6 +78,11 @@ class PasswordRefused(Exception):
     list, stricter than any local rule): :meth:`GraphMapping.apply` delivers the rest without it."""
 
 
+def _password_note(secret: str) -> str:
+    """What a password try is noted as (``store/outbox.py``): a digest of its sealed value."""
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()[:32]
+
+
 def _refuses_password(e: BadRequest) -> bool:
     return "password" in (e.message or str(e)).lower()
 
@@ -171,9 +176,28 @@ class GraphMapping:
         return PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
                               "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it")
 
+    async def _lost_create(self, desired: DesiredUser) -> tuple[str | None, dict[str, Any] | None]:
+        """A create of ours whose reply never came: (the UPN it was sent with, the account it made,
+        or None if there is none); (None, None) when no create is pending for the user."""
+        sent = await self.db.run_interaction("o365 create sent?", outbox_q.create_sent_upn_txn, desired.entry_uuid,
+                                             write=False)
+        if sent is None:
+            return None, None
+        for upn in dict.fromkeys(u for u in (sent, desired.upn) if u):
+            user = await self.connector.client.find_user_by_upn(upn, USER_SELECT)
+            if user is not None:
+                return upn, user
+        return sent, None
+
     async def _unbind(self, desired: DesiredUser, secret: str | None, object_id: str | None, *,
                       has_entry: bool) -> Outcome:
         client = self.connector.client
+        if not object_id:
+            # A create sent before the unbind (or the delete) whose reply was lost still made an
+            # account, enabled when it carried a password: it is blocked like any other of ours.
+            _, made = await self._lost_create(desired)
+            if made is not None:
+                object_id = made["id"]
         if not object_id:
             # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
             cleared: StatusValues = {"o365SyncState": None, "o365LastError": expiry.entry_error(desired), "o365SyncedAt": None}
@@ -223,7 +247,7 @@ class GraphMapping:
         if secret is None:
             await client.update_user(oid, patch)
             return
-        note = hashlib.sha256(secret.encode("ascii")).hexdigest()[:32]
+        note = _password_note(secret)
         uuid = desired.entry_uuid
         sent_before = await self.db.run_interaction("o365 password sent", outbox_q.note_password_sent_txn, uuid, note)
         try:
@@ -287,15 +311,21 @@ class GraphMapping:
                 raise self._gone(object_id) from None
         else:
             user = await client.find_user_by_upn(desired.upn, USER_SELECT)
+            sent_upn = None
+            if user is None:
+                # a create of ours whose reply was lost, sent when the user had another mail
+                sent_upn, user = await self._lost_create(desired)
             if user is not None:
-                if not self.config.soft_match:
+                if sent_upn is None and not self.config.soft_match:
                     raise self._conflict(desired.upn)
                 what = "linked to the existing account"
             else:
                 password = self._password(secret, desired.entry_uuid) if secret else None
-                # Durably note the attempt first: if the reply is lost, the retry will know the
-                # account it then finds by UPN is ours (see store/outbox.py).
-                await self.db.run_interaction("o365 create sent", outbox_q.mark_create_sent_txn, desired.entry_uuid)
+                # Durably note the attempt first, with the UPN and the password it carries: if the
+                # reply is lost, the retry will know the account it then finds is ours, and that it
+                # has this password (see store/outbox.py).
+                await self.db.run_interaction("o365 create sent", outbox_q.mark_create_sent_txn, desired.entry_uuid,
+                                              desired.upn, _password_note(secret) if secret else None)
                 try:
                     created = await client.create_user(self._create_body(desired, password))
                 except BadRequest as e:
@@ -321,14 +351,18 @@ class GraphMapping:
         oid = user["id"]
         patch = self._diff(user, desired)
         delivered_at_create = False
-        if secret and what.startswith("linked") and await self.db.run_interaction(
-                "o365 create sent?", outbox_q.create_was_sent_txn, desired.entry_uuid, write=False):
-            # We sent a create for this user whose reply was lost (connection reset, node
-            # killed): the account is our own and already has this password, and Graph
-            # refuses to set the same password again.
-            secret = None
-            delivered_at_create = True
+        sent = await self.db.run_interaction("o365 create sent?", outbox_q.create_sent_upn_txn, desired.entry_uuid,
+                                             write=False) if what.startswith("linked") else None
+        if sent is not None:
+            # We sent a create for this user whose reply was lost (connection reset, node killed):
+            # the account is our own.  It has the password the create carried, noted like a
+            # password PATCH: pushing the queued password again is taken as set if Graph refuses
+            # it as the one the account has, and sets it if it changed since (``_update``).
             what = "linked to the account our lost create made"
+            if secret and not sent:
+                # noted by an earlier version, without the password: it is the queued one
+                secret = None
+                delivered_at_create = True
         ours_blocked = prev_state == SyncState.disabled.value     # bound again after an unbind we delivered
         # the reconciler found a bound user's account disabled (the portal): enabled again when
         # Microsoft 365 has the directory's current password, as at a re-bind

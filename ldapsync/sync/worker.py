@@ -575,8 +575,10 @@ class OutboxWorker:
                 # the account id is new to these rows (created or linked now): later rows get it,
                 # and the note of a create in flight is done with (our create made it: a record)
                 if outbox_q.create_was_sent_txn(txn, job.entry_uuid):
+                    state = (account_records.DELETED if desired.deleted else account_records.BOUND if desired.bound
+                             else account_records.UNBOUND)
                     account_records.note_created_txn(txn, job.entry_uuid, out.object_id, desired.upn, desired.dn,
-                                                     time.time())
+                                                     time.time(), state)
                 outbox_q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
                 outbox_q.clear_create_sent_txn(txn, job.entry_uuid)
             if secret is not None:
