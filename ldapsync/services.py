@@ -229,7 +229,8 @@ class OutboxWorkerService(service.Service):
         conn = self.connsvc.connector
         if conn is None or conn.client is None or conn.state != ConnectorState.active:
             return None
-        rec = Reconciler(self.dirsvc.directory, self.planner, conn.client, wake=self.worker.wake if self.worker else None)
+        rec = Reconciler(self.dirsvc.directory, self.planner, conn.client, wake=self.worker.wake if self.worker else None,
+                         node=self.worker.owner if self.worker else None)
         d = defer.ensureDeferred(rec.run_once(full=full_interval is not None, due_after=full_interval))
         d.addErrback(lambda f: log.failure("reconcile pass failed", f))
         return d

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from ldapsync.store import reconcile_lease
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import get_meta_txn, set_meta_txn
 
@@ -425,7 +426,7 @@ def take_over_txn(txn: Txn, node: str, value: str) -> int | None:
     Compare and delete: the heartbeat is removed only if it still reads ``value`` (a node that
     beat meanwhile is alive after all; of several nodes presuming it dead at once, one does
     it), and then every lease it holds is released, in the same transaction, and the workers
-    are woken (NOTIFY) to claim those users.  Returns the number of users released, or None
+    are woken (NOTIFY) to claim those users; a reconcile lease it holds is given back too.  Returns the number of users released, or None
     when the heartbeat had changed or was gone (nothing done).  Should the node come back,
     its claims' ``lease_gen`` no longer match (:func:`owns_lease_txn`): what it finishes for
     those users is discarded, and its next heartbeat notices it was presumed dead.
@@ -454,6 +455,7 @@ def take_over_txn(txn: Txn, node: str, value: str) -> int | None:
         if not cur.rowcount:
             return None
         n = release_leases_txn(txn, node)
+    reconcile_lease.release_node_txn(txn, node)       # a pass it was running ends with it
     if n:
         notify_txn(txn)
     return n

@@ -19,8 +19,7 @@ The delta pass sees only what changed since the last one.  Every ``full_reconcil
 (and on ``ldapsync o365 reconcile --full``) :meth:`Reconciler.run_once` with ``full=True`` runs the
 full comparison of every bound and ever-bound user instead (``sync/full_reconcile.py``).
 
-With several nodes only one reconciles at a time (a lease row in ``meta``,
-taken with SELECT ... FOR UPDATE; a crashed node's lease expires).
+With several nodes only one reconciles at a time (``store/reconcile_lease.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store import account_records as records
+from ldapsync.store import reconcile_lease as lease
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import DRIFT_BLOCK
@@ -56,9 +56,8 @@ log = Logger()
 
 META_DELTA_LINK = "o365.delta_link"
 META_RECHECK = "o365.reconcile_recheck"   # object ids a full scan could not judge: looked up next pass
-META_LEASE = "o365.reconciler_lease"
-LEASE_SECONDS = 120.0        # renewed every third of it while a pass runs: a crashed node's lease
-                             # stops drift correction on the other nodes for at most this long
+LEASE_SECONDS = 120.0        # renewed every third of it while a pass runs; a node that dies holding
+                             # it gives it back when it restarts or the others presume it dead
 SELECT = ("id", "userPrincipalName", "mail", "mailNickname", "displayName", "givenName", "surname", "accountEnabled")
 
 
@@ -109,13 +108,17 @@ def drift_payload(desired: DesiredUser, remote: dict[str, Any], diffs: list[str]
 
 
 class Reconciler:
-    def __init__(self, directory: "Directory", planner: OutboxPlanner, client: GraphClient, *, wake: Callable[[], None] | None = None) -> None:
+    def __init__(self, directory: "Directory", planner: OutboxPlanner, client: GraphClient, *,
+                 wake: Callable[[], None] | None = None, node: str | None = None) -> None:
+        """``node``: the worker node this pass runs on (its outbox owner id), so that the node's
+        next start, or the nodes that presume it dead, give back a lease it held when it died."""
         self.d = directory
         self.db = directory.db
         self.planner = planner
         self.client = client
         self.wake = wake
-        self.node = uuid.uuid4().hex
+        self.node = node
+        self.pass_id = uuid.uuid4().hex
         self._until = 0.0
         self._renewed = 0.0
 
@@ -139,7 +142,7 @@ class Reconciler:
             return None
         started = self._renewed = time.monotonic()
         log.info("reconcile: pass started on this node (lease {lease} until {until:.3f})",
-                 lease=self.node[:12], until=self._until)
+                 lease=self.pass_id[:12], until=self._until)
         report: ReconcileReport | None = None
         try:
             report = await (FullComparison(self).run() if full else self._pass())
@@ -147,27 +150,17 @@ class Reconciler:
         finally:
             await self.db.run_interaction("reconcile lease", self._lease_txn, False)
             log.info("reconcile: pass ended after {elapsed:.3f}s ({seen} user(s) read); lease {lease} given back",
-                     elapsed=time.monotonic() - started, seen=report.seen if report else "?", lease=self.node[:12])
+                     elapsed=time.monotonic() - started, seen=report.seen if report else "?", lease=self.pass_id[:12])
 
     def _lease_txn(self, txn: Txn, take: bool) -> bool:
-        """Take (or give back) the one-node-at-a-time lease; an expired lease may be taken over."""
-        lock = ""
-        if txn.is_postgres:
-            # The row must exist for FOR UPDATE to serialize two nodes (the first pass ever would
-            # otherwise have both INSERT it: one reconciles, the other fails on the primary key).
-            txn.run("INSERT INTO meta (key, value) VALUES (?, '') ON CONFLICT (key) DO NOTHING", (META_LEASE,))
-            lock = " FOR UPDATE"
-        rows = txn.rows("SELECT value FROM meta WHERE key = ?" + lock, (META_LEASE,))
-        owner, _, until = (rows[0][0] if rows else "").partition("@")
-        now = time.time()
+        """Take (or give back) the one-pass-at-a-time lease (``store/reconcile_lease.py``)."""
         if take:
-            if owner and owner != self.node and until and float(until) > now:
+            now = time.time()
+            if not lease.take_txn(txn, self.pass_id, self.node, now, now + LEASE_SECONDS):
                 return False
             self._until = now + LEASE_SECONDS
-            store.set_meta_txn(txn, META_LEASE, f"{self.node}@{self._until}")
             return True
-        if owner == self.node:
-            store.set_meta_txn(txn, META_LEASE, "")
+        lease.give_back_txn(txn, self.pass_id)
         return True
 
     async def _keep_lease(self) -> None:
@@ -179,12 +172,10 @@ class Reconciler:
             raise RuntimeError("the reconcile lease expired and another node took it over; pass abandoned")
 
     def _renew_txn(self, txn: Txn) -> bool:
-        lock = " FOR UPDATE" if txn.is_postgres else ""
-        rows = txn.rows("SELECT value FROM meta WHERE key = ?" + lock, (META_LEASE,))
-        if (rows[0][0] if rows else "").partition("@")[0] != self.node:
+        until = time.time() + LEASE_SECONDS
+        if not lease.renew_txn(txn, self.pass_id, self.node, until):
             return False
-        self._until = time.time() + LEASE_SECONDS
-        store.set_meta_txn(txn, META_LEASE, f"{self.node}@{self._until}")
+        self._until = until
         return True
 
     async def _pass(self) -> ReconcileReport:

@@ -81,6 +81,7 @@ from ldapsync.graph.pacing import WritePacer
 from ldapsync.store import account_records
 from ldapsync.store import links as links_q
 from ldapsync.store import outbox as outbox_q
+from ldapsync.store import reconcile_lease
 from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, StoredEntry
@@ -228,6 +229,9 @@ class OutboxWorker:
             n = await self.db.run_interaction("o365 outbox: drop own stale leases", outbox_q.release_leases_txn, self.owner)
         if n:
             log.info("Microsoft 365 outbox: {n} lease(s) from before a restart released", n=n)
+        if await self.db.run_interaction("reconcile lease from before a restart", reconcile_lease.release_node_txn,
+                                         self.owner):
+            log.info("Microsoft 365: the reconcile lease this node held before a restart released")
         self._running = True
         jobs: list[tuple[float, Callable[[], object]]] = [(self.poll_interval, self.wake), (self.lease_seconds / 3, self._renew),
                                          (self.depth_interval, self._depth)]
