@@ -91,6 +91,17 @@ def _marked(attrs: Attrs) -> bool:
     return (attrs.get("o365LastError") or [None])[0] == EXPIRED_ERROR
 
 
+def left_to_the_sweep(directory: DirectoryCore, attrs: Attrs, now: float | None = None) -> bool:
+    """A bound user whose password has expired since the sweep last looked, on a linked account
+    not known to be blocked already: the sweep blocks it, and holds the blocks of a mass expiry
+    for an admin (``disable_threshold``).  The reconcilers leave such a user to the sweep (within
+    ``reconcile_interval``): queued one by one as drift, thousands of accounts whose passwords
+    expired at once (``[policy] max_age`` lowered) would be blocked past the guard.  While the
+    password is expired only ``accountEnabled`` is compared, so nothing else waits."""
+    return (blocks_sign_in(directory, attrs, now) and not _marked(attrs) and bool(attrs.get("o365ObjectId"))
+            and (attrs.get("o365SyncState") or [""])[0] not in ("disabled", "error"))
+
+
 @dataclass
 class SweepReport:
     blocked: list[str] = field(default_factory=list)     # DNs whose disable was queued
@@ -162,8 +173,6 @@ class ExpirySweep:
         never created has nothing to block: the planner's rows say blocked until a new password;
         one in error waits for an admin, as after any permanent Graph error); or marked and no
         longer expired."""
-        expired, marked = blocks_sign_in(self.d, attrs, now), _marked(attrs)
-        if expired:
-            return (not marked and bool(attrs.get("o365ObjectId"))
-                    and (attrs.get("o365SyncState") or [""])[0] not in ("disabled", "error"))
-        return marked
+        if blocks_sign_in(self.d, attrs, now):
+            return left_to_the_sweep(self.d, attrs, now)
+        return _marked(attrs)

@@ -39,6 +39,7 @@ from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
+from ldapsync.sync import expiry
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import NO_EXPIRY
 from ldapsync.sync.planner import DesiredUser
@@ -165,6 +166,8 @@ class FullComparison:
                 missing.append(oid)     # looked up by id after the walk
             return None
         report.seen += 1
+        if bound and expiry.left_to_the_sweep(self.rec.d, e.attrs):
+            return None                 # its password expired: the sweep blocks it (and guards a mass expiry)
         desired = self.planner.desired(e.attrs, e.dn, bound=bound, reason="drift")
         diffs = full_drift(desired, remote, e.attrs, ours=uuid in recs)
         if not diffs:

@@ -41,6 +41,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store import account_records as records
 from ldapsync.store import reconcile_lease as lease
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
+from ldapsync.sync import expiry
 from ldapsync.sync.account_records import ever_bound, record_desired
 from ldapsync.sync.graph_mapping import DRIFT_BLOCK
 from ldapsync.sync.planner import DesiredUser, OutboxPlanner
@@ -252,6 +253,8 @@ class Reconciler:
                     deleted.append(e)
                 continue
             bound = self.planner.is_bound(e.attrs)
+            if bound and expiry.left_to_the_sweep(self.d, e.attrs):
+                continue               # its password expired: the sweep blocks it (and guards a mass expiry)
             rec = None
             if not bound or (item.get("accountEnabled") is True and e.attrs.get("o365PasswordPending") == ["TRUE"]):
                 rec = records.by_entry_uuid_txn(txn, (e.attrs.get("entryUUID") or [""])[0])
