@@ -24,10 +24,11 @@ import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ldapsync.clock import Timer
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
@@ -334,13 +335,13 @@ class Reporter:
     PLAIN_INTERVAL = 10.0    # … and between progress lines in a log
 
     def __init__(self, out: Any, err: Any, *, json_lines: bool, listing: bool, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Timer = time.monotonic) -> None:
         self.out, self.err = out, err
         self.json = json_lines
         self.listing = listing
         self.tty = err.isatty() if tty is None else tty
-        self.clock = clock
-        self.started = clock()
+        self.monotonic = monotonic
+        self.started = monotonic()
         self._last_progress: float | None = None
         self._header = False
         self._progress_shown = False
@@ -380,7 +381,7 @@ class Reporter:
         ``PLAIN_INTERVAL`` (log) seconds, and always for ``final`` on a terminal."""
         if self.json or self.listing:
             return
-        now = self.clock()
+        now = self.monotonic()
         interval = self.TTY_INTERVAL if self.tty else self.PLAIN_INTERVAL
         if not final and self._last_progress is not None and now - self._last_progress < interval:
             return
