@@ -205,7 +205,7 @@ class Connector:
         delegated sign-in needs the provider before its first check)."""
         o = self.config.office365
         self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor,
-                                                   wall_clock=self.clock.now)
+                                                   clock=self.clock)
         budget = o.write_budget
         pacing = PacingPolicy(writes_per_window=budget) if budget > 0 else PacingPolicy(enabled=False)
         self.client = GraphClient(self.provider, endpoints_from_config(o).graph_url, reactor=self.reactor,
