@@ -38,6 +38,7 @@ from ldapsync.sync.password_plan import HASH_ONLY_CHANGE
 from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
+    from ldapsync.graph.client import GraphClient
     from ldapsync.sync.connector import Connector
     from ldapsync.directory.facade import Directory
 
@@ -107,6 +108,12 @@ class GraphMapping:
         self.config = directory.config.office365
         self.connector = connector
 
+    @property
+    def _client(self) -> GraphClient:
+        client = self.connector.client
+        assert client is not None, "no Graph client"    # the worker delivers only while the connector is active
+        return client
+
     def _password(self, secret_hex: str, entry_uuid: str) -> str:
         return self.connector.box.open_password(bytes.fromhex(secret_hex), entry_uuid).decode("utf-8")
 
@@ -161,7 +168,7 @@ class GraphMapping:
         if not patch:
             return Outcome(self._synced(object_id), object_id, "updated: nothing Microsoft 365 holds changed")
         try:
-            await self.connector.client.update_user(object_id, patch)
+            await self._client.update_user(object_id, patch)
         except NotFound:
             raise self._gone(object_id) from None
         return Outcome(self._synced(object_id), object_id, "updated: " + ", ".join(sorted(patch)))
@@ -173,7 +180,7 @@ class GraphMapping:
 
     async def _unbind(self, desired: DesiredUser, secret: str | None, object_id: str | None, *,
                       has_entry: bool) -> Outcome:
-        client = self.connector.client
+        client = self._client
         if not object_id:
             # Never reached Microsoft 365 (e.g. a bind undone before it was delivered): nothing to block.
             cleared: StatusValues = {"o365SyncState": None, "o365LastError": expiry.entry_error(desired), "o365SyncedAt": None}
@@ -219,7 +226,7 @@ class GraphMapping:
         the password); a 400 to a try that was noted before (an earlier delivery attempt), or to a
         resend within this one (``GraphError.repeated``), means the password is set: the rest of
         the patch goes without it.  A 400 to a first send is Graph's answer to this password."""
-        client = self.connector.client
+        client = self._client
         if secret is None:
             await client.update_user(oid, patch)
             return
@@ -275,7 +282,7 @@ class GraphMapping:
 
     async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
                     prev_state: str | None, pw_pending: bool = False, *, block: bool = False) -> Outcome:
-        client = self.connector.client
+        client = self._client
         if not desired.upn:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
         user: dict[str, Any] | None = None

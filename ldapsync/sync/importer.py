@@ -26,7 +26,7 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ldapsync.clock import Timer
 from ldapsync.directory.errors import LDAPError, ResultCode
@@ -334,7 +334,7 @@ class Reporter:
     TTY_INTERVAL = 0.25      # s between progress updates on a terminal …
     PLAIN_INTERVAL = 10.0    # … and between progress lines in a log
 
-    def __init__(self, out: Any, err: Any, *, json_lines: bool, listing: bool, tty: bool | None = None,
+    def __init__(self, out: TextIO, err: TextIO, *, json_lines: bool, listing: bool, tty: bool | None = None,
                  monotonic: Timer = time.monotonic) -> None:
         self.out, self.err = out, err
         self.json = json_lines

@@ -39,6 +39,7 @@ from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
+from ldapsync.store.entries import StoredEntry
 from ldapsync.store import account_records as records
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
 from ldapsync.sync.account_records import ever_bound, record_desired
@@ -72,7 +73,8 @@ class ReconcileReport:
     full: bool = False                                   # the full comparison (sync/full_reconcile.py)
 
 
-def _norm(v: Any) -> Any:
+def _norm(v: object) -> object:
+    """A Graph property's value for comparison (any JSON value; strings case-insensitively)."""
     return v.lower() if isinstance(v, str) else v
 
 
@@ -313,7 +315,7 @@ class Reconciler:
             store.set_meta_txn(txn, META_RECHECK, "")
         await self.db.run_interaction("reconcile recheck", run)
 
-    def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
+    def _report_deleted_txn(self, txn: Txn, gone: list[StoredEntry], report: ReconcileReport) -> None:
         if not gone:
             return
         w = Write(self.d, txn, str(self.d.admin_dn), STATUS_OPERATION, Origin.SYNC_STATUS)

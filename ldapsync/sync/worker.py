@@ -68,10 +68,11 @@ import socket
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, task
 from twisted.internet.base import DelayedCall
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
@@ -165,7 +166,7 @@ def default_node_id(directory: Directory) -> str:
 class OutboxWorker:
     """See the module docstring.  ``connector`` gives ``client`` (GraphClient), ``state``, ``box``, ``check()``."""
 
-    def __init__(self, directory: Directory, connector: Connector, *, reactor: Any, concurrency: int = 16,
+    def __init__(self, directory: Directory, connector: Connector, *, reactor: IReactorTime, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
                  node_id: str | None = None, retry: RowBackoff = RowBackoff(), wall_time: Timer = time.time,
                  stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0,
@@ -321,7 +322,8 @@ class OutboxWorker:
         if free <= 0 or (self._inflight and free < self.claim_batch):
             return      # _drain would claim nothing; the next delivery to end wakes it (_done)
         if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self.reactor.callLater(0, self._kick)
+            # (plain mypy reads Twisted's interface methods, declared without self, one argument short)
+            self._scheduled = self.reactor.callLater(0, self._kick)  # type: ignore[arg-type]
 
     def _kick(self) -> None:
         self._scheduled = None
@@ -628,17 +630,17 @@ class OutboxWorker:
                     await task.deferLater(self.reactor, self.end_gather, lambda: None)
                 batch, self._ends = self._ends, []
                 if len(batch) == 1:
-                    results: list[Any] = [None]
                     desc, fn, d = batch[0]
                     try:
-                        results[0] = await self.db.run_interaction(desc, fn)
+                        result = await self.db.run_interaction(desc, fn)
                     except Exception as e:  # noqa: BLE001 - handed to the job
                         d.errback(e)
                         continue
-                    d.callback(results[0])
+                    d.callback(result)
                     continue
 
-                def run_all(txn: Txn, batch: list[tuple[str, Any, defer.Deferred]] = batch) -> list[Any]:
+                def run_all(txn: Txn, batch: list[tuple[str, Callable[[Txn], bool], defer.Deferred[bool]]] = batch
+                            ) -> list[bool]:
                     return [fn(txn) for _, fn, _ in batch]
                 try:
                     results = await self.db.run_interaction(f"o365 outbox: {len(batch)} deliveries ended", run_all)
