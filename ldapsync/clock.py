@@ -13,7 +13,7 @@
 2. **Mechanism time** -- a :data:`Timer`, a plain ``Callable[[], float]``, named for what it reads:
 
    * ``wall_time`` (default ``time.time``): instants stored in the database and compared by
-     other processes, e.g. the outbox's ``next_at`` and leases.  The planner that stamps a row and
+     other processes, e.g. the outbox's ``next_attempt_at`` and leases.  The planner that stamps a row and
      the worker that later compares it must use the same base, so this is never the policy clock
      (a test offset would make rows wait, or come due, days early).
    * ``monotonic`` (default ``time.monotonic``): durations and rate-limit windows within one
