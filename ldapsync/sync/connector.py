@@ -272,8 +272,8 @@ class Connector:
         if retired is not None and retired is not self.client:
             await retired.close()
         provider, client = self.provider, self.client
-        assert provider is not None and client is not None    # build_client set both, or we returned
         try:
+            assert provider is not None and client is not None    # build_client set both, or we returned
             if o.auth == "delegated":
                 assert isinstance(provider, DelegatedTokenProvider)     # what token_provider_from_config makes
                 await provider.load()
