@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -30,6 +30,7 @@ from ldapsync.directory.hooks import StatusValues
 from ldapsync.directory.passwords import generate_password
 from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import BadRequest, NotFound, ObjectConflict
+from ldapsync.jsontypes import JSONObject
 from ldapsync.store import outbox as outbox_q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
@@ -51,7 +52,7 @@ DRIFT_BLOCK = "drift-block"   # a reconciler row: block the account (ours, waiti
 NOT_CLEARABLE = frozenset({"displayName", "mailNickname", "userPrincipalName", "mail"})   # Graph refuses null
 
 
-def _wanted(desired: DesiredUser) -> dict[str, Any]:
+def _wanted(desired: DesiredUser) -> JSONObject:
     """The Graph properties the directory masters (names, mail), as it says now."""
     return {"displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
             "mailNickname": desired.mail_nickname, "userPrincipalName": desired.upn, "mail": desired.mail}
@@ -194,7 +195,7 @@ class GraphMapping:
         what = "account already gone from Microsoft 365"
         pushed = False
         if user is not None:
-            patch: dict[str, Any] = {}
+            patch: JSONObject = {}
             if user.get("accountEnabled") is not False:
                 patch["accountEnabled"] = False
             if secret and not desired.deleted:
@@ -216,7 +217,7 @@ class GraphMapping:
         status = None if desired.deleted else disabled
         return Outcome(status, object_id, what)
 
-    async def _update(self, oid: str, patch: dict[str, Any], desired: DesiredUser, secret: str | None) -> None:
+    async def _update(self, oid: str, patch: JSONObject, desired: DesiredUser, secret: str | None) -> None:
         """PATCH the account; ``secret`` is the queued password the patch sets, if it sets one.
 
         Graph refuses to set the password an account already has.  When the reply to an earlier
@@ -257,8 +258,8 @@ class GraphMapping:
                                                desired.entry_uuid, write=False)
         return pushed == desired.password_fp
 
-    def _create_body(self, desired: DesiredUser, password: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {
+    def _create_body(self, desired: DesiredUser, password: str | None) -> JSONObject:
+        body: JSONObject = {
             "accountEnabled": password is not None,
             "userPrincipalName": desired.upn,
             "mail": desired.mail,
@@ -285,7 +286,7 @@ class GraphMapping:
         client = self._client
         if not desired.upn:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
-        user: dict[str, Any] | None = None
+        user: JSONObject | None = None
         what = "updated"
         if object_id:
             try:
@@ -382,8 +383,8 @@ class GraphMapping:
             status["o365PasswordPending"] = ["TRUE"] if pending else None
         return status
 
-    def _diff(self, user: dict[str, Any], desired: DesiredUser) -> dict[str, Any]:
-        patch: dict[str, Any] = {}
+    def _diff(self, user: JSONObject, desired: DesiredUser) -> JSONObject:
+        patch: JSONObject = {}
         for key, value in _wanted(desired).items():
             if key in NOT_CLEARABLE and not value:
                 continue                                  # cannot be cleared in Graph

@@ -51,16 +51,17 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from ldapsync.clock import Timer
 from ldapsync.directory import binding
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.writes import Write
-from ldapsync.clock import Timer
+from ldapsync.jsontypes import JSONObject
 from ldapsync.secretbox import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
@@ -160,7 +161,7 @@ class OutboxPlanner:
         return binding.is_bound(self.directory, attrs)
 
     def desired_fields(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,
-                       changed: tuple[str, ...] | None = None) -> dict[str, Any]:
+                       changed: tuple[str, ...] | None = None) -> JSONObject:
         """:class:`DesiredUser`'s fields for this entry, in sorted order (a queued row's JSON).
 
         The planner encodes this dict directly: building the frozen dataclass and reading it
@@ -186,7 +187,7 @@ class OutboxPlanner:
         if not cs.origin.reaches_microsoft365:
             return
         cleartext = cs.cleartext
-        rows: list[tuple[dict[str, Any], str | None]] = []
+        rows: list[tuple[JSONObject, str | None]] = []
         for ch in cs.changes:
             row = self._plan(txn, cs, ch, cleartext)
             if row is not None:
@@ -212,7 +213,7 @@ class OutboxPlanner:
             txn.call_after(self.wake)
 
     def _plan(self, txn: Txn, cs: ChangeSet, ch: EntryChange,
-              cleartext: Mapping[str, list[str]]) -> tuple[dict[str, Any], str | None] | None:
+              cleartext: Mapping[str, list[str]]) -> tuple[JSONObject, str | None] | None:
         """The row this change queues: (:meth:`desired_fields`, encrypted password), or None.
 
         Also keeps (or drops) the password of a user who is not bound, and asks for

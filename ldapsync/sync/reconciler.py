@@ -30,13 +30,14 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from ldapsync.directory.errors import LDAPError
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
+from ldapsync.jsontypes import JSONObject
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
@@ -78,7 +79,7 @@ def _norm(v: object) -> object:
     return v.lower() if isinstance(v, str) else v
 
 
-def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]] | None = None, *,
+def drift(desired: DesiredUser, remote: JSONObject, attrs: dict[str, list[str]] | None = None, *,
           ours: bool = False) -> list[str]:
     """Which properties of the Graph user differ from the directory's wishes (``attrs``: the
     entry, for its o365PasswordPending: an account waiting for its password stays blocked when
@@ -103,7 +104,7 @@ def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[st
     return out
 
 
-def drift_payload(desired: DesiredUser, remote: dict[str, Any], diffs: list[str]) -> str:
+def drift_payload(desired: DesiredUser, remote: JSONObject, diffs: list[str]) -> str:
     """The row's payload: the desired state, marked to block when a bound account must be blocked."""
     if desired.bound and "accountEnabled" in diffs and remote.get("accountEnabled") is True:
         desired = replace(desired, reason=DRIFT_BLOCK)
@@ -196,7 +197,7 @@ class Reconciler:
         report.full_scan = not link
         try:
             query = self.client.delta(",".join(SELECT), link or None)
-            batch: list[dict[str, Any]] = []
+            batch: list[JSONObject] = []
             seen: set[str] = set()
             async for item in query:
                 await self._keep_lease()
@@ -232,14 +233,14 @@ class Reconciler:
     def _stamp_txn(self, txn: Txn) -> None:
         write_status_txn(self.d, txn, {"o365LastReconcile": [now_generalized()]})
 
-    async def _check(self, items: list[dict[str, Any]], report: ReconcileReport) -> None:
+    async def _check(self, items: list[JSONObject], report: ReconcileReport) -> None:
         if not items:
             return
         report.seen += len(items)
         log.debug("reconcile: {n} changed user(s) from Microsoft 365", n=len(items))
         await self.db.run_interaction("reconcile", self._check_txn, items, report)
 
-    def _check_txn(self, txn: Txn, items: list[dict[str, Any]], report: ReconcileReport) -> None:
+    def _check_txn(self, txn: Txn, items: list[JSONObject], report: ReconcileReport) -> None:
         rows = []
         deleted = []
         now = time.time()
