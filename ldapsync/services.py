@@ -34,6 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ldapsync import metrics
+from ldapsync.clock import Timer
 from ldapsync.config import Config
 from ldapsync.directory.facade import Directory
 from ldapsync.directory.hooks import WriteHooks
@@ -281,15 +282,15 @@ class DatabaseProbe:
     ``users_ttl`` seconds).  A database that does not answer gives ``database_ok=False``."""
 
     def __init__(self, dirsvc: DirectoryService, users_ttl: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Timer = time.monotonic) -> None:
         self.dirsvc = dirsvc
         self.users_ttl = users_ttl
-        self.clock = clock
+        self.monotonic = monotonic
         self._users: dict[str, int] = {}
         self._users_at: float | None = None
 
     async def __call__(self) -> metrics.Probe:
-        now = self.clock()
+        now = self.monotonic()
         stale = self._users_at is None or now - self._users_at >= self.users_ttl
         try:
             queue, state, users = await self.dirsvc.db.run_interaction("metrics: probe", self._read_txn, stale,

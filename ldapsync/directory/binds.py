@@ -45,6 +45,8 @@ from typing import Generic, TypeVar
 from twisted.internet.defer import Deferred, DeferredLock, DeferredSemaphore
 from twisted.logger import Logger
 
+from ldapsync.clock import Timer
+
 log = Logger()
 
 T = TypeVar("T")
@@ -127,10 +129,10 @@ class DNGate(Generic[T]):
 class AddressLimiter:
     """Per client address: verifications at once, and wrong passwords per minute (see the module docstring)."""
 
-    def __init__(self, failures_per_minute: int, slots: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, failures_per_minute: int, slots: int, monotonic: Timer = time.monotonic) -> None:
         self.failures_per_minute = failures_per_minute
         self.slots = max(slots, 1)
-        self.clock = clock
+        self.monotonic = monotonic
         self._failures: dict[str, deque[float]] = {}
         self._sems: dict[str, tuple[DeferredSemaphore, list[int]]] = {}
         self._told: dict[str, float] = {}
@@ -142,7 +144,7 @@ class AddressLimiter:
         q = self._failures.get(address)
         if q is None:
             return 0.0
-        now = self.clock()
+        now = self.monotonic()
         while q and q[0] <= now - WINDOW:
             q.popleft()
         if not q:
@@ -160,7 +162,7 @@ class AddressLimiter:
     def note_failure(self, address: str | None) -> None:
         if address is None or not self.failures_per_minute:
             return
-        now = self.clock()
+        now = self.monotonic()
         if len(self._failures) >= _PRUNE_AT:
             for a in [a for a, q in self._failures.items() if not q or q[-1] <= now - WINDOW]:
                 del self._failures[a]

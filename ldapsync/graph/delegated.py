@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ldapsync.clock import Clock, SystemClock
 from ldapsync.graph.clouds import CloudEndpoints
 from ldapsync.secretbox import DecryptionError, SecretBox
 from ldapsync.graph.errors import AuthError
@@ -63,7 +63,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
         threadpool: Any = None,
         timeout: float = 30.0,
         refresh_token_lifetime: float = REFRESH_TOKEN_LIFETIME,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__(reactor=reactor, threadpool=threadpool)
         import msal  # type: ignore[import-untyped]
@@ -75,7 +75,9 @@ class DelegatedTokenProvider(_ThreadedMSAL):
         self._ca_bundle = ca_bundle or None
         self._timeout = timeout
         self._rt_lifetime = refresh_token_lifetime
-        self._wall = wall_clock
+        # The policy clock (ldapsync/clock.py) dates the redemptions the 90-day expiry counts
+        # from; without one, the real time (no test offset).
+        self._clock: Clock = clock if clock is not None else SystemClock()
         self._cache = msal.SerializableTokenCache()
         self._app: Any = None
         self._loaded_blob: bytes | None = None
@@ -157,7 +159,7 @@ class DelegatedTokenProvider(_ThreadedMSAL):
 
     def _record_success(self, result: dict[str, Any], *, from_idp: bool) -> None:
         if from_idp:
-            self._refreshed_at = self._wall()
+            self._refreshed_at = self._clock.now()
         claims = result.get("id_token_claims") or {}
         if claims.get("preferred_username"):
             self.username = str(claims["preferred_username"])

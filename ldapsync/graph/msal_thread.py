@@ -1,7 +1,7 @@
 """What both token providers share: MSAL in a thread, a memoised token, one flight at a time.
 
 Owns :class:`TokenProvider` (what the Graph client needs), :class:`_ThreadedMSAL` (thread pool,
-clock, the memoised token and its early renewal, single flight), the ``requests`` session MSAL
+the reactor's time, the memoised token and its early renewal, single flight), the ``requests`` session MSAL
 gets when ``ca_bundle`` is set, and turning MSAL's results and exceptions into
 :class:`~ldapsync.graph.errors.AuthError` (MSAL's error and first description line, never the
 secret or a token).  :mod:`ldapsync.graph.token` and :mod:`ldapsync.graph.delegated` build on it.
@@ -118,7 +118,7 @@ def _auth_error_from_exception(e: BaseException) -> AuthError:
 
 
 class _ThreadedMSAL:
-    """Shared plumbing: thread pool, clock, memoised token, single flight."""
+    """Shared plumbing: thread pool, the reactor's time, memoised token, single flight."""
 
     def __init__(self, *, reactor: Any = None, threadpool: Any = None) -> None:
         if reactor is None:

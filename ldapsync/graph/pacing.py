@@ -53,9 +53,9 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ldapsync.graph.errors import parse_retry_after
@@ -137,8 +137,8 @@ class WritePacer:
     everyone meanwhile.  ``observe`` takes every answer from Graph.
     """
 
-    def __init__(self, clock: Any, policy: PacingPolicy = PacingPolicy()) -> None:
-        self._clock = clock
+    def __init__(self, reactor: IReactorTime, policy: PacingPolicy = PacingPolicy()) -> None:
+        self._reactor = reactor       # scheduling time (ldapsync/clock.py): waits and the bucket's seconds
         self.policy = policy
         self._tat = 0.0               # when the bucket would be full again
         self._pause_until = 0.0
@@ -153,6 +153,11 @@ class WritePacer:
         self._header_ref = 1.0        # the factor when over-the-limit headers began
         self._header_until = -math.inf
         self.stats: dict[str, int] = {"decreases": 0, "climbs": 0}
+
+    def _now(self) -> float:
+        """The reactor's time.  (Twisted's interfaces declare ``seconds`` without ``self``, which
+        mypy, without the zope plugin, will not call through an instance.)"""
+        return self._reactor.seconds()  # type: ignore[misc]
 
     @property
     def factor(self) -> float:
@@ -186,7 +191,7 @@ class WritePacer:
         return self.policy.bucket / self.policy.rate
 
     def reserve(self, writes: int) -> float:
-        now = self._clock.seconds()
+        now = self._now()
         wait = max(0.0, self._pause_until - now)
         if writes > 0 and self.policy.enabled:
             self._tat = max(self._tat, now) + writes / self.rate
@@ -197,7 +202,7 @@ class WritePacer:
         """Whether a write booked now would have to wait: the budget, not the work, sets the pace."""
         if not self.policy.enabled:
             return False
-        return self._tat - self._tolerance > self._clock.seconds()
+        return self._tat - self._tolerance > self._now()
 
     async def acquire(self, writes: int) -> None:
         while True:
@@ -205,15 +210,15 @@ class WritePacer:
             delay = self.reserve(writes)
             if delay <= 0:
                 return
-            await task.deferLater(self._clock, delay)
-            if generation == self._generation and self._clock.seconds() >= self._pause_until:
+            await task.deferLater(self._reactor, delay)
+            if generation == self._generation and self._now() >= self._pause_until:
                 return
             # a 429 came while this booking waited: its slot was given up; wait for the pause
             # and book again at the rate learned from it
 
     def pause(self, seconds: float) -> None:
         """Everyone waits ``seconds`` (Graph throttles per app, so all our requests would get 429)."""
-        self._pause_until = max(self._pause_until, self._clock.seconds() + seconds)
+        self._pause_until = max(self._pause_until, self._now() + seconds)
 
     # -- learning
 
@@ -221,7 +226,7 @@ class WritePacer:
         """One answer from Graph (headers with lower-case names) to a request carrying ``writes``
         writes (0 for a read, and for the outer answer of a ``$batch``: its items are observed
         one by one)."""
-        now = self._clock.seconds()
+        now = self._now()
         if status == 429:
             retry_after = parse_retry_after(headers.get("retry-after"))
             if retry_after is not None and math.isfinite(retry_after):
@@ -255,7 +260,7 @@ class WritePacer:
         from it to ``until``, for the one that gives the most (the start of the stretch that
         filled Graph's window: a lone write before an idle spell does not dilute a burst after
         it).  None if none was accepted."""
-        start = max(self._span_start, self._clock.seconds() - self.policy.climb_period)
+        start = max(self._span_start, self._now() - self.policy.climb_period)
         best: float | None = None
         writes = 0
         for t, n in reversed(self._accepted):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from ldapsync.clock import Clock
 from ldapsync.graph.clouds import CloudEndpoints, endpoints_from_config
 from ldapsync.graph.credentials import ClientCredential, credential_from_config, load_client_credential
 from ldapsync.secretbox import SecretBox
@@ -172,18 +173,18 @@ def token_provider_from_config(
     box: SecretBox | None = None,
     reactor: Any = None,
     threadpool: Any = None,
-    wall_clock: Callable[[], float] | None = None,
+    clock: Clock | None = None,
 ) -> ApplicationTokenProvider | DelegatedTokenProvider:
     """Build the provider ``[office365] auth`` asks for (reads credential files: call at start-up).
 
-    ``wall_clock`` (seconds since the epoch) dates the delegated sign-in's refresh-token redemptions,
-    from which its 90-day expiry is counted; the connector passes the policy clock."""
+    ``clock`` (the policy clock, ldapsync/clock.py) dates the delegated sign-in's refresh-token
+    redemptions, from which its 90-day expiry is counted; the connector passes its own."""
     endpoints = endpoints_from_config(cfg)
     if cfg.auth == "delegated":
         if store is None or box is None:
             raise ValueError("delegated mode needs a TokenCacheStore and a SecretBox")
         return DelegatedTokenProvider(cfg.client_id, endpoints, store, box, ca_bundle=cfg.ca_bundle or None,
                                       reactor=reactor, threadpool=threadpool,
-                                      **({"wall_clock": wall_clock} if wall_clock is not None else {}))
+                                      clock=clock)
     return ApplicationTokenProvider(cfg.client_id, endpoints, credential_from_config(cfg),
                                     ca_bundle=cfg.ca_bundle or None, reactor=reactor, threadpool=threadpool)

@@ -41,6 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.internet.interfaces import ITLSTransport
 from twisted.logger import Logger
 
+from ldapsync.clock import Timer
 from ldapsync.config import LDAPConfig
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.policy import PPolicyResponse
@@ -443,10 +444,10 @@ class ConnectionLimits:
     """Open connections in all and per client address, shared by every LDAP listener of a process."""
 
     def __init__(self, max_connections: int = 0, max_per_address: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Timer = time.monotonic) -> None:
         self.max_connections = max_connections
         self.max_per_address = max_per_address
-        self.clock = clock
+        self.monotonic = monotonic
         self.connections = 0
         self.per_address: dict[str, int] = {}
         self._refusal_logged: dict[str, float] = {}
@@ -475,7 +476,7 @@ class ConnectionLimits:
 
     def _refused(self, address: str, why: str) -> None:
         """One log line per address a minute, however many connections are refused."""
-        now = self.clock()
+        now = self.monotonic()
         if now - self._refusal_logged.get(address, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
             return
         if len(self._refusal_logged) > 10_000:

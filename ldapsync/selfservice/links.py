@@ -30,12 +30,12 @@ import hashlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from ldapsync.clock import system_clock
+from ldapsync.clock import Clock, system_clock
 from ldapsync.directory.binding import is_bound
 from ldapsync.directory.core import Actor
 from ldapsync.directory.dn import DN
@@ -100,11 +100,11 @@ class LinkInfo:
 class LinkService:
     """Queues, sends and consumes links (see the module docstring)."""
 
-    def __init__(self, directory: Directory, mailer: Mailer | None, *, clock: Any = None) -> None:
+    def __init__(self, directory: Directory, mailer: Mailer | None, *, clock: Clock | None = None) -> None:
         self.directory = directory
         self.config = directory.config.selfservice
         self.mailer = mailer
-        self.clock = clock or getattr(directory, "clock", None) or system_clock()
+        self.clock: Clock = clock or getattr(directory, "clock", None) or system_clock()
         self._sending = False
         self._again = False
 

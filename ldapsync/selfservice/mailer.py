@@ -19,7 +19,7 @@ or of Microsoft 365.
            ├ delivered ─────────────────────────────▶ return
            ├ permanent (5xx, TLS/AUTH refused) ─────▶ MailError        (send_later: log)
            └ transient (refused/timeout/lost, 4xx)
-               wait base_delay·2ⁿ (≤ max_delay, on the injected clock) ─▶ attempt n+1
+               wait base_delay·2ⁿ (≤ max_delay, on the injected scheduler) ─▶ attempt n+1
                … after the last attempt ─────────────▶ MailError        (send_later: log)
 """
 
@@ -221,7 +221,7 @@ class Mailer:
     """Sends mail as configured in ``[mail]`` (a bad ``smtp`` endpoint or ``from`` raises at
     construction: :class:`MailError` / ValueError).
 
-    ``reactor`` makes the connections; ``clock`` (default: the reactor) times the backoff
+    ``reactor`` makes the connections; ``scheduler`` (default: the reactor) times the backoff
     between attempts, so tests can drive retries with ``task.Clock``.  ``ca_bundle`` is the
     PEM file of CAs trusted for STARTTLS (default: the system store).  ``send`` makes at most
     ``attempts`` attempts, ``send_later`` at most ``background_attempts``; the n-th retry
@@ -230,7 +230,7 @@ class Mailer:
     """
 
     def __init__(self, config: MailConfig, *, reactor: Any = None, ca_bundle: str | None = None,
-                 clock: IReactorTime | None = None, attempts: int = 4, background_attempts: int = 8,
+                 scheduler: IReactorTime | None = None, attempts: int = 4, background_attempts: int = 8,
                  base_delay: float = 5.0, max_delay: float = 600.0, timeout: float = 60.0):
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -240,7 +240,7 @@ class Mailer:
             raise ValueError("attempts must be at least 1")
         self.config = config
         self._reactor = reactor
-        self._clock: IReactorTime = clock if clock is not None else reactor
+        self._scheduler: IReactorTime = scheduler if scheduler is not None else reactor
         self._ca_bundle = ca_bundle or None
         self.attempts = attempts
         self.background_attempts = background_attempts
@@ -391,7 +391,7 @@ class Mailer:
                 delay = min(self.base_delay * 2 ** (attempt - 2), self.max_delay)
                 _log.info("mail to {to} ({subject!r}): attempt {attempt} failed: {reason}; retrying in {delay}s",
                           to=shown_to, subject=subject, attempt=attempt - 1, reason=last, delay=delay)
-                await deferLater(self._clock, delay, lambda: None)
+                await deferLater(self._scheduler, delay, lambda: None)
             try:
                 addresses = await self._attempt(pending, data)
             except _Failed as f:

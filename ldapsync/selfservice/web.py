@@ -35,6 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from ldapsync.clock import Clock
 from ldapsync.directory.core import Actor
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
@@ -128,13 +129,13 @@ class SelfServicePages(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, directory: Directory, links: LinkService, signer: Signer, *, clock: Any = None) -> None:
+    def __init__(self, directory: Directory, links: LinkService, signer: Signer, *, clock: Clock | None = None) -> None:
         super().__init__()
         self.directory = directory
         self.links = links
         self.signer = signer
         self.cfg = directory.config.selfservice
-        self.clock = clock or links.clock
+        self.clock: Clock = clock or links.clock
         self.secure = self.cfg.public_url.lower().startswith("https://")
         parts = urlsplit(self.cfg.public_url)
         self.origin = f"{parts.scheme}://{parts.netloc}".lower()

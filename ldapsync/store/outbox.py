@@ -368,12 +368,12 @@ def password_pushed_txn(txn: Txn, entry_uuid: str) -> str | None:
 
 # -- worker nodes: liveness, the shared write budget, failover ---------------------------------------
 # Each running worker node (PostgreSQL) notes a heartbeat in ``meta`` (key prefix below, value its
-# clock, followed by " idle" while its connector is not active) every few seconds.  Graph's write
+# wall time, followed by " idle" while its connector is not active) every few seconds.  Graph's write
 # budget is per app and tenant, so the nodes that deliver pace themselves to budget / (delivering
 # nodes).  A node whose heartbeat has stopped changing for ``[office365] node_timeout`` is presumed
 # dead (kill -9, power loss, a frozen VM) and the others take its claimed users over
 # (:func:`take_over_txn`); the fencing token (``lease_gen``) keeps it from completing them should
-# it come back.  Liveness is judged by the reader (the value changed lately, by its own clock), so
+# it come back.  Liveness is judged by the reader (the value changed lately, by its own wall time), so
 # clock skew between machines does not matter.
 
 NODE_KEY_PREFIX = "o365.node."
@@ -396,7 +396,7 @@ def heartbeat_txn(txn: Txn, owner: str, now: float, *, alive: bool, forget_befor
     """Note (``alive``; ``delivering`` or idle) or withdraw this node's heartbeat; return every
     node's heartbeat value (use :func:`beat_delivers` on it).
 
-    Heartbeats older than ``forget_before`` (by their writer's clock: a node gone for long) are
+    Heartbeats older than ``forget_before`` (by their writer's wall time: a node gone for long) are
     deleted."""
 
     key = NODE_KEY_PREFIX + owner

@@ -53,7 +53,7 @@ def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bou
         if not oid:
             return                       # never reached Microsoft 365: no account to keep blocked
         state = records.UNBOUND
-    records.note_txn(txn, uuid, oid, first(old, "mail"), ch.dn, state, planner.clock())
+    records.note_txn(txn, uuid, oid, first(old, "mail"), ch.dn, state, planner.wall_time())
 
 
 def ever_bound(attrs: Attrs, record: records.AccountRecord | None) -> bool:

@@ -23,7 +23,7 @@ import base64
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -38,13 +38,15 @@ from ldapsync.sync.connector_notices import AdminNotices, ensure_notice_rows_txn
 from ldapsync.graph.client import GraphClient, PacingPolicy
 from ldapsync.graph.clouds import endpoints_from_config
 from ldapsync.graph.errors import AuthError, Forbidden, GraphError
-from ldapsync.graph.token import token_provider_from_config
+from ldapsync.graph.token import ApplicationTokenProvider, DelegatedTokenProvider, token_provider_from_config
 from ldapsync.secretbox import SecretBox, load_or_create_key
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 if TYPE_CHECKING:
     from ldapsync.directory.facade import Directory
+    from ldapsync.selfservice.mailer import Mailer
 
 log = Logger()
 
@@ -179,7 +181,8 @@ class CheckResult:
 class Connector:
     """Signs in, checks the credential and the tenant's domains, keeps the state entry current."""
 
-    def __init__(self, directory: "Directory", *, reactor: Any, mailer: Any = None, check_interval: float = 300.0,
+    def __init__(self, directory: "Directory", *, reactor: IReactorTime, mailer: Mailer | None = None,
+                 check_interval: float = 300.0,
                  clock: Clock | None = None) -> None:
 
         self.d = directory
@@ -195,9 +198,9 @@ class Connector:
         self.cache_store = DBTokenCacheStore(self.db)
         self.notices = AdminNotices(self.db, mailer, self.config.mail.admin_address,
                                     delegated=self.config.office365.auth == "delegated")
-        self.provider: Any = None
-        self.client: Any = None
-        self._loop: Any = None
+        self.provider: ApplicationTokenProvider | DelegatedTokenProvider | None = None   # build_client sets both
+        self.client: GraphClient | None = None
+        self._loop: LoopingCall | None = None
         self.state: ConnectorState = ConnectorState.unauthorized
 
     def build_client(self) -> None:
@@ -205,7 +208,7 @@ class Connector:
         delegated sign-in needs the provider before its first check)."""
         o = self.config.office365
         self.provider = token_provider_from_config(o, store=self.cache_store, box=self.box, reactor=self.reactor,
-                                                   wall_clock=self.clock.now)
+                                                   clock=self.clock)
         budget = o.write_budget
         pacing = PacingPolicy(writes_per_window=budget) if budget > 0 else PacingPolicy(enabled=False)
         self.client = GraphClient(self.provider, endpoints_from_config(o).graph_url, reactor=self.reactor,
@@ -231,7 +234,7 @@ class Connector:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
-    def _tick(self) -> Any:
+    def _tick(self) -> Deferred[CheckResult]:
         d = ensureDeferred(self.check())
         d.addErrback(lambda f: log.failure("connector check failed", f))
         return d
@@ -268,14 +271,17 @@ class Connector:
                 return CheckResult(self.state, [], None, error)
         if retired is not None and retired is not self.client:
             await retired.close()
+        provider, client = self.provider, self.client
         try:
+            assert provider is not None and client is not None    # build_client set both, or we returned
             if o.auth == "delegated":
-                await self.provider.load()
-            await self.provider.get_token()
-            for dom in await self.client.list_domains():
+                assert isinstance(provider, DelegatedTokenProvider)     # what token_provider_from_config makes
+                await provider.load()
+            await provider.get_token()
+            for dom in await client.list_domains():
                 if dom.get("isVerified"):
                     domains.append(dom["id"])
-            expiry = await self._credential_expiry()
+            expiry = await self._credential_expiry(client)
             now = self.now()
             if expiry is not None and expiry <= now:
                 state = ConnectorState.needs_reauthorization
@@ -320,7 +326,7 @@ class Connector:
 
         return await threads.deferToThread(self.cache_store.load) is None
 
-    async def _credential_expiry(self) -> datetime | None:
+    async def _credential_expiry(self, client: GraphClient) -> datetime | None:
         p = self.provider
         if self.config.office365.auth == "delegated":
             return getattr(p, "refresh_token_expires_at", None)
@@ -335,8 +341,8 @@ class Connector:
                 log.warn("[office365] client_secret_expires is not an ISO date; ignoring it")
         # A client secret's end date is only known to Entra: ask for it (needs Application.Read.All; optional).
         try:
-            app = await self.client.get(f"/applications(appId='{self.config.office365.client_id}')",
-                                        {"$select": "passwordCredentials"})
+            app = await client.get(f"/applications(appId='{self.config.office365.client_id}')",
+                                   {"$select": "passwordCredentials"})
         except GraphError:
             return None
         ends = [c.get("endDateTime") for c in app.get("passwordCredentials", []) if c.get("endDateTime")]

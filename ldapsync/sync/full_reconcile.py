@@ -28,12 +28,13 @@ per node.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import NotFound
+from ldapsync.jsontypes import JSONObject
 from ldapsync.store import account_records as records
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
@@ -64,7 +65,7 @@ def full_due_txn(txn: Txn, interval: float) -> bool:
         return True
 
 
-def full_drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]], *,
+def full_drift(desired: DesiredUser, remote: JSONObject, attrs: dict[str, list[str]], *,
                ours: bool = False) -> list[str]:
     """:func:`~ldapsync.sync.reconciler.drift`, and a bound user's ``passwordPolicies``."""
     out = drift(desired, remote, attrs, ours=ours)
@@ -86,7 +87,7 @@ class FullComparison:
     async def run(self) -> ReconcileReport:
         report = ReconcileReport(full=True, full_scan=True)
         started = now_generalized()
-        accounts: dict[str, dict[str, Any]] = {}
+        accounts: dict[str, JSONObject] = {}
         async for u in self.rec.client.list_users(FULL_SELECT, top=999):
             await self.rec._keep_lease()
             if u.get("id"):
@@ -134,7 +135,7 @@ class FullComparison:
             notify_txn(txn)
             report.drifted.extend(what for _, what in todo)
 
-    def _entries_txn(self, txn: Txn, after: int, accounts: dict[str, dict[str, Any]],
+    def _entries_txn(self, txn: Txn, after: int, accounts: dict[str, JSONObject],
                      recs: dict[str, records.AccountRecord], seen_uuids: set[str], missing: list[str],
                      started: str, report: ReconcileReport) -> tuple[int, list[tuple[QueuedRow, str]]]:
         """One page of linked entries (by entry id): the last id (-1 at the end) and the drift rows."""
@@ -151,7 +152,7 @@ class FullComparison:
                 rows.append((row, e.dn))
         return ids[-1], rows
 
-    def _check_entry(self, e: StoredEntry, accounts: dict[str, dict[str, Any]],
+    def _check_entry(self, e: StoredEntry, accounts: dict[str, JSONObject],
                      recs: dict[str, records.AccountRecord], seen_uuids: set[str], missing: list[str],
                      started: str, report: ReconcileReport, now: float) -> QueuedRow | None:
         uuid = (e.attrs.get("entryUUID") or [""])[0]
@@ -174,7 +175,7 @@ class FullComparison:
             return None
         return QueuedRow(desired.entry_uuid, now, "drift", drift_payload(desired, remote, diffs))
 
-    def _records_txn(self, txn: Txn, recs: list[records.AccountRecord], accounts: dict[str, dict[str, Any]],
+    def _records_txn(self, txn: Txn, recs: list[records.AccountRecord], accounts: dict[str, JSONObject],
                      report: ReconcileReport) -> None:
         """Deleted users whose account ldapsync kept: blocked."""
         now = time.time()

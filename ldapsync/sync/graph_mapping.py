@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -30,6 +30,7 @@ from ldapsync.directory.hooks import StatusValues
 from ldapsync.directory.passwords import generate_password
 from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import BadRequest, NotFound, ObjectConflict
+from ldapsync.jsontypes import JSONObject
 from ldapsync.store import outbox as outbox_q
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
@@ -38,6 +39,7 @@ from ldapsync.sync.password_plan import HASH_ONLY_CHANGE
 from ldapsync.sync.status import SyncState
 
 if TYPE_CHECKING:
+    from ldapsync.graph.client import GraphClient
     from ldapsync.sync.connector import Connector
     from ldapsync.directory.facade import Directory
 
@@ -50,7 +52,7 @@ DRIFT_BLOCK = "drift-block"   # a reconciler row: block the account (ours, waiti
 NOT_CLEARABLE = frozenset({"displayName", "mailNickname", "userPrincipalName", "mail"})   # Graph refuses null
 
 
-def _wanted(desired: DesiredUser) -> dict[str, Any]:
+def _wanted(desired: DesiredUser) -> JSONObject:
     """The Graph properties the directory masters (names, mail), as it says now."""
     return {"displayName": desired.display_name, "givenName": desired.given_name, "surname": desired.surname,
             "mailNickname": desired.mail_nickname, "userPrincipalName": desired.upn, "mail": desired.mail}
@@ -112,6 +114,12 @@ class GraphMapping:
         self.config = directory.config.office365
         self.connector = connector
 
+    @property
+    def _client(self) -> GraphClient:
+        client = self.connector.client
+        assert client is not None, "no Graph client"    # the worker delivers only while the connector is active
+        return client
+
     def _password(self, secret_hex: str, entry_uuid: str) -> str:
         return self.connector.box.open_password(bytes.fromhex(secret_hex), entry_uuid).decode("utf-8")
 
@@ -166,7 +174,7 @@ class GraphMapping:
         if not patch:
             return Outcome(self._synced(object_id), object_id, "updated: nothing Microsoft 365 holds changed")
         try:
-            await self.connector.client.update_user(object_id, patch)
+            await self._client.update_user(object_id, patch)
         except NotFound:
             raise self._gone(object_id) from None
         return Outcome(self._synced(object_id), object_id, "updated: " + ", ".join(sorted(patch)))
@@ -191,7 +199,7 @@ class GraphMapping:
 
     async def _unbind(self, desired: DesiredUser, secret: str | None, object_id: str | None, *,
                       has_entry: bool) -> Outcome:
-        client = self.connector.client
+        client = self._client
         if not object_id:
             # A create sent before the unbind (or the delete) whose reply was lost still made an
             # account, enabled when it carried a password: it is blocked like any other of ours.
@@ -211,7 +219,7 @@ class GraphMapping:
         what = "account already gone from Microsoft 365"
         pushed = False
         if user is not None:
-            patch: dict[str, Any] = {}
+            patch: JSONObject = {}
             if user.get("accountEnabled") is not False:
                 patch["accountEnabled"] = False
             if secret and not desired.deleted:
@@ -233,7 +241,7 @@ class GraphMapping:
         status = None if desired.deleted else disabled
         return Outcome(status, object_id, what)
 
-    async def _update(self, oid: str, patch: dict[str, Any], desired: DesiredUser, secret: str | None) -> None:
+    async def _update(self, oid: str, patch: JSONObject, desired: DesiredUser, secret: str | None) -> None:
         """PATCH the account; ``secret`` is the queued password the patch sets, if it sets one.
 
         Graph refuses to set the password an account already has.  When the reply to an earlier
@@ -243,7 +251,7 @@ class GraphMapping:
         the password); a 400 to a try that was noted before (an earlier delivery attempt), or to a
         resend within this one (``GraphError.repeated``), means the password is set: the rest of
         the patch goes without it.  A 400 to a first send is Graph's answer to this password."""
-        client = self.connector.client
+        client = self._client
         if secret is None:
             await client.update_user(oid, patch)
             return
@@ -274,8 +282,8 @@ class GraphMapping:
                                                desired.entry_uuid, write=False)
         return pushed == desired.password_fp
 
-    def _create_body(self, desired: DesiredUser, password: str | None) -> dict[str, Any]:
-        body: dict[str, Any] = {
+    def _create_body(self, desired: DesiredUser, password: str | None) -> JSONObject:
+        body: JSONObject = {
             "accountEnabled": password is not None,
             "userPrincipalName": desired.upn,
             "mail": desired.mail,
@@ -299,10 +307,10 @@ class GraphMapping:
 
     async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
                     prev_state: str | None, pw_pending: bool = False, *, block: bool = False) -> Outcome:
-        client = self.connector.client
+        client = self._client
         if not desired.upn:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
-        user: dict[str, Any] | None = None
+        user: JSONObject | None = None
         what = "updated"
         if object_id:
             try:
@@ -409,8 +417,8 @@ class GraphMapping:
             status["o365PasswordPending"] = ["TRUE"] if pending else None
         return status
 
-    def _diff(self, user: dict[str, Any], desired: DesiredUser) -> dict[str, Any]:
-        patch: dict[str, Any] = {}
+    def _diff(self, user: JSONObject, desired: DesiredUser) -> JSONObject:
+        patch: JSONObject = {}
         for key, value in _wanted(desired).items():
             if key in NOT_CLEARABLE and not value:
                 continue                                  # cannot be cleared in Graph

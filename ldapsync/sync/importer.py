@@ -24,13 +24,15 @@ import re
 import sqlite3
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TextIO
 
+from ldapsync.clock import Timer
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write
+from ldapsync.jsontypes import JSONObject
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
 from ldapsync.store.tables import INDEX_VALUE_MAX
@@ -100,14 +102,14 @@ class Plan:
         self.attrs = None
         return self
 
-    def as_json(self, status: str | None = None) -> dict[str, Any]:
+    def as_json(self, status: str | None = None) -> JSONObject:
         return {"id": self.object_id, "userPrincipalName": self.upn, "displayName": self.display_name,
                 "uid": self.uid, "mail": self.mail, "dn": self.dn,
                 "status": status or ("importable" if self.importable else "skipped"),
                 "reason": self.reason, "detail": self.detail if self.reason or status == "failed" else ""}
 
 
-def plan_user(d: Directory, user: dict[str, Any], verified: set[str], *, include_guests: bool = False) -> Plan:
+def plan_user(d: Directory, user: JSONObject, verified: set[str], *, include_guests: bool = False) -> Plan:
     """Decide from the Graph user alone (no database): uid, mail, attributes, or a skip reason."""
     upn = user.get("userPrincipalName") or ""
     display = (user.get("displayName") or "").strip()
@@ -294,13 +296,13 @@ class Summary:
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self) -> JSONObject:
         return {"seen": self.seen, "imported": self.imported, "importable": self.importable,
                 "skipped": dict(self.skipped), "failed": self.failed}
 
 
-async def chunks(items: AsyncIterator[dict[str, Any]], size: int = PAGE_SIZE) -> AsyncIterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
+async def chunks(items: AsyncIterator[JSONObject], size: int = PAGE_SIZE) -> AsyncIterator[list[JSONObject]]:
+    chunk: list[JSONObject] = []
     async for it in items:
         chunk.append(it)
         if len(chunk) >= size:
@@ -311,7 +313,7 @@ async def chunks(items: AsyncIterator[dict[str, Any]], size: int = PAGE_SIZE) ->
 
 
 async def tenant_users(client: GraphClient, *, upns: list[str] | None = None, filter: str | None = None
-                       ) -> AsyncIterator[dict[str, Any]]:
+                       ) -> AsyncIterator[JSONObject]:
     """The selected users: the ``upns`` given (``{"@notFound": upn}`` for a missing one), else
     every user matching ``filter`` (paged, ``$top=999``)."""
     if upns:
@@ -333,14 +335,14 @@ class Reporter:
     TTY_INTERVAL = 0.25      # s between progress updates on a terminal …
     PLAIN_INTERVAL = 10.0    # … and between progress lines in a log
 
-    def __init__(self, out: Any, err: Any, *, json_lines: bool, listing: bool, tty: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, out: TextIO, err: TextIO, *, json_lines: bool, listing: bool, tty: bool | None = None,
+                 monotonic: Timer = time.monotonic) -> None:
         self.out, self.err = out, err
         self.json = json_lines
         self.listing = listing
         self.tty = err.isatty() if tty is None else tty
-        self.clock = clock
-        self.started = clock()
+        self.monotonic = monotonic
+        self.started = monotonic()
         self._last_progress: float | None = None
         self._header = False
         self._progress_shown = False
@@ -380,7 +382,7 @@ class Reporter:
         ``PLAIN_INTERVAL`` (log) seconds, and always for ``final`` on a terminal."""
         if self.json or self.listing:
             return
-        now = self.clock()
+        now = self.monotonic()
         interval = self.TTY_INTERVAL if self.tty else self.PLAIN_INTERVAL
         if not final and self._last_progress is not None and now - self._last_progress < interval:
             return

@@ -26,7 +26,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, Unpack
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -42,8 +42,24 @@ if TYPE_CHECKING:
 log = Logger()
 
 
+class CallsFromThreads(Protocol):
+    """What the listener needs of the reactor (Twisted's ``IReactorFromThreads``)."""
+
+    def callFromThread(self, callable: Callable[..., object], *args: object, **kwargs: object) -> None: ...
+
+
+class ListenerOptions(TypedDict, total=False):
+    """The keyword arguments :meth:`OutboxListener.for_database` passes on."""
+
+    channel: str
+    timeout: float
+    ping_interval: float
+    backoff: tuple[float, float]
+
+
 def connect_kwargs(engine: Engine) -> dict[str, Any]:
-    """psycopg.connect() keyword arguments for the engine's database (same host, user, password, options)."""
+    """psycopg.connect() keyword arguments for the engine's database (same host, user, password, options;
+    values of any type, as the SQLAlchemy dialect makes them)."""
     _args, params = engine.dialect.create_connect_args(engine.url)
     params = {k: v for k, v in params.items() if k != "context"}
     params.setdefault("connect_timeout", 10)
@@ -53,7 +69,8 @@ def connect_kwargs(engine: Engine) -> dict[str, Any]:
 class OutboxListener:
     """A thread that LISTENs on :data:`NOTIFY_CHANNEL` and calls ``wake()`` on the reactor thread."""
 
-    def __init__(self, connect_params: dict[str, Any], wake: Callable[[], object], *, reactor: Any, channel: str = NOTIFY_CHANNEL,
+    def __init__(self, connect_params: dict[str, Any], wake: Callable[[], object], *, reactor: CallsFromThreads,
+                 channel: str = NOTIFY_CHANNEL,
                  timeout: float = 0.5, ping_interval: float = 30.0, backoff: tuple[float, float] = (0.5, 30.0)) -> None:
         self.params = connect_params
         self.wake = wake
@@ -70,7 +87,8 @@ class OutboxListener:
         self._conn: psycopg.Connection[Any] | None = None
 
     @classmethod
-    def for_database(cls, db: Database, wake: Callable[[], object], *, reactor: Any, **kw: Any) -> OutboxListener:
+    def for_database(cls, db: Database, wake: Callable[[], object], *, reactor: CallsFromThreads,
+                     **kw: Unpack[ListenerOptions]) -> OutboxListener:
         return cls(connect_kwargs(db.engine), wake, reactor=reactor, **kw)
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -51,15 +51,17 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from ldapsync.clock import Timer
 from ldapsync.directory import binding
 from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.writes import Write
+from ldapsync.jsontypes import JSONObject
 from ldapsync.secretbox import SecretBox, load_or_create_key
 from ldapsync.store import entries as store
 from ldapsync.store import outbox as outbox_store
@@ -141,7 +143,7 @@ class OutboxPlanner:
     box: SecretBox                             # encrypts queued passwords ([secrets] key)
     wake: Callable[[], None] | None = None     # called after COMMIT when rows were written
     disable_threshold: int = 500
-    clock: Callable[[], float] = time.time
+    wall_time: Timer = time.time               # stamps rows the worker compares with its own wall_time
     unbound_password_ttl: float = 24 * 3600.0  # 0: passwords of unbound users are not kept
 
     @classmethod
@@ -159,7 +161,7 @@ class OutboxPlanner:
         return binding.is_bound(self.directory, attrs)
 
     def desired_fields(self, attrs: Attrs, dn: str, *, bound: bool, reason: str, deleted: bool = False,
-                       changed: tuple[str, ...] | None = None) -> dict[str, Any]:
+                       changed: tuple[str, ...] | None = None) -> JSONObject:
         """:class:`DesiredUser`'s fields for this entry, in sorted order (a queued row's JSON).
 
         The planner encodes this dict directly: building the frozen dataclass and reading it
@@ -185,7 +187,7 @@ class OutboxPlanner:
         if not cs.origin.reaches_microsoft365:
             return
         cleartext = cs.cleartext
-        rows: list[tuple[dict[str, Any], str | None]] = []
+        rows: list[tuple[JSONObject, str | None]] = []
         for ch in cs.changes:
             row = self._plan(txn, cs, ch, cleartext)
             if row is not None:
@@ -197,7 +199,7 @@ class OutboxPlanner:
             return
         disables = sum(1 for fields, _ in rows if not fields["bound"])
         held = disables > self.disable_threshold
-        now = self.clock()
+        now = self.wall_time()
         encode = _ENCODER.encode         # the same text as DesiredUser.to_json()
         outbox_store.queue_rows_txn(txn, [
             outbox_store.QueuedRow(fields["entry_uuid"], now, fields["reason"], encode(fields), secret,
@@ -211,7 +213,7 @@ class OutboxPlanner:
             txn.call_after(self.wake)
 
     def _plan(self, txn: Txn, cs: ChangeSet, ch: EntryChange,
-              cleartext: Mapping[str, list[str]]) -> tuple[dict[str, Any], str | None] | None:
+              cleartext: Mapping[str, list[str]]) -> tuple[JSONObject, str | None] | None:
         """The row this change queues: (:meth:`desired_fields`, encrypted password), or None.
 
         Also keeps (or drops) the password of a user who is not bound, and asks for
@@ -240,7 +242,7 @@ class OutboxPlanner:
             if clear is not None and not fit_for_microsoft365(self.directory, clear):
                 clear = None                 # never sent to Graph; the user is asked for a new one
                 if now_bound or first(new, "o365ObjectId"):
-                    ask_for_new_password_txn(txn, uuid, self.clock())
+                    ask_for_new_password_txn(txn, uuid, self.wall_time())
         if not now_bound:
             if pw_changed and is_sync_user(new):
                 self._keep_unbound(txn, uuid, clear)
@@ -254,7 +256,7 @@ class OutboxPlanner:
         secret = self.box.seal_password(clear.encode("utf-8"), uuid).hex() if clear is not None else None
         if not was:
             if secret is None and not pw_changed and self.unbound_password_ttl > 0:
-                secret = kept_q.take_txn(txn, uuid, self.clock())    # set while unbound, within the TTL
+                secret = kept_q.take_txn(txn, uuid, self.wall_time())    # set while unbound, within the TTL
             elif self.unbound_password_ttl > 0:
                 kept_q.delete_txn(txn, uuid)
             if secret is None and (pw_changed or not first(new, "o365ObjectId") or not new.get("userPassword")):
@@ -293,7 +295,7 @@ class OutboxPlanner:
         if clear is None:
             kept_q.delete_txn(txn, uuid)
             return
-        now = self.clock()
+        now = self.wall_time()
         kept_q.put_txn(txn, uuid, self.box.seal_password(clear.encode("utf-8"), uuid).hex(), now,
                        now + self.unbound_password_ttl)
 
@@ -329,14 +331,14 @@ class OutboxPlanner:
             if not attrs or attrs.get("o365PasswordPending") != ["TRUE"] or not self.is_bound(attrs):
                 return False
             if not fit:
-                ask_for_new_password_txn(txn, first(attrs, "entryUUID") or "", self.clock())
+                ask_for_new_password_txn(txn, first(attrs, "entryUUID") or "", self.wall_time())
                 return False
             assert st is not None
             w.set_operational(st, {"o365PasswordPending": None})
             w.finish()
             desired = self.desired(attrs, str(dn), bound=True, reason="password")
             outbox_store.queue_rows_txn(txn, [outbox_store.QueuedRow(
-                desired.entry_uuid, self.clock(), "password", desired.to_json(),
+                desired.entry_uuid, self.wall_time(), "password", desired.to_json(),
                 self.box.seal_password(password, desired.entry_uuid).hex())])
             outbox_store.notify_txn(txn)
             return True

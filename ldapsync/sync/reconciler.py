@@ -29,15 +29,17 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from ldapsync.directory.errors import LDAPError
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.writes import Write, now_generalized
+from ldapsync.jsontypes import JSONObject
 from ldapsync.store import entries as store
 from ldapsync.store.database import Txn
+from ldapsync.store.entries import StoredEntry
 from ldapsync.store import account_records as records
 from ldapsync.store import reconcile_lease as lease
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
@@ -72,11 +74,12 @@ class ReconcileReport:
     full: bool = False                                   # the full comparison (sync/full_reconcile.py)
 
 
-def _norm(v: Any) -> Any:
+def _norm(v: object) -> object:
+    """A Graph property's value for comparison (any JSON value; strings case-insensitively)."""
     return v.lower() if isinstance(v, str) else v
 
 
-def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[str]] | None = None, *,
+def drift(desired: DesiredUser, remote: JSONObject, attrs: dict[str, list[str]] | None = None, *,
           ours: bool = False) -> list[str]:
     """Which properties of the Graph user differ from the directory's wishes (``attrs``: the
     entry, for its o365PasswordPending: an account waiting for its password stays blocked when
@@ -101,7 +104,7 @@ def drift(desired: DesiredUser, remote: dict[str, Any], attrs: dict[str, list[st
     return out
 
 
-def drift_payload(desired: DesiredUser, remote: dict[str, Any], diffs: list[str]) -> str:
+def drift_payload(desired: DesiredUser, remote: JSONObject, diffs: list[str]) -> str:
     """The row's payload: the desired state, marked to block when a bound account must be blocked."""
     if desired.bound and "accountEnabled" in diffs and remote.get("accountEnabled") is True:
         desired = replace(desired, reason=DRIFT_BLOCK)
@@ -186,7 +189,7 @@ class Reconciler:
         report.full_scan = not link
         try:
             query = self.client.delta(",".join(SELECT), link or None)
-            batch: list[dict[str, Any]] = []
+            batch: list[JSONObject] = []
             seen: set[str] = set()
             async for item in query:
                 await self._keep_lease()
@@ -222,14 +225,14 @@ class Reconciler:
     def _stamp_txn(self, txn: Txn) -> None:
         write_status_txn(self.d, txn, {"o365LastReconcile": [now_generalized()]})
 
-    async def _check(self, items: list[dict[str, Any]], report: ReconcileReport) -> None:
+    async def _check(self, items: list[JSONObject], report: ReconcileReport) -> None:
         if not items:
             return
         report.seen += len(items)
         log.debug("reconcile: {n} changed user(s) from Microsoft 365", n=len(items))
         await self.db.run_interaction("reconcile", self._check_txn, items, report)
 
-    def _check_txn(self, txn: Txn, items: list[dict[str, Any]], report: ReconcileReport) -> None:
+    def _check_txn(self, txn: Txn, items: list[JSONObject], report: ReconcileReport) -> None:
         rows = []
         deleted = []
         now = time.time()
@@ -307,7 +310,7 @@ class Reconciler:
             store.set_meta_txn(txn, META_RECHECK, "")
         await self.db.run_interaction("reconcile recheck", run)
 
-    def _report_deleted_txn(self, txn: Txn, gone: list[Any], report: ReconcileReport) -> None:
+    def _report_deleted_txn(self, txn: Txn, gone: list[StoredEntry], report: ReconcileReport) -> None:
         if not gone:
             return
         w = Write(self.d, txn, str(self.d.admin_dn), STATUS_OPERATION, Origin.SYNC_STATUS)

@@ -68,13 +68,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer, task
 from twisted.internet.base import DelayedCall
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 
+from ldapsync.clock import Timer
 from ldapsync.secretbox import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
 from ldapsync.graph.pacing import WritePacer
@@ -165,9 +167,9 @@ def default_node_id(directory: Directory) -> str:
 class OutboxWorker:
     """See the module docstring.  ``connector`` gives ``client`` (GraphClient), ``state``, ``box``, ``check()``."""
 
-    def __init__(self, directory: Directory, connector: Connector, *, reactor: Any, concurrency: int = 16,
+    def __init__(self, directory: Directory, connector: Connector, *, reactor: IReactorTime, concurrency: int = 16,
                  poll_interval: float = 1.0, lease_seconds: float = 120.0, depth_interval: float = 5.0,
-                 node_id: str | None = None, retry: RowBackoff = RowBackoff(), clock: Callable[[], float] = time.time,
+                 node_id: str | None = None, retry: RowBackoff = RowBackoff(), wall_time: Timer = time.time,
                  stop_grace: float = 5.0, heartbeat_interval: float = 3.0, node_ttl: float = 12.0,
                  node_timeout: float = 15.0) -> None:
         self.d = directory
@@ -182,7 +184,7 @@ class OutboxWorker:
         self.depth_interval = depth_interval
         self.owner = node_id or default_node_id(directory)
         self.retry = retry
-        self.clock = clock
+        self.wall_time = wall_time        # leases and next_at, compared with the planner's stamps: never the policy clock
         self.stop_grace = stop_grace
         self.claim_batch = max(1, concurrency // 4)
         # Claims are fast (users whose oldest row is ready and due) except one at least this
@@ -216,7 +218,7 @@ class OutboxWorker:
         self.heartbeat_interval = heartbeat_interval
         self.node_ttl = node_ttl
         self.node_timeout = node_timeout      # a heartbeat unchanged this long: the node is presumed dead
-        self._beats: dict[str, tuple[str, float]] = {}   # node → (its last heartbeat value, when it changed, our clock)
+        self._beats: dict[str, tuple[str, float]] = {}   # node → (its last heartbeat value, when it changed, by our wall_time)
         self._beat_ok_at: float | None = None  # when our last heartbeat went through (time.monotonic)
         self._my_beat: str | None = None       # the value it wrote
         self.live_nodes = 1
@@ -302,7 +304,7 @@ class OutboxWorker:
         if self.db.is_postgres:
             try:
                 await self.db.run_interaction("o365 worker: heartbeat withdrawn", outbox_q.heartbeat_txn, self.owner,
-                                              self.clock(), alive=False, forget_before=0.0)
+                                              self.wall_time(), alive=False, forget_before=0.0)
             except Exception:  # noqa: BLE001 - it expires instead
                 log.failure("Microsoft 365 outbox: could not withdraw this node's heartbeat (it expires)")
         try:
@@ -324,7 +326,8 @@ class OutboxWorker:
         if free <= 0 or (self._inflight and free < self.claim_batch):
             return      # _drain would claim nothing; the next delivery to end wakes it (_done)
         if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self.reactor.callLater(0, self._kick)
+            # (plain mypy reads Twisted's interface methods, declared without self, one argument short)
+            self._scheduled = self.reactor.callLater(0, self._kick)  # type: ignore[arg-type]
 
     def _kick(self) -> None:
         self._scheduled = None
@@ -390,7 +393,7 @@ class OutboxWorker:
                 if free <= 0 or (self._inflight and free < self.claim_batch) or not await self._connector_ready():
                     break
                 d = self.d
-                owner, lease, now, exclude = self.owner, self.lease_seconds, self.clock(), list(self._inflight)
+                owner, lease, now, exclude = self.owner, self.lease_seconds, self.wall_time(), list(self._inflight)
                 mono = time.monotonic()
                 full = mono - self._full_claim_at >= self.full_claim_interval
                 if full:
@@ -426,7 +429,7 @@ class OutboxWorker:
     async def _renew(self) -> None:
         if self._inflight:
             users = list(self._inflight)
-            until = self.clock() + self.lease_seconds
+            until = self.wall_time() + self.lease_seconds
             await self.db.run_interaction("o365 outbox lease renewal", outbox_q.renew_leases_txn, self.owner, users, until)
 
     async def _heartbeat(self) -> None:
@@ -434,7 +437,7 @@ class OutboxWorker:
         budget, and take over the users of nodes presumed dead.
 
         Graph's write budget is per app and tenant: n nodes delivering each at budget/n stay
-        within it.  A node counts while its heartbeat keeps changing (judged by our clock: no
+        within it.  A node counts while its heartbeat keeps changing (judged by our wall_time: no
         skew issue); one that stopped or died drops out after ``node_ttl`` and the others speed
         up again.  A node that has just appeared paces at its share at once; the others follow
         within one ``heartbeat_interval``.  One whose heartbeat has not changed for
@@ -443,7 +446,7 @@ class OutboxWorker:
             return
         mem = getattr(self.connector, "state", None)
         delivering = getattr(mem, "value", mem) == "active" and self._entry_state == "active"
-        now = self.clock()
+        now = self.wall_time()
         owner = self.owner
 
         def beat(txn: Txn) -> tuple[str | None, dict[str, str]]:
@@ -504,7 +507,7 @@ class OutboxWorker:
         # in the write transaction every LDAP write waited for it (SQLite has one writer).
         counts = await self.db.run_interaction("o365 queue count", outbox_q.queue_counts_txn, write=False)
         depth = str(counts[outbox_q.READY] + counts[outbox_q.HELD])
-        now = self.clock()
+        now = self.wall_time()
 
         def run(txn: Txn) -> None:
             write_status_txn(self.d, txn, {"o365QueueDepth": [depth]})
@@ -536,12 +539,12 @@ class OutboxWorker:
             self._paused_until = time.monotonic() + min(wait, 30.0)
             log.warn("Microsoft 365 outbox: sign-in problem ({code}); queued work waits", code=e.code or type(e).__name__)
             self._recheck(min_interval=5.0)
-            await self._fail(job, ids, str(e), permanent=False, next_at=self.clock() + min(wait, 30.0))
+            await self._fail(job, ids, str(e), permanent=False, next_at=self.wall_time() + min(wait, 30.0))
             return
         except Transient as e:
             wait = self.retry.delay(attempts, e.retry_after)
             log.info("Microsoft 365: {upn}: {error}; retry in {wait:.0f}s", upn=desired.upn, error=str(e), wait=wait)
-            await self._fail(job, ids, str(e), permanent=False, next_at=self.clock() + wait)
+            await self._fail(job, ids, str(e), permanent=False, next_at=self.wall_time() + wait)
             return
         except (GraphError, PermanentError) as e:    # BadRequest, Forbidden, ObjectConflict, NotFound...
             await self._permanent(job, ids, desired, str(e))
@@ -555,7 +558,7 @@ class OutboxWorker:
                 return
             log.failure("Microsoft 365: delivery for {upn} failed; will retry", upn=desired.upn)
             await self._fail(job, ids, f"{type(e).__name__}", permanent=False,
-                             next_at=self.clock() + self.retry.delay(attempts))
+                             next_at=self.wall_time() + self.retry.delay(attempts))
             return
         last = ids[-1]
 
@@ -591,7 +594,7 @@ class OutboxWorker:
                     outbox_q.note_password_pushed_txn(txn, job.entry_uuid, pushed_fp)
             ttl = self.d.config.office365.unbound_password_ttl
             if out.unsent_secret is not None and ttl > 0:
-                now = self.clock()
+                now = self.wall_time()
                 kept_q.keep_unless_newer_txn(txn, job.entry_uuid, out.unsent_secret, now, now + ttl)
             outbox_q.complete_txn(txn, ids)
             return True
@@ -633,17 +636,17 @@ class OutboxWorker:
                     await task.deferLater(self.reactor, self.end_gather, lambda: None)
                 batch, self._ends = self._ends, []
                 if len(batch) == 1:
-                    results: list[Any] = [None]
                     desc, fn, d = batch[0]
                     try:
-                        results[0] = await self.db.run_interaction(desc, fn)
+                        result = await self.db.run_interaction(desc, fn)
                     except Exception as e:  # noqa: BLE001 - handed to the job
                         d.errback(e)
                         continue
-                    d.callback(results[0])
+                    d.callback(result)
                     continue
 
-                def run_all(txn: Txn, batch: list[tuple[str, Any, defer.Deferred]] = batch) -> list[Any]:
+                def run_all(txn: Txn, batch: list[tuple[str, Callable[[Txn], bool], defer.Deferred[bool]]] = batch
+                            ) -> list[bool]:
                     return [fn(txn) for _, fn, _ in batch]
                 try:
                     results = await self.db.run_interaction(f"o365 outbox: {len(batch)} deliveries ended", run_all)

@@ -46,11 +46,13 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.base import DelayedCall
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, formatEvent, globalLogBeginner
 
 from ldapsync import metrics
@@ -58,6 +60,7 @@ from ldapsync.child_processes import LineChildProtocol
 from ldapsync.config import Config, load_config
 from ldapsync.logs import LEVELS
 from ldapsync.services import ConnectorService, DirectoryService, OrderedMultiService, OutboxWorkerService
+from ldapsync.sync.notify import CallsFromThreads
 from ldapsync.sync.connector import ensure_entries_txn
 
 log = Logger()
@@ -90,7 +93,7 @@ class WorkerProcessService(service.Service):
     restart_backoff = (1.0, 30.0)
     stop_timeout = 20.0           # the child's own grace (deliveries in flight: 5 s) plus giving leases back
 
-    def __init__(self, dirsvc: Any, argv: list[str] | None = None) -> None:
+    def __init__(self, dirsvc: DirectoryService, argv: list[str] | None = None) -> None:
         self.dirsvc = dirsvc
         config = dirsvc.config
         self.argv = argv or [sys.executable, "-m", "ldapsync.sync.worker_process",
@@ -100,17 +103,19 @@ class WorkerProcessService(service.Service):
         self._work_since_wake = False
         # [ldap] processes > 1: told when the child is caught up, so that the other LDAP
         # processes' next COMMIT wakes it through wake() (ldapsync/ldap_processes.py)
-        self.on_hungry: list[Any] = []
+        self.on_hungry: list[Callable[[], object]] = []
         self._stdin_fd: int | None = None
         self._stopping = False
         self._backoff = self.restart_backoff[0]
-        self._restart_call: Any = None
+        self._restart_call: DelayedCall | None = None
         self._started_at = 0.0
 
     def startService(self) -> None:
         from twisted.internet import reactor
 
         super().startService()
+        # Any: the global reactor is typed by Twisted's zope interfaces, whose methods (declared
+        # without self) plain mypy cannot call through; here it spawns processes and keeps time.
         self.reactor: Any = reactor
         self._stopping = False
 
@@ -198,7 +203,7 @@ class WorkerProcessService(service.Service):
                   "(queued changes wait, nothing is lost)", how=how, wait=wait)
         self._restart_call = self.reactor.callLater(wait, self._spawn)
 
-    def stopService(self) -> Any:
+    def stopService(self) -> defer.Deferred[None] | None:
         super().stopService()
         self._stopping = True
         if self._restart_call is not None and self._restart_call.active():
@@ -208,7 +213,7 @@ class WorkerProcessService(service.Service):
             return None
         pid = self.pid
         self._stdin_fd = None
-        transport: Any = proto.transport
+        transport: Any = proto.transport      # a Process (closeStdin, signalProcess): see self.reactor
         transport.write(QUIT)
         transport.closeStdin()
 
@@ -219,7 +224,7 @@ class WorkerProcessService(service.Service):
                 transport.signalProcess("KILL")
         call = self.reactor.callLater(self.stop_timeout, too_slow)
 
-        def done(result: Any) -> Any:
+        def done(result: object) -> None:
             if call.active():
                 call.cancel()
             return None
@@ -235,7 +240,7 @@ class _JSONLines:
         self.out = os.fdopen(os.dup(fd), "w", encoding="utf-8", buffering=1)
         self.lock = threading.Lock()
 
-    def __call__(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any]) -> None:      # a Twisted log event: any values
         text = formatEvent(event)
         f = event.get("log_failure")
         if f is not None:
@@ -265,7 +270,7 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _read_commands(reactor: Any, on_wake: Any, on_quit: Any) -> None:
+def _read_commands(reactor: CallsFromThreads, on_wake: Callable[[], object], on_quit: Callable[[], object]) -> None:
     """A thread blocked on stdin: "w" wakes the worker, "q" or EOF stops (EOF without "q": the
     parent died without a word, so do the same)."""
     quit_asked = False
@@ -310,9 +315,10 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config)
     out = _JSONLines()
     # [log] level applies here already: what the parent would drop is not sent to it at all.
+    # (Any: it provides ILogObserver through zope's @implementer, which plain mypy does not see.)
     observer: Any = FilteringLogObserver(out, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.log.level])])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    reactor: Any = _reactor
+    reactor: Any = _reactor                           # Any: see WorkerProcessService.startService
     top, worksvc = build(config)
     stopping: list[bool] = []
 

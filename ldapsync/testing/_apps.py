@@ -92,7 +92,7 @@ class AppsMixin:
         return app.public()
 
     def issue_access_token(self, info: TokenInfo) -> tuple[str, int]:
-        now = self.clock()
+        now = self.wall_time()
         lifetime = int(self.token_lifetime)
         info.expires_at = now + lifetime
         claims: dict[str, Any] = {
@@ -119,7 +119,7 @@ class AppsMixin:
 
     def expire_tokens(self) -> int:
         """Every access token issued so far is expired from now on (Graph answers 401)."""
-        now = self.clock()
+        now = self.wall_time()
         for info in self.access_tokens.values():
             info.expires_at = min(info.expires_at, now - 1)
         return len(self.access_tokens)
@@ -138,7 +138,7 @@ class AppsMixin:
     def _device_flow(self, user_code: str) -> DeviceCode:
         code = user_code.replace("-", "").strip().upper()
         for flow in self.device_codes.values():
-            if flow.user_code == code and flow.status == "pending" and flow.expires_at > self.clock():
+            if flow.user_code == code and flow.status == "pending" and flow.expires_at > self.wall_time():
                 return flow
         raise KeyError(user_code)
 

@@ -157,7 +157,7 @@ class DirectoryMixin:
         if unknown:
             raise ValueError(f"not editable: {unknown}")
         self.update_user(user_id, changes)
-        self.portal_edits.append({"id": user_id, "changes": redact_json(changes), "time": self.clock()})
+        self.portal_edits.append({"id": user_id, "changes": redact_json(changes), "time": self.wall_time()})
         return self.get_user(user_id)  # type: ignore[return-value]
 
     # --- users: storage (used by the Graph handlers too) -----------------------------------------
@@ -168,7 +168,7 @@ class DirectoryMixin:
 
     def insert_user(self, body: dict[str, Any], password: str) -> dict[str, Any]:
         user_id = str(uuid.uuid4())
-        now = self.clock()
+        now = self.wall_time()
         user: dict[str, Any] = {p: None for p in USER_PROPS if p != "passwordProfile"}
         user.update({p: [] for p in LIST_PROPS})
         user.update({k: copy.deepcopy(v) for k, v in body.items() if k != "passwordProfile"})
@@ -192,7 +192,7 @@ class DirectoryMixin:
             if key == "passwordProfile":
                 if value and value.get("password") is not None:
                     self.passwords[user_id] = value["password"]
-                    user["lastPasswordChangeDateTime"] = _iso(self.clock())
+                    user["lastPasswordChangeDateTime"] = _iso(self.wall_time())
                     self.force_change[user_id] = bool(value.get("forceChangePasswordNextSignIn", True))
                     self._revoke_refresh(user_id)
                 elif value and "forceChangePasswordNextSignIn" in value:
@@ -217,7 +217,7 @@ class DirectoryMixin:
         self.tombstones[user_id] = self.seq
 
     def revoke_sign_in_sessions(self, user_id: str) -> None:
-        self.users[user_id]["signInSessionsValidFromDateTime"] = _iso(self.clock())
+        self.users[user_id]["signInSessionsValidFromDateTime"] = _iso(self.wall_time())
         self._revoke_refresh(user_id)
 
     def _revoke_refresh(self, user_id: str) -> None:

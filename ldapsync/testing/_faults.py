@@ -83,7 +83,7 @@ class FaultsMixin:
         """
         if mode not in ("503", "drop", "refuse"):
             raise ValueError(mode)
-        self._outage_until = math.inf if seconds is None else self.clock() + seconds
+        self._outage_until = math.inf if seconds is None else self.wall_time() + seconds
         self._outage_mode = mode
         if mode == "refuse" and self._listening is not None:
             self._refused = self._listening.stopListening()
@@ -106,7 +106,7 @@ class FaultsMixin:
     def _in_outage(self) -> bool:
         if self._outage_until is None:
             return False
-        if self.clock() >= self._outage_until:
+        if self.wall_time() >= self._outage_until:
             self._outage_until = None
             return False
         return True
@@ -133,7 +133,7 @@ class FaultsMixin:
         headers = {"x-ms-resource-unit": str(cost)}
         if not cfg["enabled"]:
             return headers
-        now, app = self.clock(), token.client_id
+        now, app = self.wall_time(), token.client_id
         writes, units = self._writes[app], self._units[app]
         while writes and writes[0] <= now - cfg["window"]:
             writes.popleft()

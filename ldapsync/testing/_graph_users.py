@@ -174,7 +174,7 @@ def _context(t: FakeTenant, what: str, select: list[str] | None, entity: bool = 
 
 def lookup(t: FakeTenant, key: str) -> str:
     user_id = t.find_user_id(key)
-    if user_id is None or t.clock() < t.created_at.get(user_id, 0) + t.replication_delay:
+    if user_id is None or t.wall_time() < t.created_at.get(user_id, 0) + t.replication_delay:
         raise not_found(key)
     return user_id
 

@@ -202,7 +202,7 @@ def authenticate_client(t: FakeTenant, req: Req, form: dict[str, str], *, requir
         except (binascii.Error, UnicodeDecodeError):
             raise OAuthError(401, "invalid_client", 7000216, "Malformed basic authorization.") from None
     app = _app_for(t, client_id)
-    now = t.clock()
+    now = t.wall_time()
     if form.get("client_assertion"):
         if form.get("client_assertion_type") != ASSERTION_TYPE:
             raise OAuthError(400, "invalid_request", 50027, "Invalid client_assertion_type.")
@@ -335,8 +335,8 @@ def _user_tokens(t: FakeTenant, app: App, user_id: str, scopes: list[str]) -> Re
         app.client_id, "delegated", frozenset(permissions), roles, 0.0, user_id))
     refresh = secrets.token_urlsafe(48)
     t.refresh_tokens[refresh] = RefreshInfo(app.client_id, user_id, list(scopes),
-                                            t.clock() + REFRESH_TOKEN_LIFETIME)
-    now = int(t.clock())
+                                            t.wall_time() + REFRESH_TOKEN_LIFETIME)
+    now = int(t.wall_time())
     id_token = jwt.encode({
         "aud": app.client_id, "iss": t.issuer, "iat": now, "nbf": now, "exp": now + 3600,
         "name": user.get("displayName"), "oid": user_id, "preferred_username": user["userPrincipalName"],
@@ -358,7 +358,7 @@ def _device_code_grant(t: FakeTenant, req: Req, form: dict[str, str]) -> Resp:
     if flow is None or flow.client_id != app.client_id or flow.status == "redeemed":
         raise OAuthError(400, "invalid_grant", 70000, "The provided value for the 'device_code' is "
                          "not valid.")
-    if flow.expires_at <= t.clock():
+    if flow.expires_at <= t.wall_time():
         raise OAuthError(400, "expired_token", 70019,
                          "Verification code expired. Please try again.")
     flow.polls += 1
@@ -385,7 +385,7 @@ def _refresh_grant(t: FakeTenant, req: Req, form: dict[str, str]) -> Resp:
         raise OAuthError(400, "invalid_grant", 50173,
                          "The provided grant has expired due to it being revoked, a fresh auth token "
                          "is needed. The user might have changed or reset their password.")
-    if info.expires_at <= t.clock():
+    if info.expires_at <= t.wall_time():
         raise OAuthError(400, "invalid_grant", 700082,
                          "The refresh token has expired due to inactivity. The token was issued on a "
                          "date more than 90 days ago.")
@@ -402,7 +402,7 @@ def device_code_endpoint(t: FakeTenant, req: Req, form: dict[str, str]) -> Resp:
     alphabet = string.ascii_uppercase + string.digits
     user_code = "".join(secrets.choice(alphabet) for _ in range(9))
     flow = DeviceCode(secrets.token_urlsafe(48), user_code, app.client_id, scopes,
-                      t.clock() + t.device_code_lifetime)
+                      t.wall_time() + t.device_code_lifetime)
     t.device_codes[flow.device_code] = flow
     uri = f"{t.base_url}/devicelogin"
     return Resp(200, {

@@ -65,7 +65,7 @@ class ServingMixin:
             except ValueError:
                 body = "<not JSON>"
         self.records.append({
-            "seq": len(self.records) + 1, "time": self.clock(), "kind": kind, "method": req.method,
+            "seq": len(self.records) + 1, "time": self.wall_time(), "kind": kind, "method": req.method,
             "path": req.path, "query": dict(req.query), "body": body,
             "status": 0 if resp.drop else resp.status, "client_id": req.client_id,
             "batch": req.in_batch, "request_id": req.request_id,
@@ -131,7 +131,7 @@ class ServingMixin:
             raise GraphError(401, "InvalidAuthenticationToken",
                              "Access token validation failure. Invalid audience.", headers=headers)
         req.client_id = info.client_id
-        if info.expires_at <= self.clock():
+        if info.expires_at <= self.wall_time():
             raise GraphError(401, "InvalidAuthenticationToken",
                              "Lifetime validation failed, the token is expired.", headers=headers)
         return info

@@ -41,11 +41,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+
+from ldapsync.clock import Timer
 
 from . import _identity
 from ._apps import DEFAULT_APP_PERMISSIONS, AppsMixin, _signing_key
@@ -66,13 +68,13 @@ class FakeTenant(DirectoryMixin, AppsMixin, FaultsMixin, ServingMixin):
 
     def __init__(self, state_dir: str | Path, *, domain: str = "contoso.onmicrosoft.com",
                  display_name: str = "Contoso", tenant_id: str | None = None,
-                 host: str = "127.0.0.1", clock: Callable[[], float] = time.time, reactor: Any = None):
+                 host: str = "127.0.0.1", wall_time: Timer = time.time, reactor: Any = None):
         self.state_dir = Path(state_dir)
         self.initial_domain = domain.lower()
         self.display_name = display_name
         self.tenant_id = tenant_id or str(uuid.uuid5(uuid.NAMESPACE_DNS, self.initial_domain))
         self.host = host
-        self.clock = clock
+        self.wall_time = wall_time      # the fake Microsoft's own time (tokens, codes, timestamps)
         self._reactor = reactor
         self.port: int | None = None
         self._listening: Any = None

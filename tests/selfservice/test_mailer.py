@@ -104,7 +104,7 @@ def log_lines() -> Iterator[list[str]]:
 def mailer(endpoint: str, clock: task.Clock | None = None, **kw: Any) -> Mailer:
     cfg_keys = {k: kw.pop(k) for k in ("starttls", "username", "password_file") if k in kw}
     cfg = MailConfig(smtp=endpoint, from_="ldapsync <ldapsync@example.com>", **cfg_keys)
-    return Mailer(cfg, clock=clock or task.Clock(), **kw)
+    return Mailer(cfg, scheduler=clock or task.Clock(), **kw)
 
 
 async def run_with_clock(clock: task.Clock, d: defer.Deferred[Any]) -> list[float]:
@@ -176,7 +176,7 @@ async def test_multipart_alternative_when_html(sink: SMTPSink) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_non_ascii_subject_names_and_body(sink: SMTPSink) -> None:
-    m = Mailer(MailConfig(smtp=sink.endpoint, from_="Službа ІТ — Mañana <it@example.com>"), clock=task.Clock())
+    m = Mailer(MailConfig(smtp=sink.endpoint, from_="Službа ІТ — Mañana <it@example.com>"), scheduler=task.Clock())
     subject = "Grüße, Jörg — ваш пароль 🔑 " + "très long " * 12
     await m.send("Jörg Müller <joerg@example.com>", subject, "Passwort geändert: ✓\n", "<p>geändert ✓</p>")
     (got,) = await sink.wait_for(1)

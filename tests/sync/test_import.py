@@ -432,14 +432,14 @@ def test_progress_is_shown_at_most_every_interval() -> None:
 
     now = [100.0]
     err = io.StringIO()
-    r = Reporter(io.StringIO(), err, json_lines=False, listing=False, tty=False, clock=lambda: now[0])
+    r = Reporter(io.StringIO(), err, json_lines=False, listing=False, tty=False, monotonic=lambda: now[0])
     s = Summary(seen=1)
     for _ in range(50):                        # one call per batch
         r.progress(s)
         now[0] += 0.1
     assert err.getvalue().count("\n") == 1     # 5 s of batches, PLAIN_INTERVAL 10 s: one line
     err = io.StringIO()
-    r = Reporter(io.StringIO(), err, json_lines=False, listing=False, tty=True, clock=lambda: now[0])
+    r = Reporter(io.StringIO(), err, json_lines=False, listing=False, tty=True, monotonic=lambda: now[0])
     for _ in range(10):
         r.progress(s)
         now[0] += 0.1

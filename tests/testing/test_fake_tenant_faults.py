@@ -62,8 +62,8 @@ async def test_latency(fake_tenant, graph):
 
 @d
 async def test_outage_503_window(fake_tenant, graph):
-    now = [fake_tenant.clock()]
-    fake_tenant.clock = lambda: now[0]
+    now = [fake_tenant.wall_time()]
+    fake_tenant.wall_time = lambda: now[0]
     fake_tenant.outage(seconds=30)
     res = await graph("GET", "/users")
     assert res.status == 503 and res.error_code == "ServiceNotAvailable"
@@ -92,7 +92,7 @@ async def test_outage_refuse_and_drop(fake_tenant, graph, graph_http):
 @d
 async def test_write_budget_throttling(fake_tenant, graph):
     now = [1000.0]
-    fake_tenant.clock = lambda: now[0]
+    fake_tenant.wall_time = lambda: now[0]
     graph.token = fake_tenant.app_token(next(iter(fake_tenant.apps)))
     fake_tenant.configure_throttling(writes=10, window=150)
     seen = []

@@ -58,7 +58,7 @@ async def test_msal_wrong_secret_and_expired_secret(fake_tenant, fake_app):
     app = await in_thread(confidential, fake_tenant, fake_app["client_id"], "not-the-secret")
     result = await in_thread(app.acquire_token_for_client, scopes=[fake_tenant.graph_scope])
     assert result["error"] == "invalid_client" and 7000215 in result["error_codes"]
-    old = fake_tenant.register_app(secret_expires_at=fake_tenant.clock() - 10)
+    old = fake_tenant.register_app(secret_expires_at=fake_tenant.wall_time() - 10)
     app = await in_thread(confidential, fake_tenant, old["client_id"], old["secret"])
     result = await in_thread(app.acquire_token_for_client, scopes=[fake_tenant.graph_scope])
     assert result["error"] == "invalid_client" and 7000222 in result["error_codes"]
@@ -202,7 +202,7 @@ async def test_after_expire_tokens_msal_cache_must_be_bypassed(fake_tenant, fake
     assert cached["access_token"] == first["access_token"] and cached["token_source"] == "cache"
     res = await GraphCaller(graph_http, fake_tenant, cached["access_token"])("GET", "/users")
     assert res.status == 401
-    challenge = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}' % int(fake_tenant.clock())
+    challenge = '{"access_token":{"nbf":{"essential":true,"value":"%d"}}}' % int(fake_tenant.wall_time())
     fresh = await in_thread(app.acquire_token_for_client, scopes=[fake_tenant.graph_scope],
                             claims_challenge=challenge)
     assert fresh["token_source"] == "identity_provider"
