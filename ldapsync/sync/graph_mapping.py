@@ -184,7 +184,7 @@ class GraphMapping:
         return PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
                               "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it")
 
-    async def _lost_create(self, desired: DesiredUser) -> tuple[str | None, dict[str, Any] | None]:
+    async def _lost_create(self, desired: DesiredUser) -> tuple[str | None, JSONObject | None]:
         """A create of ours whose reply never came: (the UPN it was sent with, the account it made,
         or None if there is none); (None, None) when no create is pending for the user."""
         sent = await self.db.run_interaction("o365 create sent?", outbox_q.create_sent_upn_txn, desired.entry_uuid,
@@ -192,7 +192,7 @@ class GraphMapping:
         if sent is None:
             return None, None
         for upn in dict.fromkeys(u for u in (sent, desired.upn) if u):
-            user = await self.connector.client.find_user_by_upn(upn, USER_SELECT)
+            user = await self._client.find_user_by_upn(upn, USER_SELECT)
             if user is not None:
                 return upn, user
         return sent, None
