@@ -12,6 +12,7 @@ stay relative to the working directory (the service unit's state directory).
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -427,15 +428,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def to_json(cfg: Config) -> str:
     """``cfg`` as one line of JSON, for a child process that must run with exactly the server's
     configuration (``ldap_processes.py``), not the file as it may read later."""
-    import json
-
     return json.dumps(asdict(cfg), separators=(",", ":"))
 
 
 def from_json(text: str) -> Config:
     """The :class:`Config` :func:`to_json` wrote."""
-    import json
-
     raw = json.loads(text)
     sections = {name: cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw[name].items()})
                 for name, cls in _SECTIONS.items()}

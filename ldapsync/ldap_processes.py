@@ -31,22 +31,28 @@ parallel (WAL).  In memory, per process: the wrong-password limit per client add
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
-from twisted.internet.error import ProcessExitedAlready
-from twisted.logger import Logger, LogLevel
+from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogBeginner
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from ldapsync import metrics
 from ldapsync.child_processes import LineChildProtocol
+from ldapsync.config import from_json, to_json
+from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
+from ldapsync.logs import ACCESS, LEVELS
 
 log = Logger(namespace="ldapsync.ldap_processes")   # not "__main__" in the child
 
@@ -104,8 +110,6 @@ class ReusePortEndpoint:
 
     @classmethod
     def of(cls, reactor: Any, endpoint: Any) -> ReusePortEndpoint | None:
-        from twisted.internet import endpoints
-
         if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
                                      endpoints.SSL4ServerEndpoint)):
             return None
@@ -113,16 +117,12 @@ class ReusePortEndpoint:
         return cls(reactor, endpoint._port, endpoint._interface, endpoint._backlog, tls)
 
     def listen(self, factory: Any) -> defer.Deferred:
-        from twisted.internet.error import CannotListenError
-
         family = _family(self.interface)
         try:
             sock = _bind(family, self.interface, self.port, self.backlog)
         except OSError as e:
             return defer.fail(CannotListenError(self.interface, self.port, e))
         if self.tls is not None:
-            from twisted.protocols.tls import TLSMemoryBIOFactory
-
             factory = TLSMemoryBIOFactory(self.tls, False, factory)
         try:
             port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
@@ -193,8 +193,6 @@ class LDAPProcessesService(service.Service):
         self._started_at: dict[int, float] = {}
         self._restart_calls: dict[int, Any] = {}
         self._sockets: dict[int, list[int]] = {}
-        from ldapsync.config import to_json
-
         self._config_line = to_json(config).encode() + b"\n"
 
     def privilegedStartService(self) -> None:
@@ -319,8 +317,6 @@ def _write_all(fd: int, data: bytes) -> None:
         try:
             view = view[os.write(fd, view):]
         except BlockingIOError:
-            import time
-
             time.sleep(0.001)
         if not view:
             return
@@ -357,8 +353,6 @@ class _Wake:
 
 def _read_config() -> tuple[Any, bytes]:
     """The server's configuration, the first line on stdin, and what came after it."""
-    from ldapsync.config import from_json
-
     buf = b""
     while b"\n" not in buf:
         data = os.read(0, 65536)
@@ -395,8 +389,6 @@ def _read_commands(reactor: Any, on_hungry: Callable[[], None], on_quit: Callabl
 def _adopt(reactor: Any, fd: int, description: str, factory: Any) -> Any:
     """Listen on an inherited socket, with TLS when the listener is ``ssl:`` (its certificate and
     key read from the description, as the server did)."""
-    from twisted.internet import endpoints
-
     endpoint: Any = endpoints.serverFromString(reactor, description)
     sock = socket.socket(fileno=os.dup(fd))
     family = sock.family
@@ -406,8 +398,6 @@ def _adopt(reactor: Any, fd: int, description: str, factory: Any) -> Any:
     sock.close()
     tls = getattr(endpoint, "_sslContextFactory", None)
     if tls is not None:
-        from twisted.protocols.tls import TLSMemoryBIOFactory
-
         factory = TLSMemoryBIOFactory(tls, False, factory)
     port = reactor.adoptStreamPort(fd, family, factory)
     os.close(fd)                   # the port holds a duplicate
@@ -428,13 +418,7 @@ def build(config: Any, wake: Callable[[], None] | None) -> tuple[service.MultiSe
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     from twisted.internet import reactor as _reactor
-    from twisted.logger import FilteringLogObserver, LogLevelFilterPredicate, globalLogBeginner
-
-    from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
-    from ldapsync.logs import ACCESS, LEVELS
     from ldapsync.sync.worker_process import _die_with_parent, _JSONLines
 
     ap = argparse.ArgumentParser(description="one of ldapsync's LDAP processes (started by the server)")

@@ -12,6 +12,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+
 if TYPE_CHECKING:
     from ldapsync.config import Office365Config
 
@@ -60,10 +64,6 @@ def load_client_credential(
       The SHA-1 thumbprint shown in the Entra portal is computed from the
       certificate when not given.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.serialization import pkcs12
-
     if client_secret_file and certificate_file:
         raise ValueError("[office365]: give client_secret_file or certificate_file, not both")
     if client_secret_file:

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
-from twisted.internet import defer, task
+from twisted.internet import defer, ssl, task
 from twisted.logger import Logger
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from ldapsync import metrics
@@ -54,6 +55,7 @@ from ldapsync.graph.errors import (
 )
 from ldapsync.graph.errors import parse_retry_after as _parse_retry_after
 from ldapsync.graph.pacing import PacingPolicy, WritePacer
+from ldapsync.graph.tls import trusted_blocks
 
 __all__ = [
     "DEFAULT_USER_SELECT",
@@ -146,9 +148,6 @@ MAX_CONNECTIONS = 24
 def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 30.0,
                max_connections: int = MAX_CONNECTIONS) -> tuple[Any, Any]:
     """An ``Agent`` on a persistent pool; ``ca_bundle`` adds trusted CAs to the public roots."""
-    from twisted.internet import ssl
-    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-
     pool = HTTPConnectionPool(reactor, persistent=True)
 
     class _QuietFactory(pool._factory):  # type: ignore[name-defined,misc]
@@ -159,8 +158,6 @@ def make_agent(reactor: Any, *, ca_bundle: str | None = None, timeout: float = 3
     pool.cachedConnectionTimeout = 120
     pool.retryAutomatically = False        # we retry ourselves (and not blindly for POST)
     if ca_bundle:
-        from ldapsync.graph.tls import trusted_blocks
-
         certs = []
         for block in trusted_blocks(ca_bundle):
             try:

@@ -37,6 +37,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet import error as ierror
+from twisted.internet import ssl
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import connectionDone
@@ -132,8 +133,6 @@ def _endpoint_host(description: str) -> str:
 
 
 def _trust_root(ca_bundle: str | None) -> Any:
-    from twisted.internet import ssl
-
     if not ca_bundle:
         return ssl.platformTrust()
     try:
@@ -375,8 +374,6 @@ class Mailer:
     def _tls_options(self) -> Any:
         if not self.config.starttls:
             return None
-        from twisted.internet import ssl
-
         return ssl.optionsForClientTLS(self._host, trustRoot=_trust_root(self._ca_bundle))
 
     async def _deliver(self, msg: EmailMessage, recipients: list[str], attempts: int) -> None:

@@ -40,6 +40,7 @@ from ldapsync.graph.clouds import endpoints_from_config
 from ldapsync.graph.errors import AuthError, Forbidden, GraphError
 from ldapsync.graph.token import ApplicationTokenProvider, DelegatedTokenProvider, token_provider_from_config
 from ldapsync.secretbox import SecretBox, load_or_create_key
+from twisted.internet import threads
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -241,8 +242,6 @@ class Connector:
 
     async def check(self) -> CheckResult:
         """Sign in, read the verified domains and the credential's end date; record the outcome."""
-        from twisted.internet import threads
-
 
         o = self.config.office365
         domains: list[str] = []
@@ -322,8 +321,6 @@ class Connector:
         return CheckResult(state, domains, expiry, error)
 
     async def _no_sign_in_yet(self) -> bool:
-        from twisted.internet import threads
-
         return await threads.deferToThread(self.cache_store.load) is None
 
     async def _credential_expiry(self, client: GraphClient) -> datetime | None:

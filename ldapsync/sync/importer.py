@@ -20,6 +20,7 @@ SQLite database that spills to disk, not in Python sets).
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -353,8 +354,6 @@ class Reporter:
             self._progress_shown = False
 
     def row(self, p: Plan, status: str) -> None:
-        import json
-
         if self.json:
             self.out.write(json.dumps(p.as_json(status)) + "\n")
             return
@@ -401,8 +400,6 @@ class Reporter:
         self.err.flush()
 
     def summary(self, s: Summary, *, dry_run: bool, listing: bool) -> None:
-        import json
-
         if self.json:
             self.out.write(json.dumps({"summary": s.as_json()}) + "\n")
             return
