@@ -55,7 +55,13 @@ fi
 
 export PATH="$PWD/.venv/bin:$PATH"
 set +e
-.venv/bin/python -m pytest "$@"
+# Most of a test's time is spent waiting (servers starting, deliveries, reconcile passes), so test
+# files run in parallel: LDAPSYNC_TEST_WORKERS processes (default: 1.5 per CPU, at least 2), each
+# taking whole files (module-scoped servers stay in one process).  LDAPSYNC_TEST_WORKERS=0: serial.
+workers=${LDAPSYNC_TEST_WORKERS:-$(python3 -c 'import os; print(max(2, len(os.sched_getaffinity(0)) * 3 // 2))')}
+parallel=()
+if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadfile); fi
+.venv/bin/python -m pytest "${parallel[@]}" "$@"
 rc=$?
 set -e
 if [ $rc -eq 5 ]; then
