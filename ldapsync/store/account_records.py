@@ -71,6 +71,18 @@ def note_created_txn(txn: Txn, entry_uuid: str, object_id: str, upn: str | None,
         (entry_uuid, object_id.lower(), upn, dn, state, now))
 
 
+def note_deleted_account_txn(txn: Txn, entry_uuid: str, object_id: str, upn: str | None, dn: str | None,
+                             now: float) -> None:
+    """The worker delivered a deleted user's row for this account: the user's record is ``deleted``,
+    whatever the delete found when it ran (it notes nothing for a user neither bound nor blocked
+    then: unbound before its create's reply came, deleted before its unbind was delivered)."""
+    txn.run(
+        "INSERT INTO o365_account_records (entry_uuid, object_id, upn, dn, state, recorded_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entry_uuid) DO UPDATE SET state = excluded.state, "
+        "object_id = COALESCE(o365_account_records.object_id, excluded.object_id)",
+        (entry_uuid, object_id.lower(), upn, dn, DELETED, now))
+
+
 def mark_bound_txn(txn: Txn, entry_uuid: str) -> None:
     """The user is bound again (its record, if any, stays: it is still ever bound)."""
     txn.run("UPDATE o365_account_records SET state = ? WHERE entry_uuid = ? AND state = ?",

@@ -109,6 +109,11 @@ def queue_covers_txn(txn: Txn, entry_uuid: str) -> bool:
         (entry_uuid, entry_uuid)))
 
 
+def has_rows_txn(txn: Txn, entry_uuid: str) -> bool:
+    """Whether the user has a row in the outbox (queued, held or being delivered)."""
+    return bool(txn.rows("SELECT 1 FROM o365_outbox WHERE entry_uuid = ? LIMIT 1", (entry_uuid,)))
+
+
 def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ldapsync.store import account_records as records
+from ldapsync.store import outbox as outbox_q
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import Attrs, EntryChange, first
+from ldapsync.sync.status import entry_by_uuid_txn
 
 if TYPE_CHECKING:
+    from ldapsync.directory.facade import Directory
     from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 
 
@@ -54,6 +57,17 @@ def note_change_txn(planner: "OutboxPlanner", txn: Txn, ch: EntryChange, was_bou
             return                       # never reached Microsoft 365: no account to keep blocked
         state = records.UNBOUND
     records.note_txn(txn, uuid, oid, first(old, "mail"), ch.dn, state, planner.wall_time())
+
+
+def user_deleted_txn(directory: "Directory", txn: Txn, record: records.AccountRecord) -> bool:
+    """The record's user is deleted: recorded so, or its entry is gone and its rows are still in
+    the outbox.  The second is a user deleted before the worker delivered its create or its
+    unbind, which then recorded the account as bound: the delivery of the delete marks the record
+    deleted, and until it is done, an account enabled in the portal is blocked all the same.  (A
+    record whose entry is gone with nothing queued is a user deleted while ``o365 deactivate``
+    left Microsoft 365 alone: so it stays.)"""
+    return record.state == records.DELETED or (
+        outbox_q.has_rows_txn(txn, record.entry_uuid) and entry_by_uuid_txn(directory, txn, record.entry_uuid) is None)
 
 
 def ever_bound(attrs: Attrs, record: records.AccountRecord | None) -> bool:

@@ -41,7 +41,7 @@ from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
 from ldapsync.sync import expiry
-from ldapsync.sync.account_records import ever_bound, record_desired
+from ldapsync.sync.account_records import ever_bound, record_desired, user_deleted_txn
 from ldapsync.sync.graph_mapping import NO_EXPIRY
 from ldapsync.sync.planner import DesiredUser
 from ldapsync.sync.reconciler import SELECT, ReconcileReport, drift, drift_payload
@@ -113,7 +113,9 @@ class FullComparison:
                 await self.db.run_interaction("full reconcile queue", self._queue_txn, rows, report)
             if last_id < 0:
                 break
-        deleted = [r for u, r in sorted(recs.items()) if r.state == records.DELETED and u not in seen_uuids]
+        # records of users whose entry was not walked: deleted ones (or whose entry is gone: checked
+        # in the transaction, user_deleted_txn)
+        deleted = [r for u, r in sorted(recs.items()) if u not in seen_uuids]
         for i in range(0, len(deleted), PAGE):
             await self.rec._keep_lease()
             await self.db.run_interaction("full reconcile deleted", self._records_txn, deleted[i:i + PAGE],
@@ -184,6 +186,8 @@ class FullComparison:
             remote = accounts.get(r.object_id or "")
             if remote is None:
                 continue                # not known yet, or deleted in Microsoft 365 too: nothing to block
+            if not user_deleted_txn(self.rec.d, txn, r):
+                continue                # its entry is there (not linked to an account now): not deleted
             report.seen += 1
             desired = record_desired(self.planner, r, "drift")
             if drift(desired, remote):

@@ -44,7 +44,7 @@ from ldapsync.store import account_records as records
 from ldapsync.store import reconcile_lease as lease
 from ldapsync.store.outbox import QueuedRow, queue_covers_txn, notify_txn, queue_rows_txn
 from ldapsync.sync import expiry
-from ldapsync.sync.account_records import ever_bound, record_desired
+from ldapsync.sync.account_records import ever_bound, record_desired, user_deleted_txn
 from ldapsync.sync.graph_mapping import DRIFT_BLOCK
 from ldapsync.sync.planner import DesiredUser, OutboxPlanner
 from ldapsync.sync.status import STATUS_OPERATION
@@ -243,7 +243,7 @@ class Reconciler:
             entries = store.entries_with_value_txn(txn, "o365objectid", oid.lower())
             if not entries:
                 rec = records.by_object_id_txn(txn, oid) if "@removed" not in item else None
-                if rec is None or rec.state != records.DELETED:
+                if rec is None or not user_deleted_txn(self.d, txn, rec):
                     continue           # not linked to the directory: not ours to correct
                 desired = record_desired(self.planner, rec, "drift")     # its entry was deleted
                 if drift(desired, item) and not queue_covers_txn(txn, desired.entry_uuid):

@@ -565,15 +565,19 @@ class OutboxWorker:
         def finish(txn: Txn) -> bool:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
+            gone = desired.deleted
             if out.status is not None:
                 def current() -> Attrs | None:      # read only when a pushed password is in question
                     e = entry_by_uuid_txn(self.d, txn, job.entry_uuid)
                     return e.attrs if e is not None else None
 
-                write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(
+                gone = not write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(
                     txn, out.status, job.entry_uuid, last, current, pushed_fp))
-            elif desired.deleted and out.object_id:   # a deleted user's record learns the account it kept
-                account_records.set_object_id_txn(txn, job.entry_uuid, out.object_id)
+            if gone and out.object_id:
+                # a deleted user's record: the account it kept (deleted while this delivery, or the
+                # create or unbind before it, was on its way: the delete itself noted nothing then)
+                account_records.note_deleted_account_txn(txn, job.entry_uuid, out.object_id, desired.upn,
+                                                         desired.dn, time.time())
             if out.password_refused:
                 ask_for_new_password_txn(txn, job.entry_uuid, time.time(), REFUSED_REASON)
             if out.welcome:
