@@ -360,20 +360,6 @@ listen = ""                       # no pages: benchmarks must not take port 8080
             return None
         found = find_in_sqlite_files(self.dir, re.compile(rb"\$argon2id?\$v=\d+\$m=\d+,t=\d+,p=\d+"))
         return found.decode().lstrip("$").replace("argon2id$", "") if found else None
-        rx = re.compile(rb"\$argon2id?\$v=\d+\$m=\d+,t=\d+,p=\d+")
-        for name in ("ldapsync.db", "ldapsync.db-wal"):
-            p = self.dir / name
-            if not p.exists():
-                continue
-            with open(p, "rb") as f:
-                for _ in range(1 << 16):  # bounded: 64 Ki chunks of 1 MiB
-                    chunk = f.read(1 << 20)
-                    if not chunk:
-                        break
-                    m = rx.search(chunk)
-                    if m:
-                        return m.group(0).decode().lstrip("$").replace("argon2id$", "")
-        return None
 
     def start(self) -> None:
         cmd = [self.twistd, "-n", "--pidfile=", "ldapsync", "--config", str(self.conf)]
