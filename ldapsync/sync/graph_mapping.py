@@ -184,18 +184,20 @@ class GraphMapping:
         return PermanentError(f"the Microsoft 365 account {object_id} no longer exists (deleted in Microsoft "
                               "365?); remove o365ObjectId with `ldapsync o365 reconcile` or recreate it")
 
-    async def _lost_create(self, desired: DesiredUser) -> tuple[str | None, JSONObject | None]:
-        """A create of ours whose reply never came: (the UPN it was sent with, the account it made,
-        or None if there is none); (None, None) when no create is pending for the user."""
-        sent = await self.db.run_interaction("o365 create sent?", outbox_q.create_sent_upn_txn, desired.entry_uuid,
+    async def _create_sent(self, desired: DesiredUser) -> str | None:
+        """The UPN of a create of ours whose reply never came ("" if an earlier version noted it
+        without one); None when no create is pending for the user (``store/outbox.py``)."""
+        return await self.db.run_interaction("o365 create sent?", outbox_q.create_sent_upn_txn, desired.entry_uuid,
                                              write=False)
-        if sent is None:
-            return None, None
-        for upn in dict.fromkeys(u for u in (sent, desired.upn) if u):
+
+    async def _find_lost(self, desired: DesiredUser, sent: str, *, looked: str | None = None) -> JSONObject | None:
+        """The account a lost create made: by the UPN it was sent with, else the user's current
+        one (unless that was ``looked`` up already)."""
+        for upn in dict.fromkeys(u for u in (sent, desired.upn) if u and u != looked):
             user = await self._client.find_user_by_upn(upn, USER_SELECT)
             if user is not None:
-                return upn, user
-        return sent, None
+                return user
+        return None
 
     async def _unbind(self, desired: DesiredUser, secret: str | None, object_id: str | None, *,
                       has_entry: bool) -> Outcome:
@@ -203,7 +205,8 @@ class GraphMapping:
         if not object_id:
             # A create sent before the unbind (or the delete) whose reply was lost still made an
             # account, enabled when it carried a password: it is blocked like any other of ours.
-            _, made = await self._lost_create(desired)
+            sent = await self._create_sent(desired)
+            made = await self._find_lost(desired, sent) if sent is not None else None
             if made is not None:
                 object_id = made["id"]
         if not object_id:
@@ -312,19 +315,22 @@ class GraphMapping:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
         user: JSONObject | None = None
         what = "updated"
+        sent: str | None = None        # the UPN of a create of ours whose reply never came
         if object_id:
             try:
                 user = await client.get_user(object_id, USER_SELECT)
             except NotFound:
                 raise self._gone(object_id) from None
         else:
+            sent = await self._create_sent(desired)
             user = await client.find_user_by_upn(desired.upn, USER_SELECT)
-            sent_upn = None
-            if user is None:
+            ours = False
+            if user is None and sent is not None:
                 # a create of ours whose reply was lost, sent when the user had another mail
-                sent_upn, user = await self._lost_create(desired)
+                user = await self._find_lost(desired, sent, looked=desired.upn)
+                ours = user is not None
             if user is not None:
-                if sent_upn is None and not self.config.soft_match:
+                if not ours and not self.config.soft_match:
                     raise self._conflict(desired.upn)
                 what = "linked to the existing account"
             else:
@@ -334,6 +340,7 @@ class GraphMapping:
                 # has this password (see store/outbox.py).
                 await self.db.run_interaction("o365 create sent", outbox_q.mark_create_sent_txn, desired.entry_uuid,
                                               desired.upn, _password_note(secret) if secret else None)
+                sent = desired.upn
                 try:
                     created = await client.create_user(self._create_body(desired, password))
                 except BadRequest as e:
@@ -359,9 +366,7 @@ class GraphMapping:
         oid = user["id"]
         patch = self._diff(user, desired)
         delivered_at_create = False
-        sent = await self.db.run_interaction("o365 create sent?", outbox_q.create_sent_upn_txn, desired.entry_uuid,
-                                             write=False) if what.startswith("linked") else None
-        if sent is not None:
+        if sent is not None and what.startswith("linked"):
             # We sent a create for this user whose reply was lost (connection reset, node killed):
             # the account is our own.  It has the password the create carried, noted like a
             # password PATCH: pushing the queued password again is taken as set if Graph refuses
