@@ -80,18 +80,15 @@ from ldapsync.clock import Timer
 from ldapsync.secretbox import DecryptionError
 from ldapsync.graph.errors import AuthError, GraphError, Transient, Unauthorized
 from ldapsync.graph.pacing import WritePacer
-from ldapsync.store import account_records
-from ldapsync.store import links as links_q
 from ldapsync.store import outbox as outbox_q
 from ldapsync.store import reconcile_lease
-from ldapsync.store import unbound_passwords as kept_q
 from ldapsync.store.database import Txn
-from ldapsync.store.entries import Attrs, StoredEntry
+from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
 from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
 from ldapsync.sync.planner import DesiredUser
-from ldapsync.sync.password_plan import (REFUSED_REASON, ask_for_new_password_txn, current_secret_row, pending_kept_txn,
-                                          purge_kept_passwords_txn)
+from ldapsync.sync.delivered import record_outcome_txn
+from ldapsync.sync.password_plan import current_secret_row, purge_kept_passwords_txn
 from ldapsync.sync.status import SyncState, entry_by_uuid_txn, write_user_status_txn
 
 if TYPE_CHECKING:
@@ -560,47 +557,10 @@ class OutboxWorker:
             await self._fail(job, ids, f"{type(e).__name__}", permanent=False,
                              next_at=self.wall_time() + self.retry.delay(attempts))
             return
-        last = ids[-1]
-
         def finish(txn: Txn) -> bool:
             if not outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen):
                 return False
-            gone = desired.deleted
-            if out.status is not None:
-                def current() -> Attrs | None:      # read only when a pushed password is in question
-                    e = entry_by_uuid_txn(self.d, txn, job.entry_uuid)
-                    return e.attrs if e is not None else None
-
-                gone = not write_user_status_txn(self.d, txn, job.entry_uuid, pending_kept_txn(
-                    txn, out.status, job.entry_uuid, last, current, pushed_fp))
-            if gone and out.object_id:
-                # a deleted user's record: the account it kept (deleted while this delivery, or the
-                # create or unbind before it, was on its way: the delete itself noted nothing then)
-                account_records.note_deleted_account_txn(txn, job.entry_uuid, out.object_id, desired.upn,
-                                                         desired.dn, time.time())
-            if out.password_refused:
-                ask_for_new_password_txn(txn, job.entry_uuid, time.time(), REFUSED_REASON)
-            if out.welcome:
-                links_q.queue_txn(txn, job.entry_uuid, links_q.WELCOME, time.time(), "Microsoft 365 account created")
-            if out.object_id and out.object_id != desired.object_id:
-                # the account id is new to these rows (created or linked now): later rows get it,
-                # and the note of a create in flight is done with (our create made it: a record)
-                if outbox_q.create_was_sent_txn(txn, job.entry_uuid):
-                    state = (account_records.DELETED if desired.deleted else account_records.BOUND if desired.bound
-                             else account_records.UNBOUND)
-                    account_records.note_created_txn(txn, job.entry_uuid, out.object_id, desired.upn, desired.dn,
-                                                     time.time(), state)
-                outbox_q.set_object_id_in_later_rows_txn(txn, job.entry_uuid, last, out.object_id)
-                outbox_q.clear_create_sent_txn(txn, job.entry_uuid)
-            if secret is not None:
-                outbox_q.clear_password_sent_txn(txn, job.entry_uuid)   # delivered: the note is done with
-                if pushed_fp and not (out.password_refused or out.unsent_secret or desired.deleted):
-                    outbox_q.note_password_pushed_txn(txn, job.entry_uuid, pushed_fp)
-            ttl = self.d.config.office365.unbound_password_ttl
-            if out.unsent_secret is not None and ttl > 0:
-                now = self.wall_time()
-                kept_q.keep_unless_newer_txn(txn, job.entry_uuid, out.unsent_secret, now, now + ttl)
-            outbox_q.complete_txn(txn, ids)
+            record_outcome_txn(self.d, txn, job.entry_uuid, ids, desired, out, secret, pushed_fp, self.wall_time())
             return True
         if not await self._end("o365 outbox complete", finish):
             self._lease_lost(job, desired, out.what)
