@@ -98,7 +98,12 @@ def left_to_the_sweep(directory: DirectoryCore, attrs: Attrs, now: float | None 
     ``reconcile_interval``): queued one by one as drift, thousands of accounts whose passwords
     expired at once (``[policy] max_age`` lowered) would be blocked past the guard.  While the
     password is expired only ``accountEnabled`` is compared, so nothing else waits."""
-    return (blocks_sign_in(directory, attrs, now) and not _marked(attrs) and bool(attrs.get("o365ObjectId"))
+    return blocks_sign_in(directory, attrs, now) and _to_mark(attrs)
+
+
+def _to_mark(attrs: Attrs) -> bool:
+    """Not marked yet, on a linked account not known to be blocked already."""
+    return (not _marked(attrs) and bool(attrs.get("o365ObjectId"))
             and (attrs.get("o365SyncState") or [""])[0] not in ("disabled", "error"))
 
 
@@ -174,5 +179,5 @@ class ExpirySweep:
         one in error waits for an admin, as after any permanent Graph error); or marked and no
         longer expired."""
         if blocks_sign_in(self.d, attrs, now):
-            return left_to_the_sweep(self.d, attrs, now)
+            return _to_mark(attrs)
         return _marked(attrs)
