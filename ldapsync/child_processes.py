@@ -1,6 +1,6 @@
 """What the server's two kinds of child process share: their stdout/stderr read as lines.
 
-A child (the Microsoft 365 worker, ``sync/worker_process.py``; an extra LDAP process,
+A child (the Microsoft 365 worker, ``worker_process.py``; an extra LDAP process,
 ``ldap_processes.py``) writes its log events to stdout as JSON lines (namespace, level, time,
 text) among short control lines of its own, and anything outside its log (an interpreter error
 before logging began) to stderr.  :class:`LineChildProtocol` splits both streams into lines, hands
@@ -10,11 +10,15 @@ server's log and reports the child's end to its owner.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
+import threading
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from ldapsync import metrics
 
@@ -95,3 +99,42 @@ class LineChildProtocol(protocol.ProcessProtocol):
         sig = getattr(reason.value, "signal", None)
         self.ended.callback((code, sig))
         self.owner._ended(self, code, sig)
+
+
+# -- in the child ---------------------------------------------------------------------------------
+
+class JSONLines:
+    """Log observer: one JSON line per event on fd 1 (read by the parent: ``child_processes.LineChildProtocol``)."""
+
+    def __init__(self, fd: int = 1) -> None:
+        self.out = os.fdopen(os.dup(fd), "w", encoding="utf-8", buffering=1)
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any]) -> None:      # a Twisted log event: any values
+        text = formatEvent(event)
+        f = event.get("log_failure")
+        if f is not None:
+            text = f"{text}\n{f.getTraceback()}".rstrip()
+        level = event.get("log_level", LogLevel.info)
+        line = json.dumps([event.get("log_namespace", "-"), getattr(level, "name", "info"),
+                           event.get("log_time"), text], ensure_ascii=False)
+        self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        with self.lock:
+            try:
+                self.out.write(line + "\n")
+            except (OSError, ValueError):
+                pass                                  # the parent is gone; PDEATHSIG ends us
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when the LDAP process dies, however it dies (Linux)."""
+    parent = int(os.environ.get("LDAPSYNC_PARENT_PID") or 0)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)                 # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if parent and os.getppid() != parent:             # died before prctl took effect
+        os._exit(1)

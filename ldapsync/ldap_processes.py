@@ -44,15 +44,17 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError, ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogBeginner
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from ldapsync import metrics
-from ldapsync.child_processes import LineChildProtocol
+from ldapsync.child_processes import JSONLines, LineChildProtocol, die_with_parent
 from ldapsync.config import from_json, to_json
 from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
+from ldapsync.listeners import socket_for_child
 from ldapsync.logs import ACCESS, LEVELS
+from ldapsync.services import DirectoryService, OrderedMultiService, office365_hooks, starttls_context
 
 log = Logger(namespace="ldapsync.ldap_processes")   # not "__main__" in the child
 
@@ -60,91 +62,6 @@ WAKE = b"w"            # child → server, a line of its own: a COMMIT queued ou
 HUNGRY = b"h"          # server → child: the worker is caught up, say "w" at your next such COMMIT
 QUIT = b"q"            # server → child: stop gracefully
 FIRST_FD = 3           # the listening sockets, in [ldap] listen order
-
-
-# -- the sockets ----------------------------------------------------------------------------------
-#
-# Linux: every process gets a socket of its own on the same address, all with SO_REUSEPORT; the
-# kernel spreads new connections evenly over them (by a hash of the client's address and port).
-# One socket shared by all (what other systems get, and the fallback) hands a burst of
-# connections to whichever process wakes first: 29 of 30 went to one of three processes.
-
-def reuse_port() -> bool:
-    """Whether this system spreads connections over SO_REUSEPORT sockets (Linux)."""
-    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
-
-
-def _family(interface: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in interface else socket.AF_INET
-
-
-def _bind(family: socket.AddressFamily, interface: str, port: int, backlog: int | None) -> socket.socket:
-    """A SO_REUSEPORT socket bound to ``(interface, port)``, listening when ``backlog`` is given.
-    A child's is bound only: the kernel hands connections to listening sockets alone, so none wait
-    for a process still starting; the child listens once it can answer."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((interface, port))
-        if backlog is not None:
-            sock.listen(backlog)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class ReusePortEndpoint:
-    """The server's own socket of a ``tcp:``, ``tcp6:`` or ``ssl:`` listener when there are several
-    LDAP processes (Linux): with SO_REUSEPORT, so that theirs join it.  ``None`` from :meth:`of`
-    for other endpoints (``unix:``...), which the processes share as they are."""
-
-    def __init__(self, reactor: Any, port: int, interface: str, backlog: int, tls: Any) -> None:
-        self.reactor = reactor
-        self.port = port
-        self.interface = interface
-        self.backlog = backlog
-        self.tls = tls
-
-    @classmethod
-    def of(cls, reactor: Any, endpoint: Any) -> ReusePortEndpoint | None:
-        if not isinstance(endpoint, (endpoints.TCP4ServerEndpoint, endpoints.TCP6ServerEndpoint,
-                                     endpoints.SSL4ServerEndpoint)):
-            return None
-        tls = getattr(endpoint, "_sslContextFactory", None)
-        return cls(reactor, endpoint._port, endpoint._interface, endpoint._backlog, tls)
-
-    def listen(self, factory: Any) -> defer.Deferred:
-        family = _family(self.interface)
-        try:
-            sock = _bind(family, self.interface, self.port, self.backlog)
-        except OSError as e:
-            return defer.fail(CannotListenError(self.interface, self.port, e))
-        if self.tls is not None:
-            factory = TLSMemoryBIOFactory(self.tls, False, factory)
-        try:
-            port = self.reactor.adoptStreamPort(sock.fileno(), family, factory)
-        finally:
-            sock.close()           # the port holds a duplicate
-        port.backlog = self.backlog
-        return defer.succeed(port)
-
-
-def socket_for_child(listener: Any) -> int:
-    """A descriptor for a child to accept on, for the server's ``listener`` (bound): a new
-    SO_REUSEPORT socket on its address, or, when that cannot be (not Linux, ``unix:``, a port the
-    server may no longer bind once it dropped root), a duplicate of the server's own socket."""
-    port = listener.port
-    if getattr(listener, "reuse_port", False):
-        host = port.getHost()
-        try:
-            return _bind(_family(host.host), host.host, host.port, None).detach()
-        except OSError as e:
-            log.warn("LDAP processes: cannot bind another socket on {host}:{port} ({e}); this process shares "
-                     "the server's (connections are spread less evenly)", host=host.host, port=host.port, e=e)
-    return os.dup(port.fileno())
 
 
 # -- the server's side ----------------------------------------------------------------------------
@@ -172,7 +89,7 @@ class LDAPProcessesService(service.Service):
     """Starts ``count`` LDAP processes once the server's listeners are bound (they inherit the
     sockets), restarts one that ends unexpectedly, stops them all when the server stops.
 
-    ``listeners``: the server's :class:`~ldapsync.services.Listener` services, in ``[ldap] listen``
+    ``listeners``: the server's :class:`~ldapsync.listeners.Listener` services, in ``[ldap] listen``
     order; ``wake``: the worker process's wake (``[office365] enabled``), called when a child's
     COMMIT queued rows; :meth:`hungry` is what the worker process calls when it is caught up."""
 
@@ -407,8 +324,6 @@ def _adopt(reactor: Any, fd: int, description: str, factory: Any) -> Any:
 def build(config: Any, wake: Callable[[], None] | None) -> tuple[service.MultiService, Any]:
     """A child's tree: database and directory (no bootstrap), write hooks (``[office365] enabled``:
     the planner with ``wake``, activation links mailed by the server's poll), no listeners yet."""
-    from ldapsync.services import DirectoryService, OrderedMultiService, office365_hooks
-
     top = OrderedMultiService()
     dirsvc = DirectoryService(config, bootstrap=False)
     dirsvc.setServiceParent(top)
@@ -419,17 +334,16 @@ def build(config: Any, wake: Callable[[], None] | None) -> tuple[service.MultiSe
 
 def main(argv: list[str] | None = None) -> None:
     from twisted.internet import reactor as _reactor
-    from ldapsync.sync.worker_process import _die_with_parent, _JSONLines
 
     ap = argparse.ArgumentParser(description="one of ldapsync's LDAP processes (started by the server)")
     ap.add_argument("--index", type=int, required=True)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     metrics.enable_from_environment()
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the server, which says "q"
     signal.signal(signal.SIGHUP, signal.SIG_IGN)      # a hangup is the server's to act on
     config, early = _read_config()
-    out = _JSONLines()
+    out = JSONLines()
     # [log] level applies here already (what the server would drop is not sent); the access log
     # passes at info, as in the server (logs.make_observer).
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.log.level])
@@ -439,8 +353,6 @@ def main(argv: list[str] | None = None) -> None:
     reactor: Any = _reactor
     wake = _Wake(lambda: out.write_line(WAKE.decode()))
     top, dirsvc = build(config, wake if config.office365.enabled else None)
-    from ldapsync.services import starttls_context
-
     ctx = starttls_context(config)
     limits = ConnectionLimits(config.ldap.max_connections, config.ldap.max_connections_per_address)
     stopping: list[bool] = []

@@ -1,9 +1,9 @@
-"""The Twisted services both processes are built from, and the write hooks a process hands its directory.
+"""The Twisted services every process is built from, and the write hooks a process hands its directory.
 
-Owns the pieces the wiring assembles: the LDAP process's tree (``tap.py:
-make_service``), the Microsoft 365 worker process's tree
-(``sync/worker_process.py: build``) and the CLI (``cli/``) take them from
-here, so that nothing but the CLI and the twistd plugin imports the wiring.
+Owns the pieces the wiring assembles: the server process's tree (``tap.py: make_service``), an
+extra LDAP process's (``ldap_processes.py: build``), the Microsoft 365 worker process's
+(``worker_process.py: build``) and the CLI (``cli/``) take them from here.  This is the lowest
+floor of the wiring: it imports none of those, and nothing below it imports it.
 
 ::
 
@@ -12,24 +12,20 @@ here, so that nothing but the CLI and the twistd plugin imports the wiring.
       Listener × [ldap] listen                  ConnectorService
       LDAPProcessesService ([ldap] processes)   OutboxWorkerService (worker, LISTEN, reconcile)
       SelfServiceService (selfservice/)
-      WorkerProcessService (sync/)
+      WorkerProcessService (worker_process.py)
       Listener [metrics] listen (DatabaseProbe)
       hooks = office365_hooks(...)  ([office365] enabled)
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints, ssl
-from twisted.internet.error import CannotListenError
+from twisted.internet import defer, ssl
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -40,9 +36,8 @@ from ldapsync.directory.facade import Directory
 from ldapsync.directory.hooks import WriteHooks
 from ldapsync.filemodes import sqlite_path
 from ldapsync.graph.errors import redact
-from ldapsync.ldap_processes import ReusePortEndpoint
 from ldapsync.selfservice.links import ActivationHook, LinkService
-from ldapsync.selfservice.mailer import Mailer
+from ldapsync.mail import Mailer
 from ldapsync.store import stats
 from ldapsync.store.database import Database
 from ldapsync.sync.connector import Connector, ConnectorState, read_status_txn
@@ -74,46 +69,6 @@ def starttls_context(config: Config) -> Any:
     with open(config.ldap.starttls_key, "rb") as f:
         key = f.read()
     return ssl.PrivateCertificate.loadPEM(cert + b"\n" + key).options()
-
-
-class Listener(StreamServerEndpointService):
-    """A listening port whose failure to listen stops the server with one clear line, not a traceback."""
-
-    def __init__(self, description: str, factory: Any, config_key: str, *, reuse_port: bool = False) -> None:
-        from twisted.internet import reactor   # installed by twistd (or the worker child's main) first
-
-        endpoint: Any = endpoints.serverFromString(reactor, description)
-        self.reuse_port = False
-        if reuse_port:
-            # [ldap] processes > 1 on Linux: a socket the other LDAP processes' sockets join
-            shared = ReusePortEndpoint.of(reactor, endpoint)
-            if shared is not None:
-                endpoint, self.reuse_port = shared, True
-        super().__init__(endpoint, factory)
-        self._raiseSynchronously = True
-        self.description = description
-        self.config_key = config_key
-        self.port: Any = None            # the listening port, once bound (its socket: ldap_processes.py)
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-            if self._waitingForPort is not None:
-                self._waitingForPort.addCallback(self._bound)
-        except CannotListenError as e:
-            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            sys.stderr.write(f"ldapsync: cannot listen on {self.description!r} ({self.config_key}): {reason}; "
-                             "is another server using that port?\n")
-            sys.stderr.flush()
-            # The database's thread pools are already running (they are not daemon threads), so
-            # SystemExit would leave a half-started process behind: end it here.  Nothing is lost:
-            # every transaction so far has committed.
-            os._exit(1)
-
-
-    def _bound(self, port: Any) -> Any:
-        self.port = port
-        return port
 
 
 class DirectoryService(service.Service):
@@ -151,7 +106,7 @@ class DirectoryService(service.Service):
 
 class ConnectorService(service.Service):
     """The Microsoft 365 connector (only when ``[office365] enabled``); failures never stop LDAP.
-    Part of the worker process's tree (``sync/worker_process.py: build``), not the LDAP server's."""
+    Part of the worker process's tree (``worker_process.py: build``), not the LDAP server's."""
 
     def __init__(self, config: Config, dirsvc: DirectoryService) -> None:
         self.config = config
@@ -177,7 +132,7 @@ class ConnectorService(service.Service):
 
 class OutboxWorkerService(service.Service):
     """Drains the Microsoft 365 outbox (``ldapsync/sync/worker.py``) and runs the reconcile loop.
-    Part of the worker process's tree (``sync/worker_process.py: build``): woken by the LDAP
+    Part of the worker process's tree (``worker_process.py: build``): woken by the LDAP
     process's planner after COMMIT through the process's stdin, by NOTIFY on PostgreSQL.  Its
     planner only serves the reconciler and the password expiry sweep (what the directory wants of each user): the worker
     process makes no write that reaches Microsoft 365, so its directory has no write hooks."""

@@ -4,7 +4,7 @@ The tree is a MultiService: the database first, the LDAP listeners after it
 (children stop in reverse order, so listeners close before the database), with
 ``[ldap] processes`` > 1 the other LDAP processes (``ldap_processes.py``: they
 inherit the listeners' sockets and stop before them), the self-service pages,
-and with ``[office365] enabled`` the Microsoft 365 worker process last (``sync/worker_process.py``; it builds its own tree from the
+and with ``[office365] enabled`` the Microsoft 365 worker process last (``worker_process.py``; it builds its own tree from the
 connector and worker services in ``services.py`` and stops first).  Here the
 directory gets its write hooks: the outbox planner, which wakes the worker
 process after COMMIT, and the activation links.  Only the twistd plugin and
@@ -24,18 +24,18 @@ from ldapsync import logs, metrics
 from ldapsync.config import Config, ConfigError, load_config
 from ldapsync.filemodes import prepare_sqlite_files, sqlite_path, tighten
 from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
-from ldapsync.ldap_processes import LDAPProcessesService, reuse_port
+from ldapsync.ldap_processes import LDAPProcessesService
+from ldapsync.listeners import Listener, reuse_port
 from ldapsync.selfservice.service import SelfServiceService
 from ldapsync.services import (
     DatabaseProbe,
     DirectoryService,
-    Listener,
     OrderedMultiService,
     metrics_directory,
     office365_hooks,
     starttls_context,
 )
-from ldapsync.sync.worker_process import WorkerProcessService
+from ldapsync.worker_process import WorkerProcessService
 
 log = Logger()
 
@@ -102,7 +102,7 @@ def make_service(config: Config) -> service.MultiService:
     selfsvc.setServiceParent(top)
     if config.office365.enabled:
         # The connector, the outbox worker and the reconciler run in a child process
-        # (sync/worker_process.py), so their CPU is not taken from LDAP.  Every write that
+        # (worker_process.py), so their CPU is not taken from LDAP.  Every write that
         # reaches Microsoft 365 plans its outbox rows in its own transaction and wakes the child
         # after COMMIT; a user bound without a password gets an activation link, mailed at once.
         procsvc = WorkerProcessService(dirsvc)

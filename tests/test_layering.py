@@ -12,7 +12,9 @@ block alike: a function-local import is still a dependency.  The rules (docs/arc
   answers storage failures as LDAP results);
 - production code never imports the fake tenant (``ldapsync.testing``), except the explicit demo
   (``ldapsync/demo.py``), which only the CLI imports;
-- nothing but the CLI imports the wiring (``ldapsync.tap``; the twistd plugin names it by string).
+- the wiring is on top: ``tap``, ``ldap_processes``, ``worker_process`` and ``services`` are imported
+  by nothing but the CLI and each other, downwards (``tap`` → the process modules → ``services``);
+  the twistd plugin names ``tap`` by string.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ FORBIDDEN = [
     *((a, b) for a in ("ldapsync.ldap", "ldapsync.directory") for b in ("ldapsync.graph", "ldapsync.sync")),
     ("ldapsync.ldap", "ldapsync.store"),
 ]
-WIRING = "ldapsync.tap"
+# The wiring and its floors, top down: a module imports only those on a lower floor than its own.
+WIRING = {"ldapsync.tap": 0, "ldapsync.ldap_processes": 1, "ldapsync.worker_process": 1, "ldapsync.services": 2}
 WIRING_USERS = {"ldapsync.cli"}
 TESTING = "ldapsync.testing"
 DEMO = "ldapsync.demo"              # `ldapsync demo`: runs the server with the test doubles
@@ -85,11 +88,18 @@ def violations(files: dict[str, list[tuple[int, str]]]) -> list[str]:
                 rules.append("production code never imports the fake tenant")
             if within(target, DEMO) and mod != DEMO and mod not in DEMO_USERS:
                 rules.append("only the CLI imports the demo (the one user of the test doubles)")
-            if within(target, WIRING) and mod != WIRING and mod not in WIRING_USERS:
-                rules.append("only the CLI and the twistd plugin import the wiring")
+            if any(within(target, w) for w in WIRING) and not _may_import_wiring(mod, target):
+                rules.append("only the CLI and the wiring above it import the wiring")
             for rule in rules:
                 found.setdefault((mod, line, rule), f"{mod}:{line} imports {target} ({rule})")
     return sorted(found.values())
+
+
+def _may_import_wiring(mod: str, target: str) -> bool:
+    if any(within(mod, user) for user in WIRING_USERS):
+        return True
+    floor = next(f for w, f in WIRING.items() if within(target, w))
+    return mod in WIRING and WIRING[mod] < floor
 
 
 def package_imports() -> dict[str, list[tuple[int, str]]]:
@@ -111,8 +121,11 @@ def test_the_package_keeps_its_layers() -> None:
     ("ldapsync.ldap.server", "from ldapsync.store.database import StoreError"),
     ("ldapsync.sync.worker", "from ldapsync.testing import tenant"),
     ("ldapsync.tap", "from ldapsync import demo"),
-    ("ldapsync.sync.worker_process", "from ldapsync import tap"),
-    ("ldapsync.selfservice.service", "from ldapsync.tap import Listener"),
+    ("ldapsync.worker_process", "from ldapsync import tap"),
+    ("ldapsync.services", "from ldapsync.ldap_processes import LDAPProcessesService"),
+    ("ldapsync.ldap_processes", "from ldapsync.worker_process import WorkerProcessService"),
+    ("ldapsync.selfservice.service", "from ldapsync.services import DirectoryService"),
+    ("ldapsync.sync.worker", "from ldapsync.worker_process import build"),
 ])
 def test_a_new_bad_import_is_caught(module: str, statement: str) -> None:
     """The check itself: one bad import, even inside a function, is reported."""

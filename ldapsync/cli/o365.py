@@ -17,7 +17,7 @@ from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import Origin
 from ldapsync.directory.facade import Actor
 from ldapsync.graph.errors import GraphError
-from ldapsync.selfservice.mailer import Mailer
+from ldapsync.mail import Mailer
 from ldapsync.store import account_records as records_q
 from ldapsync.store.entries import get_meta_txn
 from ldapsync.store.outbox import queue_counts_txn, release_held_txn, retry_errors_txn

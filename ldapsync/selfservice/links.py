@@ -42,7 +42,7 @@ from ldapsync.directory.dn import DN
 from ldapsync.directory.errors import LDAPError, ResultCode
 from ldapsync.directory.hooks import ChangeSet, Origin
 from ldapsync.directory.policy import format_time
-from ldapsync.selfservice.mailer import Mailer, MailError
+from ldapsync.mail import Mailer, MailError
 from ldapsync.store import entries as store
 from ldapsync.store import links as links_q
 from ldapsync.store.database import Txn

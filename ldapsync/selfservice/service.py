@@ -31,12 +31,12 @@ from ldapsync.selfservice.links import (
     LinkService,
     human_time,
 )
-from ldapsync.services import Listener
+from ldapsync.listeners import Listener
 from ldapsync.store import entries as store
 from ldapsync.store.entries import first
 from ldapsync.sync.status import write_user_status_txn
 from ldapsync.secretbox import load_or_create_key
-from ldapsync.selfservice.mailer import MailError, Mailer
+from ldapsync.mail import MailError, Mailer
 from ldapsync.selfservice.web import make_site
 
 if TYPE_CHECKING:

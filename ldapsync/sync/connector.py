@@ -47,7 +47,7 @@ from twisted.internet.task import LoopingCall
 
 if TYPE_CHECKING:
     from ldapsync.directory.facade import Directory
-    from ldapsync.selfservice.mailer import Mailer
+    from ldapsync.mail import Mailer
 
 log = Logger()
 

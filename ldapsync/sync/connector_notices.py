@@ -28,7 +28,7 @@ from ldapsync.store import entries as store
 from ldapsync.store.database import Database, Txn
 
 if TYPE_CHECKING:
-    from ldapsync.selfservice.mailer import Mailer
+    from ldapsync.mail import Mailer
 
 log = Logger()
 

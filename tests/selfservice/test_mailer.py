@@ -24,7 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from ldapsync.config import MailConfig
-from ldapsync.selfservice.mailer import Mailer, MailError, _Sender
+from ldapsync.mail import Mailer, MailError, _Sender
 from ldapsync.testing.smtp_sink import SMTPSink
 
 PASSWORD = "pa55-W0rd!unique-7c1e"

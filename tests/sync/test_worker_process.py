@@ -1,4 +1,4 @@
-"""The Microsoft 365 worker process (``ldapsync/sync/worker_process.py``) under its supervisor.
+"""The Microsoft 365 worker process (``ldapsync/worker_process.py``) under its supervisor.
 
 A real server (twistd) with the connector on starts the worker as its child.  These tests check
 the lifecycle an admin relies on: the child's log lines land in the server's log, it dies with a
@@ -47,7 +47,7 @@ def worker_pid(srv) -> int:
     def find() -> int | None:
         for pid in child_pids(srv.proc.pid):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"ldapsync.sync.worker_process" in f.read():
+                if b"ldapsync.worker_process" in f.read():
                     return pid
         return None
     return wait_for("the worker process", find, 20)
@@ -156,7 +156,7 @@ def stand_in_service(tmp_path, script):
 
     from twisted.internet import reactor
 
-    from ldapsync.sync.worker_process import WorkerProcessService
+    from ldapsync.worker_process import WorkerProcessService
 
     class Dirsvc:
         class config:

@@ -16,7 +16,7 @@ worker in its own (tests/perf/bench_propagation.py modify-cost --server-pacing o
 
 ::
 
-    LDAP process (twistd)                              worker process (python -m ldapsync.sync.worker_process)
+    LDAP process (twistd)                              worker process (python -m ldapsync.worker_process)
     planner: COMMIT ─ call_after(wake) ─▶ "w" on the child's stdin ─▶ worker.wake()
                       (only if the child said "c": caught up, nothing left to claim; a busy
                        worker claims again whenever a delivery ends and needs no wake)
@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import json
 import os
 import signal
 import sys
@@ -53,10 +51,10 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.base import DelayedCall
-from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, formatEvent, globalLogBeginner
+from twisted.logger import FilteringLogObserver, Logger, LogLevelFilterPredicate, globalLogBeginner
 
 from ldapsync import metrics
-from ldapsync.child_processes import LineChildProtocol
+from ldapsync.child_processes import JSONLines, LineChildProtocol, die_with_parent
 from ldapsync.config import Config, load_config
 from ldapsync.logs import LEVELS
 from ldapsync.services import ConnectorService, DirectoryService, OrderedMultiService, OutboxWorkerService
@@ -96,7 +94,7 @@ class WorkerProcessService(service.Service):
     def __init__(self, dirsvc: DirectoryService, argv: list[str] | None = None) -> None:
         self.dirsvc = dirsvc
         config = dirsvc.config
-        self.argv = argv or [sys.executable, "-m", "ldapsync.sync.worker_process",
+        self.argv = argv or [sys.executable, "-m", "ldapsync.worker_process",
                              "--config", os.path.abspath(config.source)]
         self.proto: _ChildProtocol | None = None
         self._hungry = False
@@ -233,43 +231,6 @@ class WorkerProcessService(service.Service):
 
 # -- the child ------------------------------------------------------------------------------------
 
-class _JSONLines:
-    """Log observer: one JSON line per event on fd 1 (read by the parent: ``child_processes.LineChildProtocol``)."""
-
-    def __init__(self, fd: int = 1) -> None:
-        self.out = os.fdopen(os.dup(fd), "w", encoding="utf-8", buffering=1)
-        self.lock = threading.Lock()
-
-    def __call__(self, event: dict[str, Any]) -> None:      # a Twisted log event: any values
-        text = formatEvent(event)
-        f = event.get("log_failure")
-        if f is not None:
-            text = f"{text}\n{f.getTraceback()}".rstrip()
-        level = event.get("log_level", LogLevel.info)
-        line = json.dumps([event.get("log_namespace", "-"), getattr(level, "name", "info"),
-                           event.get("log_time"), text], ensure_ascii=False)
-        self.write_line(line)
-
-    def write_line(self, line: str) -> None:
-        with self.lock:
-            try:
-                self.out.write(line + "\n")
-            except (OSError, ValueError):
-                pass                                  # the parent is gone; PDEATHSIG ends us
-
-
-def _die_with_parent() -> None:
-    """SIGKILL this process when the LDAP process dies, however it dies (Linux)."""
-    parent = int(os.environ.get("LDAPSYNC_PARENT_PID") or 0)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)                 # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if parent and os.getppid() != parent:             # died before prctl took effect
-        os._exit(1)
-
-
 def _read_commands(reactor: CallsFromThreads, on_wake: Callable[[], object], on_quit: Callable[[], object]) -> None:
     """A thread blocked on stdin: "w" wakes the worker, "q" or EOF stops (EOF without "q": the
     parent died without a word, so do the same)."""
@@ -309,11 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="ldapsync's Microsoft 365 worker (started by the server)")
     ap.add_argument("--config", required=True)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     metrics.enable_from_environment()                 # count into the server's metrics ([metrics] listen)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # Ctrl-C reaches the parent, which says "q"
     config = load_config(args.config)
-    out = _JSONLines()
+    out = JSONLines()
     # [log] level applies here already: what the parent would drop is not sent to it at all.
     # (Any: it provides ILogObserver through zope's @implementer, which plain mypy does not see.)
     observer: Any = FilteringLogObserver(out, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[config.log.level])])
