@@ -19,6 +19,7 @@ floor of the wiring: it imports none of those, and nothing below it imports it.
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -90,13 +91,17 @@ class DirectoryService(service.Service):
         super().privilegedStartService()
         self.db.start()
         self.directory.start()
-        if not self.bootstrap:
-            return
-        generated_before = not Path(self.config.admin.password_file).exists()
-        for line in self.directory.bootstrap_sync():
-            log.info("{line}", line=line)
-        if generated_before:
-            log.info("the admin DN is {dn}; its password is in {path}", dn=self.config.admin_dn, path=self.config.admin.password_file)
+        if self.bootstrap:
+            generated_before = not Path(self.config.admin.password_file).exists()
+            for line in self.directory.bootstrap_sync():
+                log.info("{line}", line=line)
+            if generated_before:
+                log.info("the admin DN is {dn}; its password is in {path}", dn=self.config.admin_dn,
+                         path=self.config.admin.password_file)
+        # What start-up built (modules, the schema, the config) lives as long as the process: out
+        # of the cycle collector's sight, so that a full collection scans only what the server
+        # made since (measured: 50 ms pauses of every LDAP operation → see tests/perf/README.md).
+        gc.freeze()
 
     def stopService(self) -> Any:
         super().stopService()

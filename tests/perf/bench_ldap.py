@@ -427,7 +427,7 @@ def bench_server(srv, args, scenarios, results: dict) -> None:
                 "users": args.users,
                 "conns": args.conns,
                 "duration_s": args.duration,
-                **{k: r[k] for k in ("ops", "ops_per_s", "p50_ms", "p99_ms", "errors")},
+                **{k: r[k] for k in ("ops", "ops_per_s", "p50_ms", "p99_ms", "p999_ms", "max_ms", "errors")},
             }
             if sc == "bind":
                 line["hash"] = srv.hash

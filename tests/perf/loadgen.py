@@ -640,6 +640,8 @@ def run_load(
         "ops_per_s": round(ops / duration, 1) if duration else 0.0,
         "p50_ms": round(percentile(vals, 50), 3) if vals else None,
         "p99_ms": round(percentile(vals, 99), 3) if vals else None,
+        "p999_ms": round(percentile(vals, 99.9), 3) if vals else None,   # what a pause of the server (GC) shows in
+        "max_ms": round(vals[-1], 3) if vals else None,
         "errors": errors,
         "client_procs": procs,
         "client_cpu_pct": round(100.0 * cpu / duration, 1) if duration else None,
