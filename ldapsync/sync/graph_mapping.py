@@ -9,8 +9,10 @@ once per claimed user and turns what it raises into a retry or a permanent error
     apply ─▶ unbound / deleted ─▶ _unbind: PATCH accountEnabled false ─▶ POST revokeSignInSessions
           └▶ bound, only updates, last delivery fine ─▶ _update_known: PATCH the properties the rows name (no GET)
           └▶ bound ─▶ _bind: id known? GET ─▶ PATCH what differs (_diff, + passwordProfile, accountEnabled)
-                             unknown: UPN exists? link (soft match) : POST /users (noted first: a lost
-                             reply's account is recognised as ours on the retry)
+                             unknown: UPN exists? link (soft match) : POST /users (noted first, in a
+                             transaction that finds the worker's claim still its own: a lost reply's
+                             account is recognised as ours on the retry, and a node that lost its
+                             claim meanwhile makes no account the new owner does not know of)
 
 Raises ``PermanentError`` (retrying will not help) or the Graph client's errors
 (``graph/errors.py``); sorting those into retry and permanent is the worker's.  A password is
@@ -21,6 +23,7 @@ error attribute or an exception message.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +35,7 @@ from ldapsync.directory.writes import now_generalized
 from ldapsync.graph.errors import BadRequest, NotFound, ObjectConflict
 from ldapsync.jsontypes import JSONObject
 from ldapsync.store import outbox as outbox_q
+from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync import expiry
 from ldapsync.sync.planner import DesiredUser
@@ -73,6 +77,11 @@ def known_changes(payloads: list[DesiredUser]) -> tuple[str, ...] | None:
 
 class PermanentError(Exception):
     """Retrying the same request will not help; shown on the entry as ``o365LastError``."""
+
+
+class ClaimLost(Exception):
+    """The worker's claim on the user's rows is no longer its own (its lease expired, or its node
+    was presumed dead): a create is not sent, the node that took the rows over decides."""
 
 
 class PasswordRefused(Exception):
@@ -124,28 +133,33 @@ class GraphMapping:
         return self.connector.box.open_password(bytes.fromhex(secret_hex), entry_uuid).decode("utf-8")
 
     async def apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
-                    rebind: bool = False, changed: tuple[str, ...] | None = None) -> Outcome:
+                    rebind: bool = False, changed: tuple[str, ...] | None = None,
+                    claimed: Callable[[Txn], bool] | None = None) -> Outcome:
         """Make the account what ``desired`` says, pushing the queued password ``secret`` if any.
 
         When Microsoft 365 refuses that password itself (its banned-password list: a password
         our policy accepted, e.g. ``P@ssw0rd1!``), the rest is delivered without it, as for a
         password Microsoft 365 does not have: an account we blocked stays blocked with
         ``o365PasswordPending``, one created now is created blocked, an enabled one keeps the
-        password it had; the caller mails the user to choose a new one."""
+        password it had; the caller mails the user to choose a new one.
+
+        ``claimed(txn)``: whether the caller's claim on the user's rows is still its own; a create
+        is sent only after a transaction that finds it so (else :class:`ClaimLost`)."""
         try:
-            return await self._apply(desired, secret, entry, rebind=rebind, changed=changed)
+            return await self._apply(desired, secret, entry, rebind=rebind, changed=changed, claimed=claimed)
         except PasswordRefused:
             log.info("Microsoft 365: {upn}: the password was refused by Microsoft 365 (its banned-password "
                      "list?); the rest is delivered without it and the user is asked to choose another",
                      upn=desired.upn or desired.dn)
-        out = await self._apply(desired, None, entry, rebind=rebind, changed=None, refused=True)
+        out = await self._apply(desired, None, entry, rebind=rebind, changed=None, refused=True, claimed=claimed)
         out.welcome = False               # signing in once would hand over the same refused password
         out.unsent_secret = None
         out.password_refused = True
         return out
 
     async def _apply(self, desired: DesiredUser, secret: str | None, entry: StoredEntry | None, *,
-                     rebind: bool, changed: tuple[str, ...] | None, refused: bool = False) -> Outcome:
+                     rebind: bool, changed: tuple[str, ...] | None, refused: bool = False,
+                     claimed: Callable[[Txn], bool] | None = None) -> Outcome:
         attrs = entry.attrs if entry is not None else {}
         object_id = next(iter(attrs.get("o365ObjectId") or ()), None) or desired.object_id
         prev_state = next(iter(attrs.get("o365SyncState") or ()), None)
@@ -163,7 +177,7 @@ class GraphMapping:
             return await self._update_known(desired, object_id, changed)
         # the reconciler found an account of ours enabled in the portal while it waits for the password
         block = desired.reason == DRIFT_BLOCK and pw_pending
-        return await self._bind(desired, secret, object_id, prev_state, pw_pending, block=block)
+        return await self._bind(desired, secret, object_id, prev_state, pw_pending, block=block, claimed=claimed)
 
     async def _update_known(self, desired: DesiredUser, object_id: str, changed: tuple[str, ...]) -> Outcome:
         """PATCH the properties the queued updates touched, with the directory's values now.
@@ -309,7 +323,8 @@ class GraphMapping:
                               "[office365] soft_match = false forbids linking to it")
 
     async def _bind(self, desired: DesiredUser, secret: str | None, object_id: str | None,
-                    prev_state: str | None, pw_pending: bool = False, *, block: bool = False) -> Outcome:
+                    prev_state: str | None, pw_pending: bool = False, *, block: bool = False,
+                    claimed: Callable[[Txn], bool] | None = None) -> Outcome:
         client = self._client
         if not desired.upn:
             raise PermanentError("the entry has no mail address (it becomes the Microsoft 365 sign-in name)")
@@ -337,9 +352,18 @@ class GraphMapping:
                 password = self._password(secret, desired.entry_uuid) if secret else None
                 # Durably note the attempt first, with the UPN and the password it carries: if the
                 # reply is lost, the retry will know the account it then finds is ours, and that it
-                # has this password (see store/outbox.py).
-                await self.db.run_interaction("o365 create sent", outbox_q.mark_create_sent_txn, desired.entry_uuid,
-                                              desired.upn, _password_note(secret) if secret else None)
+                # has this password (see store/outbox.py).  Only while the claim is ours: a node
+                # frozen since it claimed the user must not make an account after the node that
+                # took over has dealt with the user (deleted it, say) without one.
+                note = _password_note(secret) if secret else None
+
+                def note_create(txn: Txn) -> bool:
+                    if claimed is not None and not claimed(txn):
+                        return False
+                    outbox_q.mark_create_sent_txn(txn, desired.entry_uuid, desired.upn, note)
+                    return True
+                if not await self.db.run_interaction("o365 create sent", note_create):
+                    raise ClaimLost()
                 sent = desired.upn
                 try:
                     created = await client.create_user(self._create_body(desired, password))

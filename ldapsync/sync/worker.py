@@ -85,7 +85,7 @@ from ldapsync.store import reconcile_lease
 from ldapsync.store.database import Txn
 from ldapsync.store.entries import StoredEntry
 from ldapsync.sync.connector import read_status_txn, write_status_txn
-from ldapsync.sync.graph_mapping import GraphMapping, PermanentError, known_changes
+from ldapsync.sync.graph_mapping import ClaimLost, GraphMapping, PermanentError, known_changes
 from ldapsync.sync.planner import DesiredUser
 from ldapsync.sync.delivered import record_outcome_txn
 from ldapsync.sync.password_plan import current_secret_row, purge_kept_passwords_txn
@@ -528,7 +528,11 @@ class OutboxWorker:
             payloads = [desired] if len(rows) == 1 else [DesiredUser.from_json(r.payload) for r in rows]
             # "bind" among the coalesced rows: the user became bound (again) in this batch.
             rebind = any(p.reason == "bind" for p in payloads)
-            out = await self.graph.apply(desired, secret, job.entry, rebind=rebind, changed=known_changes(payloads))
+            out = await self.graph.apply(desired, secret, job.entry, rebind=rebind, changed=known_changes(payloads),
+                                         claimed=lambda txn: outbox_q.owns_lease_txn(txn, self.owner, job.head, job.gen))
+        except ClaimLost:
+            self._lease_lost(job, desired, "no account created")
+            return
         except (AuthError, Unauthorized) as e:
             # The connector cannot sign in: everyone waits (nothing is dropped); the connector shows why.
             transient = isinstance(e, AuthError) and e.transient
