@@ -3,7 +3,7 @@
 mixed (90% search / 10% modify) run.
 
     python tests/perf/bench_memory.py [--users 10000,100000] [--duration 120]
-        [--interval 5] [--conns 16] [--no-touch] [--keep]
+        [--interval 5] [--conns 16] [--no-touch] [--tracemalloc] [--keep]
 
 For each N (a fresh SQLite database each): ``ldapsync ldif load`` of N users (wall time and the
 loader's peak RSS from ``wait4``), the server started (RSS idle), every user read once by a
@@ -19,14 +19,17 @@ Uses ``bench_ldap.py``'s ``Ldapsync`` server class and ``write_ldif`` (read-only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -204,6 +207,45 @@ class Sampler(threading.Thread):
                 break
 
 
+PROBE = Path(__file__).resolve().parent / "tracemalloc_probe"
+
+
+class Snapshots:
+    """``--tracemalloc``: a snapshot of the server's Python allocations at the end of the warm-up
+    and one at the end of the run (SIGUSR2, ``tracemalloc_probe/sitecustomize.py``); what grew
+    between them, by the file that allocated it."""
+
+    def __init__(self, pid: int, folder: Path, warmup: float, duration: float):
+        self.pid, self.folder = pid, folder
+        self.timers = [threading.Timer(warmup + 1.0, self._take), threading.Timer(warmup + duration - 1.0, self._take)]
+        for t in self.timers:
+            t.daemon = True
+            t.start()
+
+    def _take(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGUSR2)
+
+    def growth(self, top: int = 8) -> dict:
+        for t in self.timers:
+            t.join(5)
+        deadline = time.monotonic() + 60
+        while len(list(self.folder.glob("snap.*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2.0)                   # the second dump may still be being written
+        paths = sorted(self.folder.glob("snap.*"), key=lambda p: int(p.suffix[1:]))
+        if len(paths) < 2:
+            return {"error": f"{len(paths)} snapshot(s) written"}
+        first, last = (tracemalloc.Snapshot.load(str(p)) for p in (paths[0], paths[-1]))
+        stats = last.compare_to(first, "filename")
+        return {
+            "traced_start_mib": round(sum(s.size for s in first.statistics("filename")) / 2**20, 1),
+            "traced_end_mib": round(sum(s.size for s in last.statistics("filename")) / 2**20, 1),
+            "growth_by_file": [{"file": s.traceback[0].filename, "kib": round(s.size_diff / 1024, 1),
+                                "blocks": s.count_diff} for s in stats[:top]],
+        }
+
+
 def background_cpu_pct() -> float:
     b0 = loadgen._machine_busy()
     time.sleep(1.0)
@@ -218,7 +260,17 @@ def bench_size(work: Path, users: int, args) -> None:
     try:
         ld = load(srv, users)
         emit({"scenario": "load", "users": users, "db": srv.db, "tool": "ldapsync ldif load", **ld})
-        srv.start()
+        traces = None
+        if args.tracemalloc:
+            traces = sub / "tracemalloc"
+            traces.mkdir()
+            os.environ["LDAPSYNC_BENCH_TRACEMALLOC_DIR"] = str(traces)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [str(PROBE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        try:
+            srv.start()
+        finally:
+            os.environ.pop("LDAPSYNC_BENCH_TRACEMALLOC_DIR", None)
         time.sleep(1.0)
         line: dict = {"scenario": "memory", "users": users, "db": srv.db, "background_cpu_pct": background_cpu_pct(),
                       "load_avg_1m": round(os.getloadavg()[0], 2)}
@@ -230,12 +282,15 @@ def bench_size(work: Path, users: int, args) -> None:
         sampler.start()
         log(f"ldapsync {users} users: mix with {args.conns} connections, {args.warmup}s warm-up + {args.duration}s, "
             f"RSS every {args.interval}s")
+        snaps = Snapshots(srv.pid, traces, args.warmup, args.duration) if traces else None
         r = loadgen.run_load(host=HOST, port=srv.port, suffix=SUFFIX, scenario="mix", users=users, conns=args.conns,
                              duration=args.duration, warmup=args.warmup, admin_dn=bench_ldap.ADMIN_DN,
                              admin_password=bench_ldap.ADMIN_PASSWORD, user_password=bench_ldap.USER_PASSWORD,
                              procs=args.procs, server_pid=srv.pid, seed=args.seed)
         sampler.stop_event.set()
         sampler.join(args.interval + 5)
+        if snaps is not None:
+            line["tracemalloc"] = snaps.growth()
         line["after_run"] = rss_mib(srv.pid)
         samples = sampler.samples
         # the measured window: samples from the end of the warm-up on
@@ -279,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-touch", dest="touch", action="store_false", help="skip reading every user once before the run")
     ap.add_argument("--bin-dir")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--tracemalloc", action="store_true",
+                    help="trace the server's Python allocations (slower) and report what grew during the run, by file")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--workdir")
     args = ap.parse_args(argv)
