@@ -1,4 +1,5 @@
-"""What the server's two kinds of child process share: their stdout/stderr read as lines.
+"""What the server's two kinds of child process share: their stdout/stderr read as lines by the
+server, and in the child the log observer that writes them and the death that follows the server's.
 
 A child (the Microsoft 365 worker, ``worker_process.py``; an extra LDAP process,
 ``ldap_processes.py``) writes its log events to stdout as JSON lines (namespace, level, time,

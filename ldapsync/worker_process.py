@@ -1,9 +1,9 @@
 """The Microsoft 365 side of a server in its own process, supervised by the LDAP server.
 
 Owns the child process's lifecycle (start, wake, stop, restart after a crash) and the child's
-entry point.  What runs in the child is the same code as before: the connector's checks
-(``connector.py``), the outbox worker (``worker.py``), the reconcile loop and, on PostgreSQL,
-the LISTEN thread (``notify.py``).  The LDAP process keeps the directory, the planner (outbox
+entry point.  What runs in the child is ``sync/``'s: the connector's checks
+(``sync/connector.py``), the outbox worker (``sync/worker.py``), the reconcile loop and, on
+PostgreSQL, the LISTEN thread (``sync/notify.py``).  The LDAP process keeps the directory, the planner (outbox
 rows in the LDAP write's transaction) and the self-service pages.
 
 Why a process: Python runs one thread at a time (the GIL), so in the LDAP process every
