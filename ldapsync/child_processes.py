@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import defer, protocol
@@ -127,6 +128,35 @@ class JSONLines:
                 self.out.write(line + "\n")
             except (OSError, ValueError):
                 pass                                  # the parent is gone; PDEATHSIG ends us
+
+
+QUIT = b"q"            # server → child: stop gracefully
+
+
+def read_commands(reactor: Any, on_quit: Callable[[], object], commands: Mapping[bytes, Callable[[], object]],
+                  first: bytes = b"") -> None:
+    """A child's thread blocked on stdin (``first``: what was read already): "q" stops through the
+    reactor; each other command byte in ``commands`` calls its handler here, in this thread.  EOF
+    without "q" means the server died without a word: so does the child."""
+    quit_asked = False
+    while True:
+        if first:
+            data, first = first, b""
+        else:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                data = b""
+        if not data:
+            if not quit_asked:
+                os._exit(1)
+            return
+        if QUIT in data:
+            quit_asked = True
+            reactor.callFromThread(on_quit)
+        for command, handler in commands.items():
+            if command in data:
+                handler()
 
 
 def die_with_parent() -> None:

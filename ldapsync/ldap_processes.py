@@ -49,7 +49,7 @@ from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilte
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from ldapsync import metrics
-from ldapsync.child_processes import JSONLines, LineChildProtocol, die_with_parent
+from ldapsync.child_processes import QUIT, JSONLines, LineChildProtocol, die_with_parent, read_commands
 from ldapsync.config import from_json, to_json
 from ldapsync.ldap.server import ConnectionLimits, LDAPServerFactory
 from ldapsync.listeners import socket_for_child
@@ -60,7 +60,6 @@ log = Logger(namespace="ldapsync.ldap_processes")   # not "__main__" in the chil
 
 WAKE = b"w"            # child → server, a line of its own: a COMMIT queued outbox rows
 HUNGRY = b"h"          # server → child: the worker is caught up, say "w" at your next such COMMIT
-QUIT = b"q"            # server → child: stop gracefully
 FIRST_FD = 3           # the listening sockets, in [ldap] listen order
 
 
@@ -280,29 +279,6 @@ def _read_config() -> tuple[Any, bytes]:
     return from_json(line.decode()), rest
 
 
-def _read_commands(reactor: Any, on_hungry: Callable[[], None], on_quit: Callable[[], None],
-                   first: bytes = b"") -> None:
-    """A thread blocked on stdin: "h", "q"; EOF without "q" means the server died: so do we."""
-    quit_asked = False
-    while True:
-        if first:
-            data, first = first, b""
-        else:
-            try:
-                data = os.read(0, 4096)
-            except OSError:
-                data = b""
-        if not data:
-            if not quit_asked:
-                os._exit(1)
-            return
-        if QUIT in data:
-            quit_asked = True
-            reactor.callFromThread(on_quit)
-        if HUNGRY in data:
-            on_hungry()
-
-
 def _adopt(reactor: Any, fd: int, description: str, factory: Any) -> Any:
     """Listen on an inherited socket, with TLS when the listener is ``ssl:`` (its certificate and
     key read from the description, as the server did)."""
@@ -377,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                                     access=config.log.access)
         ports.append(_adopt(reactor, FIRST_FD + i, description, factory))
     log.info("LDAP process {index} (pid {pid}) answering", index=args.index, pid=os.getpid())
-    threading.Thread(target=_read_commands, args=(reactor, wake.on_hungry, quit_, early), name="ldap-commands",
+    threading.Thread(target=read_commands, args=(reactor, quit_, {HUNGRY: wake.on_hungry}, early), name="ldap-commands",
                      daemon=True).start()
     reactor.run(installSignalHandlers=False)
     os._exit(0)                                       # the database's pool threads are not daemons

@@ -54,17 +54,15 @@ from twisted.internet.base import DelayedCall
 from twisted.logger import FilteringLogObserver, Logger, LogLevelFilterPredicate, globalLogBeginner
 
 from ldapsync import metrics
-from ldapsync.child_processes import JSONLines, LineChildProtocol, die_with_parent
+from ldapsync.child_processes import QUIT, JSONLines, LineChildProtocol, die_with_parent, read_commands
 from ldapsync.config import Config, load_config
 from ldapsync.logs import LEVELS
 from ldapsync.services import ConnectorService, DirectoryService, OrderedMultiService, OutboxWorkerService
-from ldapsync.sync.notify import CallsFromThreads
 from ldapsync.sync.connector import ensure_entries_txn
 
 log = Logger()
 
 WAKE = b"w"
-QUIT = b"q"
 CAUGHT_UP = b"c"              # child → parent, a line of its own: "wake me at the next COMMIT"
 _child_log = Logger(namespace="ldapsync.o365-worker")
 
@@ -231,26 +229,6 @@ class WorkerProcessService(service.Service):
 
 # -- the child ------------------------------------------------------------------------------------
 
-def _read_commands(reactor: CallsFromThreads, on_wake: Callable[[], object], on_quit: Callable[[], object]) -> None:
-    """A thread blocked on stdin: "w" wakes the worker, "q" or EOF stops (EOF without "q": the
-    parent died without a word, so do the same)."""
-    quit_asked = False
-    while True:
-        try:
-            data = os.read(0, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            if not quit_asked:
-                os._exit(1)
-            return
-        if QUIT in data:
-            quit_asked = True
-            reactor.callFromThread(on_quit)
-        if WAKE in data:
-            reactor.callFromThread(on_wake)
-
-
 def build(config: Config) -> tuple[service.MultiService, OutboxWorkerService]:
     """The child's service tree: database and directory (no bootstrap, no write hooks), connector, worker."""
     top = OrderedMultiService()
@@ -307,8 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     top.startService()
     if worksvc.worker is not None:
         worksvc.worker.caught_up = caught_up
-    threading.Thread(target=_read_commands, args=(reactor, wake, quit_), name="worker-commands",
-                     daemon=True).start()
+    threading.Thread(target=read_commands, args=(reactor, quit_, {WAKE: lambda: reactor.callFromThread(wake)}),
+                     name="worker-commands", daemon=True).start()
     reactor.run(installSignalHandlers=False)
     os._exit(0)                                       # the database's pool threads are not daemons
 
